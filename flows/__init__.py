@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. Stage logic lives in the visionflow package."""

@@ -1,0 +1,226 @@
+"""Typed view of params.yaml: one model per section, validated once at load.
+
+Every stage receives the section it needs as a typed object; nothing else in the package reads YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from visionflow.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Section(BaseModel):
+    # A misspelt key must fail loudly instead of silently falling back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = 42
+    project: str = "visionflow"
+
+
+class DataParams(_Section):
+    source: str = Field("fashion-mnist", description="'fashion-mnist' or a folder with one sub-folder per class")
+    max_images: int | None = Field(20000, ge=10)
+    raw_dir: Path = Path("data/raw")
+    remote_url: str = ".dvc-remote"
+    remote_name: str = Field("local", pattern=r"^[A-Za-z0-9_-]+$")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    splits_dir: Path = Path("data/splits")
+    manifest_path: Path = Path("data/validated/manifest.csv")
+    # Expected class names; null means the class folders found. Images of any other class are quarantined.
+    labels: list[str] | None = None
+
+
+ImageFormat = Literal["PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF"]
+
+
+class ValidateParams(_Section):
+    allowed_formats: list[ImageFormat] = ["PNG", "JPEG", "BMP", "WEBP"]
+    min_width: int = Field(8, ge=1)
+    min_height: int = Field(8, ge=1)
+    max_width: int = Field(8192, ge=1)
+    max_height: int = Field(8192, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_file_mb: float = Field(50, gt=0)
+    decode_timeout_s: float = Field(10, gt=0)
+    min_images_per_class: int = Field(10, ge=1)
+    min_class_balance: float = Field(0.2, ge=0, le=1)
+    max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    quarantine_dir: Path = Path("data/quarantine")
+    report_dir: Path = Path("reports/validation")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateParams:
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("min_width/min_height must not exceed max_width/max_height")
+        return self
+
+
+class AugmentParams(_Section):
+    hflip: float = Field(0.5, ge=0, le=1)
+    shift_scale_rotate: float = Field(0.3, ge=0, le=1)
+    brightness_contrast: float = Field(0.3, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1)
+    noise: float = Field(0.0, ge=0, le=1)
+    jpeg: float = Field(0.0, ge=0, le=1)
+
+
+class TrainParams(_Section):
+    model: str = "resnet18"
+    pretrained_weights: str | None = None
+    image_size: int = Field(28, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    batch_size: int = Field(128, ge=1)
+    max_epochs: int = Field(8, ge=1)
+    lr: float = Field(0.002, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "none"] = "cosine"
+    early_stopping_patience: int = Field(3, ge=1)
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    strategy: str = "auto"
+    num_workers: int = Field(2, ge=0)
+    augment: AugmentParams = AugmentParams()
+
+
+Corruption = Literal["brightness", "contrast", "blur", "noise", "jpeg", "pixelate"]
+
+
+class EvaluateParams(_Section):
+    severities: list[int] = [1, 3, 5]
+    corruptions: list[Corruption] = ["brightness", "contrast", "blur", "noise", "jpeg", "pixelate"]
+
+    @field_validator("severities")
+    @classmethod
+    def _severity_range(cls, v: list[int]) -> list[int]:
+        if not v or any(s < 1 or s > 5 for s in v):
+            raise ValueError("severities must be a non-empty list of integers from 1 to 5")
+        return v
+
+
+class ExportParams(_Section):
+    parity_tolerance: float = Field(1e-4, gt=0)
+    parity_images: int = Field(500, ge=1)
+
+
+class RegistryParams(_Section):
+    model_name: str = "visionflow-classifier"
+    tracking_uri: str | None = None
+    accuracy_floor: float = Field(0.85, ge=0, le=1)
+    min_gain: float = Field(0.0, ge=-1, le=1)
+    max_class_drop: float = Field(0.05, ge=0, le=1)
+    latency_budget_ms: float = Field(50, gt=0)
+
+
+class DriftParams(_Section):
+    schedule_cron: str = "0 * * * *"
+    drift_share: float = Field(0.5, gt=0, le=1)
+
+
+class ServeParams(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    review_threshold: float = Field(0.6, ge=0, le=1)
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    registry: RegistryParams = RegistryParams()
+    drift: DriftParams = DriftParams()
+    serve: ServeParams = ServeParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validation(self) -> ValidateParams:
+        return self.validate_
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved params, tagged on every run so equal configs are findable."""
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = ".".join("validate" if p == "validate_" else str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section = err["loc"][0] if len(err["loc"]) > 1 else None
+        model = Params if section is None else Params.model_fields[str(section)].annotation
+        allowed = sorted(
+            (f.alias or n) for n, f in getattr(model, "model_fields", {}).items()
+        )
+        return f"{loc}: unknown key; allowed keys here: {', '.join(allowed)}"
+    ctx = err.get("ctx") or {}
+    if kind == "literal_error" and "expected" in ctx:
+        return f"{loc}: got {err.get('input')!r}; allowed: {ctx['expected']}"
+    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, raw) for e in exc.errors()]
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+
+
+def _coerce_override(value: str) -> Any:
+    return yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a raw params mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = _coerce_override(value)
+    return raw
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root, or pass --params PATH)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if overrides:
+        raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
+    return parse_params(raw, str(path))

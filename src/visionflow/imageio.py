@@ -1,0 +1,149 @@
+"""Guarded image decoding: the one place where untrusted image bytes are opened.
+
+Every image the pipeline or the server reads goes through `open_guarded`: size, format and pixel-count checks run
+on the header before any pixel is decoded, and decoding runs under a time limit, so a decompression bomb or a
+malformed file costs milliseconds and yields a reason instead of a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own bomb check is replaced by ours (per-call limit, a reason instead of a warning or an exception).
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodeRules:
+    allowed_formats: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP")
+    max_pixels: int = 40_000_000
+    max_bytes: int = 50 * 1024 * 1024
+    min_width: int = 1
+    min_height: int = 1
+    max_width: int = 65535
+    max_height: int = 65535
+    timeout_s: float = 10.0
+
+
+class RejectedImage(Exception):
+    """The image cannot be used; `reason` is a short machine-friendly code, the message says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _DecodeTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    # SIGALRM only works in the main thread; worker processes and the CLI are, server threads are not
+    # (the server bounds request time itself).
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def _raise(signum, frame):  # noqa: ARG001
+        raise _DecodeTimeout()
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
+    """Decode bytes into a fully loaded Pillow image, or raise RejectedImage with the reason."""
+    if len(data) == 0:
+        raise RejectedImage("empty_file", "the file has zero bytes")
+    if len(data) > rules.max_bytes:
+        raise RejectedImage("file_too_large", f"{len(data)} bytes > limit {rules.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedImage("not_an_image", "no known image format recognised in the bytes") from None
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise RejectedImage("unreadable_header", f"{type(exc).__name__}: {exc}") from None
+    fmt = (img.format or "").upper()
+    if fmt not in rules.allowed_formats:
+        raise RejectedImage("format_not_allowed", f"{fmt or 'unknown'} not in {list(rules.allowed_formats)}")
+    width, height = img.size
+    if width * height > rules.max_pixels:
+        raise RejectedImage("too_many_pixels", f"{width}x{height} exceeds the {rules.max_pixels}-pixel limit")
+    if width < rules.min_width or height < rules.min_height:
+        raise RejectedImage("too_small", f"{width}x{height} below {rules.min_width}x{rules.min_height}")
+    if width > rules.max_width or height > rules.max_height:
+        raise RejectedImage("too_large", f"{width}x{height} above {rules.max_width}x{rules.max_height}")
+    try:
+        with _time_limit(rules.timeout_s), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+    except _DecodeTimeout:
+        raise RejectedImage("decode_timeout", f"decoding took longer than {rules.timeout_s}s") from None
+    except Exception as exc:  # truncated data, bad CRC, broken palette...
+        raise RejectedImage("corrupt_data", f"{type(exc).__name__}: {exc}") from None
+    return img
+
+
+def to_array(img: Image.Image, channels: int) -> np.ndarray:
+    """Canonical uint8 pixels: HxW for channels=1, HxWx3 for channels=3, whatever the source mode."""
+    img = ImageOps.exif_transpose(img) if "exif" in img.info else img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.uint32)
+        peak = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
+        arr = (arr.astype(np.float64) * 255.0 / peak).round().clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels are composited on white, which is how a person sees the image.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)  # CMYK, YCbCr, P, 1, RGB<->L go through Pillow's colour conversions
+    return np.asarray(img, dtype=np.uint8)
+
+
+def image_properties(gray: np.ndarray) -> dict[str, float]:
+    """Brightness, contrast and sharpness of a grayscale uint8 image (the drift check reads the same numbers)."""
+    import cv2
+
+    g = gray.astype(np.float32)
+    return {
+        "brightness": float(g.mean()),
+        "contrast": float(g.std()),
+        "blur": float(cv2.Laplacian(g, cv2.CV_32F).var()),
+    }
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_limited(path: Path, max_bytes: int) -> bytes:
+    """Read a file, refusing (before reading) anything over the byte limit."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise RejectedImage("file_too_large", f"{size} bytes > limit {max_bytes}")
+    return path.read_bytes()
