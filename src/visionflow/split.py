@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from visionflow.errors import DataError
-from visionflow.validate import Check, run_suite
+from visionflow.validate import Check, read_manifest, run_suite
 
 SPLITS = ("train", "val", "test")
 
@@ -58,7 +58,7 @@ def split(*, manifest_path: Path, out_dir: Path, val_fraction: float, test_fract
     manifest_path = Path(manifest_path)
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path} not found: run `visionflow validate` first")
-    manifest = pd.read_csv(manifest_path)
+    manifest = read_manifest(manifest_path)
     if manifest.empty:
         raise DataError(f"{manifest_path} lists no accepted images: see reports/validation/index.html")
     manifest = manifest.sort_values("path").reset_index(drop=True)

@@ -31,6 +31,15 @@ MANIFEST_COLUMNS = [
     "brightness", "contrast", "blur",
 ]
 Progress = Callable[[int, int], None]
+# pandas' C parser crashes the interpreter (segfault, pandas 2.3.3) when it tries to infer a number from some
+# sha256 strings such as "4e2768937653187fab...": text columns are always read as text.
+TEXT_COLUMNS = {c: str for c in ("path", "label", "sha256", "original_path", "quarantined_as", "reason",
+                                 "detail", "format", "mode")}
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest or reasons CSV written by this package, with text columns kept as text."""
+    return pd.read_csv(path, dtype=TEXT_COLUMNS, keep_default_na=False, na_values={"detail": [""]})
 
 
 def decode_rules(cfg: ValidateParams) -> DecodeRules:
@@ -242,7 +251,7 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
     for reason, paths in images.failing.items():
         for p in paths:
             reason_of.setdefault(p, reason)  # first failing expectation wins; the suite result keeps them all
-    df["quarantine_reason"] = df["path"].map(reason_of)
+    df["quarantine_reason"] = df["path"].map(reason_of).astype(object)
     undecodable = df["quarantine_reason"] == "undecodable"
     df.loc[undecodable, "quarantine_reason"] = df.loc[undecodable, "decode_error"].fillna("undecodable")
 

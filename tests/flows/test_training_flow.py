@@ -1,0 +1,40 @@
+"""The training flow under Prefect's test harness (a real temporary Prefect server and database)."""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import make_folder_dataset, make_project
+
+pytestmark = [pytest.mark.slow, pytest.mark.flow]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_flow_versions_validates_splits_and_reports(tmp_path, harness, monkeypatch):
+    from flows.training import training_flow
+
+    src = make_folder_dataset(tmp_path / "images", per_class=25)
+    (src / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    proj = make_project(tmp_path / "proj", src, validate={"max_quarantine_fraction": 0.1})
+    monkeypatch.chdir(proj)
+    summary = training_flow(params_path=str(proj / "params.yaml"))
+    report = json.loads((proj / "reports/pipeline.json").read_text())
+    assert report["status"] == "completed"
+    assert report["n_images"] == 76 and report["n_quarantined"] == 1
+    assert report["data_version"] == summary["data_version"] and len(report["data_version"]) == 32
+    assert set(report["stage_seconds"]) >= {"ingest", "version", "validate", "split"}
+    assert report["total_seconds"] >= sum(report["stage_seconds"].values())
+    assert report["flow_run_id"]
+    # dvc.lock agrees with the flow, so `dvc status` has nothing to do.
+    from visionflow.versioning import status_clean
+
+    assert status_clean(proj)
+    assert os.listdir(proj / "remote")

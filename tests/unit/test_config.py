@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from visionflow.config import load_params, parse_params
+from visionflow.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repo_params_load_and_digest_is_stable():
+    a = load_params(REPO / "params.yaml")
+    b = load_params(REPO / "params.yaml")
+    assert a.digest() == b.digest()
+    assert a.validation.max_pixels > 0
+    assert a.train.augment.hflip == pytest.approx(0.5)
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  max_epoch: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "p.yaml")
+    msg = str(err.value)
+    assert "train.max_epoch" in msg and "max_epochs" in msg
+
+
+def test_unknown_section_is_rejected():
+    with pytest.raises(ConfigError, match="trian: unknown key.*train"):
+        parse_params({"trian": {}})
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        parse_params({"train": {"batch_size": "big"}})
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"train\.precision.*'bf16-mixed'"):
+        parse_params({"train": {"precision": "fp8"}})
+
+
+def test_out_of_range_value():
+    with pytest.raises(ConfigError, match=r"validate\.max_quarantine_fraction"):
+        parse_params({"validate": {"max_quarantine_fraction": 2}})
+
+
+def test_malformed_yaml_reports_line(tmp_path):
+    (tmp_path / "p.yaml").write_text("base:\n  seed: 1\n data: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_top_level_must_be_mapping():
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_params(["a", "b"])
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"train": {"max_epochs": 2}}))
+    p = load_params(tmp_path / "p.yaml", ["train.max_epochs=5", "data.max_images=null"])
+    assert p.train.max_epochs == 5 and p.data.max_images is None
+    with pytest.raises(ConfigError, match="train.max_epochs"):
+        load_params(tmp_path / "p.yaml", ["train.max_epochs=-1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_params(tmp_path / "p.yaml", ["oops"])
+
+
+def test_size_bounds_consistent():
+    with pytest.raises(ConfigError, match="must not exceed"):
+        parse_params({"validate": {"min_width": 100, "max_width": 10}})
