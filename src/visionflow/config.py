@@ -74,6 +74,7 @@ class AugmentParams(_Section):
     blur: float = Field(0.0, ge=0, le=1)
     noise: float = Field(0.0, ge=0, le=1)
     jpeg: float = Field(0.0, ge=0, le=1)
+    random_crop: float = Field(0.0, ge=0, le=1)
 
 
 class TrainParams(_Section):
@@ -102,6 +103,9 @@ Corruption = Literal["brightness", "contrast", "blur", "noise", "jpeg", "pixelat
 class EvaluateParams(_Section):
     severities: list[int] = [1, 3, 5]
     corruptions: list[Corruption] = ["brightness", "contrast", "blur", "noise", "jpeg", "pixelate"]
+    # Test images the corruption suite runs on (a fixed subset; the clean metrics use the whole test split).
+    robustness_images: int = Field(1000, ge=10)
+    report_dir: Path = Path("reports/evaluation")
 
     @field_validator("severities")
     @classmethod

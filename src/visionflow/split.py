@@ -45,8 +45,8 @@ def assign_splits(manifest: pd.DataFrame, *, val_fraction: float, test_fraction:
 
 
 def leakage_check(frames: dict[str, pd.DataFrame]):
-    both = pd.concat([f.assign(split=name) for name, f in frames.items()])
-    per_sha = both.drop_duplicates(["sha256", "split"])
+    both = pd.concat([f.assign(split=name) for name, f in frames.items()], ignore_index=True)
+    per_sha = both.drop_duplicates(["sha256", "split"]).reset_index(drop=True)
     return run_suite(
         "leakage", per_sha, "sha256",
         lambda E: [Check(E.ExpectColumnValuesToBeUnique(column="sha256"), "sha256_in_two_splits")],

@@ -156,6 +156,7 @@ def _gx_context():
 def run_suite(name: str, df: pd.DataFrame, key: str, checks: Callable[[Any], list[Check]]) -> SuiteOutcome:
     """Run a great-expectations suite on a dataframe; `key` names the column that identifies failing rows."""
     gx, ctx = _gx_context()
+    df = df.reset_index(drop=True)  # failing rows are reported by index; it must be unique
     asset = ctx.data_sources.add_pandas(name).add_dataframe_asset(f"{name}_frame")
     batch = asset.add_batch_definition_whole_dataframe("all")
     suite = ctx.suites.add(gx.ExpectationSuite(name=f"{name}_suite"))

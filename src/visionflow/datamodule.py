@@ -1,0 +1,195 @@
+"""Decode-once image cache, albumentations augmentation and the LightningDataModule that feeds training.
+
+Images are decoded (guarded) and resized once per split into a uint8 array on disk; every epoch reads that array
+through a memory map, so no PNG is decoded twice and worker processes share the pages. Batches stay uint8 until
+the model's own preprocessing layer, which keeps host-to-device copies four times smaller than float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visionflow.config import AugmentParams
+from visionflow.errors import DataError
+from visionflow.imageio import DecodeRules, RejectedImage, open_guarded, to_array
+from visionflow.validate import read_manifest
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+
+
+def _cache_key(manifest: Path, image_size: int, channels: int, classes: list[str]) -> str:
+    h = hashlib.sha256(Path(manifest).read_bytes())
+    h.update(json.dumps([CACHE_VERSION, image_size, channels, classes]).encode())
+    return h.hexdigest()[:16]
+
+
+def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules) -> np.ndarray:
+    """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving."""
+    arr = to_array(open_guarded(data, rules), channels)
+    if arr.shape[0] != image_size or arr.shape[1] != image_size:
+        shrink = arr.shape[0] > image_size or arr.shape[1] > image_size
+        arr = cv2.resize(arr, (image_size, image_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return arr.reshape(image_size, image_size, channels)
+
+
+def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_size: int, channels: int,
+                rules: DecodeRules | None = None) -> CachedSplit:
+    """Decode every image of a split manifest once into cache_root/<key>/ (reused while the inputs match)."""
+    rules = rules or DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
+    key = _cache_key(manifest, image_size, channels, classes)
+    folder = Path(cache_root) / f"{Path(manifest).stem}-{key}"
+    if not (folder / "done").exists():
+        df = read_manifest(manifest)
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(df["label"]) - set(index))
+        if unknown:
+            raise DataError(f"{manifest}: labels {unknown} are not among the classes {classes}")
+        tmp = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(df), image_size, image_size, channels))
+        for i, path in enumerate(df["path"]):
+            try:
+                images[i] = decode_for_model(Path(path).read_bytes(), image_size, channels, rules)
+            except (OSError, RejectedImage) as exc:
+                raise DataError(f"{path} is listed in {manifest} but cannot be decoded ({exc}); "
+                                "run `visionflow validate` again") from None
+        images.flush()
+        del images
+        np.save(tmp / "labels.npy", df["label"].map(index).to_numpy(dtype=np.int64))
+        (tmp / "paths.json").write_text(json.dumps(df["path"].tolist()))
+        (tmp / "done").write_text("ok")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return CachedSplit(
+        images=np.load(folder / "images.npy", mmap_mode="r"),
+        labels=np.load(folder / "labels.npy"),
+        paths=json.loads((folder / "paths.json").read_text()),
+    )
+
+
+def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.Compose:
+    """Augmentations from params.yaml; a probability of 0 leaves a transform out entirely."""
+    candidates = [
+        (aug.hflip, lambda p: A.HorizontalFlip(p=p)),
+        (aug.shift_scale_rotate, lambda p: A.Affine(translate_percent=(-0.08, 0.08), scale=(0.9, 1.1),
+                                                    rotate=(-10, 10), border_mode=cv2.BORDER_CONSTANT, p=p)),
+        (aug.brightness_contrast, lambda p: A.RandomBrightnessContrast(0.2, 0.2, p=p)),
+        (aug.blur, lambda p: A.GaussianBlur(blur_limit=(3, 5), p=p)),
+        (aug.noise, lambda p: A.GaussNoise(std_range=(0.02, 0.08), p=p)),
+        (aug.jpeg, lambda p: A.ImageCompression(quality_range=(40, 95), p=p)),
+        (aug.random_crop, lambda p: A.RandomResizedCrop(size=(image_size, image_size), scale=(0.7, 1.0), p=p)),
+    ]
+    return A.Compose([make(p) for p, make in candidates if p > 0], seed=seed)
+
+
+class CachedImageDataset(Dataset):
+    def __init__(self, split: CachedSplit, transform: A.Compose | None = None):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = np.asarray(self.split.images[i])
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+            if img.ndim == 2:
+                img = img[..., None]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.split.labels[i])
+
+
+def seed_worker(worker_id: int) -> None:
+    """Distinct, reproducible randomness per worker and epoch (torch derives initial_seed from the loader seed)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if transform is not None:
+        transform.set_random_seed(seed)
+
+
+class ImageDataModule(L.LightningDataModule):
+    def __init__(self, *, splits_dir: Path, cache_dir: Path, classes: list[str], image_size: int, channels: int,
+                 batch_size: int, num_workers: int, augment: AugmentParams, seed: int):
+        super().__init__()
+        self.splits_dir = Path(splits_dir)
+        self.cache_dir = Path(cache_dir)
+        self.classes = classes
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.seed = seed
+        self.splits: dict[str, CachedSplit] = {}
+
+    def prepare_data(self) -> None:
+        for name in ("train", "val", "test"):
+            self.load(name)
+
+    def load(self, name: str) -> CachedSplit:
+        if name not in self.splits:
+            manifest = self.splits_dir / f"{name}.csv"
+            if not manifest.is_file():
+                raise DataError(f"{manifest} not found: run `visionflow split` first")
+            self.splits[name] = build_cache(manifest, self.cache_dir, classes=self.classes,
+                                            image_size=self.image_size, channels=self.channels)
+        return self.splits[name]
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        transform = build_train_transform(self.augment, self.image_size, self.seed) if train else None
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            CachedImageDataset(self.load(name), transform),
+            batch_size=self.batch_size, shuffle=train, drop_last=False, generator=generator,
+            num_workers=self.num_workers, worker_init_fn=seed_worker,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+def class_names(splits_dir: Path) -> list[str]:
+    """The class list, sorted; index i in the model's output is classes[i]."""
+    labels: set[str] = set()
+    for name in ("train", "val", "test"):
+        path = Path(splits_dir) / f"{name}.csv"
+        if path.is_file():
+            labels |= set(read_manifest(path)["label"])
+    if not labels:
+        raise DataError(f"no split manifests in {splits_dir}: run `visionflow split` first")
+    return sorted(labels)

@@ -1,0 +1,66 @@
+"""MLflow set-up and lineage tags. Local default: SQLite + artifacts under mlruns/; any URI by configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from visionflow.errors import VisionflowError
+
+LOCAL_DB = "mlruns/mlflow.db"
+LOCAL_ARTIFACTS = "mlruns/artifacts"
+
+
+def tracking_uri(configured: str | None, root: Path) -> str:
+    """Environment (MLFLOW_TRACKING_URI) beats params.yaml, which beats the local SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri
+    return f"sqlite:///{(Path(root) / LOCAL_DB).resolve()}"
+
+
+def setup_mlflow(configured: str | None, root: Path, experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(configured, root)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:///") or "://" not in uri:
+                location = (Path(root) / LOCAL_ARTIFACTS).resolve().as_uri()
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        return exp.experiment_id
+    except Exception as exc:  # connection refused, auth, DNS: say where and what to do
+        if isinstance(exc, VisionflowError):
+            raise
+        raise VisionflowError(f"MLflow tracking server at {uri} is not reachable ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); start it, or unset MLFLOW_TRACKING_URI / "
+                              "registry.tracking_uri to use the local store") from None
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def lineage_tags(*, data_version: str | None, root: Path, params_digest: str,
+                 flow_run_id: str | None = None) -> dict[str, str]:
+    return {
+        "visionflow.data_version": data_version or "unversioned",
+        "visionflow.git_commit": git_commit(root),
+        "visionflow.params_hash": params_digest,
+        "visionflow.flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", "none"),
+    }

@@ -1,0 +1,195 @@
+"""Train: Lightning + timm on the decode-once cache, tracked in MLflow, checkpointed so that it can resume.
+
+A training run is identified by (params digest, data version, split manifests). Running the same command again
+resumes that run from its last checkpoint when it was interrupted, and reuses it when it finished; training is
+bounded by a step budget (steps per epoch x max_epochs), so a resumed run does exactly as many steps in total as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+
+from visionflow.config import Params, TrainParams
+from visionflow.datamodule import ImageDataModule, class_names
+from visionflow.model import ImageClassifier
+from visionflow.report import write_json_atomic
+from visionflow.tracking import lineage_tags, setup_mlflow, tracking_uri
+
+
+@dataclass(frozen=True)
+class Runtime:
+    accelerator: str
+    devices: int | str
+    precision: str
+    strategy: str
+    channels_last: bool
+
+
+def resolve_runtime(cfg: TrainParams) -> Runtime:
+    """GPU when present: bf16 (or fp16) autocast and channels_last; CPU: plain fp32."""
+    gpu = torch.cuda.is_available() if cfg.accelerator == "auto" else cfg.accelerator == "gpu"
+    if cfg.precision != "auto":
+        precision = cfg.precision
+    elif gpu:
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    else:
+        precision = "32-true"
+    return Runtime(accelerator="gpu" if gpu else "cpu", devices=cfg.devices if gpu else 1, precision=precision,
+                   strategy=cfg.strategy, channels_last=gpu)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str
+    mlflow_run_id: str
+    classes: list[str]
+    global_step: int
+    max_steps: int
+    epochs_completed: int
+    best_val_acc: float
+    resumed: bool
+    reused: bool
+    seconds: float
+    runtime: dict[str, Any]
+
+
+def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
+    h = hashlib.sha256(p.digest().encode())
+    h.update(str(data_version).encode())
+    for name in ("train", "val", "test"):
+        h.update(hashlib.sha256((Path(splits_dir) / f"{name}.csv").read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str | None = None,
+          runs_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
+          max_steps_override: int | None = None) -> TrainResult:
+    start = time.perf_counter()
+    root = Path(root)
+    cfg = p.train
+    splits_dir = root / p.data.splits_dir if not Path(p.data.splits_dir).is_absolute() else p.data.splits_dir
+    classes = class_names(splits_dir)
+    L.seed_everything(p.base.seed, workers=True, verbose=False)
+    rt = resolve_runtime(cfg)
+
+    dm = ImageDataModule(splits_dir=splits_dir, cache_dir=cache_dir or root / "data/cache", classes=classes,
+                         image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
+                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed)
+    dm.prepare_data()
+    world = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
+    steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * world))
+    max_steps = max_steps_override or steps_per_epoch * cfg.max_epochs
+
+    key = run_key(p, data_version, splits_dir)
+    run_dir = Path(runs_dir or root / "runs/train") / key
+    ckpt_dir = run_dir / "checkpoints"
+    state_path = run_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
+        return TrainResult(**{**state["result"], "reused": True, "seconds": time.perf_counter() - start})
+
+    experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=tracking_uri(p.registry.tracking_uri, root),
+                          run_id=state.get("mlflow_run_id"), log_model=False,
+                          tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
+                                               flow_run_id=flow_run_id), "visionflow.run_key": key})
+    mlflow_run_id = logger.run_id
+    resume_from = ckpt_dir / "last.ckpt"
+    resumed = resume_from.is_file()
+    write_json_atomic(state_path, {"status": "running", "mlflow_run_id": mlflow_run_id, "experiment_id": experiment_id})
+    if not resumed:
+        client = logger.experiment
+        params = _flatten(p.as_dict())
+        from mlflow.entities import Param
+
+        client.log_batch(mlflow_run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+        client.log_dict(mlflow_run_id, p.as_dict(), "params.resolved.yaml")
+        client.log_dict(mlflow_run_id, {"classes": classes, "runtime": asdict(rt), "max_steps": max_steps,
+                                        "steps_per_epoch": steps_per_epoch}, "run_config.json")
+
+    model = ImageClassifier(model_name=cfg.model, classes=classes, channels=cfg.channels,
+                            image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                            pretrained_weights=cfg.pretrained_weights, channels_last=rt.channels_last)
+    best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+                              auto_insert_metric_name=False, enable_version_counter=False)
+    # Mid-epoch checkpoints (about four per epoch) bound what a crash can lose.
+    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
+                              every_n_train_steps=max(1, steps_per_epoch // 4), enable_version_counter=False)
+    callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
+                            EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        accelerator=rt.accelerator, devices=rt.devices, strategy=rt.strategy, precision=rt.precision,
+        max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], deterministic=not torch.cuda.is_available(),
+        log_every_n_steps=max(1, min(50, steps_per_epoch // 2)), enable_progress_bar=progress,
+        enable_model_summary=False, default_root_dir=run_dir, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resumed else None)
+
+    best = best_cb.best_model_path or str(resume_from)
+    best_score = best_cb.best_model_score
+    result = TrainResult(
+        run_dir=str(run_dir), best_checkpoint=best, mlflow_run_id=mlflow_run_id, classes=classes,
+        global_step=int(trainer.global_step), max_steps=max_steps, epochs_completed=int(trainer.current_epoch),
+        best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
+        reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt),
+    )
+    logger.experiment.log_metric(mlflow_run_id, "train/global_step", result.global_step)
+    write_json_atomic(state_path, {"status": "completed", "mlflow_run_id": mlflow_run_id,
+                                   "best_checkpoint": best, "result": asdict(result)})
+    return result
+
+
+def load_classifier(checkpoint: Path | str) -> ImageClassifier:
+    """The trained module from a checkpoint, in eval mode on CPU (pretrained weights are in the checkpoint)."""
+    model = ImageClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu", pretrained_weights=None,
+                                                 channels_last=False)
+    return model.eval()
