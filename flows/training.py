@@ -1,11 +1,14 @@
-"""The training flow: version, validate, split (train, evaluate, export, register, promote come next).
+"""The training flow: ingest, version, validate, split, train, evaluate, export, register, promote.
 
-Tasks are thin wrappers around visionflow's stage functions; retries live here because only the orchestrator
-knows which failures are worth another try (a DVC remote or the package mirror, not a corrupt dataset).
+Tasks are thin wrappers around visionflow.stages; retries live here because only the orchestrator knows which
+failures are worth another try (a DVC remote or the package mirror; not a corrupt dataset, not a diverging model).
+An interrupted run is picked up by running the flow again: ingest skips unchanged data, DVC skips unchanged
+files, and training resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,12 +17,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from visionflow import versioning
+from visionflow import stages, versioning
 from visionflow.config import Params, load_params
-from visionflow.ingest import ingest
 from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
-from visionflow.split import split
-from visionflow.validate import validate
 
 
 def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -29,9 +29,8 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 
 
 @task(retries=2, retry_delay_seconds=[5, 15])
-def ingest_data(p: Params) -> tuple[dict, float]:
-    res, secs = _timed(ingest, source=p.data.source, raw_dir=p.data.raw_dir, max_images=p.data.max_images,
-                       seed=p.base.seed, cache_dir=Path("data/external"))
+def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
+    res, secs = _timed(stages.ingest_stage, p, root)
     get_run_logger().info("ingested %d images in %d classes%s", res.n_images, len(res.classes),
                           " (unchanged, skipped)" if res.skipped else "")
     return asdict(res), secs
@@ -39,67 +38,120 @@ def ingest_data(p: Params) -> tuple[dict, float]:
 
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def version_data(p: Params, root: Path) -> tuple[str, float]:
-    def run() -> str:
-        versioning.ensure_repo(root, p.data.remote_name, p.data.remote_url)
-        versioning.commit(root, [versioning.INGEST_STAGE])
-        versioning.push(root, p.data.remote_name)
-        return versioning.data_version(root, p.data.raw_dir)
-
-    dv, secs = _timed(run)
-    get_run_logger().info("data version %s pushed to remote %r", dv, p.data.remote_name)
-    return dv, secs
+    res, secs = _timed(stages.version_stage, p, root)
+    get_run_logger().info("data version %s pushed to %s", res["data_version"], res["remote"])
+    return res["data_version"], secs
 
 
 @task
-def validate_data(p: Params, data_version: str) -> tuple[dict, float]:
-    res, secs = _timed(validate, raw_dir=p.data.raw_dir, cfg=p.validation, manifest_path=p.data.manifest_path,
-                       labels=p.data.labels, data_version=data_version)
+def validate_data(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
+    res, secs = _timed(stages.validate_stage, p, root, data_version)
     get_run_logger().info("%d accepted, %d quarantined %s; report %s", res.n_accepted, res.n_quarantined,
                           res.quarantined_by_reason, res.report_html)
     return asdict(res), secs
 
 
 @task
-def split_data(p: Params) -> tuple[dict, float]:
-    res, secs = _timed(split, manifest_path=p.data.manifest_path, out_dir=p.data.splits_dir,
-                       val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction, seed=p.base.seed)
+def split_data(p: Params, root: Path) -> tuple[dict, float]:
+    res, secs = _timed(stages.split_stage, p, root)
     return asdict(res), secs
 
 
+@task
+def train_model(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
+    # A rich progress bar when a person is watching; Prefect logs carry the per-epoch numbers otherwise.
+    res, secs = _timed(stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id),
+                       progress=sys.stderr.isatty())
+    get_run_logger().info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
+                          res["best_val_acc"], res["global_step"], res["max_steps"],
+                          "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh",
+                          res["mlflow_run_id"])
+    return res, secs
+
+
+@task
+def evaluate_model(p: Params, root: Path) -> tuple[dict, float]:
+    res, secs = _timed(stages.evaluate_stage, p, root)
+    get_run_logger().info("test accuracy %.4f, macro F1 %.4f, robust accuracy %.4f, ECE %.4f",
+                          res["test_accuracy"], res["macro_f1"], res["robust_accuracy"], res["ece"])
+    return res, secs
+
+
+@task
+def export_model(p: Params, root: Path) -> tuple[dict, float]:
+    res, secs = _timed(stages.export_stage, p, root)
+    get_run_logger().info("ONNX parity passed: max |diff| %.2e, top-1 agreement %.4f; ORT %.2f ms vs torch %.2f ms "
+                          "at batch 1", res["max_abs_diff"], res["top1_agreement"], res["ort_ms_b1"],
+                          res["torch_ms_b1"])
+    return res, secs
+
+
+@task(retries=2, retry_delay_seconds=[5, 15])
+def register_model(p: Params, root: Path) -> tuple[dict, float]:
+    return _timed(stages.register_stage, p, root, flow_run_id=str(flow_run.id))
+
+
+@task
+def promote_model(p: Params, root: Path, version: str) -> tuple[dict, float]:
+    res, secs = _timed(stages.promote_stage, p, root, version)
+    log = get_run_logger()
+    if res["promoted"]:
+        log.info("v%s promoted to champion (was %s)", version, res["champion_before"])
+    else:
+        log.warning("v%s refused: %s", version, "; ".join(res["reasons"]))
+    return res, secs
+
+
 @task(retries=2, retry_delay_seconds=[2, 5])
-def record_stages(root: Path, stages: list[str]) -> float:
+def record_stages(root: Path, names: list[str]) -> float:
     """Record derived outputs in dvc.lock so `dvc status`/`dvc repro` agree with what the flow produced."""
-    _, secs = _timed(versioning.commit, root, stages)
+    _, secs = _timed(versioning.commit, root, names)
     return secs
 
 
 @flow(name="visionflow-training", log_prints=True)
 def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  report_path: str = str(PIPELINE_REPORT)) -> dict[str, Any]:
+                  report_path: str = str(PIPELINE_REPORT), train: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     root = Path(params_path).resolve().parent
     p = load_params(params_path, overrides)
-    report = Path(report_path)
+    report = root / report_path if not Path(report_path).is_absolute() else Path(report_path)
     write_json_atomic(report, {"status": "running", "flow_run_id": str(flow_run.id), "params_digest": p.digest()})
 
-    ingested, t_ingest = ingest_data(p)
+    ingested, t_ingest = ingest_data(p, root)
     data_version, t_version = version_data(p, root)
-    validated, t_validate = validate_data(p, data_version)
-    splits, t_split = split_data(p)
-    t_record = record_stages(root, ["validate", "split"])
-
-    stage_seconds = {"ingest": t_ingest, "version": t_version + t_record, "validate": t_validate,
-                     "split": t_split}
-    summary = {
-        "status": "completed",
+    validated, t_validate = validate_data(p, root, data_version)
+    splits, t_split = split_data(p, root)
+    seconds = {"ingest": t_ingest, "version": t_version, "validate": t_validate, "split": t_split}
+    summary: dict[str, Any] = {
         "data_version": data_version,
         "n_images": validated["n_images"],
         "n_accepted": validated["n_accepted"],
         "n_quarantined": validated["n_quarantined"],
         "quarantined_by_reason": validated["quarantined_by_reason"],
         "splits": splits["counts"],
-        "stage_seconds": {k: round(v, 3) for k, v in stage_seconds.items()},
-        "total_seconds": round(time.perf_counter() - start, 3),
     }
+    recorded = ["validate", "split"]
+    if train:
+        trained, seconds["train"] = train_model(p, root, data_version)
+        evaluated, seconds["evaluate"] = evaluate_model(p, root)
+        exported, seconds["export"] = export_model(p, root)
+        registered, seconds["register"] = register_model(p, root)
+        decision, seconds["promote"] = promote_model(p, root, registered["version"])
+        recorded += ["train", "evaluate", "export"]
+        summary["onnx"] = {k: exported[k] for k in ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1",
+                                                    "ort_ms_b32", "torch_ms_b32")}
+        summary["registry"] = {"model": registered["model"], "version": registered["version"],
+                               "promoted": decision["promoted"], "reasons": decision["reasons"],
+                               "champion": decision["champion_after"]}
+        summary.update(
+            test_accuracy=evaluated["test_accuracy"], macro_f1=evaluated["macro_f1"], ece=evaluated["ece"],
+            robust_accuracy=evaluated["robust_accuracy"], mlflow_run_id=trained["mlflow_run_id"],
+            train={k: trained[k] for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused",
+                                           "seconds", "runtime")},
+        )
+    seconds["version"] += record_stages(root, recorded)
+    summary.update(status="completed", stage_seconds={k: round(v, 3) for k, v in seconds.items()},
+                   total_seconds=round(time.perf_counter() - start, 3))
     update_report(report, **summary)
     return summary

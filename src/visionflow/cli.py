@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from visionflow import stages
 from visionflow.config import Params, load_params
-from visionflow.errors import VersioningError, VisionflowError
+from visionflow.errors import VisionflowError
 
 app = typer.Typer(
     name="visionflow",
@@ -81,12 +82,9 @@ def _print_mapping(title: str, mapping: dict[str, Any]) -> None:
 @app.command()
 def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False) -> None:
     """Bring the dataset (data.source: 'fashion-mnist' or a folder per class) into data/raw/<class>/."""
-    from visionflow.ingest import ingest as run_ingest
-
     p = state.params()
     with progress_bar("ingest") as update:
-        res = run_ingest(source=p.data.source, raw_dir=p.data.raw_dir, max_images=p.data.max_images,
-                         seed=p.base.seed, cache_dir=Path("data/external"), force=force, progress=update)
+        res = stages.ingest_stage(p, state.root, force=force, progress=update)
     _print_mapping("ingest" + (" (up to date, skipped)" if res.skipped else ""),
                    {"source": res.source, "raw_dir": res.raw_dir, "images": res.n_images, "classes": res.classes})
 
@@ -94,37 +92,24 @@ def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it
 @app.command()
 def version(push: Annotated[bool, typer.Option(help="push the data to the DVC remote.")] = True) -> None:
     """Version data/raw with DVC (init when needed), push it to the remote and print the data version."""
-    from visionflow import versioning
-
-    p = state.params()
-    url = versioning.ensure_repo(state.root, p.data.remote_name, p.data.remote_url)
-    versioning.commit(state.root, [versioning.INGEST_STAGE])
-    if push:
-        versioning.push(state.root, p.data.remote_name)
-    dv = versioning.data_version(state.root, p.data.raw_dir)
-    _print_mapping("data version", {"data_version": dv, "remote": url, "pushed": push})
+    _print_mapping("data version", stages.version_stage(state.params(), state.root, push=push))
 
 
-def _data_version_or_none(p: Params) -> str | None:
-    from visionflow import versioning
-
-    try:
-        return versioning.data_version(state.root, p.data.raw_dir)
-    except VersioningError as exc:
-        console.print(f"[yellow]warning:[/] {exc}")
-        return None
+def _data_version_or_warn(p: Params) -> str | None:
+    dv = stages.current_data_version(p, state.root)
+    if dv is None:
+        console.print("[yellow]warning:[/] data/raw is not versioned yet (run `visionflow version`); "
+                      "results will say data_version=unversioned")
+    return dv
 
 
 @app.command()
 def validate() -> None:
     """Build the image manifest, check it with the great-expectations suite and quarantine failing files."""
-    from visionflow.validate import validate as run_validate
-
     p = state.params()
-    dv = _data_version_or_none(p)
+    dv = _data_version_or_warn(p)
     with progress_bar("validate") as update:
-        res = run_validate(raw_dir=p.data.raw_dir, cfg=p.validation, manifest_path=p.data.manifest_path,
-                           labels=p.data.labels, data_version=dv, progress=update)
+        res = stages.validate_stage(p, state.root, dv, progress=update)
     _print_mapping("validation", {
         "data_version": dv, "images": res.n_images, "accepted": res.n_accepted,
         "quarantined": res.n_quarantined, "by_reason": res.quarantined_by_reason, "report": res.report_html})
@@ -133,12 +118,112 @@ def validate() -> None:
 @app.command()
 def split() -> None:
     """Write stratified, leakage-checked train/val/test manifests to data/splits/."""
-    from visionflow.split import split as run_split
+    res = stages.split_stage(state.params(), state.root)
+    _print_mapping("split", {**res.counts, "leakage_free": res.leakage_free})
+
+
+@app.command()
+def train() -> None:
+    """Train the train.model timm classifier (resumes an interrupted run; reuses a finished identical one)."""
+    p = state.params()
+    res = stages.train_stage(p, state.root, _data_version_or_warn(p), progress=console.is_terminal)
+    keys = ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id", "model_checkpoint",
+            "seconds", "runtime")
+    _print_mapping("train", {k: res[k] for k in keys})
+
+
+@app.command()
+def evaluate() -> None:
+    """Test metrics, per-class numbers, calibration, plots and the corruption-robustness suite (to MLflow too)."""
+    res = stages.evaluate_stage(state.params(), state.root)
+    _print_mapping("evaluate", {k: res[k] for k in ("test_accuracy", "macro_f1", "ece", "robust_accuracy",
+                                                    "report_dir", "mlflow_run_id")})
+
+
+@app.command()
+def export() -> None:
+    """Export models/model.ckpt to ONNX (preprocessing inside) and run the ONNX Runtime parity gate."""
+    res = stages.export_stage(state.params(), state.root)
+    _print_mapping("export", {k: res[k] for k in ("onnx_path", "passed", "max_abs_diff", "top1_agreement",
+                                                  "ort_ms_b1", "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")})
+
+
+@app.command()
+def register() -> None:
+    """Register the exported ONNX model in the MLflow registry with its lineage tags and metrics."""
+    _print_mapping("registered", stages.register_stage(state.params(), state.root))
+
+
+@app.command()
+def promote(
+    version: Annotated[str | None, typer.Option(help="model version to judge (default: the challenger).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON (for CI).")] = False,
+) -> None:
+    """Run every promotion gate; the version becomes champion only if all pass.
+
+    Exit code 0: promoted. 1: refused by a gate (reasons printed). 2: error (bad input, registry unreachable).
+    """
+    decision = stages.promote_stage(state.params(), state.root, version)
+    if as_json:
+        out.print_json(data=decision)
+    else:
+        table = Table(title=f"{decision['model']} v{decision['version']}: "
+                            + ("PROMOTED to champion" if decision["promoted"] else "REFUSED"), title_justify="left")
+        for col in ("gate", "result", "detail"):
+            table.add_column(col)
+        for g in decision["gates"]:
+            table.add_row(g["name"], "[green]pass[/]" if g["passed"] else "[red]FAIL[/]", g["detail"])
+        out.print(table)
+        out.print(f"champion before: {decision['champion_before']}  after: {decision['champion_after']}")
+    if not decision["promoted"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback() -> None:
+    """Point `champion` back at the `previous` version (the demoted one becomes `previous`)."""
+    from visionflow.registry import rollback as do_rollback
+    from visionflow.tracking import setup_mlflow
 
     p = state.params()
-    res = run_split(manifest_path=p.data.manifest_path, out_dir=p.data.splits_dir,
-                    val_fraction=p.data.val_fraction, test_fraction=p.data.test_fraction, seed=p.base.seed)
-    _print_mapping("split", {**res.counts, "leakage_free": res.leakage_free})
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    demoted, restored = do_rollback(p.registry.model_name)
+    out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
+
+
+@app.command()
+def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. "
+                                                    "visionflow-classifier@champion")]) -> None:
+    """Why is this model in production: data, code, params, runs, parent champion, gates and metrics."""
+    from visionflow.registry import RegistryError, alias_version, version_info
+    from visionflow.tracking import setup_mlflow
+
+    p = state.params()
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = alias_version(name, alias)
+        if version is None:
+            raise RegistryError(f"{name} has no alias {alias!r}")
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    else:
+        raise RegistryError("give MODEL@ALIAS or MODEL/VERSION")
+    info = version_info(name, version)
+    t = info["tags"]
+    rows = {
+        "model": f"{name} v{version}", "aliases": ", ".join(info["aliases"]) or "-",
+        "data version": t.get("visionflow.data_version"), "git commit": t.get("visionflow.git_commit"),
+        "params hash": t.get("visionflow.params_hash"), "Prefect flow run": t.get("visionflow.flow_run_id"),
+        "MLflow run": info["run_id"], "parent champion": t.get("visionflow.parent_champion", "-"),
+        "promoted": t.get("visionflow.promoted", "not judged yet"),
+        "gates": {k.removeprefix("visionflow.gate."): v for k, v in t.items() if k.startswith("visionflow.gate.")},
+        "metrics": {k.removeprefix("visionflow.metric."): float(v) for k, v in t.items()
+                    if k.startswith("visionflow.metric.")},
+        "ONNX sha256": t.get("visionflow.onnx_sha256"), "parity max |diff|": t.get("visionflow.parity.max_abs_diff"),
+        "ORT latency b1 (ms)": t.get("visionflow.latency.ort_ms_b1"),
+    }
+    _print_mapping(f"lineage of {ref}", rows)
 
 
 @app.command()

@@ -127,6 +127,9 @@ class RegistryParams(_Section):
     min_gain: float = Field(0.0, ge=-1, le=1)
     max_class_drop: float = Field(0.05, ge=0, le=1)
     latency_budget_ms: float = Field(50, gt=0)
+    # Paired bootstrap over the same test + corruption images: the gain's lower bound must clear min_gain.
+    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_alpha: float = Field(0.05, gt=0, lt=0.5)
 
 
 class DriftParams(_Section):

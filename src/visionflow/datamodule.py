@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
@@ -30,11 +29,26 @@ from visionflow.validate import read_manifest
 CACHE_VERSION = 1
 
 
-@dataclass(frozen=True)
 class CachedSplit:
-    images: np.ndarray  # (N, H, W, C) uint8, memory-mapped
-    labels: np.ndarray  # (N,) int64
-    paths: list[str]
+    """A decoded split on disk: images (N, H, W, C) uint8 memory-mapped on first use, labels, source paths.
+
+    Pickling sends only the folder, so DataLoader workers map the same file instead of receiving a copy.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.labels: np.ndarray = np.load(self.folder / "labels.npy")
+        self.paths: list[str] = json.loads((self.folder / "paths.json").read_text())
+        self._images: np.ndarray | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.folder / "images.npy", mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None}
 
 
 def _cache_key(manifest: Path, image_size: int, channels: int, classes: list[str]) -> str:
@@ -82,11 +96,7 @@ def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_s
         (tmp / "done").write_text("ok")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-    return CachedSplit(
-        images=np.load(folder / "images.npy", mmap_mode="r"),
-        labels=np.load(folder / "labels.npy"),
-        paths=json.loads((folder / "paths.json").read_text()),
-    )
+    return CachedSplit(folder)
 
 
 def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.Compose:
@@ -118,7 +128,7 @@ class CachedImageDataset(Dataset):
             img = self.transform(image=img)["image"]
             if img.ndim == 2:
                 img = img[..., None]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), int(self.split.labels[i])
+        return torch.from_numpy(np.array(img.transpose(2, 0, 1), copy=True)), int(self.split.labels[i])
 
 
 def seed_worker(worker_id: int) -> None:
@@ -171,6 +181,10 @@ class ImageDataModule(L.LightningDataModule):
             batch_size=self.batch_size, shuffle=train, drop_last=False, generator=generator,
             num_workers=self.num_workers, worker_init_fn=seed_worker,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            # Forked workers inherit the orchestrator's threads and locks (Prefect's heartbeat and log
+            # shippers); a worker forked mid-flow has died at shutdown with exit code 1. Spawned workers start
+            # clean, and the memory-mapped cache keeps their start-up cheap.
+            multiprocessing_context="spawn" if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -88,7 +88,9 @@ class TrainResult:
 
 
 def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
-    h = hashlib.sha256(p.digest().encode())
+    """What a training run depends on: the sections it reads, the data version and the split manifests."""
+    sections = {k: v for k, v in p.as_dict().items() if k in ("base", "data", "train")}
+    h = hashlib.sha256(json.dumps(sections, sort_keys=True).encode())
     h.update(str(data_version).encode())
     for name in ("train", "val", "test"):
         h.update(hashlib.sha256((Path(splits_dir) / f"{name}.csv").read_bytes()).digest())

@@ -1,0 +1,152 @@
+"""Export: ONNX with preprocessing inside the graph, a model card beside it, and the parity gate.
+
+The graph takes uint8 images (batch, channels, size, size) and returns logits and the penultimate-layer
+embedding (the drift check reads it). Parity compares ONNX Runtime with PyTorch on held-out images at several
+batch sizes; a model that disagrees on any top-1 prediction, or whose logits differ by more than the tolerance,
+fails the export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from visionflow.evaluate import predict_logits
+
+
+class _Exportable(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.net.preprocess(image)
+        feats = self.net.backbone.forward_features(x)
+        embedding = self.net.backbone.forward_head(feats, pre_logits=True)
+        return self.net.backbone.get_classifier()(embedding), embedding
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_onnx(net: nn.Module, *, image_size: int, channels: int, path: Path, opset: int = 17) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = _Exportable(net).eval()
+    dummy = torch.zeros(2, channels, image_size, image_size, dtype=torch.uint8)
+    tmp = path.with_suffix(".onnx.tmp")
+    with torch.inference_mode():
+        torch.onnx.export(
+            module, (dummy,), str(tmp), input_names=["image"], output_names=["logits", "embedding"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=opset, dynamo=False,
+        )
+    import onnx
+
+    onnx.checker.check_model(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def write_model_card(onnx_path: Path, *, image_size: int, channels: int, classes: list[str], model_name: str,
+                     data_version: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    card = {
+        "format": "onnx", "input": {"name": "image", "dtype": "uint8", "layout": "NCHW",
+                                    "shape": ["batch", channels, image_size, image_size]},
+        "outputs": ["logits", "embedding"], "image_size": image_size, "channels": channels,
+        "classes": classes, "architecture": model_name, "data_version": data_version,
+        "onnx_sha256": sha256_file(onnx_path), **(extra or {}),
+    }
+    Path(onnx_path).with_name("model_card.json").write_text(json.dumps(card, indent=2))
+    return card
+
+
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = np.ascontiguousarray(np.asarray(images[i:i + batch_size]).transpose(0, 3, 1, 2))
+        out.append(session.run(["logits"], {"image": x})[0])
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    passed: bool
+    n_images: int
+    top1_agreement: float
+    max_abs_diff: float
+    tolerance: float
+    batch_sizes: list[int]
+    ort_ms_b1: float
+    torch_ms_b1: float
+    ort_ms_b32: float
+    torch_ms_b32: float
+    reasons: list[str]
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def parity_check(net: nn.Module, onnx_path: Path, images: np.ndarray, *, tolerance: float,
+                 batch_sizes: tuple[int, ...] = (1, 7, 32), repeats: int = 30) -> ParityResult:
+    session = ort_session(onnx_path)
+    reference = predict_logits(net, images)
+    worst, agree = 0.0, 1.0
+    for bs in batch_sizes:
+        got = ort_logits(session, images, batch_size=bs)
+        worst = max(worst, float(np.abs(got - reference).max()))
+        agree = min(agree, float((got.argmax(1) == reference.argmax(1)).mean()))
+    reasons = []
+    if agree < 1.0:
+        reasons.append(f"ONNX top-1 agreement {agree:.4%} < 100%")
+    if worst > tolerance:
+        reasons.append(f"largest logit difference {worst:.2e} > export.parity_tolerance {tolerance:.0e}")
+
+    def nchw(batch: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+
+    b1, b32 = nchw(np.asarray(images[:1])), nchw(np.asarray(images[:32]))
+    net.eval()
+    with torch.inference_mode():
+        t1, t32 = torch.from_numpy(b1), torch.from_numpy(b32)
+        torch_b1 = _median_ms(lambda: net(t1), repeats)
+        torch_b32 = _median_ms(lambda: net(t32), max(5, repeats // 3))
+    ort_b1 = _median_ms(lambda: session.run(["logits"], {"image": b1}), repeats)
+    ort_b32 = _median_ms(lambda: session.run(["logits"], {"image": b32}), max(5, repeats // 3))
+    return ParityResult(passed=not reasons, n_images=len(images), top1_agreement=agree, max_abs_diff=worst,
+                        tolerance=tolerance, batch_sizes=list(batch_sizes), ort_ms_b1=ort_b1, torch_ms_b1=torch_b1,
+                        ort_ms_b32=ort_b32, torch_ms_b32=torch_b32, reasons=reasons)
+
+
+def parity_dict(r: ParityResult) -> dict[str, Any]:
+    return asdict(r)

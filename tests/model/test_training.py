@@ -1,0 +1,143 @@
+"""Model tier: real Lightning training on tiny generated images, tracked in a real (SQLite) MLflow store."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_folder_dataset, make_project
+from visionflow import stages
+from visionflow.config import load_params
+from visionflow.train import train
+
+pytestmark = pytest.mark.slow
+
+TINY_TRAIN = {"model": "test_resnet", "image_size": 16, "channels": 1, "batch_size": 16, "max_epochs": 3,
+              "num_workers": 0, "lr": 0.01, "early_stopping_patience": 10}
+
+
+def tiny_project(root: Path, **train_overrides) -> Path:
+    src = make_folder_dataset(root / "images", classes=("cat", "dog", "fox"), per_class=40, size=16)
+    proj = make_project(root / "proj", src, train={**TINY_TRAIN, **train_overrides},
+                        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
+                        evaluate={"robustness_images": 30, "severities": [1, 5]})
+    p = load_params(proj / "params.yaml")
+    stages.ingest_stage(p, proj)
+    stages.validate_stage(p, proj, None)
+    stages.split_stage(p, proj)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return tiny_project(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(autouse=True)
+def _no_env_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _client(proj: Path) -> mlflow.MlflowClient:
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_training_logs_params_metrics_tags_and_reuses(project):
+    p = load_params(project / "params.yaml")
+    res = stages.train_stage(p, project, "abc123", flow_run_id="flow-1", progress=False)
+    assert res["global_step"] == res["max_steps"] > 0 and not res["resumed"] and not res["reused"]
+    assert (project / "models/model.ckpt").is_file()
+    run = _client(project).get_run(res["mlflow_run_id"])
+    assert run.data.params["train.model"] == "test_resnet"
+    assert run.data.tags["visionflow.data_version"] == "abc123"
+    assert run.data.tags["visionflow.flow_run_id"] == "flow-1"
+    assert run.data.tags["visionflow.params_hash"] == p.digest()
+    assert run.data.tags["visionflow.git_commit"]
+    history = _client(project).get_metric_history(res["mlflow_run_id"], "val/acc")
+    assert len(history) == res["epochs_completed"] == 3
+    artifacts = {a.path for a in _client(project).list_artifacts(res["mlflow_run_id"])}
+    assert {"params.resolved.yaml", "run_config.json"} <= artifacts
+    again = stages.train_stage(p, project, "abc123", progress=False)
+    assert again["reused"] and again["mlflow_run_id"] == res["mlflow_run_id"]
+
+
+def test_evaluate_writes_reports_and_logs_to_mlflow(project):
+    p = load_params(project / "params.yaml")
+    stages.train_stage(p, project, "abc123", progress=False)
+    ev = stages.evaluate_stage(p, project)
+    assert 0 <= ev["test_accuracy"] <= 1 and 0 <= ev["robust_accuracy"] <= 1
+    assert set(ev["robustness"]) == set(p.evaluate.corruptions)
+    for f in ("confusion_matrix.png", "worst_errors.png", "robustness.png", "evaluation.json"):
+        assert (project / "reports/evaluation" / f).stat().st_size > 0
+    run = _client(project).get_run(ev["mlflow_run_id"])
+    assert run.data.metrics["test/accuracy"] == pytest.approx(ev["test_accuracy"])
+    assert "robust/noise/mean" in run.data.metrics and "test/recall/cat" in run.data.metrics
+    logged = {a.path for a in _client(project).list_artifacts(ev["mlflow_run_id"], "evaluation")}
+    assert "evaluation/confusion_matrix.png" in logged
+
+
+def test_same_params_and_seed_give_same_result(project, tmp_path):
+    p = load_params(project / "params.yaml")
+    a = train(p=p, root=project, data_version="x", runs_dir=tmp_path / "a", progress=False)
+    b = train(p=p, root=project, data_version="x", runs_dir=tmp_path / "b", progress=False)
+    assert a.mlflow_run_id != b.mlflow_run_id
+    assert a.best_val_acc == b.best_val_acc
+    wa = torch.load(a.best_checkpoint, weights_only=False)["state_dict"]
+    wb = torch.load(b.best_checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_training_resumes_to_the_same_step_count(tmp_path):
+    proj = tiny_project(tmp_path, max_epochs=30, batch_size=4)
+    exe = Path(sys.executable).with_name("visionflow")
+    proc = subprocess.Popen([str(exe), "train"], cwd=proj, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    ckpts = proj / "runs/train"
+    while time.time() < deadline and proc.poll() is None:
+        if list(ckpts.glob("*/checkpoints/last.ckpt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads(next(ckpts.glob("*/state.json")).read_text())
+    assert state["status"] == "running"
+    killed_at = torch.load(next(ckpts.glob("*/checkpoints/last.ckpt")), weights_only=False)["global_step"]
+    done = subprocess.run([str(exe), "train"], cwd=proj, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((proj / "reports/train.json").read_text())
+    assert report["resumed"] is True and report["mlflow_run_id"] == state["mlflow_run_id"]
+    assert 0 < killed_at < report["max_steps"]
+    assert report["global_step"] == report["max_steps"] == 23 * 30  # ceil(90 train images / 4) x 30 epochs
+
+
+def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
+    proj = tiny_project(tmp_path, model="mobilenetv2_100", pretrained_weights="mobilenetv2_100.imagenet",
+                        image_size=32, channels=3, max_epochs=1)
+    p = load_params(proj / "params.yaml")
+    res = stages.train_stage(p, proj, None, progress=False)
+    assert res["global_step"] == res["max_steps"]
+    # The stem came from the ImageNet file, not from random initialisation.
+    from visionflow.weights import read_state_dict, resolve
+
+    src = read_state_dict(resolve("mobilenetv2_100.imagenet"))
+    first_conv = next(v for k, v in src.items() if v.ndim == 4)
+    fresh = mlflow  # noqa: F841 (keeps the import used when the assertion below fails)
+    ckpt = torch.load(proj / "models/model.ckpt", weights_only=False)["state_dict"]
+    stem = ckpt["net.backbone.conv_stem.weight"]
+    assert stem.shape == first_conv.shape
+    # One epoch of fine-tuning moves weights only a little from where ImageNet put them.
+    assert torch.nn.functional.cosine_similarity(stem.flatten(), first_conv.flatten(), dim=0) > 0.9
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    assert params["train"]["pretrained_weights"] == "mobilenetv2_100.imagenet"
