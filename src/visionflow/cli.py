@@ -250,7 +250,8 @@ def check_params() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns the code of a typer.Exit instead of exiting.
+        rc = app(args=argv, standalone_mode=False)
     except VisionflowError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Exit):
             return exc.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def entrypoint() -> None:

@@ -37,7 +37,7 @@ def predict_logits(net: torch.nn.Module, images: np.ndarray, batch_size: int = 5
     net.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(images[i:i + batch_size]).transpose(0, 3, 1, 2)))
+        x = torch.from_numpy(np.array(np.asarray(images[i:i + batch_size]).transpose(0, 3, 1, 2), copy=True))
         out.append(net(x).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

@@ -52,6 +52,7 @@ def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlf
     for k, v in metrics.items():
         client.set_model_version_tag(model_name, version, f"{TAG}metric.{k}", f"{v:.6f}")
     client.set_model_version_tag(model_name, version, f"{TAG}card", json.dumps(card))
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
 
 
