@@ -95,6 +95,9 @@ def evaluate_stage(p: Params, root: Path) -> dict[str, Any]:
     res = evaluate(net=model.net, images=test.images, labels=test.labels, classes=classes, cfg=p.evaluate,
                    seed=p.base.seed, report_dir=root / p.evaluate.report_dir,
                    mlflow_run_id=trained["mlflow_run_id"])
+    payload = json.loads((Path(res.report_dir) / "evaluation.json").read_text())
+    payload["mlflow_run_id"] = trained["mlflow_run_id"]
+    write_json_atomic(Path(res.report_dir) / "evaluation.json", payload)
     return {**asdict(res), "mlflow_run_id": trained["mlflow_run_id"]}
 
 
@@ -163,6 +166,9 @@ def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> 
     exported = json.loads((root / EXPORT_REPORT).read_text())
     ev_file = root / p.evaluate.report_dir / "evaluation.json"
     evaluated = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
+    if evaluated.get("mlflow_run_id") != trained["mlflow_run_id"]:
+        raise DataError(f"{ev_file} does not describe the model in {TRAIN_REPORT} (MLflow run "
+                        f"{trained['mlflow_run_id']}): run `visionflow evaluate` first")
     setup_mlflow(p.registry.tracking_uri, root, p.base.project)
     tags = {**lineage_tags(data_version=trained.get("data_version"), root=root, params_digest=p.digest(),
                            flow_run_id=flow_run_id),
