@@ -13,8 +13,12 @@ LOCAL_ARTIFACTS = "mlruns/artifacts"
 
 
 def tracking_uri(configured: str | None, root: Path) -> str:
-    """Environment (MLFLOW_TRACKING_URI) beats params.yaml, which beats the local SQLite store."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    """registry.tracking_uri in params.yaml, else MLFLOW_TRACKING_URI, else the local SQLite store.
+
+    An explicit params value wins over the environment because mlflow.set_tracking_uri() itself exports
+    MLFLOW_TRACKING_URI: in a long-lived process the variable may name a store set earlier, not the user's choice.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     return f"sqlite:///{(Path(root) / LOCAL_DB).resolve()}"

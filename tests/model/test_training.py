@@ -98,7 +98,7 @@ def test_same_params_and_seed_give_same_result(project, tmp_path):
 
 
 def test_killed_training_resumes_to_the_same_step_count(tmp_path):
-    proj = tiny_project(tmp_path, max_epochs=30, batch_size=4)
+    proj = tiny_project(tmp_path, max_epochs=30, batch_size=4, early_stopping_patience=1000)
     exe = Path(sys.executable).with_name("visionflow")
     proc = subprocess.Popen([str(exe), "train"], cwd=proj, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
