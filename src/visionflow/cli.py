@@ -227,6 +227,23 @@ def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSIO
 
 
 @app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default serve.host, loopback).")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default serve.port).")] = None,
+) -> None:
+    """Serve the registry's champion over HTTP (predict, batch, health, metrics, review page at /review)."""
+    import uvicorn
+
+    from visionflow.serve import create_app
+    from visionflow.tracking import setup_mlflow
+
+    p = state.params()
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    uvicorn.run(create_app(p, state.root), host=host or p.serve.host, port=port or p.serve.port,
+                timeout_keep_alive=5, limit_concurrency=p.serve.max_concurrency * 8 + 64)
+
+
+@app.command()
 def pipeline() -> None:
     """Run the whole pipeline as a Prefect flow (a temporary local Prefect server starts when none is set)."""
     from flows.runtime import configure_prefect

@@ -138,9 +138,23 @@ class DriftParams(_Section):
 
 
 class ServeParams(_Section):
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless configured
     port: int = Field(8000, ge=1, le=65535)
     review_threshold: float = Field(0.6, ge=0, le=1)
+    max_upload_mb: float = Field(10, gt=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_batch: int = Field(64, ge=1)
+    max_form_fields: int = Field(16, ge=1)
+    request_timeout_s: float = Field(10, gt=0)
+    # Requests running at once, and how many more may wait before the server answers 503.
+    max_concurrency: int = Field(4, ge=1)
+    queue_depth: int = Field(16, ge=0)
+    reload_interval_s: float = Field(10, gt=0)
+    # Name of an environment variable holding a bearer token; null leaves predict and review open.
+    auth_token_env: str | None = None
+    review_dir: Path = Path("data/review")
+    reviewed_dir: Path = Path("data/reviewed")
+    prediction_log: Path = Path("data/predictions/predictions.jsonl")
 
 
 class Params(_Section):
