@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: help install pipeline test test-fast repro mlflow-ui clean
+.PHONY: help install pipeline test test-fast repro serve mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-fast: install  ## unit tests only
 
 repro: install  ## reproduce the DVC stage graph (skips unchanged stages)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
+
+serve: install  ## serve the registry champion at http://127.0.0.1:8000 (review page: /review, API docs: /docs)
+	$(VENV)/bin/visionflow serve
 
 mlflow-ui: install  ## open the MLflow UI on the local store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000

@@ -133,7 +133,7 @@ def parity_check(net: nn.Module, onnx_path: Path, images: np.ndarray, *, toleran
         reasons.append(f"largest logit difference {worst:.2e} > export.parity_tolerance {tolerance:.0e}")
 
     def nchw(batch: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+        return np.array(batch.transpose(0, 3, 1, 2), order="C", copy=True)  # writable, contiguous
 
     b1, b32 = nchw(np.asarray(images[:1])), nchw(np.asarray(images[:32]))
     net.eval()
