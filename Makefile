@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: help install pipeline test test-fast repro serve mlflow-ui clean
+.PHONY: help install browser pipeline test test-fast repro serve mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,7 +28,13 @@ install: $(STAMP)  ## create .venv and install the locked dependencies (skipped 
 pipeline: install  ## run the whole pipeline on params.yaml (default: bundled Fashion-MNIST)
 	$(VENV)/bin/visionflow pipeline
 
-test: install  ## run every test tier that can run here
+browser:  ## Debian's chromium, for the review page's end-to-end browser test
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "chromium is missing: sudo apt-get install chromium (the browser test needs it)"; fi; }
+
+test: install browser  ## run every test tier that can run here
 	$(PY) -m pytest
 
 test-fast: install  ## unit tests only
