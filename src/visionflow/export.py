@@ -8,7 +8,6 @@ fails the export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import time
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from visionflow.evaluate import predict_logits
+from visionflow.imageio import sha256_file
 
 
 class _Exportable(nn.Module):
@@ -33,14 +33,6 @@ class _Exportable(nn.Module):
         feats = self.net.backbone.forward_features(x)
         embedding = self.net.backbone.forward_head(feats, pre_logits=True)
         return self.net.backbone.get_classifier()(embedding), embedding
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(net: nn.Module, *, image_size: int, channels: int, path: Path, opset: int = 17) -> Path:

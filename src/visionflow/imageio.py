@@ -141,6 +141,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, streamed (large files are hashed without being read into memory)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_limited(path: Path, max_bytes: int) -> bytes:
     """Read a file, refusing (before reading) anything over the byte limit."""
     size = path.stat().st_size

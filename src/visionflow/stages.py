@@ -192,7 +192,7 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def promote_stage(p: Params, root: Path, version: str | None = None) -> dict[str, Any]:
     """Judge a registered version against every gate and the current champion; move aliases if it wins."""
-    from visionflow.export import ort_session, parity_check  # noqa: F401  (parity result comes from tags)
+    from visionflow.export import ort_session
     from visionflow.registry import (
         CHALLENGER, CHAMPION, RegistryError, alias_version, apply_promotion, download_onnx, gate_decision,
         promotion_lock, version_info,

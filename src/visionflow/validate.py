@@ -7,7 +7,6 @@ of the accepted manifest, which is what every later stage reads.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import os
@@ -23,7 +22,7 @@ import pandas as pd
 from visionflow.config import ValidateParams
 from visionflow.errors import DataError
 from visionflow.imageio import (
-    DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, to_array,
+    DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
 )
 
 MANIFEST_COLUMNS = [
@@ -50,14 +49,6 @@ def decode_rules(cfg: ValidateParams) -> DecodeRules:
     )
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     """One manifest row. Never raises for a bad image: the row says what is wrong."""
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
@@ -65,7 +56,7 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     try:
         row["file_size"] = path.stat().st_size
         if row["file_size"] > rules.max_bytes:
-            row["sha256"] = _sha256_file(path)
+            row["sha256"] = sha256_file(path)
             raise RejectedImage("file_too_large", f"{row['file_size']} bytes > limit {rules.max_bytes}")
         data = path.read_bytes()
         row["sha256"] = sha256_bytes(data)

@@ -133,7 +133,6 @@ def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
 
     src = read_state_dict(resolve("mobilenetv2_100.imagenet"))
     first_conv = next(v for k, v in src.items() if v.ndim == 4)
-    fresh = mlflow  # noqa: F841 (keeps the import used when the assertion below fails)
     ckpt = torch.load(proj / "models/model.ckpt", weights_only=False)["state_dict"]
     stem = ckpt["net.backbone.conv_stem.weight"]
     assert stem.shape == first_conv.shape
