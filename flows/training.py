@@ -92,8 +92,8 @@ def register_model(p: Params, root: Path) -> tuple[dict, float]:
 
 
 @task
-def promote_model(p: Params, root: Path, version: str) -> tuple[dict, float]:
-    res, secs = _timed(stages.promote_stage, p, root, version)
+def promote_model(p: Params, root: Path, version: str, eval_batch: str | None = None) -> tuple[dict, float]:
+    res, secs = _timed(stages.promote_stage, p, root, version, Path(eval_batch) if eval_batch else None)
     log = get_run_logger()
     if res["promoted"]:
         log.info("v%s promoted to champion (was %s)", version, res["champion_before"])
@@ -111,14 +111,19 @@ def record_stages(root: Path, names: list[str]) -> float:
 
 @flow(name="visionflow-training", log_prints=True)
 def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  report_path: str = str(PIPELINE_REPORT), train: bool = True) -> dict[str, Any]:
+                  report_path: str = str(PIPELINE_REPORT), train: bool = True,
+                  eval_batch: str | None = None) -> dict[str, Any]:
+    """Ingest -> version -> validate -> split -> train -> evaluate -> export -> register -> promote.
+
+    eval_batch: a reviewed batch folder (images + labels.csv) added to the promotion comparison (retraining).
+    """
     start = time.perf_counter()
     root = Path(params_path).resolve().parent
     p = load_params(params_path, overrides)
     report = root / report_path if not Path(report_path).is_absolute() else Path(report_path)
     write_json_atomic(report, {"status": "running", "flow_run_id": str(flow_run.id), "params_digest": p.digest()})
 
-    ingested, t_ingest = ingest_data(p, root)
+    _, t_ingest = ingest_data(p, root)
     data_version, t_version = version_data(p, root)
     validated, t_validate = validate_data(p, root, data_version)
     splits, t_split = split_data(p, root)
@@ -137,13 +142,16 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         evaluated, seconds["evaluate"] = evaluate_model(p, root)
         exported, seconds["export"] = export_model(p, root)
         registered, seconds["register"] = register_model(p, root)
-        decision, seconds["promote"] = promote_model(p, root, registered["version"])
+        decision, seconds["promote"] = promote_model(p, root, registered["version"], eval_batch)
         recorded += ["train", "evaluate", "export"]
         summary["onnx"] = {k: exported[k] for k in ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1",
                                                     "ort_ms_b32", "torch_ms_b32")}
         summary["registry"] = {"model": registered["model"], "version": registered["version"],
                                "promoted": decision["promoted"], "reasons": decision["reasons"],
-                               "champion": decision["champion_after"]}
+                               "champion": decision["champion_after"],
+                               "champion_before": decision.get("champion_before"),
+                               "clean_accuracy": decision.get("clean_accuracy"),
+                               "eval_batch_accuracy": decision.get("eval_batch_accuracy")}
         summary.update(
             test_accuracy=evaluated["test_accuracy"], macro_f1=evaluated["macro_f1"], ece=evaluated["ece"],
             robust_accuracy=evaluated["robust_accuracy"], mlflow_run_id=trained["mlflow_run_id"],

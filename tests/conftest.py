@@ -73,6 +73,8 @@ def make_project(root: Path, source: Path, **overrides: dict) -> Path:
         params.setdefault(section, {}).update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "data/reviewed").mkdir(parents=True, exist_ok=True)  # shipped in the repo; a DVC dependency of ingest
+    shutil.copy(REPO / "data/reviewed/README.md", root / "data/reviewed/README.md")
     (root / "src").symlink_to(REPO / "src")  # dvc.yaml stages depend on the code that runs them
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root

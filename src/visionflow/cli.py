@@ -244,8 +244,11 @@ def serve(
 
 
 @app.command()
-def pipeline() -> None:
-    """Run the whole pipeline as a Prefect flow (a temporary local Prefect server starts when none is set)."""
+def pipeline(
+    loop: Annotated[bool, typer.Option(help="after the first champion, demonstrate the closed loop: a drifted "
+                                            "batch, drift detected, retraining, a new champion.")] = True,
+) -> None:
+    """Run the whole pipeline as Prefect flows (a temporary local Prefect server starts when none is set)."""
     from flows.runtime import configure_prefect
 
     configure_prefect(state.root)
@@ -255,6 +258,156 @@ def pipeline() -> None:
     del p
     summary = training_flow(params_path=str(state.params_path), overrides=state.overrides)
     _print_mapping("pipeline", summary)
+    if loop:
+        from flows.monitoring import closed_loop_flow
+
+        _print_mapping("closed loop", closed_loop_flow(params_path=str(state.params_path), overrides=state.overrides))
+
+
+@app.command()
+def simulate(
+    shift: Annotated[str | None, typer.Option(help="none, darker, brighter, blur, jpeg, noise, color_cast or "
+                                                   "resolution (default drift.default_shift).")] = None,
+    severity: Annotated[int | None, typer.Option(min=1, max=5, help="1 (barely visible) to 5 (severe); default "
+                                                                   "drift.default_severity.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="images in the batch (default drift.batch_size).")] = None,
+    seed: Annotated[int, typer.Option(help="which held-out images are drawn.")] = 0,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="batch folder (default data/batches/<shift><sev>-<seed>).")] = None,
+) -> None:
+    """Write a production-like batch of held-out images under a named shift; true labels go to labels.csv."""
+    from visionflow.simulate import simulate as run
+
+    p = state.params()
+    shift = shift or p.drift.default_shift
+    severity = severity or p.drift.default_severity
+    folder = out_dir or state.root / p.drift.batches_dir / f"{shift}{severity}-{seed}"
+    b = run(p, state.root, folder, shift=shift, severity=severity, n=n or p.drift.batch_size, seed=seed)
+    _print_mapping("batch", {"folder": str(b.folder), **b.meta})
+
+
+@app.command()
+def drift(
+    batch: Annotated[Path | None, typer.Argument(help="a folder of images (optionally images/ + labels.csv).")] = None,
+    log: Annotated[bool, typer.Option("--log", help="check the serving prediction log instead of a folder.")] = False,
+    since_hours: Annotated[float | None, typer.Option(help="with --log: only predictions of the last N hours.")] = None,
+    retrain: Annotated[str, typer.Option(help="on drift: auto (event if deployments are served, else inline), "
+                                              "event, inline or off.")] = "off",
+    eval_batch: Annotated[Path | None, typer.Option(help="reviewed drifted batch to judge a retrained model on.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON.")] = False,
+) -> None:
+    """Check a production batch for drift against the champion's test split (evidently; report in reports/drift/).
+
+    Exit code 0: no drift; 1: drifted; 2: error or too few readable images for a verdict.
+    """
+    import time as _time
+
+    if batch is None and not log:
+        raise typer.BadParameter("give a batch folder, or --log for the prediction log")
+    p = state.params()
+    if retrain == "off":
+        from visionflow.drift import check
+
+        since = _time.time() - since_hours * 3600 if since_hours else None
+        verdict = check(p, state.root, batch=batch, log_path=state.root / p.serve.prediction_log if log else None,
+                        since=since)
+        outcome = {"drift": verdict}
+    else:
+        from flows.runtime import configure_prefect
+
+        configure_prefect(state.root)
+        from flows.monitoring import drift_check_flow
+
+        outcome = drift_check_flow(params_path=str(state.params_path), batch=str(batch) if batch else None,
+                                   use_prediction_log=log, eval_batch=str(eval_batch) if eval_batch else None,
+                                   retrain=retrain, overrides=state.overrides)
+        verdict = outcome["drift"]
+    if as_json:
+        out.print_json(data=outcome)
+    else:
+        _print_drift(verdict)
+        if "retrain" in outcome:
+            _print_mapping("retraining", outcome["retrain"])
+    raise typer.Exit(2 if verdict.get("drifted") is None else 1 if verdict["drifted"] else 0)
+
+
+def _print_drift(v: dict[str, Any]) -> None:
+    if v.get("drifted") is None:
+        console.print(f"[yellow]no verdict[/]: {v['message']}")
+        return
+    table = Table(title=f"drift check of {v['batch']} ({v['n_checked']} images, champion v{v['champion_version']})",
+                  title_justify="left")
+    for col in ("feature", "view", "method", "score", "threshold", "reference mean", "current mean", "drifted"):
+        table.add_column(col)
+    for name, f in v["features"].items():
+        table.add_row(name, f["view"], f["method"], f"{f['score']:.4f}", str(f["threshold"]),
+                      str(f.get("reference_mean", "")), str(f.get("current_mean", f.get("largest_class_shift", ""))),
+                      "[red]yes[/]" if f["drifted"] else "no")
+    out.print(table)
+    verdict = "[bold red]DRIFTED[/]" if v["drifted"] else "[green]no drift[/]"
+    out.print(f"{verdict}: {v['n_drifted_features']}/{v['n_features']} features drifted (share {v['drift_share']:.2f}, "
+              f"threshold {v['threshold']}); report {v['report_html']}")
+    if v.get("accuracy") is not None:
+        out.print(f"champion accuracy on this batch (reviewed labels): {v['accuracy']:.4f}")
+    if v["n_unreadable"]:
+        out.print(f"[yellow]{v['n_unreadable']} unreadable image(s)[/] listed in the verdict, left in place")
+
+
+@app.command("drift-eval")
+def drift_eval(
+    batches: Annotated[int, typer.Option(help="batches per condition.")] = 20,
+    shift: Annotated[str | None, typer.Option(help="shift for the drifted batches (default drift.default_shift).")] = None,
+    severity: Annotated[int | None, typer.Option(min=1, max=5, help="default drift.default_severity.")] = None,
+) -> None:
+    """False alarms and detections: N batches from the reference distribution and N under the shift, at the
+    default batch size. Writes reports/drift/evaluation.json."""
+    from visionflow.drift import check, load_champion
+    from visionflow.report import write_json_atomic
+    from visionflow.simulate import simulate as run
+
+    p = state.params()
+    shift = shift or p.drift.default_shift
+    severity = severity or p.drift.default_severity
+    champion = load_champion(p, state.root)
+    rows = []
+    with progress_bar("drift checks") as update:
+        for k, (cond, sh) in enumerate([(c, s) for c, s in (("reference", "none"), ("shifted", shift))
+                                        for _ in range(batches)]):
+            seed = 1000 + k
+            folder = state.root / p.drift.batches_dir / "eval" / f"{cond}-{seed}"
+            run(p, state.root, folder, shift=sh, severity=severity, n=p.drift.batch_size, seed=seed)
+            v = check(p, state.root, batch=folder, champion=champion, log_to_mlflow=False, html=False,
+                      name=f"eval/{cond}-{seed}")
+            rows.append({"condition": cond, "seed": seed, "drifted": v["drifted"], "drift_share": v["drift_share"],
+                         "moved": v["moved"], "accuracy": v["accuracy"]})
+            update(k + 1, 2 * batches)
+    alarms = sum(r["drifted"] for r in rows if r["condition"] == "reference")
+    hits = sum(r["drifted"] for r in rows if r["condition"] == "shifted")
+    summary = {"batch_size": p.drift.batch_size, "batches": batches, "shift": shift, "severity": severity,
+               "false_alarms": alarms, "detections": hits, "drift_share_threshold": p.drift.drift_share,
+               "reference_shares": [r["drift_share"] for r in rows if r["condition"] == "reference"],
+               "shifted_shares": [r["drift_share"] for r in rows if r["condition"] == "shifted"], "runs": rows}
+    write_json_atomic(state.root / "reports/drift/evaluation.json", summary)
+    out.print(f"reference batches: {alarms}/{batches} false alarms (max share "
+              f"{max(summary['reference_shares']):.3f}); {shift} severity {severity}: {hits}/{batches} detected "
+              f"(min share {min(summary['shifted_shares']):.3f}); threshold {p.drift.drift_share}, "
+              f"{p.drift.batch_size} images per batch")
+
+
+@app.command()
+def retrain(
+    batch: Annotated[Path | None, typer.Option(help="reviewed batch (images + labels.csv) to add as training data.")] = None,
+    eval_batch: Annotated[Path | None, typer.Option(help="reviewed batch to judge challenger and champion on.")] = None,
+) -> None:
+    """Run the retraining flow now: reviewed data in (new data version), warm start, gates, promotion."""
+    from flows.runtime import configure_prefect
+
+    configure_prefect(state.root)
+    from flows.monitoring import retraining_flow
+
+    _print_mapping("retraining", retraining_flow(params_path=str(state.params_path),
+                                                 batch=str(batch) if batch else None,
+                                                 eval_batch=str(eval_batch) if eval_batch else None,
+                                                 reason="manual", overrides=state.overrides))
 
 
 @app.command("check-params")

@@ -132,9 +132,33 @@ class RegistryParams(_Section):
     bootstrap_alpha: float = Field(0.05, gt=0, lt=0.5)
 
 
+# evidently stattest names (evidently.legacy.calculations.stattests); ed = energy distance.
+NumericDriftMethod = Literal["wasserstein", "ks", "psi", "kl_div", "jensenshannon", "hellinger", "ed",
+                             "empirical_mmd", "anderson", "cramer_von_mises", "mannw", "t_test"]
+CategoricalDriftMethod = Literal["jensenshannon", "chisquare", "psi", "kl_div", "hellinger", "z", "g_test"]
+Shift = Literal["none", "darker", "brighter", "blur", "jpeg", "noise", "color_cast", "resolution"]
+
+
 class DriftParams(_Section):
+    # Verdict: drifted when at least this share of the compared columns drifted.
+    drift_share: float = Field(0.3, gt=0, le=1)
+    numeric_method: NumericDriftMethod = "wasserstein"
+    numeric_threshold: float = Field(0.1, gt=0)
+    categorical_method: CategoricalDriftMethod = "jensenshannon"
+    categorical_threshold: float = Field(0.1, gt=0)
+    embedding_components: int = Field(8, ge=1, le=64)
+    reference_size: int = Field(5000, ge=50)
+    batch_size: int = Field(500, ge=1)
+    min_batch_size: int = Field(30, ge=5)
+    default_shift: Shift = "noise"
+    default_severity: int = Field(5, ge=1, le=5)
     schedule_cron: str = "0 * * * *"
-    drift_share: float = Field(0.5, gt=0, le=1)
+    retrain_cron: str = "0 2 * * *"
+    cooldown_hours: float = Field(6, ge=0)
+    # Retraining warm-starts from the champion's weights for this many epochs (null: train.max_epochs from scratch).
+    warm_start_epochs: int | None = Field(4, ge=1)
+    warm_start_lr: float = Field(0.002, gt=0)
+    batches_dir: Path = Path("data/batches")
 
 
 class ServeParams(_Section):

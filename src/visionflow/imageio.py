@@ -137,6 +137,23 @@ def image_properties(gray: np.ndarray) -> dict[str, float]:
     }
 
 
+def visual_properties(img: Image.Image) -> dict[str, float]:
+    """What the drift check compares, measured on the image as received (its own resolution and colours):
+    brightness, contrast and sharpness of its grey version, width, height, and colourfulness (Hasler and
+    Suesstrunk's metric; 0 for grey images)."""
+    props = image_properties(to_array(img, channels=1))
+    props.update(width=float(img.width), height=float(img.height), colorfulness=0.0)
+    if img.mode not in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
+        rgb = to_array(img, channels=3).astype(np.float32)
+        rg = rgb[..., 0] - rgb[..., 1]
+        yb = 0.5 * (rgb[..., 0] + rgb[..., 1]) - rgb[..., 2]
+        props["colorfulness"] = float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    return props
+
+
+PROPERTY_NAMES = ("brightness", "contrast", "blur", "width", "height", "colorfulness")
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -42,6 +42,7 @@ class IngestResult:
     n_images: int
     classes: dict[str, int]
     skipped: bool
+    n_reviewed: int = 0
 
 
 def _has_idx(folder: Path) -> bool:
@@ -175,17 +176,62 @@ def copy_folder_dataset(source: Path, raw_dir: Path, max_images: int | None, see
     return counts
 
 
+REVIEWED_PREFIX = "reviewed__"
+
+
 def _listing_ok(raw_dir: Path, counts: dict[str, int]) -> bool:
     try:
-        return all(sum(1 for f in (raw_dir / c).iterdir() if f.is_file()) == n for c, n in counts.items())
+        return all(sum(1 for f in (raw_dir / c).iterdir() if f.is_file() and not f.name.startswith(REVIEWED_PREFIX))
+                   == n for c, n in counts.items())
     except FileNotFoundError:
         return False
 
 
+def sync_reviewed(reviewed_dir: Path | None, raw_dir: Path) -> dict[str, int]:
+    """Mirror reviewed images (data/reviewed/<class>/<file>) into raw_dir/<class>/reviewed__<file>.
+
+    Reviewed images are labelled production data (the review page, or a reviewed batch): they join the dataset, so
+    the next data version includes them. Copies are byte for byte; a reviewed file removed from reviewed_dir leaves
+    the dataset too (DVC keeps every earlier version).
+    """
+    wanted: dict[Path, Path] = {}
+    if reviewed_dir is not None and Path(reviewed_dir).is_dir():
+        for d in sorted(p for p in Path(reviewed_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for f in sorted(d.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    wanted[raw_dir / d.name / f"{REVIEWED_PREFIX}{f.name}"] = f
+    present = {f for f in raw_dir.glob(f"*/{REVIEWED_PREFIX}*") if f.is_file()}
+    for stale in present - set(wanted):
+        stale.unlink()
+    counts: dict[str, int] = {}
+    for dest, src in wanted.items():
+        if dest not in present or dest.stat().st_size != src.stat().st_size:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(".partial-" + dest.name)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        counts[dest.parent.name] = counts.get(dest.parent.name, 0) + 1
+    return counts
+
+
 def ingest(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cache_dir: Path,
-           force: bool = False, progress: Progress | None = None) -> IngestResult:
-    """Write the dataset to raw_dir, or skip when raw_dir already holds exactly this source and selection."""
+           force: bool = False, progress: Progress | None = None, reviewed_dir: Path | None = None) -> IngestResult:
+    """Write the dataset to raw_dir (skipped when raw_dir already holds exactly this source and selection), then
+    add the reviewed production images from reviewed_dir."""
     raw_dir = Path(raw_dir)
+    res = _ingest_source(source=source, raw_dir=raw_dir, max_images=max_images, seed=seed, cache_dir=cache_dir,
+                         force=force, progress=progress)
+    reviewed = sync_reviewed(reviewed_dir, raw_dir)
+    if not reviewed:
+        return res
+    classes = dict(res.classes)
+    for c, n in reviewed.items():
+        classes[c] = classes.get(c, 0) + n
+    return IngestResult(res.raw_dir, res.source, sum(classes.values()), classes, res.skipped, sum(reviewed.values()))
+
+
+def _ingest_source(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cache_dir: Path,
+                   force: bool, progress: Progress | None) -> IngestResult:
     spec = {"source": source, "max_images": max_images, "seed": seed}
     if source != FASHION_MNIST:
         src = Path(source).expanduser().resolve()

@@ -147,7 +147,7 @@ def per_class_recall(correct: np.ndarray, labels: np.ndarray, n_classes: int) ->
 def gate_decision(*, cfg: RegistryParams, parity_passed: bool, parity_detail: str, latency_ms: float,
                   clean_new: np.ndarray, labels: np.ndarray, classes: list[str], seed: int,
                   clean_old: np.ndarray | None = None, all_new: np.ndarray | None = None,
-                  all_old: np.ndarray | None = None) -> list[Gate]:
+                  all_old: np.ndarray | None = None, compared_on: str = "clean+corrupted") -> list[Gate]:
     """Every gate the challenger must pass. clean_* are per-image correctness on the clean test split;
     all_* add the corruption suite; both models are judged on exactly the same images."""
     gates = [Gate("parity", parity_passed, parity_detail)]
@@ -164,7 +164,7 @@ def gate_decision(*, cfg: RegistryParams, parity_passed: bool, parity_detail: st
         gain, lower = paired_bootstrap_lower(new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha,
                                              seed=seed)
         gates.append(Gate("beats_champion", lower > cfg.min_gain,
-                          f"accuracy gain over champion {gain:+.4f} on {len(new)} clean+corrupted images, "
+                          f"accuracy gain over champion {gain:+.4f} on {len(new)} {compared_on} images, "
                           f"{1 - cfg.bootstrap_alpha:.0%} lower bound {lower:+.4f} "
                           f"{'>' if lower > cfg.min_gain else '<='} margin {cfg.min_gain}", lower))
         k = len(classes)

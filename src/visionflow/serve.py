@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.responses import Response
 
 from visionflow.config import Params
-from visionflow.imageio import DecodeRules, RejectedImage, image_properties, open_guarded, to_array
+from visionflow.imageio import DecodeRules, RejectedImage
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,10 @@ class _TooLarge(Exception):
 
 
 async def _plain(send, status: int, body: bytes) -> None:
+    # Connection: close, or uvicorn keeps the connection alive and reads (and drops) the rest of a 1 GiB body.
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -257,14 +259,12 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def infer(model: LoadedModel, payloads: list[bytes]) -> list[dict[str, Any]]:
         size, channels = model.card["image_size"], model.card["channels"]
         arrays, props, pngs = [], [], []
-        from visionflow.datamodule import decode_for_model
+        from visionflow.datamodule import decode_with_properties
 
         for data in payloads:
-            arr = decode_for_model(data, size, channels, rules)
+            arr, properties = decode_with_properties(data, size, channels, rules)
             arrays.append(arr)
-            gray = arr[..., 0] if channels == 1 else np.asarray(
-                to_array(open_guarded(data, rules), 1))
-            props.append(image_properties(gray))
+            props.append(properties)  # measured on the image as received, like the drift check's reference
             pngs.append(_png(arr))
         batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
         logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
@@ -321,7 +321,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     async def read_files(request: Request, max_files: int) -> list[bytes]:
         try:
             form = await request.form(max_files=max_files, max_fields=cfg.max_form_fields)
-        except HTTPException:
+        except (HTTPException, _TooLarge):  # _TooLarge: BodyLimit answers 413 for a stream that grew too long
             raise
         except Exception as exc:  # malformed multipart bodies
             raise HTTPException(400, f"malformed multipart body: {type(exc).__name__}") from None

@@ -28,7 +28,8 @@ TRAIN_REPORT = Path("reports/train.json")
 
 def ingest_stage(p: Params, root: Path, *, force: bool = False, progress: Progress | None = None) -> IngestResult:
     return ingest(source=p.data.source, raw_dir=root / p.data.raw_dir, max_images=p.data.max_images,
-                  seed=p.base.seed, cache_dir=root / "data/external", force=force, progress=progress)
+                  seed=p.base.seed, cache_dir=root / "data/external", force=force, progress=progress,
+                  reviewed_dir=root / p.serve.reviewed_dir)
 
 
 def version_stage(p: Params, root: Path, *, push: bool = True) -> dict[str, Any]:
@@ -178,10 +179,53 @@ def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> 
             "visionflow.parity.top1_agreement": f"{exported['top1_agreement']:.6f}",
             "visionflow.latency.ort_ms_b1": f"{exported['ort_ms_b1']:.3f}"}
     metrics = {k: evaluated[k] for k in ("test_accuracy", "macro_f1", "robust_accuracy", "ece") if k in evaluated}
+    _log_backbone_weights(root, trained["mlflow_run_id"])
     version = register_onnx(onnx_path=root / exported["onnx_path"], card=exported["card"],
                             model_name=p.registry.model_name, mlflow_run_id=trained["mlflow_run_id"], tags=tags,
                             metrics=metrics)
     return {"model": p.registry.model_name, "version": version}
+
+
+WEIGHTS_ARTIFACT = "weights/backbone.pt"
+
+
+def _log_backbone_weights(root: Path, run_id: str) -> None:
+    """The backbone's state dict beside the ONNX model, so retraining can warm-start from a registered model."""
+    import tempfile
+
+    import mlflow
+    import torch
+
+    from visionflow.train import load_classifier
+
+    net = load_classifier(root / MODEL_CKPT).net
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(WEIGHTS_ARTIFACT).name
+        torch.save(net.backbone.state_dict(), path)
+        mlflow.MlflowClient().log_artifact(run_id, str(path), str(Path(WEIGHTS_ARTIFACT).parent))
+
+
+def champion_weights(p: Params, root: Path) -> Path | None:
+    """The champion's backbone weights (downloaded from its MLflow run), or None when there is no champion."""
+    import mlflow
+
+    from visionflow.registry import CHAMPION, alias_version, version_info
+    from visionflow.tracking import setup_mlflow
+
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    version = alias_version(p.registry.model_name, CHAMPION)
+    if version is None:
+        return None
+    run_id = version_info(p.registry.model_name, version)["tags"].get("visionflow.mlflow_run_id")
+    if not run_id:
+        return None
+    dest = root / "models/warm_start" / f"v{version}"
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT,
+                                                        dst_path=str(dest)))
+    except (mlflow.exceptions.MlflowException, OSError):  # registered before weights were logged: from scratch
+        return None
 
 
 def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -190,8 +234,39 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ort_logits(session, images).argmax(1) == labels
 
 
-def promote_stage(p: Params, root: Path, version: str | None = None) -> dict[str, Any]:
-    """Judge a registered version against every gate and the current champion; move aliases if it wins."""
+def labelled_batch(p: Params, folder: Path, image_size: int, channels: int,
+                   classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
+    from visionflow.datamodule import decode_for_model
+    from visionflow.drift import rules_for
+    from visionflow.imageio import RejectedImage, read_limited
+    from visionflow.simulate import load_batch
+
+    batch = load_batch(folder)
+    if batch.labels is None:
+        raise DataError(f"{folder} has no labels.csv: an evaluation batch needs reviewed labels")
+    rules = rules_for(p)
+    images, labels = [], []
+    for f, label in zip(batch.images, batch.labels):
+        if label not in classes:
+            continue
+        try:
+            images.append(decode_for_model(read_limited(f, rules.max_bytes), image_size, channels, rules))
+        except RejectedImage:
+            continue
+        labels.append(classes.index(label))
+    if not images:
+        raise DataError(f"{folder}: no readable image with a known label")
+    return np.stack(images), np.asarray(labels)
+
+
+def promote_stage(p: Params, root: Path, version: str | None = None,
+                  eval_batch: Path | None = None) -> dict[str, Any]:
+    """Judge a registered version against every gate and the current champion; move aliases if it wins.
+
+    eval_batch: a reviewed production batch (e.g. the drifted data that triggered retraining) added to the paired
+    comparison, and reported separately as `eval_batch_accuracy` for challenger and champion.
+    """
     from visionflow.export import ort_session
     from visionflow.registry import (
         CHALLENGER, CHAMPION, RegistryError, alias_version, apply_promotion, download_onnx, gate_decision,
@@ -218,8 +293,10 @@ def promote_stage(p: Params, root: Path, version: str | None = None) -> dict[str
             subset = np.sort(np.random.default_rng(p.base.seed).permutation(len(imgs))[:p.evaluate.robustness_images])
             corrupted = [corrupt_batch(imgs[subset], name_, sev, seed=p.base.seed)
                          for name_ in p.evaluate.corruptions for sev in p.evaluate.severities]
-            every = np.concatenate([imgs, *corrupted])
-            every_labels = np.concatenate([test.labels] + [test.labels[subset]] * len(corrupted))
+            extra = [labelled_batch(p, eval_batch, c["image_size"], c["channels"], classes)] if eval_batch else []
+            every = np.concatenate([imgs, *corrupted, *(e[0] for e in extra)])
+            every_labels = np.concatenate([test.labels] + [test.labels[subset]] * len(corrupted)
+                                          + [e[1] for e in extra])
             return imgs, test.labels, every, every_labels
 
         imgs, labels, every, every_labels = views(card)
@@ -243,8 +320,17 @@ def promote_stage(p: Params, root: Path, version: str | None = None) -> dict[str
                            f"{tags.get('visionflow.parity.top1_agreement')}"),
             latency_ms=float(tags.get("visionflow.latency.ort_ms_b1", "inf")), clean_new=clean_new,
             labels=labels, classes=classes, seed=p.base.seed, clean_old=clean_old, all_new=all_new,
-            all_old=all_old)
+            all_old=all_old, compared_on="clean+corrupted+eval-batch" if eval_batch else "clean+corrupted")
         decision = apply_promotion(name, version, gates)
     out = decision.as_dict()
+    out["clean_accuracy"] = {"challenger": round(float(clean_new.mean()), 4),
+                             "champion": round(float(clean_old.mean()), 4) if clean_old is not None else None,
+                             "n_images": int(len(clean_new))}
+    if eval_batch:
+        n_extra = len(labelled_batch(p, eval_batch, card["image_size"], card["channels"], classes)[1])
+        out["eval_batch"] = str(eval_batch)
+        out["eval_batch_accuracy"] = {"challenger": round(float(all_new[-n_extra:].mean()), 4),
+                                      "champion": (round(float(all_old[-n_extra:].mean()), 4)
+                                                   if all_old is not None else None), "n_images": n_extra}
     write_json_atomic(root / REGISTRY_REPORT, out)
     return out

@@ -1,0 +1,226 @@
+"""The closed loop: drift check -> (event) -> retraining -> promotion gate.
+
+- `drift_check_flow` checks a production batch (a folder, or the serving prediction log since the last check).
+  On drift it claims the retraining cool-down (data/drift/retrain_ledger.json) and emits the Prefect event
+  `visionflow.drift.detected`; the event's resource says whether a retraining was requested or suppressed by the
+  cool-down. With deployments served (flows/deployments.py), the retraining deployment's trigger starts on a
+  "requested" event; in the embedded default (no Prefect server, no worker) the check runs the retraining flow
+  itself. Either way there is at most one retraining per drift.cooldown_hours.
+- `retraining_flow` takes the reviewed batch in as labelled data (a new DVC data version), warm-starts from the
+  champion's weights, and runs the training flow, whose promotion gate compares challenger and champion on the
+  clean test split, the corruption suite and the reviewed drifted evaluation batch.
+- `closed_loop_flow` is what `make pipeline` demonstrates after the first champion: a simulated drifted batch,
+  drift detected, retraining, a new champion that is better on the drifted data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from flows.training import training_flow
+from visionflow import monitor, stages
+from visionflow.config import Params, load_params
+from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
+
+DRIFT_EVENT = "visionflow.drift.detected"
+RETRAIN_DEPLOYMENT = "visionflow-retraining/retrain-on-drift"
+LOG_CURSOR = Path("data/drift/log_cursor.json")
+
+
+def _root_params(params_path: str, overrides: list[str] | None) -> tuple[Path, Params]:
+    return Path(params_path).resolve().parent, load_params(params_path, overrides)
+
+
+@task
+def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bool) -> dict[str, Any]:
+    from visionflow.drift import check
+
+    if use_prediction_log:
+        cursor = root / LOG_CURSOR
+        since = json.loads(cursor.read_text())["checked_until"] if cursor.is_file() else None
+        until = time.time()
+        verdict = check(p, root, log_path=root / p.serve.prediction_log, since=since)
+        write_json_atomic(cursor, {"checked_until": until})  # only after a successful check
+    else:
+        verdict = check(p, root, batch=Path(batch))
+    log = get_run_logger()
+    if verdict.get("drifted") is None:
+        log.warning("no drift verdict: %s", verdict.get("message"))
+    else:
+        log.info("%s: drift share %.2f (threshold %.2f) -> %s; moved: %s; report %s", verdict["batch"],
+                 verdict["drift_share"], verdict["threshold"], "DRIFTED" if verdict["drifted"] else "no drift",
+                 ", ".join(verdict["moved"][:8]) or "nothing", verdict["report_html"])
+    if verdict["n_unreadable"]:
+        log.warning("%d unreadable image(s) left in place and listed in the verdict", verdict["n_unreadable"])
+    return verdict
+
+
+@task
+def claim_cooldown(p: Params, root: Path, verdict: dict[str, Any], trigger: str) -> monitor.Claim:
+    claim = monitor.claim_retraining(root / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600,
+                                     trigger=trigger, detail={"batch": verdict["batch"],
+                                                              "drift_share": verdict["drift_share"]})
+    if not claim.granted:
+        get_run_logger().info("retraining suppressed: one started at %s is within the %.1f h cool-down",
+                              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.last["time"])),
+                              p.drift.cooldown_hours)
+    return claim
+
+
+@task
+def emit_drift_event(p: Params, verdict: dict[str, Any], claim: monitor.Claim, batch: str | None,
+                     eval_batch: str | None) -> str | None:
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=DRIFT_EVENT,
+        resource={"prefect.resource.id": f"visionflow.model.{p.registry.model_name}",
+                  "prefect.resource.name": p.registry.model_name,
+                  "visionflow.retrain": "requested" if claim.granted else "suppressed"},
+        payload={"batch": batch, "eval_batch": eval_batch, "claim_id": claim.claim_id,
+                 "drift_share": verdict["drift_share"], "moved": verdict["moved"][:20],
+                 "champion_version": verdict["champion_version"]},
+    )
+    return str(event.id) if event is not None else None
+
+
+def _retrain_mode(requested: str) -> str:
+    """'event' when a Prefect server has the retraining deployment (its trigger reacts); else 'inline'."""
+    if requested != "auto":
+        return requested
+    if not os.environ.get("PREFECT_API_URL"):
+        return "inline"
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        return "event"
+    except ObjectNotFound:
+        return "inline"
+
+
+@flow(name="visionflow-drift-check", log_prints=True)
+def drift_check_flow(params_path: str = "params.yaml", batch: str | None = None, use_prediction_log: bool = False,
+                     eval_batch: str | None = None, retrain: Literal["auto", "event", "inline", "off"] = "auto",
+                     overrides: list[str] | None = None) -> dict[str, Any]:
+    """Check a batch folder (or the prediction log since the last check) for drift; retrain on drift."""
+    root, p = _root_params(params_path, overrides)
+    if batch is None and not use_prediction_log:
+        raise ValueError("give a batch folder, or use_prediction_log=True")
+    verdict = check_batch(p, root, batch, use_prediction_log)
+    outcome: dict[str, Any] = {"drift": verdict, "retrain": {"triggered": False}}
+    if not verdict.get("drifted") or retrain == "off":
+        return outcome
+    mode = _retrain_mode(retrain)
+    claim = claim_cooldown(p, root, verdict, trigger=f"drift:{verdict['batch']}")
+    event_id = emit_drift_event(p, verdict, claim, batch, eval_batch)
+    outcome["retrain"] = {"triggered": claim.granted, "mode": mode, "event_id": event_id,
+                          "claim_id": claim.claim_id,
+                          "suppressed_until": claim.next_allowed if not claim.granted else None}
+    if claim.granted and mode == "inline":
+        outcome["retrain"].update(retraining_flow(params_path=params_path, batch=batch, eval_batch=eval_batch,
+                                                  reason="drift", claim_id=claim.claim_id, overrides=overrides))
+    return outcome
+
+
+@task
+def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, int]:
+    from visionflow.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES
+
+    classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
+    counts = monitor.take_in_reviewed_batch(Path(batch), root / p.serve.reviewed_dir, classes)
+    get_run_logger().info("took in %d reviewed image(s) from %s", sum(counts.values()), batch)
+    return counts
+
+
+@task
+def warm_start_weights(p: Params, root: Path) -> str | None:
+    path = stages.champion_weights(p, root)
+    get_run_logger().info("warm start from %s", path or "scratch (no champion weights)")
+    return str(path) if path else None
+
+
+@flow(name="visionflow-retraining", log_prints=True)
+def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, eval_batch: str | None = None,
+                    reason: str = "scheduled", claim_id: str | None = None,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """Reviewed data in (new data version), warm-started training, and the promotion gate."""
+    root, p = _root_params(params_path, overrides)
+    # Event-templated parameters render a missing value as "None".
+    batch, eval_batch, claim_id = (None if v in (None, "", "None") else v for v in (batch, eval_batch, claim_id))
+    if reason == "drift" and claim_id is None:
+        # Started by an event that did not come through the cool-down ledger: claim now, or stand down.
+        claim = monitor.claim_retraining(root / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600,
+                                         trigger="event")
+        if not claim.granted:
+            return {"triggered": False, "reason": "cool-down", "suppressed_until": claim.next_allowed}
+        claim_id = claim.claim_id
+    start = time.perf_counter()
+    taken = take_in_batch(p, root, batch) if batch else {}
+    extra = list(overrides or [])
+    weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
+    if weights:
+        extra += [f"train.pretrained_weights={weights}", f"train.max_epochs={p.drift.warm_start_epochs}",
+                  f"train.lr={p.drift.warm_start_lr}"]
+    summary = training_flow(params_path=params_path, overrides=extra, report_path="reports/retrain.json",
+                            eval_batch=eval_batch)
+    reg = summary["registry"]
+    result = {
+        "triggered": True, "reason": reason, "flow_run_id": str(flow_run.id), "reviewed_images_added": taken,
+        "new_data_version": summary["data_version"], "warm_start": bool(weights),
+        "new_version": reg["version"], "promoted": reg["promoted"], "gate_reasons": reg["reasons"],
+        "champion_before": reg["champion_before"], "champion_after": reg["champion"],
+        "clean_accuracy": reg["clean_accuracy"], "eval_batch_accuracy": reg["eval_batch_accuracy"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if claim_id:
+        monitor.record_outcome(root / monitor.LEDGER, claim_id, new_version=reg["version"],
+                               promoted=reg["promoted"], flow_run_id=str(flow_run.id))
+    return result
+
+
+@task
+def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int) -> str:
+    from visionflow.simulate import simulate
+
+    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed)
+    get_run_logger().info("simulated %s: %d held-out images, shift %s at severity %d", b.folder, n, shift, severity)
+    return str(b.folder)
+
+
+@flow(name="visionflow-closed-loop", log_prints=True)
+def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
+                     report_path: str = str(PIPELINE_REPORT)) -> dict[str, Any]:
+    """A drifted production batch arrives; drift is detected; retraining; a better champion on the drifted data."""
+    root, p = _root_params(params_path, overrides)
+    shift, sev, n = p.drift.default_shift, p.drift.default_severity, p.drift.batch_size
+    # Production batch (reviewed labels travel with it) and a separate held-out batch under the same shift for
+    # judging the retrained model on drifted data it never saw.
+    production = simulate_batch(p, root, f"production-{shift}{sev}", shift, sev, n, p.base.seed + 1)
+    holdout = simulate_batch(p, root, f"holdout-{shift}{sev}", shift, sev, n, p.base.seed + 2)
+    outcome = drift_check_flow(params_path=params_path, batch=production, eval_batch=holdout, retrain="inline",
+                               overrides=overrides)
+    v, r = outcome["drift"], outcome["retrain"]
+    drift = {"batch": production, "drifted": v.get("drifted"), "drift_share": v.get("drift_share"),
+             "features": v.get("moved"), "views": v.get("views"), "report_html": v.get("report_html"),
+             "champion_accuracy_on_batch": v.get("accuracy")}
+    retrain = {k: r.get(k) for k in ("triggered", "reason", "new_data_version", "new_version", "promoted",
+                                     "gate_reasons", "champion_before", "champion_after", "clean_accuracy",
+                                     "eval_batch_accuracy", "seconds")}
+    ev = r.get("eval_batch_accuracy") or {}
+    retrain["drifted_accuracy_before"] = ev.get("champion")
+    # After: the champion's accuracy once the gate has decided (the challenger if promoted).
+    retrain["drifted_accuracy_after"] = ev.get("challenger") if r.get("promoted") else ev.get("champion")
+    retrain["holdout_batch"] = holdout
+    update_report(root / report_path if not Path(report_path).is_absolute() else Path(report_path),
+                  drift=drift, retrain=retrain)
+    return {"drift": drift, "retrain": retrain}

@@ -1,0 +1,109 @@
+"""The closed loop's bookkeeping: a cool-down ledger that stops retraining storms, and reviewed batches becoming
+labelled data.
+
+The ledger is a JSON file under a file lock (data/drift/retrain_ledger.json): a drift alarm may start a retraining
+only when none was started within drift.cooldown_hours. Any number of drift checks, in any number of processes,
+agree on who got the claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionflow.errors import DataError
+from visionflow.report import write_json_atomic
+
+LEDGER = Path("data/drift/retrain_ledger.json")
+
+
+@dataclass(frozen=True)
+class Claim:
+    granted: bool
+    claim_id: str | None
+    last: dict[str, Any] | None
+    next_allowed: float | None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())["retrainings"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is damaged ({exc}); move it aside to reset the retraining cool-down") from None
+
+
+def claim_retraining(path: Path, *, cooldown_s: float, trigger: str, detail: dict[str, Any] | None = None,
+                     now: float | None = None) -> Claim:
+    """Atomically grant a retraining unless one was granted within the cool-down window."""
+    now = time.time() if now is None else now
+    with _locked(path):
+        entries = read_ledger(path)
+        started = [e for e in entries if e.get("granted")]
+        last = started[-1] if started else None
+        if last is not None and now - last["time"] < cooldown_s:
+            entries.append({"time": now, "trigger": trigger, "granted": False, "suppressed_by": last["claim_id"],
+                            **(detail or {})})
+            write_json_atomic(path, {"retrainings": entries[-500:]})
+            return Claim(False, None, last, last["time"] + cooldown_s)
+        claim_id = uuid.uuid4().hex[:12]
+        entries.append({"time": now, "trigger": trigger, "granted": True, "claim_id": claim_id, **(detail or {})})
+        write_json_atomic(path, {"retrainings": entries[-500:]})
+        return Claim(True, claim_id, last, None)
+
+
+def record_outcome(path: Path, claim_id: str, **outcome: Any) -> None:
+    with _locked(path):
+        entries = read_ledger(path)
+        for e in entries:
+            if e.get("claim_id") == claim_id:
+                e.update(outcome)
+        write_json_atomic(path, {"retrainings": entries})
+
+
+def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None) -> dict[str, int]:
+    """Copy a reviewed batch's labelled images into reviewed_dir/<label>/ (what a person's review would produce).
+
+    Only images with a label are taken; the batch itself is left untouched. Returns images per class.
+    """
+    from visionflow.simulate import load_batch
+
+    batch = load_batch(batch_dir)
+    if batch.labels is None:
+        raise DataError(f"{batch_dir} has no labels.csv: only reviewed batches can become training data")
+    counts: dict[str, int] = {}
+    unknown = sorted({lab for lab in batch.labels if lab and classes and lab not in classes})
+    if unknown:
+        raise DataError(f"{batch_dir}/labels.csv names classes the model does not know: {unknown}; "
+                        f"known classes: {classes}")
+    for f, label in zip(batch.images, batch.labels):
+        if not label:
+            continue
+        dest = Path(reviewed_dir) / label / f"{Path(batch_dir).name}__{f.name}"
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(".partial-" + dest.name)
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dest)
+        counts[label] = counts.get(label, 0) + 1
+    return counts

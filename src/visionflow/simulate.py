@@ -1,0 +1,170 @@
+"""Simulated production batches: held-out images under a named shift, with their true labels kept aside.
+
+A batch is a folder the drift check and the retraining flow read like any production drop:
+
+    <out>/images/<id>.png|jpg   the images, unlabelled (what a camera would send)
+    <out>/labels.csv            file,label: the "reviewed" labels a person would have given them
+    <out>/batch.json            shift, severity, seed, source, counts
+
+Images come from data nobody trained on: for the bundled Fashion-MNIST, the part of the 70,000 images that the
+ingest stage did not take (data.max_images); for a folder dataset, the test split.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from visionflow.errors import DataError
+
+# Severity 1..5 -> the shift's strength. Chosen so that severity 1 is barely visible and 5 is severe.
+SHIFTS: dict[str, tuple[float, ...]] = {
+    "none": (0, 0, 0, 0, 0),
+    "darker": (0.8, 0.65, 0.5, 0.4, 0.3),         # lighting: pixel values scaled down
+    "brighter": (0.1, 0.2, 0.3, 0.4, 0.5),        # lighting: blend towards white (over-exposure)
+    "blur": (0.6, 0.9, 1.2, 1.6, 2.2),            # focus / motion: Gaussian sigma in pixels at 28 px
+    "jpeg": (60, 40, 25, 15, 8),                  # compression: JPEG quality (files are written as JPEG)
+    "noise": (6, 10, 16, 24, 32),                 # sensor noise: Gaussian std in grey levels
+    "color_cast": (0.1, 0.2, 0.3, 0.45, 0.6),     # white balance: blend towards an orange tint (RGB files)
+    "resolution": (1.5, 2.0, 2.5, 3.0, 4.0),      # a new camera: upscaled by this factor, bicubic
+}
+SHIFT_HELP = ", ".join(SHIFTS)
+
+
+@dataclass(frozen=True)
+class Batch:
+    folder: Path
+    images: list[Path]
+    labels: list[str] | None
+    meta: dict
+
+
+def apply_shift(img: np.ndarray, shift: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Shift one uint8 image (HxW grey or HxWx3). Returns uint8; colour_cast returns HxWx3."""
+    if shift not in SHIFTS:
+        raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
+    if not 1 <= severity <= 5:
+        raise DataError(f"severity must be 1..5, got {severity}")
+    s = SHIFTS[shift][severity - 1]
+    f = img.astype(np.float32)
+    if shift == "none" or shift == "jpeg":  # jpeg happens when the file is written
+        out = f
+    elif shift == "darker":
+        out = f * s
+    elif shift == "brighter":
+        out = f + (255.0 - f) * s
+    elif shift == "blur":
+        out = cv2.GaussianBlur(f, (0, 0), sigmaX=s)
+    elif shift == "noise":
+        out = f + rng.normal(0, s, f.shape)
+    elif shift == "color_cast":
+        rgb = np.repeat(f[..., None], 3, axis=2) if f.ndim == 2 else f
+        tint = np.array([255.0, 160.0, 60.0], dtype=np.float32)
+        out = rgb * (1 - s) + (rgb / 255.0) * tint * s + tint * s * 0.15
+    elif shift == "resolution":
+        h, w = f.shape[:2]
+        out = cv2.resize(f, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
+    pil = Image.fromarray(img)
+    buf = io.BytesIO()
+    if shift == "jpeg":
+        pil.save(buf, "JPEG", quality=int(SHIFTS["jpeg"][severity - 1]))
+        return buf.getvalue(), "jpg"
+    pil.save(buf, "PNG")
+    return buf.getvalue(), "png"
+
+
+def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | None, list[str], str]:
+    """Images nobody trained on: (arrays or None, paths or None, labels, description)."""
+    from visionflow.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES, _IDX_FILES, _read_idx, balanced_indices
+    from visionflow.ingest import locate_fashion_mnist
+
+    if p.data.source == FASHION_MNIST and p.data.max_images is not None:
+        idx_dir = locate_fashion_mnist(root / "data/external")
+        images = np.concatenate([_read_idx(idx_dir / _IDX_FILES[0]), _read_idx(idx_dir / _IDX_FILES[2])])
+        labels = np.concatenate([_read_idx(idx_dir / _IDX_FILES[1]), _read_idx(idx_dir / _IDX_FILES[3])])
+        used = np.zeros(len(labels), bool)
+        used[balanced_indices(labels, p.data.max_images, p.base.seed)] = True
+        keep = np.flatnonzero(~used)
+        return ([images[i] for i in keep], None, [FASHION_MNIST_CLASSES[int(labels[i])] for i in keep],
+                f"fashion-mnist images not ingested ({len(keep)})")
+    test = root / p.data.splits_dir / "test.csv"
+    if not test.is_file():
+        raise DataError(f"{test} not found: run `visionflow split` (or the pipeline) before simulating batches")
+    from visionflow.validate import read_manifest
+
+    m = read_manifest(test)
+    return None, [Path(x) if Path(x).is_absolute() else root / x for x in m["path"]], list(m["label"]), \
+        f"test split ({len(m)})"
+
+
+def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, seed: int) -> Batch:
+    """Write a batch of n held-out images under `shift` at `severity` to `out` (replaced if it exists)."""
+    if shift not in SHIFTS:
+        raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
+    if n < 1:
+        raise DataError("a batch needs at least one image (--n)")
+    arrays, paths, labels, source = heldout_pool(p, root)
+    total = len(labels)
+    if n > total:
+        raise DataError(f"asked for {n} images but the held-out pool ({source}) has only {total}")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=n, replace=False))
+    out = Path(out)
+    images_dir = out / "images"
+    partial = out.with_name(out.name + ".partial")
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "images").mkdir(parents=True)
+    rows, written = [], []
+    for k, i in enumerate(chosen):
+        if arrays is not None:
+            img = arrays[i]
+        else:
+            with Image.open(paths[i]) as im:
+                img = np.asarray(im.convert("L") if p.train.channels == 1 else im.convert("RGB"))
+        data, ext = encode(apply_shift(img, shift, severity, rng), shift, severity)
+        name = f"{out.name}_{k:05d}.{ext}"
+        (partial / "images" / name).write_bytes(data)
+        rows.append({"file": name, "label": labels[i]})
+        written.append(images_dir / name)
+    pd.DataFrame(rows).to_csv(partial / "labels.csv", index=False)
+    meta = {"shift": shift, "severity": severity, "seed": seed, "n": n, "source": source,
+            "class_counts": pd.Series([r["label"] for r in rows]).value_counts().sort_index().to_dict()}
+    (partial / "batch.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return Batch(out, written, [r["label"] for r in rows], meta)
+
+
+def load_batch(folder: Path) -> Batch:
+    """A production batch: a folder of images (optionally in images/), with labels.csv when reviewed."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"batch folder {folder} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file: a batch is a folder of images (optionally with labels.csv)")
+    images_dir = folder / "images" if (folder / "images").is_dir() else folder
+    files = sorted(f for f in images_dir.iterdir() if f.is_file() and not f.name.startswith(".")
+                   and f.name not in ("labels.csv", "batch.json"))
+    labels = None
+    if (folder / "labels.csv").is_file():
+        table = pd.read_csv(folder / "labels.csv", dtype=str)
+        if not {"file", "label"} <= set(table.columns):
+            raise DataError(f"{folder / 'labels.csv'} must have the columns file,label")
+        by_file = dict(zip(table["file"], table["label"]))
+        labels = [by_file.get(f.name) for f in files]
+    meta = json.loads((folder / "batch.json").read_text()) if (folder / "batch.json").is_file() else {}
+    return Batch(folder, files, labels, meta)
