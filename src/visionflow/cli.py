@@ -244,6 +244,50 @@ def serve(
 
 
 @app.command()
+def loadtest(
+    url: Annotated[str | None, typer.Option(
+        help="server to load; loopback only (default http://serve.host:serve.port).")] = None,
+    mode: Annotated[str, typer.Option(help="full: sequential baseline, ramp concurrency to the maximum throughput, "
+                                           "--duration s at --fraction of it (constant arrival rate), then overload "
+                                           "past the server's slots. concurrency / rate: one fixed phase.")] = "full",
+    duration: Annotated[float, typer.Option(help="seconds of the sustained (full) or fixed phase.")] = 60,
+    concurrency: Annotated[int, typer.Option(help="--mode concurrency: requests kept in flight.")] = 4,
+    rate: Annotated[float | None, typer.Option(help="--mode rate: arrivals per second.")] = None,
+    fraction: Annotated[float, typer.Option(help="full: sustained rate as a fraction of the maximum.")] = 0.7,
+    step: Annotated[float, typer.Option(help="full: seconds per ramp step.")] = 5,
+    overload_concurrency: Annotated[int | None, typer.Option(
+        help="full: concurrency of the overload phase (default 3 x (serve.max_concurrency + serve.queue_depth)).")
+    ] = None,
+    overload_s: Annotated[float, typer.Option(help="full: seconds of the overload phase.")] = 10,
+    max_requests: Annotated[int, typer.Option(
+        help="cap on requests per phase (each phase also stops at its duration).")] = 100_000,
+    image: Annotated[Path | None, typer.Option(
+        help="image to send (default: generated noise at the model's input size).")] = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="JSON report (default reports/loadtest/loadtest.json).")] = None,
+) -> None:
+    """Load-test a running `visionflow serve` on loopback: req/s, p50/p90/p99 latency, errors by status.
+
+    Every request is a real prediction (prediction log, review queue): serve a disposable root, or point
+    serve.prediction_log and serve.review_dir elsewhere with --set, when the data there matters.
+    """
+    from visionflow.loadtest import render, run_loadtest
+
+    p = state.params()
+    slots = p.serve.max_concurrency + p.serve.queue_depth
+    report = run_loadtest(url or f"http://{p.serve.host}:{p.serve.port}", mode=mode, duration_s=duration,
+                          concurrency=concurrency, rate=rate, fraction=fraction, step_s=step, ramp_max=slots,
+                          overload_concurrency=overload_concurrency or 3 * slots, overload_s=overload_s,
+                          max_requests=max_requests, image=image,
+                          out=out_file or state.root / "reports/loadtest/loadtest.json",
+                          progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    out.print(render(report))
+    if not report["healthy_after"]:
+        console.print("[bold red]the server was not healthy after the load test[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
 def pipeline(
     loop: Annotated[bool, typer.Option(help="after the first champion, demonstrate the closed loop: a drifted "
                                             "batch, drift detected, retraining, a new champion.")] = True,

@@ -1,0 +1,369 @@
+"""Loopback load test for `visionflow serve`: throughput, latency percentiles and errors by status.
+
+Phases (each one bounded by a duration AND a request count, so a run can never go on unbounded):
+
+- single: sequential requests, one at a time: the latency of a request that waits for nothing.
+- ramp: closed loop at concurrency 1, 2, 4, ... up to the server's slots (max_concurrency + queue_depth); the
+  best error-free throughput is the maximum.
+- sustained: constant arrival rate (open loop) at a fraction (0.7) of that maximum: requests start on a fixed
+  schedule whether or not earlier ones have finished, so a slow server cannot slow the client down and hide its
+  own queueing (no coordinated omission).
+- overload: closed loop well past the server's slots (3x max_concurrency + queue_depth): the server must shed
+  the excess with fast 503s and stay healthy.
+
+Only loopback targets are accepted: this is a tool to measure your own server, not to load somebody else's.
+Every request is a real prediction: the server appends it to its prediction log and queues low-confidence ones
+for review, so point serve.prediction_log / serve.review_dir somewhere disposable when the root matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import socket
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from visionflow.errors import VisionflowError
+
+MODES = ("full", "concurrency", "rate")
+
+
+class LoadTestError(VisionflowError):
+    """The load test cannot run (target not on loopback, server not ready, bad settings)."""
+
+
+def require_loopback(url: str) -> str:
+    """The base URL without a trailing slash, if its host is (or resolves only to) loopback addresses."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LoadTestError(f"{url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000")
+    host = parts.hostname
+    try:
+        addresses = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            raise LoadTestError(f"cannot resolve {host!r}: {exc}") from None
+        addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+    outside = sorted(str(a) for a in addresses if not a.is_loopback)
+    if outside or not addresses:
+        raise LoadTestError(f"refusing to load {host!r} ({', '.join(outside) or 'no address'}): the load test only "
+                            "targets loopback (127.0.0.0/8, ::1, localhost)")
+    return url.rstrip("/")
+
+
+@dataclass
+class Phase:
+    """One phase of the load test; latencies in milliseconds, measured from the moment a request was sent."""
+
+    name: str
+    mode: str  # "sequential", "concurrency" (closed loop) or "rate" (open loop, constant arrival rate)
+    concurrency: int | None
+    target_rate_rps: float | None
+    planned_s: float
+    elapsed_s: float
+    requests: int
+    ok: int
+    errors: dict[str, int]  # HTTP status or exception name -> count, for every answer that is not a 200
+    throughput_rps: float  # answers (any status) per second
+    ok_rps: float  # 200s per second
+    latency_ms: dict[str, float]  # of the 200s: p50, p90, p99, mean, min, max
+    error_latency_ms: dict[str, float]  # of the other answers (how fast a 503 is)
+    late_starts: int = 0  # rate mode: requests the client started >50 ms behind schedule (client overloaded)
+    dropped: int = 0  # rate mode: arrivals skipped because max_in_flight requests were already open
+
+    @property
+    def n_errors(self) -> int:
+        return sum(self.errors.values())
+
+
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    if not values_s:
+        return {}
+    ms = np.asarray(values_s) * 1000
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
+            "mean": round(float(ms.mean()), 3), "min": round(float(ms.min()), 3), "max": round(float(ms.max()), 3)}
+
+
+@dataclass
+class _Recorder:
+    ok: list[float] = field(default_factory=list)
+    failed: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+
+    def phase(self, name: str, mode: str, *, concurrency: int | None, rate: float | None, planned_s: float,
+              elapsed_s: float, late: int = 0, dropped: int = 0) -> Phase:
+        n = len(self.ok) + len(self.failed)
+        elapsed_s = max(elapsed_s, 1e-9)
+        return Phase(name, mode, concurrency, rate, round(planned_s, 3), round(elapsed_s, 3), n, len(self.ok),
+                     dict(sorted(self.errors.items())), round(n / elapsed_s, 2), round(len(self.ok) / elapsed_s, 2),
+                     percentiles(self.ok), percentiles(self.failed), late, dropped)
+
+
+class Target:
+    """The endpoint under test and the one request body every load request sends."""
+
+    def __init__(self, client, url: str, body: bytes, content_type: str):
+        self.client = client
+        self.url = url
+        self.body = body
+        self.headers = {"content-type": content_type}
+
+    async def hit(self, rec: _Recorder) -> None:
+        import httpx
+
+        start = time.perf_counter()
+        try:
+            r = await self.client.post(self.url, content=self.body, headers=self.headers)
+            status = str(r.status_code)
+        except httpx.HTTPError as exc:  # timeouts, resets: counted, never raised
+            status = type(exc).__name__
+        elapsed = time.perf_counter() - start
+        if status == "200":
+            rec.ok.append(elapsed)
+        else:
+            rec.failed.append(elapsed)
+            rec.errors[status] += 1
+
+
+async def sequential(target: Target, n: int, max_s: float, name: str = "single") -> Phase:
+    rec = _Recorder()
+    start = time.perf_counter()
+    for _ in range(n):
+        if time.perf_counter() - start > max_s:
+            break
+        await target.hit(rec)
+    return rec.phase(name, "sequential", concurrency=1, rate=None, planned_s=max_s,
+                     elapsed_s=time.perf_counter() - start)
+
+
+async def closed_loop(target: Target, concurrency: int, duration_s: float, max_requests: int,
+                      name: str) -> Phase:
+    """`concurrency` workers, each sending its next request as soon as the last one is answered."""
+    rec = _Recorder()
+    start = time.perf_counter()
+    deadline = start + duration_s
+    issued = 0
+
+    async def worker() -> None:
+        nonlocal issued
+        while time.perf_counter() < deadline and issued < max_requests:
+            issued += 1
+            await target.hit(rec)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return rec.phase(name, "concurrency", concurrency=concurrency, rate=None, planned_s=duration_s,
+                     elapsed_s=time.perf_counter() - start)
+
+
+async def open_loop(target: Target, rate: float, duration_s: float, max_requests: int, max_in_flight: int,
+                    name: str) -> Phase:
+    """Constant arrival rate: request i starts at i/rate seconds whatever happened to the earlier ones."""
+    if rate <= 0:
+        raise LoadTestError(f"the arrival rate must be positive, not {rate}")
+    rec = _Recorder()
+    n = max(1, min(max_requests, int(rate * duration_s)))
+    in_flight: set[asyncio.Task] = set()
+    late = dropped = 0
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.05:
+            late += 1
+        if len(in_flight) >= max_in_flight:
+            dropped += 1
+            continue
+        task = asyncio.create_task(target.hit(rec))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.gather(*in_flight)
+    return rec.phase(name, "rate", concurrency=None, rate=round(rate, 3), planned_s=duration_s,
+                     elapsed_s=time.perf_counter() - start, late=late, dropped=dropped)
+
+
+def default_image(image_size: int, channels: int, seed: int = 0) -> bytes:
+    """A seeded noise PNG at the model's input size (no resize cost; the model is unsure, so it is queued)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (image_size, image_size) if channels == 1 else (image_size, image_size, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _multipart(data: bytes, filename: str = "loadtest.png") -> tuple[bytes, str]:
+    boundary = "visionflow-loadtest-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate: float | None,
+               fraction: float, step_s: float, ramp_max: int, overload_concurrency: int, overload_s: float,
+               single_n: int, max_requests: int, max_in_flight: int, image: Path | None, timeout_s: float,
+               progress) -> dict[str, Any]:
+    import httpx
+
+    base = require_loopback(url)
+    pool = max(concurrency, ramp_max, overload_concurrency, max_in_flight)
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    # trust_env=False: no proxy from the environment gets between us and loopback.
+    async with httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False) as client:
+        try:
+            ready = await client.get(f"{base}/ready")
+        except httpx.HTTPError as exc:
+            raise LoadTestError(f"no server answers at {base} ({type(exc).__name__}); start `visionflow serve` "
+                                "first") from None
+        if ready.status_code != 200:
+            raise LoadTestError(f"{base}/ready answered {ready.status_code}: {ready.text[:200]}")
+        model = (await client.get(f"{base}/model")).json()
+        data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
+        body, ctype = _multipart(data)
+        target = Target(client, f"{base}/predict", body, ctype)
+        report: dict[str, Any] = {
+            "url": base, "mode": mode, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model_version": ready.json().get("model_version"),
+            "image": {"source": str(image) if image else "generated noise", "bytes": len(data),
+                      "model_input": [model["image_size"], model["image_size"], model["channels"]]},
+            "settings": {"duration_s": duration_s, "concurrency": concurrency, "rate_rps": rate,
+                         "fraction": fraction, "step_s": step_s, "ramp_max": ramp_max,
+                         "overload_concurrency": overload_concurrency, "overload_s": overload_s,
+                         "single_n": single_n, "max_requests_per_phase": max_requests,
+                         "max_in_flight": max_in_flight, "timeout_s": timeout_s},
+        }
+        progress("warm-up and sequential baseline")
+        await sequential(target, 3, max_s=timeout_s, name="warmup")
+        single = await sequential(target, single_n, max_s=max(10.0, duration_s / 4))
+        report["single"] = asdict(single)
+        phases: list[Phase] = []
+        if mode == "concurrency":
+            progress(f"closed loop at concurrency {concurrency} for {duration_s:g} s")
+            phases.append(await closed_loop(target, concurrency, duration_s, max_requests, "fixed"))
+        elif mode == "rate":
+            if not rate:
+                raise LoadTestError("--mode rate needs --rate (requests per second)")
+            progress(f"constant arrival rate {rate:g} req/s for {duration_s:g} s")
+            phases.append(await open_loop(target, rate, duration_s, max_requests, max_in_flight, "fixed"))
+        elif mode == "full":
+            ramp, best, stale = [], None, 0
+            levels = sorted({min(2 ** k, ramp_max) for k in range(0, 16) if 2 ** (k - 1) < ramp_max})
+            for c in levels:
+                progress(f"ramp: concurrency {c} for {step_s:g} s")
+                ph = await closed_loop(target, c, step_s, max_requests, f"ramp c={c}")
+                ramp.append(ph)
+                if ph.n_errors:  # past what the server takes without shedding
+                    break
+                if best is None or ph.ok_rps > best.ok_rps * 1.05:
+                    best, stale = ph, 0
+                else:
+                    stale += 1
+                    if stale >= 2:  # saturated: two steps without a 5% gain
+                        break
+            if best is None:  # errors from the very first step
+                best = max(ramp, key=lambda p: p.ok_rps)
+            max_rps = best.ok_rps
+            if max_rps <= 0:
+                raise LoadTestError(f"no request succeeded during the ramp: {ramp[0].errors}")
+            report["ramp"] = [asdict(p) for p in ramp]
+            report["max_throughput_rps"] = max_rps
+            report["max_at_concurrency"] = best.concurrency
+            target_rate = fraction * max_rps
+            progress(f"sustained: {target_rate:.1f} req/s ({fraction:.0%} of max) for {duration_s:g} s")
+            sustained = await open_loop(target, target_rate, duration_s, max_requests, max_in_flight, "sustained")
+            progress(f"overload: concurrency {overload_concurrency} for {overload_s:g} s")
+            overload = await closed_loop(target, overload_concurrency, overload_s, max_requests, "overload")
+            phases += [sustained, overload]
+        else:
+            raise LoadTestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        report["phases"] = [asdict(p) for p in phases]
+        health = await client.get(f"{base}/health")
+        after = await sequential(target, 3, max_s=timeout_s, name="after")
+        report["healthy_after"] = health.status_code == 200 and after.ok == after.requests
+        main = phases[0]
+        summary: dict[str, Any] = {
+            "single_ms_p50": single.latency_ms.get("p50"),
+            "throughput_rps": main.throughput_rps, "ok_rps": main.ok_rps,
+            "p50_ms": main.latency_ms.get("p50"), "p90_ms": main.latency_ms.get("p90"),
+            "p99_ms": main.latency_ms.get("p99"), "errors": main.errors, "n_errors": main.n_errors,
+            "healthy_after": report["healthy_after"]}
+        if mode == "full":
+            overload = phases[1]
+            summary = {"max_throughput_rps": report["max_throughput_rps"],
+                       "sustained_target_rps": main.target_rate_rps, **summary,
+                       "overload_concurrency": overload_concurrency, "overload_requests": overload.requests,
+                       "overload_503": overload.errors.get("503", 0),
+                       "overload_other_errors": {k: v for k, v in overload.errors.items() if k != "503"},
+                       "overload_503_p50_ms": overload.error_latency_ms.get("p50"),
+                       "overload_ok_rps": overload.ok_rps}
+        if summary.get("p99_ms") and summary.get("single_ms_p50"):
+            summary["p99_over_single"] = round(summary["p99_ms"] / summary["single_ms_p50"], 2)
+        report["summary"] = summary
+        report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        return report
+
+
+def run_loadtest(url: str, *, mode: str = "full", duration_s: float = 60, concurrency: int = 4,
+                 rate: float | None = None, fraction: float = 0.7, step_s: float = 5, ramp_max: int = 20,
+                 overload_concurrency: int = 60, overload_s: float = 10, single_n: int = 50,
+                 max_requests: int = 100_000, max_in_flight: int = 64, image: Path | None = None,
+                 timeout_s: float = 30, out: Path | None = None, progress=None) -> dict[str, Any]:
+    """Run the load test (see the module docstring) and return the report; also written to `out` as JSON."""
+    if mode not in MODES:
+        raise LoadTestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+    for name, value in (("duration", duration_s), ("step", step_s), ("overload-s", overload_s)):
+        if value <= 0:
+            raise LoadTestError(f"--{name} must be positive")
+    if not 0 < fraction <= 1:
+        raise LoadTestError("--fraction must be in (0, 1]")
+    if min(concurrency, ramp_max, overload_concurrency, single_n, max_requests, max_in_flight) < 1:
+        raise LoadTestError("concurrency, counts and limits must be at least 1")
+    require_loopback(url)
+    report = asyncio.run(_run(url, mode=mode, duration_s=duration_s, concurrency=concurrency, rate=rate,
+                              fraction=fraction, step_s=step_s, ramp_max=ramp_max,
+                              overload_concurrency=overload_concurrency, overload_s=overload_s, single_n=single_n,
+                              max_requests=max_requests, max_in_flight=max_in_flight, image=image,
+                              timeout_s=timeout_s, progress=progress or (lambda _msg: None)))
+    if out is not None:
+        from visionflow.report import write_json_atomic
+
+        write_json_atomic(Path(out), report)
+    return report
+
+
+def render(report: dict[str, Any]):
+    """A rich table of every phase, then the summary."""
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title=f"load test of {report['url']}/predict (model v{report['model_version']})",
+                  title_justify="left")
+    for col in ("phase", "load", "requests", "req/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
+        table.add_column(col, justify="left" if col in ("phase", "load", "errors") else "right")
+    rows = [report["single"], *report.get("ramp", []), *report["phases"]]
+    for ph in rows:
+        load = (f"{ph['target_rate_rps']:g} req/s" if ph["mode"] == "rate" else
+                "1 at a time" if ph["mode"] == "sequential" else f"{ph['concurrency']} concurrent")
+        lat = ph["latency_ms"]
+        errors = ", ".join(f"{k}: {v}" for k, v in ph["errors"].items()) or "0"
+        if ph.get("late_starts") or ph.get("dropped"):
+            errors += f" (late starts {ph['late_starts']}, dropped {ph['dropped']})"
+        table.add_row(ph["name"], load, str(ph["requests"]), f"{ph['throughput_rps']:.1f}", f"{ph['ok_rps']:.1f}",
+                      *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("p50", "p90", "p99")), errors)
+    summary = Table(title="summary", show_header=False, title_justify="left")
+    for k, v in report["summary"].items():
+        summary.add_row(k, str(v))
+    return Group(table, summary)

@@ -1,0 +1,43 @@
+"""The load-test tool's guards and arithmetic (the run against a real server is in test_serve_attacks.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from visionflow.loadtest import LoadTestError, percentiles, require_loopback, run_loadtest
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.9.9:1/", "http://[::1]:8000",
+                                 "http://localhost:8000"])
+def test_loopback_targets_are_accepted(url):
+    assert require_loopback(url) == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["http://8.8.8.8:8000", "http://0.0.0.0:8000", "http://10.0.0.1",
+                                 "http://[2001:db8::1]:80", "ftp://127.0.0.1", "127.0.0.1:8000",
+                                 "http://no-such-host.invalid"])
+def test_anything_else_is_refused(url):
+    with pytest.raises(LoadTestError):
+        require_loopback(url)
+
+
+def test_bad_settings_are_refused_before_any_request():
+    with pytest.raises(LoadTestError, match="mode"):
+        run_loadtest("http://127.0.0.1:9", mode="flood")
+    with pytest.raises(LoadTestError, match="duration"):
+        run_loadtest("http://127.0.0.1:9", duration_s=0)
+    with pytest.raises(LoadTestError, match="no server answers"):  # nothing listens on the discard port
+        run_loadtest("http://127.0.0.1:9", duration_s=1)
+
+
+def test_percentiles_in_milliseconds():
+    p = percentiles([i / 1000 for i in range(1, 101)])  # 1..100 ms
+    assert p["p50"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.01) and p["max"] == 100
+    assert percentiles([]) == {}
+
+
+def test_cli_refuses_a_remote_target(tmp_path):
+    proc = run_cli(tmp_path, "--params", str(REPO / "params.yaml"), "loadtest", "--url", "http://8.8.8.8:8000",
+                   check=False)
+    assert proc.returncode == 2 and "loopback" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,431 @@
+"""Malicious uploads against a real `visionflow serve` process on loopback.
+
+Every hostile upload must get a clear 4xx within a few seconds (a hostile file name on a valid image is simply
+ignored), nothing may be written outside the served folders, and /health must still answer afterwards. The server is a separate uvicorn process (the same command a user runs), so
+these tests see what a client on the network sees: real sockets, real HTTP parsing, real connection handling.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_project, png_header_only, run_cli
+from tests.test_serve import CLASSES, _register, png
+from visionflow.config import Params, load_params
+
+pytestmark = pytest.mark.slow  # starts a server process: ~30-60 s of setup on a small machine
+QUICK_S = 5.0  # "answered quickly": generous, the machine may be busy with other work
+GIB = 1 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    root: Path  # the tmp folder that holds the project and the MLflow store
+    proj: Path
+    p: Params
+    port: int
+    base: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def start_server(root: Path, **serve: object) -> Server:
+    """A throwaway project with a tiny registered champion, served by the real `visionflow serve` command."""
+    proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+                        serve=dict(serve))
+    p = load_params(proj / "params.yaml")
+    _register(proj, p, seed=0)
+    port = free_port()
+    exe = Path(sys.executable).with_name("visionflow")
+    log = root / "server.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([str(exe), "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
+                                cwd=proj, stdout=fh, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server not ready in 120 s:\n{log.read_text()}")
+        time.sleep(0.2)
+    return Server(root, proj, p, port, base, proc, log)
+
+
+def stop_server(server: Server) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("attacks"))
+    yield srv
+    stop_server(srv)
+
+
+def assert_healthy(server: Server) -> None:
+    assert server.proc.poll() is None, f"the server died:\n{server.log.read_text()}"
+    r = httpx.get(f"{server.base}/health", timeout=QUICK_S)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = b"vfattack") -> tuple[bytes, str]:
+    """A multipart body built byte by byte (name, filename or None, content): no client library sanitises it."""
+    body = bytearray()
+    for name, filename, content in parts:
+        disp = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename is not None
+                                                       else b"")
+        body += b"--" + boundary + b"\r\nContent-Disposition: " + disp + b"\r\n"
+        if filename is not None:
+            body += b"Content-Type: image/png\r\n"
+        body += b"\r\n" + content + b"\r\n"
+    body += b"--" + boundary + b"--\r\n"
+    return bytes(body), f"multipart/form-data; boundary={boundary.decode()}"
+
+
+def post(server: Server, body: bytes, content_type: str, path: str = "/predict") -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    r = httpx.post(f"{server.base}{path}", content=body, headers={"content-type": content_type},
+                   timeout=QUICK_S * 4)
+    return r, time.monotonic() - start
+
+
+def upload(server: Server, data: bytes, filename: bytes = b"x.png") -> tuple[httpx.Response, float]:
+    return post(server, *multipart([(b"file", filename, data)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (a) a 1 GiB body, streamed: never built in memory on either side
+
+
+@dataclass
+class StreamOutcome:
+    status: int | None  # the HTTP status the server sent, when the client got to read it
+    sent: int  # body bytes the client managed to send
+    answered_s: float | None  # when the response (or the reset) arrived
+    closed_s: float | None  # when the server closed the connection (EOF or reset)
+    how: str
+
+
+def stream_huge_body(port: int, *, chunked: bool, total: int = GIB, limit_s: float = 20) -> StreamOutcome:
+    """POST a `total`-byte multipart body over a raw socket, 1 MiB at a time, reading whatever comes back.
+
+    Keeps sending after the response arrives, to see whether the server closes the connection (good) or quietly
+    swallows the whole GiB (bad: a client could keep a worker busy reading garbage).
+    """
+    boundary = b"vfhuge"
+    head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n' \
+        b"Content-Type: image/png\r\n\r\n"
+    tail = b"\r\n--" + boundary + b"--\r\n"
+    filler = total - len(head) - len(tail)
+    headers = ["POST /predict HTTP/1.1", f"Host: 127.0.0.1:{port}",
+               f"Content-Type: multipart/form-data; boundary={boundary.decode()}"]
+    headers.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}")
+    chunk = b"\x00" * (1 << 20)
+
+    def pieces():
+        yield head
+        left = filler
+        while left > 0:
+            n = min(left, len(chunk))
+            yield chunk[:n]
+            left -= n
+        yield tail
+
+    def framed():
+        for piece in pieces():
+            yield (b"%x\r\n" % len(piece) + piece + b"\r\n") if chunked else piece
+        if chunked:
+            yield b"0\r\n\r\n"
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=limit_s)
+    sock.setblocking(False)
+    start = time.monotonic()
+    status = answered = closed = None
+    received = b""
+    sent = 0
+    how = "sent everything"
+    pending = ("\r\n".join(headers) + "\r\n\r\n").encode()
+    source = framed()
+    try:
+        while time.monotonic() - start < limit_s:
+            readable, writable, _ = select.select([sock], [sock] if pending is not None else [], [], 0.5)
+            if readable:
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data, how = None, "reset by the server"
+                if not data:
+                    closed = time.monotonic() - start
+                    answered = answered or closed
+                    how = how if data is None else "closed by the server"
+                    break
+                received += data
+                m = re.match(rb"HTTP/1\.1 (\d{3})", received)
+                if m and status is None:
+                    status, answered = int(m.group(1)), time.monotonic() - start
+            if writable and pending is not None:
+                try:
+                    n = sock.send(pending)
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = time.monotonic() - start
+                    answered = answered or closed
+                    how = "reset by the server"
+                    break
+                sent += n
+                pending = pending[n:] or next(source, None)
+        else:
+            how = f"still open after {limit_s} s"
+    finally:
+        sock.close()
+    return StreamOutcome(status, sent, answered, closed, how)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_one_gib_body_is_refused_early_and_the_connection_closed(server, chunked):
+    out = stream_huge_body(server.port, chunked=chunked)
+    print(out)
+    assert out.status in (413, None), out
+    assert out.answered_s is not None and out.answered_s < QUICK_S, out
+    assert out.closed_s is not None and out.closed_s < QUICK_S, f"server kept reading the body: {out}"
+    assert out.sent < GIB // 4, out
+    assert_healthy(server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (b) a pixel-count bomb header, (c) a compression bomb and archives posing as images, (d) random bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+_BOMBS: dict[tuple[int, int], bytes] = {}
+
+
+def png_zlib_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A complete, valid 8-bit grayscale PNG of zeros: a few hundred KB that inflate to width*height bytes."""
+    if (width, height) not in _BOMBS:
+        comp = zlib.compressobj(9)
+        row = b"\x00" * (width + 1)  # filter byte + pixels
+        per = max(1, (4 << 20) // len(row))
+        idat, done = bytearray(), 0
+        while done < height:
+            n = min(per, height - done)
+            idat += comp.compress(row * n)
+            done += n
+        idat += comp.flush()
+        ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        _BOMBS[width, height] = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", bytes(idat)) \
+            + png_chunk(b"IEND", b"")
+    return _BOMBS[width, height]
+
+
+def test_the_zlib_bomb_is_a_real_bomb():
+    bomb = png_zlib_bomb()
+    assert len(bomb) < 1 << 20
+    idat = bomb[bomb.index(b"IDAT") + 4:bomb.index(b"IEND") - 8]
+    inflated = len(zlib.decompressobj().decompress(idat, 64 << 20))  # stop at 64 MiB: enough to prove the point
+    assert inflated == 64 << 20 and inflated > 100 * len(bomb)
+
+
+def archive(kind: str) -> bytes:
+    import zipfile
+
+    payload = png(1)
+    if kind == "gzip":
+        return gzip.compress(payload * 50)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("image.png", payload)
+        z.writestr("zeros.bin", b"\x00" * (8 << 20))  # a classic small-to-big archive member
+    return buf.getvalue()
+
+
+def gif() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(buf, "GIF")  # Pillow reads GIF, the allow-list does not
+    return buf.getvalue()
+
+
+HOSTILE_BYTES = {  # name: (make the bytes, expected status, reason in the detail)
+    "50k x 50k header": (lambda: png_header_only(50_000, 50_000), 422, "too_many_pixels"),
+    "20k x 20k zlib bomb": (png_zlib_bomb, 422, "too_many_pixels"),
+    "gzip": (lambda: archive("gzip"), 415, "not_an_image"),
+    "zip": (lambda: archive("zip"), 415, "not_an_image"),
+    "gif": (gif, 415, "format_not_allowed"),
+    "random bytes": (lambda: np.random.default_rng(0).bytes(100_000), 415, "not_an_image"),
+    "truncated png": (lambda: png(2, 64)[:200], 422, "corrupt_data"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_BYTES)
+def test_hostile_image_bytes_get_a_quick_clear_4xx(server, name):
+    make, status, reason = HOSTILE_BYTES[name]
+    data = make()
+    r, elapsed = upload(server, data)
+    assert r.status_code == status, r.text
+    assert reason in r.json()["detail"]
+    assert elapsed < QUICK_S, f"{name}: {elapsed:.1f} s"
+    assert_healthy(server)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (e) hostile file names: the server never uses them, so nothing lands outside the served folders
+
+SERVED = ("data/review", "data/reviewed", "data/predictions", "models/serving")
+
+
+def snapshot(root: Path) -> set[Path]:
+    return {f for f in root.rglob("*") if f.is_file()}
+
+
+def test_hostile_filenames_write_nothing_outside_the_served_folders(server):
+    marker = f"vf_attack_{uuid.uuid4().hex}"
+    passwd = Path("/etc/passwd")
+    passwd_before = (passwd.stat().st_mtime_ns, passwd.read_bytes()) if passwd.exists() else None
+    before = snapshot(server.root)
+    names = [b"../../etc/passwd", b"../../../../../../../../tmp/" + marker.encode() + b".png",
+             b"/tmp/" + marker.encode() + b"_abs.png", b"..\\..\\..\\" + marker.encode() + b"_win.png",
+             b"nul\x00name.png", b"../" + marker.encode() + b"\x00.png", b"%2e%2e%2f" + marker.encode() + b".png",
+             b"a" * 5000 + b".png"]
+    review_ids = []
+    for i, name in enumerate(names):
+        r, elapsed = upload(server, png(100 + i), filename=name)
+        assert elapsed < QUICK_S
+        # The name is ignored (200, stored under a server-made id) or the part refused outright (400).
+        assert r.status_code in (200, 400), (name, r.status_code, r.text)
+        if r.status_code == 200 and r.json()["review_id"]:
+            review_ids.append(r.json()["review_id"])
+        # ...and a file that is not an image, under the same name, is refused.
+        r, _ = upload(server, b"root:x:0:0:root:/root:/bin/bash\n", filename=name)
+        assert r.status_code in (400, 415), (name, r.status_code, r.text)
+        assert_healthy(server)
+    assert review_ids, "an untrained model is never sure: at least one upload must have been queued for review"
+
+    # The review endpoints refuse ids that are not ours.
+    for bad in ("..%2F..%2Fqueue.db", "%2E%2E%2Fqueue", "queue", "%2E%2E", f"{review_ids[0]}%00"):
+        assert httpx.get(f"{server.base}/review/image/{bad}", timeout=QUICK_S).status_code in (404, 422)
+        r = httpx.post(f"{server.base}/review/{bad}", json={"label": CLASSES[0]}, timeout=QUICK_S)
+        assert r.status_code in (404, 405, 422), (bad, r.status_code)
+    assert httpx.post(f"{server.base}/review/{review_ids[0]}", json={"label": "../../x"},
+                      timeout=QUICK_S).status_code == 422
+    ok = httpx.post(f"{server.base}/review/{review_ids[0]}", json={"label": CLASSES[1]}, timeout=QUICK_S)
+    assert ok.status_code == 200
+
+    if passwd_before is not None:
+        assert (passwd.stat().st_mtime_ns, passwd.read_bytes()) == passwd_before
+    for folder in {server.root, server.proj.parent, Path("/tmp"), Path.cwd(), Path("/")}:
+        assert not list(folder.glob(f"{marker}*")), f"a hostile name became a file in {folder}"
+    new = snapshot(server.root) - before
+    outside = [f for f in new if not any(f.is_relative_to(server.proj / s) for s in SERVED)
+               and f != server.log]
+    assert not outside, f"files written outside the served folders: {outside}"
+
+    review = server.proj / server.p.serve.review_dir
+    assert {f.name for f in review.iterdir()} <= {"images", "queue.db", "queue.db-journal", "queue.db-wal",
+                                                  "queue.db-shm"}
+    images = [f.name for f in (review / "images").iterdir()]
+    assert images and all(re.fullmatch(r"[0-9a-f]{32}\.png", n) for n in images), images
+    reviewed = server.proj / server.p.serve.reviewed_dir
+    saved = [f.relative_to(reviewed).as_posix() for f in new if f.is_relative_to(reviewed)]  # (the repo ships a README)
+    assert saved and all(re.fullmatch(rf"({'|'.join(CLASSES)})/review_[0-9a-f]{{32}}\.png", s) for s in saved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# (f) thousands of form parts
+
+
+@pytest.mark.parametrize("path,file_parts", [("/predict", False), ("/predict", True), ("/predict/batch", True)],
+                         ids=["5000 fields", "5000 files", "5000 files batch"])
+def test_thousands_of_form_parts_get_a_quick_400(server, path, file_parts):
+    tiny = png(0, 2)
+    parts = [(b"f", b"p.png" if file_parts else None, tiny if file_parts else b"x") for _ in range(5000)]
+    r, elapsed = post(server, *multipart(parts), path=path)
+    assert r.status_code == 400, r.text
+    assert elapsed < QUICK_S
+    assert_healthy(server)
+
+
+def test_a_normal_request_still_works_after_all_that(server):
+    r, _ = upload(server, png(1))
+    assert r.status_code == 200 and r.json()["label"] in CLASSES
+    assert b"Traceback" not in server.log.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The load-test tool against the same server process (after all the attacks above)
+
+
+def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
+    from visionflow.loadtest import run_loadtest
+
+    out = tmp_path / "rate.json"
+    report = run_loadtest(server.base, mode="rate", rate=5, duration_s=3, single_n=5, out=out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    phase = report["phases"][0]
+    assert phase["mode"] == "rate" and phase["target_rate_rps"] == 5 and phase["requests"] == 15
+    assert phase["errors"] == {} and phase["ok"] == 15 and phase["dropped"] == 0
+    assert set(phase["latency_ms"]) == {"p50", "p90", "p99", "mean", "min", "max"}
+    assert report["single"]["ok"] == 5 and report["single"]["errors"] == {}
+    summary = report["summary"]
+    assert {"single_ms_p50", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "p99_over_single", "errors",
+            "healthy_after"} <= set(summary)
+    assert summary["n_errors"] == 0 and summary["healthy_after"] is True
+
+
+def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
+    """The whole `full` mode through the real command, shrunk to a few seconds; structure only, no speed."""
+    slots = server.p.serve.max_concurrency + server.p.serve.queue_depth
+    proc = run_cli(server.proj, "loadtest", "--url", server.base, "--duration", "3", "--step", "0.5",
+                   "--overload-s", "1", "--out", "lt.json", timeout=120)
+    report = json.loads((server.proj / "lt.json").read_text())
+    assert report["mode"] == "full" and report["ramp"][0]["concurrency"] == 1
+    assert all(step["concurrency"] <= slots for step in report["ramp"])
+    assert report["max_throughput_rps"] > 0
+    sustained, overload = report["phases"]
+    assert sustained["mode"] == "rate" and sustained["target_rate_rps"] == pytest.approx(
+        0.7 * report["max_throughput_rps"], rel=1e-3)
+    assert overload["concurrency"] == 3 * slots
+    # Past the slots the server sheds load with 503s, never anything else, and stays up.
+    assert set(overload["errors"]) <= {"503"}, overload["errors"]
+    assert report["healthy_after"] is True and report["summary"]["overload_503"] == overload["errors"].get("503", 0)
+    assert "load test of" in proc.stdout and "summary" in proc.stdout
+    assert_healthy(server)
