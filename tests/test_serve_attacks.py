@@ -409,6 +409,8 @@ def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
     assert {"single_ms_p50", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "p99_over_single", "errors",
             "healthy_after"} <= set(summary)
     assert summary["n_errors"] == 0 and summary["healthy_after"] is True
+    assert summary["dropped"] == 0 and isinstance(summary["kept_schedule"], bool)
+    assert report["host"]["cpus"] >= 1 and len(report["host"]["loadavg_at_end"]) == 3
 
 
 def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):

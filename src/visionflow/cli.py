@@ -282,6 +282,9 @@ def loadtest(
                           out=out_file or state.root / "reports/loadtest/loadtest.json",
                           progress=lambda msg: console.print(f"[dim]{msg}[/]"))
     out.print(render(report))
+    if report["summary"].get("kept_schedule") is False:
+        console.print("[yellow]warning:[/] the client fell behind its arrival schedule (late starts or dropped "
+                      "arrivals): the machine is too busy, or the rate is past what the server takes")
     if not report["healthy_after"]:
         console.print("[bold red]the server was not healthy after the load test[/]")
         raise typer.Exit(1)

@@ -19,9 +19,12 @@ for review, so point serve.prediction_log / serve.review_dir somewhere disposabl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ipaddress
+import os
 import socket
+import ssl
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -34,6 +37,11 @@ import numpy as np
 from visionflow.errors import VisionflowError
 
 MODES = ("full", "concurrency", "rate")
+# Connections per httpx client. One AsyncClient with dozens of connections costs several times more client CPU per
+# request than a few small ones (its pool is shared by every request); on a small machine that made the client,
+# not the server, the bottleneck: 60 workers on one client got ~25 req/s and no 503s, on 15 clients ~120 req/s
+# and the server's 503s.
+SHARD = 4
 
 
 class LoadTestError(VisionflowError):
@@ -111,10 +119,11 @@ class _Recorder:
 
 
 class Target:
-    """The endpoint under test and the one request body every load request sends."""
+    """The endpoint under test, the one request body every load request sends, and the clients that send it."""
 
-    def __init__(self, client, url: str, body: bytes, content_type: str):
-        self.client = client
+    def __init__(self, clients: list, url: str, body: bytes, content_type: str):
+        self.clients = clients
+        self.busy = [0] * len(clients)
         self.url = url
         self.body = body
         self.headers = {"content-type": content_type}
@@ -122,12 +131,16 @@ class Target:
     async def hit(self, rec: _Recorder) -> None:
         import httpx
 
+        k = min(range(len(self.busy)), key=self.busy.__getitem__)  # the least busy client
+        self.busy[k] += 1
         start = time.perf_counter()
         try:
-            r = await self.client.post(self.url, content=self.body, headers=self.headers)
+            r = await self.clients[k].post(self.url, content=self.body, headers=self.headers)
             status = str(r.status_code)
         except httpx.HTTPError as exc:  # timeouts, resets: counted, never raised
             status = type(exc).__name__
+        finally:
+            self.busy[k] -= 1
         elapsed = time.perf_counter() - start
         if status == "200":
             rec.ok.append(elapsed)
@@ -220,9 +233,17 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
 
     base = require_loopback(url)
     pool = max(concurrency, ramp_max, overload_concurrency, max_in_flight)
-    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
-    # trust_env=False: no proxy from the environment gets between us and loopback.
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=False) as client:
+    # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s, as `visionflow serve`
+    # sets it), or a request sent as the server closes the connection fails with a ReadError that is no fault of
+    # the server's.
+    limits = httpx.Limits(max_connections=SHARD, max_keepalive_connections=SHARD, keepalive_expiry=2.0)
+    tls = ssl.create_default_context()  # made once: each client would otherwise load the CA bundle again
+    async with contextlib.AsyncExitStack() as stack:
+        # trust_env=False: no proxy from the environment gets between us and loopback.
+        clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout_s,
+                                                                     trust_env=False, verify=tls))
+                   for _ in range(-(-pool // SHARD))]
+        client = clients[0]
         try:
             ready = await client.get(f"{base}/ready")
         except httpx.HTTPError as exc:
@@ -233,9 +254,11 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
         model = (await client.get(f"{base}/model")).json()
         data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
         body, ctype = _multipart(data)
-        target = Target(client, f"{base}/predict", body, ctype)
+        target = Target(clients, f"{base}/predict", body, ctype)
         report: dict[str, Any] = {
             "url": base, "mode": mode, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # Client and server share this machine: its size and load say how far the numbers can be trusted.
+            "host": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
             "model_version": ready.json().get("model_version"),
             "image": {"source": str(image) if image else "generated noise", "bytes": len(data),
                       "model_input": [model["image_size"], model["image_size"], model["channels"]]},
@@ -309,10 +332,14 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
                        "overload_other_errors": {k: v for k, v in overload.errors.items() if k != "503"},
                        "overload_503_p50_ms": overload.error_latency_ms.get("p50"),
                        "overload_ok_rps": overload.ok_rps}
+        if main.mode == "rate":  # did the client hold the schedule? If not, the server was not offered the rate
+            summary.update(late_starts=main.late_starts, dropped=main.dropped,
+                           kept_schedule=main.dropped == 0 and main.late_starts <= 0.01 * max(main.requests, 1))
         if summary.get("p99_ms") and summary.get("single_ms_p50"):
             summary["p99_over_single"] = round(summary["p99_ms"] / summary["single_ms_p50"], 2)
         report["summary"] = summary
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         return report
 
 
