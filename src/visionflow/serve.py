@@ -219,7 +219,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="infer")
     slots = asyncio.Semaphore(cfg.max_concurrency + cfg.queue_depth)
     registry = CollectorRegistry()
-    latency = Histogram("visionflow_request_seconds", "request latency", ["endpoint"], registry=registry,
+    latency = Histogram("visionflow_request_seconds", "request latency from the handler start (upload read included)", ["endpoint"], registry=registry,
                         buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
     requests_total = Counter("visionflow_requests_total", "requests", ["endpoint", "status"], registry=registry)
     predictions = Counter("visionflow_predictions_total", "predictions per class", ["label"], registry=registry)
@@ -279,25 +279,29 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                         "_png": pngs[i]})
         return out
 
-    async def run_inference(payloads: list[bytes], endpoint: str) -> list[dict[str, Any]]:
+    def shed_if_full(endpoint: str) -> None:
         if slots.locked():
             requests_total.labels(endpoint, "503").inc()
             raise HTTPException(503, "server busy: too many requests in flight, retry shortly",
                                 headers={"Retry-After": "1"})
+
+    async def run_inference(payloads: list[bytes], endpoint: str, start: float) -> list[dict[str, Any]]:
+        shed_if_full(endpoint)
         model = model_or_503()
-        start = time.perf_counter()
-        async with slots:
-            loop = asyncio.get_running_loop()
-            try:
-                results = await asyncio.wait_for(loop.run_in_executor(pool, infer, model, payloads),
-                                                 timeout=cfg.request_timeout_s)
-            except RejectedImage as exc:
-                requests_total.labels(endpoint, "415").inc()
-                raise HTTPException(415 if exc.reason in ("not_an_image", "format_not_allowed") else 422,
-                                    f"{exc.reason}: {exc.detail}") from None
-            except TimeoutError:
-                requests_total.labels(endpoint, "504").inc()
-                raise HTTPException(504, "inference timed out") from None
+        await slots.acquire()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(pool, infer, model, payloads)
+        # The slot is freed when the work really ends: a timed-out request cannot leave work piling up unbounded.
+        work.add_done_callback(lambda _: slots.release())
+        try:
+            results = await asyncio.wait_for(asyncio.shield(work), timeout=cfg.request_timeout_s)
+        except RejectedImage as exc:
+            status = 415 if exc.reason in ("not_an_image", "format_not_allowed") else 422
+            requests_total.labels(endpoint, str(status)).inc()
+            raise HTTPException(status, f"{exc.reason}: {exc.detail}") from None
+        except TimeoutError:
+            requests_total.labels(endpoint, "504").inc()
+            raise HTTPException(504, "inference timed out") from None
         elapsed = time.perf_counter() - start
         latency.labels(endpoint).observe(elapsed)
         requests_total.labels(endpoint, "200").inc()
@@ -339,13 +343,17 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
 
     @app.post("/predict", dependencies=[Depends(require_token)], summary="Classify one uploaded image")
     async def predict(request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        shed_if_full("predict")  # before reading the body: shedding load must be cheap
         files = await read_files(request, max_files=1)
-        return (await run_inference(files[:1], "predict"))[0]
+        return (await run_inference(files[:1], "predict", start))[0]
 
     @app.post("/predict/batch", dependencies=[Depends(require_token)], summary="Classify several images")
     async def predict_batch(request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        shed_if_full("predict_batch")
         files = await read_files(request, max_files=cfg.max_batch)
-        return {"predictions": await run_inference(files, "predict_batch")}
+        return {"predictions": await run_inference(files, "predict_batch", start)}
 
     @app.get("/health", summary="Liveness")
     def health() -> dict[str, str]:
