@@ -7,13 +7,15 @@ e.g. `prefect server start`, and PREFECT_API_URL pointing at it):
 
 Schedules come from params.yaml (drift.schedule_cron, drift.retrain_cron). The retraining deployment
 `visionflow-retraining/retrain-on-drift` reacts to `visionflow.drift.detected` events whose resource carries
-`visionflow.retrain=requested`, i.e. only alarms that won the cool-down claim, so a burst of alarms starts one
-retraining; `concurrency_limit=1` keeps even a manual extra run from overlapping it.
+`visionflow.retrain=requested`, i.e. only alarms that won the cool-down claim, and fires at most once per cool-down
+window (threshold 1 within drift.cooldown_hours), so a burst of alarms starts one retraining; `concurrency_limit=1`
+keeps even a manual extra run from overlapping it.
 """
 
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,9 @@ def build(params_path: str = "params.yaml") -> list[Any]:
             triggers=[DeploymentEventTrigger(
                 name="retrain on drift", expect={DRIFT_EVENT},
                 match={"visionflow.retrain": "requested"},
+                # threshold 1 within the cool-down: the server fires once, then ignores matching events until the
+                # window ends (a second guard behind the ledger's claim)
+                threshold=1, within=timedelta(hours=p.drift.cooldown_hours),
                 parameters={"params_path": params_path, "reason": "drift",
                             "batch": "{{ event.payload.batch }}",
                             "eval_batch": "{{ event.payload.eval_batch }}",

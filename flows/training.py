@@ -31,8 +31,9 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 @task(retries=2, retry_delay_seconds=[5, 15])
 def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
     res, secs = _timed(stages.ingest_stage, p, root)
-    get_run_logger().info("ingested %d images in %d classes%s", res.n_images, len(res.classes),
-                          " (unchanged, skipped)" if res.skipped else "")
+    get_run_logger().info("ingested %d images in %d classes%s%s", res.n_images, len(res.classes),
+                          " (source unchanged, not rewritten)" if res.skipped else "",
+                          f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "")
     return asdict(res), secs
 
 

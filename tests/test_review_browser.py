@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project
+from tests.conftest import make_folder_dataset, make_project
 from tests.test_serve import CLASSES, _register, png
 from visionflow.config import load_params
 
@@ -86,7 +86,8 @@ def server(tmp_path):
 
     from visionflow.serve import create_app
 
-    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
+    src = make_folder_dataset(tmp_path / "images", classes=tuple(CLASSES), per_class=12, size=20)
+    proj = make_project(tmp_path / "proj", src, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
     p = load_params(proj / "params.yaml")
     _register(proj, p, seed=0)
     port = _free_port()
@@ -135,7 +136,11 @@ def _post_image(base: str, data: bytes) -> dict:
 
 
 def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
+    from visionflow import stages
+
     proj, p, base = server
+    stages.ingest_stage(p, proj)
+    version_before = stages.version_stage(p, proj)["data_version"]
     first = _post_image(base, png(11))
     second = _post_image(base, png(12))
     assert first["review_id"] and second["review_id"]
@@ -163,3 +168,13 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
     reviewed = proj / p.serve.reviewed_dir
     saved = sorted(f.relative_to(reviewed).parts[0] for f in reviewed.rglob("*.png"))
     assert saved == sorted(["dog", CLASSES[2]])
+
+    # The next dataset version includes the corrections: ingest adds them to data/raw, DVC records a new version.
+    ingested = stages.ingest_stage(p, proj)
+    assert ingested.n_reviewed == 2
+    raw = proj / p.data.raw_dir
+    assert sorted(f.parent.name for f in raw.glob("*/reviewed__*")) == sorted(["dog", CLASSES[2]])
+    version_after = stages.version_stage(p, proj)["data_version"]
+    assert version_after != version_before
+    validated = stages.validate_stage(p, proj, version_after)
+    assert validated.n_accepted == 36 + 2
