@@ -1,0 +1,20 @@
+"""visionflow's benchmark suite: `python -m bench [--quick] [--only NAME ...] [--out FILE]`.
+
+Every benchmark times visionflow's way of doing something (A) against a plain baseline (B), interleaved
+(A, B, A, B, ...) so that a machine that gets busier or quieter during the run shifts both alike, and reports the
+median ratio with its min and max. Goals are printed beside the figures; nothing here asserts a speed.
+See BENCHMARKS.md for what each benchmark measures.
+"""
+
+BENCHMARKS = ("train_step", "input_pipeline", "inference", "orchestration", "drift", "dvc")
+
+# benchmark name -> module under bench/ (drift and dvc get longer module names so that `bench/` on sys.path
+# could never shadow the real `dvc` package or visionflow's drift module)
+MODULES = {
+    "train_step": "bench.train_step",
+    "input_pipeline": "bench.input_pipeline",
+    "inference": "bench.inference",
+    "orchestration": "bench.orchestration",
+    "drift": "bench.drift_check",
+    "dvc": "bench.dvc_files",
+}

@@ -1,0 +1,297 @@
+"""inference: ONNX Runtime vs PyTorch eager on CPU, and the serving app vs in-process ONNX Runtime.
+
+1. A: ONNX Runtime (visionflow.export.export_onnx of a freshly built net, ort_session on CPU) images/s at batch 1
+   and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at batch 1.
+2. A: requests/s of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1) with a champion
+   registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency httpx clients
+   (one connection each, each sending its next request when the last is answered); B: in-process single-image
+   predictions/s on the same image bytes (decode_for_model + ONNX Runtime, one at a time). Goal >= 0.8x.
+The model is params.yaml's train.model at its image size and channels, untrained (speed does not depend on the
+weights). Torch and ONNX Runtime use their default thread counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from bench.common import (
+    PARAMS,
+    REPO,
+    Context,
+    Measurement,
+    compare,
+    goal,
+    real_data_available,
+    silenced,
+)
+
+NAME = "inference"
+N_CLASSES = 10
+
+
+def _classes() -> list[str]:
+    return [f"class_{i}" for i in range(N_CLASSES)]
+
+
+def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels: int) -> list[dict[str, Any]]:
+    import torch
+
+    from visionflow.export import ort_session
+
+    session = ort_session(onnx_path)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch, iters, the_goal in ((1, 30 if ctx.quick else 500, goal(">= 1.5x", ">=", 1.5)),
+                                   (32, 4 if ctx.quick else 60, None)):
+        x = np.ascontiguousarray(rng.integers(0, 256, (batch, channels, image_size, image_size), dtype=np.uint8))
+        t = torch.from_numpy(x.copy())
+        feed = {"image": x}
+
+        def ort_rate() -> Measurement:
+            session.run(["logits"], feed)
+            start = time.perf_counter()
+            for _ in range(iters):
+                session.run(["logits"], feed)
+            return Measurement(batch * iters / (time.perf_counter() - start))
+
+        def torch_rate() -> Measurement:
+            with torch.inference_mode():
+                net(t)
+                start = time.perf_counter()
+                for _ in range(iters):
+                    net(t)
+                return Measurement(batch * iters / (time.perf_counter() - start))
+
+        rows.append(compare(ctx, f"onnx vs torch, batch {batch}", ort_rate, torch_rate, unit="images/s",
+                            a_label="ONNX Runtime (CPU)", b_label="PyTorch eager (CPU)", higher_is_better=True,
+                            the_goal=the_goal, notes=[f"{iters} calls per timed run, after one warm-up call"]))
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
+    """A real training image when the dataset is here (what clients send), else loadtest's noise PNG."""
+    from visionflow.loadtest import default_image
+
+    if real_data_available():
+        from visionflow.validate import read_manifest
+
+        df = read_manifest(REPO / "data/splits/test.csv")
+        path = Path(df["path"].iloc[0])
+        if path.is_file():
+            return path.read_bytes(), f"real test image {path.name}"
+    return default_image(image_size, channels), "generated noise PNG"
+
+
+def _multipart(data: bytes) -> tuple[bytes, str]:
+    boundary = "visionflow-bench-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_requests: int,
+                      max_s: float) -> dict[str, Any]:
+    """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
+    time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1."""
+    import httpx
+
+    assert url.startswith("http://127.0.0.1:"), url
+    clients = [httpx.AsyncClient(timeout=30, trust_env=False,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+               for _ in range(concurrency)]
+    headers = {"content-type": ctype}
+    issued = ok = 0
+    errors: dict[str, int] = {}
+    latencies: list[float] = []
+    start = time.perf_counter()
+    deadline = start + max_s
+
+    async def worker(client) -> None:
+        nonlocal issued, ok
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            t = time.perf_counter()
+            try:
+                status = str((await client.post(url, content=body, headers=headers)).status_code)
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            if status == "200":
+                ok += 1
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors[status] = errors.get(status, 0) + 1
+
+    try:
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        for c in clients:
+            await c.aclose()
+    seconds = time.perf_counter() - start
+    return {"ok": ok, "requests": issued, "seconds": seconds, "errors": errors,
+            "p50_ms": float(np.median(latencies) * 1000) if latencies else 0.0}
+
+
+def _project(ctx: Context) -> tuple[Path, Any]:
+    """A throwaway project: the repo's params.yaml with a temporary SQLite MLflow store and serving folders."""
+    from visionflow.config import load_params
+
+    proj = ctx.tmp("inference/project")
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["registry"]["tracking_uri"] = f"sqlite:///{proj / 'mlflow.db'}"
+    # An untrained model is unsure of everything, so every request would be queued for review; a trained
+    # champion queues few. The review queue is off here so that the figure is the serving path's.
+    raw["serve"]["review_threshold"] = 0.0
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return proj, load_params(proj / "params.yaml")
+
+
+def _register(proj: Path, p, onnx_path: Path, image_size: int, channels: int, model_name: str) -> str:
+    """Register the exported model and make it champion (as tests/test_serve.py's _register does)."""
+    import mlflow
+
+    from visionflow.export import write_model_card
+    from visionflow.registry import Gate, apply_promotion, register_onnx
+    from visionflow.tracking import setup_mlflow
+
+    card = write_model_card(onnx_path, image_size=image_size, channels=channels, classes=_classes(),
+                            model_name=model_name, data_version="bench")
+    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
+        pass
+    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
+                            mlflow_run_id=run.info.run_id, tags={"visionflow.data_version": "bench"}, metrics={})
+    apply_promotion(p.registry.model_name, version, [Gate("bench", True, "registered by the benchmark")])
+    return version
+
+
+def _start_server(proj: Path, port: int, log: Path) -> tuple[subprocess.Popen, float]:
+    import httpx
+
+    exe = Path(sys.executable).with_name("visionflow")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "visionflow.cli"]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([*cmd, "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
+                                cwd=proj, stdout=fh, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    start = time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`visionflow serve` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2, trust_env=False).status_code == 200:
+                return proc, time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - start > 180:
+            proc.kill()
+            raise RuntimeError(f"`visionflow serve` not ready in 180 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.25)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
+    from visionflow.datamodule import decode_for_model
+    from visionflow.export import ort_session
+    from visionflow.imageio import DecodeRules
+
+    proj, p = _project(ctx)
+    served = proj / "model" / "model.onnx"
+    served.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(onnx_path, served)
+    with silenced(logs=True):  # MLflow's store creation and "registered model" chatter
+        version = _register(proj, p, served, image_size, channels, model_name)
+    data, image_source = _sample_image(image_size, channels)
+    body, ctype = _multipart(data)
+    port = _free_port()
+    ctx.log(f"[inference] starting `visionflow serve` on 127.0.0.1:{port} (champion v{version})")
+    proc, ready_s = _start_server(proj, port, proj / "server.log")
+    concurrency = p.serve.max_concurrency
+    n_requests = 40 if ctx.quick else 3000
+    max_s = 15.0 if ctx.quick else 10.0
+    session = ort_session(served)
+    rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=p.serve.max_pixels,
+                        max_bytes=int(p.serve.max_upload_mb * 1024 * 1024), timeout_s=p.serve.request_timeout_s)
+    n_local = 100 if ctx.quick else 3000
+
+    url = f"http://127.0.0.1:{port}/predict"
+    errors: dict[str, int] = {}
+
+    def server_rate() -> Measurement:
+        asyncio.run(closed_loop(url, body, ctype, concurrency, concurrency * 2, 5.0))  # warm-up requests
+        res = asyncio.run(closed_loop(url, body, ctype, concurrency, n_requests, max_s))
+        for k, v in res["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+        return Measurement(res["ok"] / res["seconds"], {"requests": res["requests"], "p50_ms": res["p50_ms"],
+                                                        "errors": sum(res["errors"].values())})
+
+    def local_rate() -> Measurement:
+        def one() -> None:
+            x = decode_for_model(data, image_size, channels, rules)
+            batch = np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))
+            logits, _emb = session.run(["logits", "embedding"], {"image": batch})
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            (e / e.sum(1, keepdims=True)).argmax(1)
+
+        one()
+        start = time.perf_counter()
+        for _ in range(n_local):
+            one()
+        return Measurement(n_local / (time.perf_counter() - start))
+
+    try:
+        row = compare(ctx, "serving vs in-process", server_rate, local_rate, unit="predictions/s",
+                      a_label=f"visionflow serve over HTTP ({concurrency} in flight)",
+                      b_label="in-process decode + ONNX Runtime", higher_is_better=True,
+                      the_goal=goal(">= 0.8x", ">=", 0.8),
+                      notes=[f"image: {image_source}, {len(data)} bytes; up to {n_requests} requests or {max_s:g} s "
+                             f"per timed run; server ready {ready_s:.1f} s after start; review queue off "
+                             "(serve.review_threshold=0), prediction log on; client and server share this machine"])
+    finally:
+        _stop(proc)
+    if errors:
+        row["notes"].append(f"non-200 answers during the timed runs: {errors}")
+    row["extra"]["server_ready_s"] = round(ready_s, 2)
+    return row
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    import torch
+
+    from visionflow.export import export_onnx
+    from visionflow.model import build_net
+
+    cfg = ctx.params().train
+    torch.manual_seed(0)
+    net = build_net(cfg.model, N_CLASSES, cfg.channels).eval()
+    onnx_path = export_onnx(net, image_size=cfg.image_size, channels=cfg.channels,
+                            path=ctx.tmp("inference/export") / "model.onnx")
+    ctx.log(f"[inference] {cfg.model} at {cfg.image_size} px exported to ONNX; torch threads "
+            f"{torch.get_num_threads()}")
+    rows = onnx_vs_torch(ctx, net, onnx_path, cfg.image_size, cfg.channels)
+    rows.append(serving(ctx, onnx_path, cfg.image_size, cfg.channels, cfg.model))
+    return {"rows": rows, "notes": [], "config": {"model": cfg.model, "image_size": cfg.image_size,
+                                                  "channels": cfg.channels, "device": "cpu"}}
