@@ -28,13 +28,15 @@ def loop_project(tmp_path_factory, harness):
 
     root = tmp_path_factory.mktemp("loop")
     proj = make_project(root / "proj", root / "unused",
-                        data={"source": "fashion-mnist", "max_images": 2000},
+                        data={"source": "fashion-mnist", "max_images": 4000},
                         train={"max_epochs": 2, "num_workers": 0},
                         evaluate={"robustness_images": 100, "severities": [3]},
                         export={"parity_images": 100},
                         registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "accuracy_floor": 0.3,
                                   "bootstrap_samples": 200},
-                        drift={"batch_size": 150, "reference_size": 300, "warm_start_epochs": 1})
+                        # batch and reference as large as this small test split allows: the distance
+                        # thresholds are set for the default 500 vs 5,000, tiny samples are noisier
+                        drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from flows.training import training_flow
 
@@ -50,8 +52,8 @@ def _versions(proj: Path) -> list[str]:
 
 def test_drift_cli_verdicts_and_bad_batches(loop_project):
     proj, _ = loop_project
-    run_cli(proj, "simulate", "--shift", "none", "--n", "150", "--seed", "3", "--out", "data/batches/ref")
-    run_cli(proj, "simulate", "--shift", "noise", "--severity", "5", "--n", "150", "--seed", "4",
+    run_cli(proj, "simulate", "--shift", "none", "--seed", "3", "--out", "data/batches/ref")
+    run_cli(proj, "simulate", "--shift", "noise", "--severity", "5", "--seed", "4",
             "--out", "data/batches/noisy")
     clean = run_cli(proj, "drift", "data/batches/ref", "--json", check=False)
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -72,7 +74,7 @@ def test_drift_cli_verdicts_and_bad_batches(loop_project):
     mixed = run_cli(proj, "drift", "data/batches/noisy", "--json", check=False)
     assert mixed.returncode == 1
     verdict = json.loads((proj / "reports/drift/noisy/verdict.json").read_text())
-    assert verdict["n_unreadable"] == 2 and verdict["n_checked"] == 150
+    assert verdict["n_unreadable"] == 2 and verdict["n_checked"] == 300
     assert {Path(u["file"]).name for u in verdict["unreadable"]} == {"zero.png", "junk.jpg"}
     assert (bad / "zero.png").exists() and (bad / "junk.jpg").exists()
 
@@ -125,3 +127,46 @@ def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
     test = pd.read_csv(proj / "data/splits/test.csv", dtype=str)
     assert test["path"].str.contains("reviewed__").sum() > 0
     assert (~test["path"].str.contains("reviewed__")).sum() == first["splits"]["test"]
+
+
+def test_drift_check_reads_the_serving_prediction_log(loop_project):
+    from fastapi.testclient import TestClient
+
+    from visionflow.config import load_params
+    from visionflow.serve import create_app
+    from visionflow.simulate import simulate
+
+    proj, _ = loop_project
+    p = load_params(proj / "params.yaml")
+    batch = simulate(p, proj, proj / "data/batches/served", shift="noise", severity=5, n=60, seed=21)
+    log = proj / p.serve.prediction_log
+    log.unlink(missing_ok=True)
+    with TestClient(create_app(p, proj, watch=False)) as client:
+        for f in batch.images:
+            r = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
+            assert r.status_code == 200, r.text
+    with log.open("a") as fh:
+        fh.write('{"cut short by a cra')  # a torn last line must not break the check
+    res = run_cli(proj, "drift", "--log", "--json", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    verdict = json.loads(res.stdout)["drift"]
+    assert verdict["n_checked"] == 60 and verdict["source"]["kind"] == "prediction_log"
+    assert verdict["source"]["skipped_malformed_lines"] == 1
+    assert "blur" in verdict["moved"]
+
+
+def test_closed_loop_reports_drift_and_retraining(loop_project):
+    from flows.monitoring import closed_loop_flow
+
+    proj, _ = loop_project
+    # The previous test's retraining holds the cool-down; a zero window lets this loop retrain again.
+    result = closed_loop_flow(params_path=str(proj / "params.yaml"), overrides=["drift.cooldown_hours=0"])
+    report = json.loads((proj / "reports/pipeline.json").read_text())
+    assert report["drift"]["drifted"] is True and report["drift"]["drift_share"] >= 0.3
+    assert "blur" in report["drift"]["features"]
+    r = report["retrain"]
+    assert r["triggered"] and r["new_version"] and isinstance(r["promoted"], bool)
+    assert 0 <= r["drifted_accuracy_before"] <= 1 and 0 <= r["drifted_accuracy_after"] <= 1
+    if r["promoted"]:
+        assert r["drifted_accuracy_after"] == r["eval_batch_accuracy"]["challenger"]
+    assert result["retrain"]["holdout_batch"].endswith("holdout-noise5")
