@@ -67,7 +67,10 @@ class ChampionHolder:
                 return False
             dest = (self.cache_dir / version) if self.cache_dir else None
             path, card = download_onnx(self.model_name, version, dest)
-            loaded = LoadedModel(version, ort_session(path), card, version_info(self.model_name, version)["tags"])
+            # One ONNX Runtime thread per request: requests run in parallel on the thread pool, and intra-op
+            # threads on top of that oversubscribe the cores and stretch the latency tail.
+            loaded = LoadedModel(version, ort_session(path, threads=1), card,
+                                 version_info(self.model_name, version)["tags"])
             with self._lock:
                 self.current = loaded  # one reference swap: in-flight requests keep the session they hold
             self.last_error = None
@@ -265,7 +268,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             arr, properties = decode_with_properties(data, size, channels, rules)
             arrays.append(arr)
             props.append(properties)  # measured on the image as received, like the drift check's reference
-            pngs.append(_png(arr))
+            pngs.append(arr)  # encoded as PNG only if it goes to the review queue
         batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
         logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
         probs = _softmax(logits)
@@ -311,7 +314,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             review_id = None
             if r["confidence"] < cfg.review_threshold:
                 low_conf.inc()
-                review_id = queue.add(r["_png"], model_version=r["model_version"], predicted=r["label"],
+                review_id = queue.add(_png(r["_png"]), model_version=r["model_version"], predicted=r["label"],
                                       confidence=r["confidence"], probabilities=r["probabilities"])
             emb = np.asarray(r["_embedding"], dtype=np.float32)
             log.append({"time": now, "model_version": r["model_version"], "label": r["label"],
