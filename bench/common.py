@@ -9,7 +9,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -168,15 +167,9 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    if sha.returncode != 0:
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    from visionflow.tracking import git_commit as commit_of
+
+    return commit_of(REPO)
 
 
 def machine_info() -> dict[str, Any]:
