@@ -215,7 +215,7 @@ def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | No
              "champion_accuracy_on_batch": v.get("accuracy")}
     retrain = {k: r.get(k) for k in ("triggered", "reason", "new_data_version", "new_version", "promoted",
                                      "gate_reasons", "champion_before", "champion_after", "clean_accuracy",
-                                     "eval_batch_accuracy", "seconds")}
+                                     "eval_batch_accuracy", "seconds", "suppressed_until")}
     ev = r.get("eval_batch_accuracy") or {}
     retrain["drifted_accuracy_before"] = ev.get("champion")
     # After: the champion's accuracy once the gate has decided (the challenger if promoted).
