@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def _log_to_mlflow(run_id: str, r: EvalResult, report_dir: Path) -> None:
     from mlflow.entities import Metric
 
     client = mlflow.MlflowClient()
-    ts = int(__import__("time").time() * 1000)
+    ts = int(time.time() * 1000)
     metrics = {"test/accuracy": r.test_accuracy, "test/macro_f1": r.macro_f1, "test/ece": r.ece,
                "robust/accuracy": r.robust_accuracy}
     for c, pr in r.per_class.items():
