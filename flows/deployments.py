@@ -5,6 +5,12 @@ e.g. `prefect server start`, and PREFECT_API_URL pointing at it):
 
     python -m flows.deployments serve
 
+Or register them on a work pool of a Prefect server, where workers (process, docker or Kubernetes) run them, with
+the training flow as a fourth deployment `visionflow-training/train` (server mode, see infra/README.md):
+
+    python -m flows.deployments deploy --work-pool visionflow-process          # code from this checkout
+    python -m flows.deployments deploy --work-pool visionflow-k8s --image REGISTRY/visionflow-train:TAG
+
 Schedules come from params.yaml (drift.schedule_cron, drift.retrain_cron). The retraining deployment
 `visionflow-retraining/retrain-on-drift` reacts to `visionflow.drift.detected` events whose resource carries
 `visionflow.retrain=requested`, i.e. only alarms that won the cool-down claim, and fires at most once per cool-down
@@ -15,6 +21,7 @@ keeps even a manual extra run from overlapping it.
 from __future__ import annotations
 
 import argparse
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,28 +31,37 @@ from flows.runtime import configure_prefect
 DRIFT_DEPLOYMENT = "hourly-drift-check"
 NIGHTLY_DEPLOYMENT = "nightly-retraining"
 ON_DRIFT_DEPLOYMENT = "retrain-on-drift"
+TRAIN_DEPLOYMENT = "train"
+DEFAULT_WORK_POOL = "visionflow-process"
+REPO = Path(__file__).resolve().parent.parent
 
 
-def build(params_path: str = "params.yaml") -> list[Any]:
+def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tuple[Any, dict[str, Any]]]:
+    """(flow, deployment options) for every deployment; the same definitions back `serve` and `deploy`.
+
+    resolve: pass params_path to the runs as an absolute path (serve, a process pool on this checkout); a path
+    relative to the run's working directory (the image's /app) otherwise.
+    """
     from prefect.events import DeploymentEventTrigger
 
     from flows.monitoring import DRIFT_EVENT, drift_check_flow, retraining_flow
+    from flows.training import training_flow
     from visionflow.config import load_params
 
     p = load_params(params_path)
-    params_path = str(Path(params_path).resolve())
+    params_path = str(Path(params_path).resolve()) if resolve else params_path
     return [
-        drift_check_flow.to_deployment(
+        (drift_check_flow, dict(
             name=DRIFT_DEPLOYMENT, cron=p.drift.schedule_cron, concurrency_limit=1,
             parameters={"params_path": params_path, "use_prediction_log": True, "retrain": "event"},
             description="Drift check of the predictions served since the last check; emits visionflow.drift.detected.",
-            tags=["visionflow", "drift"]),
-        retraining_flow.to_deployment(
+            tags=["visionflow", "drift"])),
+        (retraining_flow, dict(
             name=NIGHTLY_DEPLOYMENT, cron=p.drift.retrain_cron, concurrency_limit=1,
             parameters={"params_path": params_path, "reason": "scheduled"},
             description="Nightly retraining on the current data (reviewed images included) with the promotion gate.",
-            tags=["visionflow", "retraining"]),
-        retraining_flow.to_deployment(
+            tags=["visionflow", "retraining"])),
+        (retraining_flow, dict(
             name=ON_DRIFT_DEPLOYMENT, concurrency_limit=1,
             triggers=[DeploymentEventTrigger(
                 name="retrain on drift", expect={DRIFT_EVENT},
@@ -58,17 +74,64 @@ def build(params_path: str = "params.yaml") -> list[Any]:
                             "eval_batch": "{{ event.payload.eval_batch }}",
                             "claim_id": "{{ event.payload.claim_id }}"})],
             description="Retraining started by a drift alarm that won the cool-down claim.",
-            tags=["visionflow", "retraining"]),
+            tags=["visionflow", "retraining"])),
+        (training_flow, dict(
+            name=TRAIN_DEPLOYMENT, parameters={"params_path": params_path},
+            description="The whole training flow: ingest, version, validate, split, train, evaluate, export, "
+                        "register, promote.",
+            tags=["visionflow", "training"])),
     ]
+
+
+def build(params_path: str = "params.yaml") -> list[Any]:
+    """Deployments for `serve` (runs in this process, on this machine)."""
+    return [fl.to_deployment(**opts) for fl, opts in specs(params_path)]
+
+
+ENTRYPOINTS = {"visionflow-drift-check": "flows/monitoring.py:drift_check_flow",
+               "visionflow-retraining": "flows/monitoring.py:retraining_flow",
+               "visionflow-training": "flows/training.py:training_flow"}
+
+
+def deploy(params_path: str = "params.yaml", work_pool: str = DEFAULT_WORK_POOL, image: str | None = None,
+           job_variables: dict[str, Any] | None = None) -> list[str]:
+    """Register every deployment on a work pool of the Prefect server at PREFECT_API_URL; returns their ids.
+
+    Without an image the runs execute this checkout's code (a process pool on this machine or a shared
+    filesystem); with one, the image's copy (WORKDIR /app, as infra/docker/train.Dockerfile builds it).
+    """
+    from prefect import Flow
+
+    ids = []
+    for fl, opts in specs(params_path, resolve=image is None):
+        if image is None:
+            fl = Flow.from_source(source=str(REPO), entrypoint=ENTRYPOINTS[fl.name])
+        ids.append(str(fl.deploy(**opts, work_pool_name=work_pool, image=image, build=False, push=False,
+                                 job_variables=job_variables or {}, print_next_steps=False)))
+    return ids
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["serve"], help="serve the deployments from this process")
+    parser.add_argument("action", choices=["serve", "deploy"],
+                        help="serve: run the deployments from this process; deploy: register them on a work pool")
     parser.add_argument("--params", default="params.yaml", help="params file the runs read")
+    parser.add_argument("--work-pool", default=os.environ.get("VISIONFLOW_WORK_POOL", DEFAULT_WORK_POOL),
+                        help="work pool for `deploy` (default: $VISIONFLOW_WORK_POOL or %(default)s)")
+    parser.add_argument("--image", default=None,
+                        help="`deploy` for a docker or Kubernetes pool: the training image that holds the code")
     args = parser.parse_args(argv)
+    if args.action == "deploy" and not os.environ.get("PREFECT_API_URL"):
+        parser.exit(2, "deploy needs a Prefect server: set PREFECT_API_URL (and PREFECT_API_AUTH_STRING when "
+                       "it has authentication), e.g. http://127.0.0.1:4200/api\n")
     configure_prefect(Path(args.params).resolve().parent)
+    if args.action == "deploy":
+        for dep_id in deploy(args.params, args.work_pool, args.image):
+            print(dep_id)
+        print(f"registered on work pool {args.work_pool!r}; start a worker: prefect worker start --pool "
+              f"{args.work_pool}; run one: prefect deployment run 'visionflow-training/{TRAIN_DEPLOYMENT}'")
+        return
     from prefect import serve
 
     serve(*build(args.params))

@@ -186,7 +186,7 @@ def rollback() -> None:
     from visionflow.tracking import setup_mlflow
 
     p = state.params()
-    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     demoted, restored = do_rollback(p.registry.model_name)
     out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
 
@@ -199,7 +199,7 @@ def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSIO
     from visionflow.tracking import setup_mlflow
 
     p = state.params()
-    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     if "@" in ref:
         name, alias = ref.split("@", 1)
         version = alias_version(name, alias)
@@ -238,7 +238,7 @@ def serve(
     from visionflow.tracking import setup_mlflow
 
     p = state.params()
-    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     uvicorn.run(create_app(p, state.root), host=host or p.serve.host, port=port or p.serve.port,
                 timeout_keep_alive=5, limit_concurrency=p.serve.max_concurrency * 8 + 64)
 

@@ -92,6 +92,8 @@ class TrainParams(_Section):
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = "auto"
+    # Lightning multi-node training (each node runs `devices` processes); strategy e.g. ddp, fsdp, deepspeed.
+    num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     num_workers: int = Field(2, ge=0)
     augment: AugmentParams = AugmentParams()
@@ -123,6 +125,9 @@ class ExportParams(_Section):
 class RegistryParams(_Section):
     model_name: str = "visionflow-classifier"
     tracking_uri: str | None = None
+    # Artifact root for experiments visionflow creates (e.g. s3://bucket/path). null: the local store's
+    # mlruns/artifacts, or on a tracking server its own default (proxied artifacts: clients need no S3 keys).
+    artifact_location: str | None = None
     accuracy_floor: float = Field(0.85, ge=0, le=1)
     min_gain: float = Field(0.0, ge=-1, le=1)
     max_class_drop: float = Field(0.05, ge=0, le=1)

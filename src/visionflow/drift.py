@@ -62,7 +62,7 @@ def load_champion(p: Params, root: Path):
     from visionflow.registry import CHAMPION, alias_version, download_onnx
     from visionflow.tracking import setup_mlflow
 
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     version = alias_version(p.registry.model_name, CHAMPION)
     if version is None:
         raise DataError(f"{p.registry.model_name} has no champion yet: run the training pipeline "
@@ -345,7 +345,7 @@ def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
 
     from visionflow.tracking import setup_mlflow
 
-    exp = setup_mlflow(p.registry.tracking_uri, root, f"{p.base.project}-drift")
+    exp = setup_mlflow(p.registry.tracking_uri, root, f"{p.base.project}-drift", p.registry.artifact_location)
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{verdict['batch']}") as run:
         mlflow.set_tags({"visionflow.drifted": str(verdict["drifted"]).lower(),
                          "visionflow.champion_version": verdict["champion_version"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -85,7 +86,16 @@ def download_onnx(model_name: str, version: str, dest: Path | None = None) -> tu
 
 @contextlib.contextmanager
 def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> Iterator[None]:
-    """One promotion at a time per model (file lock: every promoter on this machine or shared filesystem)."""
+    """One promotion at a time per model.
+
+    With a Prefect server (PREFECT_API_URL set: server mode, promoters on several machines) the lock is a Prefect
+    global concurrency limit of 1 held under a lease, so a promoter that dies frees it when the lease runs out;
+    locally it is a file lock (every promoter on this machine or a shared filesystem).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        with _prefect_lock(f"visionflow-promote-{model_name}", timeout_s):
+            yield
+        return
     from filelock import FileLock, Timeout
 
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -95,6 +105,38 @@ def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> I
             yield
     except Timeout:
         raise VisionflowError(f"another promotion of {model_name} held the lock for over {timeout_s}s") from None
+
+
+@contextlib.contextmanager
+def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    api = os.environ["PREFECT_API_URL"]
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except ObjectAlreadyExists:  # another promoter created it first
+                    pass
+    except Exception as exc:
+        raise VisionflowError(f"the Prefect server at {api} holds the promotion lock in server mode but could not be "
+                              f"reached ({type(exc).__name__}: {str(exc)[:200]}); start it, fix PREFECT_API_URL / "
+                              "PREFECT_API_AUTH_STRING, or unset PREFECT_API_URL to promote locally") from None
+    acquired = False
+    try:
+        with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+            acquired = True
+            yield
+    except TimeoutError:
+        if acquired:
+            raise
+        raise VisionflowError(f"another promotion held {name} on {api} for over {timeout_s}s") from None
 
 
 # --- gates --------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def evaluate_stage(p: Params, root: Path) -> dict[str, Any]:
     classes = list(model.hparams.classes)
     test = build_cache(root / p.data.splits_dir / "test.csv", root / "data/cache", classes=classes,
                        image_size=model.hparams.image_size, channels=model.hparams.channels)
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     res = evaluate(net=model.net, images=test.images, labels=test.labels, classes=classes, cfg=p.evaluate,
                    seed=p.base.seed, report_dir=root / p.evaluate.report_dir,
                    mlflow_run_id=trained["mlflow_run_id"])
@@ -143,7 +143,7 @@ def export_stage(p: Params, root: Path) -> dict[str, Any]:
 
         from visionflow.tracking import setup_mlflow
 
-        setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+        setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
         now_ms = int(time.time() * 1000)
         mlflow.MlflowClient().log_batch(trained["mlflow_run_id"], metrics=[
             mlflow.entities.Metric(f"onnx/{k}", float(getattr(parity, k)), now_ms, 0)
@@ -173,7 +173,7 @@ def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> 
     if evaluated.get("mlflow_run_id") != trained["mlflow_run_id"]:
         raise DataError(f"{ev_file} does not describe the model in {TRAIN_REPORT} (MLflow run "
                         f"{trained['mlflow_run_id']}): run `visionflow evaluate` first")
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     tags = {**lineage_tags(data_version=trained.get("data_version"), root=root, params_digest=p.digest(),
                            flow_run_id=flow_run_id),
             "visionflow.mlflow_run_id": trained["mlflow_run_id"],
@@ -215,7 +215,7 @@ def champion_weights(p: Params, root: Path) -> Path | None:
     from visionflow.registry import CHAMPION, alias_version, version_info
     from visionflow.tracking import setup_mlflow
 
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     version = alias_version(p.registry.model_name, CHAMPION)
     if version is None:
         return None
@@ -278,7 +278,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
     from visionflow.robustness import corrupt_batch
     from visionflow.tracking import setup_mlflow
 
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     name = p.registry.model_name
     version = version or alias_version(name, CHALLENGER)
     if version is None:

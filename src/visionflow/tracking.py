@@ -24,8 +24,12 @@ def tracking_uri(configured: str | None, root: Path) -> str:
     return f"sqlite:///{(Path(root) / LOCAL_DB).resolve()}"
 
 
-def setup_mlflow(configured: str | None, root: Path, experiment: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns the experiment id."""
+def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_location: str | None = None) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns the experiment id.
+
+    artifact_location (registry.artifact_location) only applies to experiments created here; None keeps the
+    local store's mlruns/artifacts, or a tracking server's own default (its proxied artifact store).
+    """
     import mlflow
 
     uri = tracking_uri(configured, root)
@@ -35,16 +39,26 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str) -> str:
     try:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:
-            location = None
-            if uri.startswith("sqlite:///") or "://" not in uri:
+            location = artifact_location
+            if location is None and (uri.startswith("sqlite:///") or "://" not in uri):
                 location = (Path(root) / LOCAL_ARTIFACTS).resolve().as_uri()
-            return mlflow.create_experiment(experiment, artifact_location=location)
+            try:
+                return mlflow.create_experiment(experiment, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:  # created meanwhile by a concurrent run
+                if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                    raise
+                return mlflow.get_experiment_by_name(experiment).experiment_id
         return exp.experiment_id
     except Exception as exc:  # connection refused, auth, DNS: say where and what to do
         if isinstance(exc, VisionflowError):
             raise
+        text = str(exc)
+        if any(code in text for code in ("401", "403", "Unauthorized", "Forbidden", "Permission denied")):
+            raise VisionflowError(f"MLflow tracking server at {uri} refused the credentials ({text[:200]}): set "
+                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a user with write "
+                                  "access") from None
         raise VisionflowError(f"MLflow tracking server at {uri} is not reachable ({type(exc).__name__}: "
-                              f"{str(exc)[:300]}); start it, or unset MLFLOW_TRACKING_URI / "
+                              f"{text[:300]}); start it, or unset MLFLOW_TRACKING_URI / "
                               "registry.tracking_uri to use the local store") from None
 
 

@@ -38,6 +38,7 @@ class Runtime:
     precision: str
     strategy: str
     channels_last: bool
+    num_nodes: int = 1
 
 
 def resolve_runtime(cfg: TrainParams) -> Runtime:
@@ -50,7 +51,7 @@ def resolve_runtime(cfg: TrainParams) -> Runtime:
     else:
         precision = "32-true"
     return Runtime(accelerator="gpu" if gpu else "cpu", devices=cfg.devices if gpu else 1, precision=precision,
-                   strategy=cfg.strategy, channels_last=gpu)
+                   strategy=cfg.strategy, channels_last=gpu, num_nodes=cfg.num_nodes)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -123,7 +124,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
                          image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
                          num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed)
     dm.prepare_data()
-    world = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
+    per_node = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
+    world = per_node * rt.num_nodes
     steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * world))
     max_steps = max_steps_override or steps_per_epoch * cfg.max_epochs
 
@@ -135,7 +137,7 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
         return TrainResult(**{**state["result"], "reused": True, "seconds": time.perf_counter() - start})
 
-    experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project)
+    experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=tracking_uri(p.registry.tracking_uri, root),
                           run_id=state.get("mlflow_run_id"), log_model=False,
                           tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
@@ -168,8 +170,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
-        accelerator=rt.accelerator, devices=rt.devices, strategy=rt.strategy, precision=rt.precision,
-        max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
+        accelerator=rt.accelerator, devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.strategy,
+        precision=rt.precision, max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], deterministic=not torch.cuda.is_available(),
         log_every_n_steps=max(1, min(50, steps_per_epoch // 2)), enable_progress_bar=progress,
         enable_model_summary=False, default_root_dir=run_dir, num_sanity_val_steps=0,

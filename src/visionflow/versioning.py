@@ -35,16 +35,28 @@ def resolve_remote_url(root: Path, url: str) -> str:
     return str((root / url).resolve())
 
 
+REMOTE_URL_ENV = "VISIONFLOW_DVC_REMOTE_URL"
+ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+
+
 def ensure_repo(root: Path, remote_name: str, remote_url: str) -> str:
-    """`dvc init` when needed and point the default remote at remote_url (in .dvc/config.local, not committed)."""
+    """`dvc init` when needed and point the default remote at remote_url (in .dvc/config.local, not committed).
+
+    VISIONFLOW_DVC_REMOTE_URL overrides data.remote_url (a shared remote, e.g. s3://bucket/visionflow). For S3
+    remotes AWS_ENDPOINT_URL (an S3-compatible store such as MinIO) is written as the remote's endpointurl;
+    credentials stay in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, read by boto at push time)
+    and are never written to a file.
+    """
     root = Path(root)
     if not (root / ".dvc").is_dir():
         scm = (root / ".git").exists()
         _dvc(root, "init", *([] if scm else ["--no-scm"]))
-    url = resolve_remote_url(root, remote_url)
+    url = resolve_remote_url(root, os.environ.get(REMOTE_URL_ENV) or remote_url)
     if "://" not in url:
         Path(url).mkdir(parents=True, exist_ok=True)
     _dvc(root, "remote", "add", "--local", "--force", "--default", remote_name, url)
+    if url.startswith("s3://") and os.environ.get(ENDPOINT_ENV):
+        _dvc(root, "remote", "modify", "--local", remote_name, "endpointurl", os.environ[ENDPOINT_ENV])
     return url
 
 
