@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from visionflow.config import AugmentParams
 from visionflow.errors import DataError
-from visionflow.imageio import DecodeRules, RejectedImage, open_guarded, to_array, visual_properties
+from visionflow.imageio import (  # noqa: F401  (decode_with_properties re-exported for older imports)
+    DecodeRules, RejectedImage, decode_for_model, decode_with_properties, open_guarded, to_array,
+)
 from visionflow.validate import read_manifest
 
 CACHE_VERSION = 1
@@ -55,25 +57,6 @@ def _cache_key(manifest: Path, image_size: int, channels: int, classes: list[str
     h = hashlib.sha256(Path(manifest).read_bytes())
     h.update(json.dumps([CACHE_VERSION, image_size, channels, classes]).encode())
     return h.hexdigest()[:16]
-
-
-def _to_model_size(arr: np.ndarray, image_size: int, channels: int) -> np.ndarray:
-    if arr.shape[0] != image_size or arr.shape[1] != image_size:
-        shrink = arr.shape[0] > image_size or arr.shape[1] > image_size
-        arr = cv2.resize(arr, (image_size, image_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return arr.reshape(image_size, image_size, channels)
-
-
-def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules) -> np.ndarray:
-    """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving."""
-    return _to_model_size(to_array(open_guarded(data, rules), channels), image_size, channels)
-
-
-def decode_with_properties(data: bytes, image_size: int, channels: int,
-                           rules: DecodeRules) -> tuple[np.ndarray, dict[str, float]]:
-    """decode_for_model plus the image's visual properties, from one decode (serving and the drift check)."""
-    img = open_guarded(data, rules)
-    return _to_model_size(to_array(img, channels), image_size, channels), visual_properties(img)
 
 
 def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_size: int, channels: int,

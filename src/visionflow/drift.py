@@ -58,7 +58,7 @@ def rules_for(p: Params) -> DecodeRules:
 
 def load_champion(p: Params, root: Path):
     """(version, ONNX Runtime session, model card) of the registry's champion."""
-    from visionflow.export import ort_session
+    from visionflow.onnxrt import ort_session
     from visionflow.registry import CHAMPION, alias_version, download_onnx
     from visionflow.tracking import setup_mlflow
 
@@ -74,7 +74,7 @@ def load_champion(p: Params, root: Path):
 def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256,
             progress=None) -> Features:
     """Decode each file once (guarded), measure its properties, and run the champion on it."""
-    from visionflow.datamodule import decode_with_properties
+    from visionflow.imageio import decode_with_properties
 
     size, channels, classes = card["image_size"], card["channels"], card["classes"]
     arrays, props, rejected, kept = [], [], [], []

@@ -21,6 +21,7 @@ from torch import nn
 
 from visionflow.evaluate import predict_logits
 from visionflow.imageio import sha256_file
+from visionflow.onnxrt import ort_logits, ort_session  # noqa: F401  (re-exported)
 
 
 class _Exportable(nn.Module):
@@ -65,23 +66,6 @@ def write_model_card(onnx_path: Path, *, image_size: int, channels: int, classes
     }
     Path(onnx_path).with_name("model_card.json").write_text(json.dumps(card, indent=2))
     return card
-
-
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def ort_logits(session, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = np.ascontiguousarray(np.asarray(images[i:i + batch_size]).transpose(0, 3, 1, 2))
-        out.append(session.run(["logits"], {"image": x})[0])
-    return np.concatenate(out)
 
 
 @dataclass(frozen=True)

@@ -173,3 +173,27 @@ def read_limited(path: Path, max_bytes: int) -> bytes:
     if size > max_bytes:
         raise RejectedImage("file_too_large", f"{size} bytes > limit {max_bytes}")
     return path.read_bytes()
+
+
+# --- decoding to the model's input (training cache, promotion batches, serving, drift): no torch here ---------
+
+
+def _to_model_size(arr: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    if arr.shape[0] != image_size or arr.shape[1] != image_size:
+        shrink = arr.shape[0] > image_size or arr.shape[1] > image_size
+        import cv2  # opencv-python-headless: in the serving image too
+
+        arr = cv2.resize(arr, (image_size, image_size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return arr.reshape(image_size, image_size, channels)
+
+
+def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules) -> np.ndarray:
+    """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving."""
+    return _to_model_size(to_array(open_guarded(data, rules), channels), image_size, channels)
+
+
+def decode_with_properties(data: bytes, image_size: int, channels: int,
+                           rules: DecodeRules) -> tuple[np.ndarray, dict[str, float]]:
+    """decode_for_model plus the image's visual properties, from one decode (serving and the drift check)."""
+    img = open_guarded(data, rules)
+    return _to_model_size(to_array(img, channels), image_size, channels), visual_properties(img)

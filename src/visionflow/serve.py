@@ -55,7 +55,7 @@ class ChampionHolder:
         self._stop = threading.Event()
 
     def refresh(self) -> bool:
-        from visionflow.export import ort_session
+        from visionflow.onnxrt import ort_session
         from visionflow.registry import alias_version, download_onnx, version_info
 
         try:
@@ -262,7 +262,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def infer(model: LoadedModel, payloads: list[bytes]) -> list[dict[str, Any]]:
         size, channels = model.card["image_size"], model.card["channels"]
         arrays, props, pngs = [], [], []
-        from visionflow.datamodule import decode_with_properties
+        from visionflow.imageio import decode_with_properties
 
         for data in payloads:
             arr, properties = decode_with_properties(data, size, channels, rules)

@@ -240,7 +240,7 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def labelled_batch(p: Params, folder: Path, image_size: int, channels: int,
                    classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
-    from visionflow.datamodule import decode_for_model
+    from visionflow.imageio import decode_for_model
     from visionflow.drift import rules_for
     from visionflow.imageio import RejectedImage, read_limited
     from visionflow.simulate import load_batch
@@ -270,7 +270,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
     eval_batch: a reviewed production batch (e.g. the drifted data that triggered retraining) added to the paired
     comparison, and reported separately as `eval_batch_accuracy` for challenger and champion.
     """
-    from visionflow.export import ort_session
+    from visionflow.onnxrt import ort_session
     from visionflow.registry import (
         CHALLENGER, CHAMPION, RegistryError, alias_version, apply_promotion, download_onnx, gate_decision,
         promotion_lock, version_info,

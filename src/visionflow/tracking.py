@@ -63,6 +63,9 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_l
 
 
 def git_commit(root: Path) -> str:
+    """The checkout's commit (+ "-dirty"); in an image without .git, VISIONFLOW_GIT_COMMIT set at build time."""
+    if not (Path(root) / ".git").exists() and os.environ.get("VISIONFLOW_GIT_COMMIT"):
+        return os.environ["VISIONFLOW_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

@@ -48,9 +48,11 @@ def ensure_repo(root: Path, remote_name: str, remote_url: str) -> str:
     and are never written to a file.
     """
     root = Path(root)
+    scm = (root / ".git").exists()
     if not (root / ".dvc").is_dir():
-        scm = (root / ".git").exists()
         _dvc(root, "init", *([] if scm else ["--no-scm"]))
+    elif not scm:  # a copy without .git (a container image): DVC would refuse every command
+        _dvc(root, "config", "--local", "core.no_scm", "true")
     url = resolve_remote_url(root, os.environ.get(REMOTE_URL_ENV) or remote_url)
     if "://" not in url:
         Path(url).mkdir(parents=True, exist_ok=True)
