@@ -1,0 +1,1 @@
+"""Integration tier: the pipeline against real servers (PostgreSQL, S3-compatible store, MLflow, Prefect)."""
