@@ -34,10 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true", help="train_step on GPU: torch.compile both loops' nets")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="GPU peak for MFU, TFLOP/s (default 989: H100 SXM bf16 dense)")
+    ap.add_argument("--dvc-files", type=int, nargs="+", metavar="N",
+                    help="dvc benchmark sizes in files (default 20000; --quick 1000); the whole Fashion-MNIST is "
+                         "--dvc-files 20000 70000, which about doubles the full suite's time")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temporary work folder (for debugging)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.dvc_files is not None and min(args.dvc_files) < 1:
+        ap.error("--dvc-files sizes must be at least 1")
     return args
 
 
@@ -50,6 +55,11 @@ def fmt(v: Any, unit: str = "") -> str:
         a = abs(v)
         return f"{v:.3g}" if a < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{seconds:.1f} s"
 
 
 def _ratio(v: float) -> str:
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO / "bench/results" / f"{stamp}{'-quick' if args.quick else ''}.json"
     workdir = Path(tempfile.mkdtemp(prefix="visionflow-bench-"))
     ctx = Context(quick=args.quick, repeats=repeats, workdir=workdir, compile=args.compile,
-                  peak_tflops=args.peak_tflops, console=console)
+                  peak_tflops=args.peak_tflops, console=console,
+                  dvc_files=tuple(args.dvc_files) if args.dvc_files else None)
     results: dict[str, Any] = {
         "schema": 1, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": ["python", "-m", "bench",
                                                                                      *sys.argv[1:]],
@@ -136,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]{name} failed[/red]: {entry['traceback']}", highlight=False)
             entry["seconds"] = round(time.perf_counter() - t0, 2)
             results["benchmarks"][name] = entry
+            ctx.log(f"[bold]{name}[/bold] {entry['status']} in {_duration(entry['seconds'])} "
+                    f"(load average {os.getloadavg()[0]:.2f})")
             write_json(out, results)  # what has run so far survives a later crash or Ctrl-C
     finally:
         if not args.keep_workdir:
@@ -145,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(out, results)
     render(results, out_console)
+    times = ", ".join(f"{n} {_duration(b['seconds'])}" for n, b in results["benchmarks"].items())
+    out_console.print(f"wall time: {times}; total {_duration(results['seconds'])}", highlight=False)
     out_console.print(f"results: {out} ({results['seconds']:.0f} s)", highlight=False)
     return 1 if any(b["status"] == "error" for b in results["benchmarks"].values()) else 0
 

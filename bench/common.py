@@ -33,6 +33,7 @@ class Context:
     compile: bool = False
     peak_tflops: float = 989.0
     console: Any = None
+    dvc_files: tuple[int, ...] | None = None  # dvc benchmark sizes; None: its default for the mode
     shared: dict[str, Any] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:

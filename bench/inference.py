@@ -3,7 +3,7 @@
 1. A: ONNX Runtime (visionflow.export.export_onnx of a freshly built net, ort_session on CPU) images/s at batch 1
    and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at batch 1.
 2. A: requests/s of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1) with a champion
-   registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency httpx clients
+   registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency keep-alive clients
    (one connection each, each sending its next request when the last is answered); B: in-process single-image
    predictions/s on the same image bytes (decode_for_model + ONNX Runtime, one at a time). Goal >= 0.8x.
 The model is params.yaml's train.model at its image size and channels, untrained (speed does not depend on the
@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+import psutil
 import yaml
 
 from bench.common import (
@@ -52,8 +54,8 @@ def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels:
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
     rows = []
-    for batch, iters, the_goal in ((1, 30 if ctx.quick else 500, goal(">= 1.5x", ">=", 1.5)),
-                                   (32, 4 if ctx.quick else 60, None)):
+    for batch, iters, the_goal in ((1, 30 if ctx.quick else 300, goal(">= 1.5x", ">=", 1.5)),
+                                   (32, 4 if ctx.quick else 30, None)):
         x = np.ascontiguousarray(rng.integers(0, 256, (batch, channels, image_size, image_size), dtype=np.uint8))
         t = torch.from_numpy(x.copy())
         feed = {"image": x}
@@ -109,40 +111,59 @@ def _multipart(data: bytes) -> tuple[bytes, str]:
 async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_requests: int,
                       max_s: float) -> dict[str, Any]:
     """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
-    time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1."""
-    import httpx
+    time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1.
 
-    assert url.startswith("http://127.0.0.1:"), url
-    clients = [httpx.AsyncClient(timeout=30, trust_env=False,
-                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-               for _ in range(concurrency)]
-    headers = {"content-type": ctype}
+    The client is a minimal HTTP/1.1 keep-alive loop on asyncio streams sending prebuilt request bytes (as wrk
+    does), not httpx: on 2 shared cores httpx spent about twice the server's CPU per request (6.5 ms against
+    3.1 ms), so the load generator, not the server, set the figure."""
+    parts = urlsplit(url)
+    assert parts.hostname == "127.0.0.1" and parts.port, url
+    host, port = parts.hostname, parts.port
+    request = (f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
     issued = ok = 0
     errors: dict[str, int] = {}
     latencies: list[float] = []
     start = time.perf_counter()
     deadline = start + max_s
 
-    async def worker(client) -> None:
+    async def worker() -> None:
         nonlocal issued, ok
-        while issued < max_requests and time.perf_counter() < deadline:
-            issued += 1
-            t = time.perf_counter()
-            try:
-                status = str((await client.post(url, content=body, headers=headers)).status_code)
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            if status == "200":
-                ok += 1
-                latencies.append(time.perf_counter() - t)
-            else:
-                errors[status] = errors.get(status, 0) + 1
+        conn = None
+        try:
+            while issued < max_requests and time.perf_counter() < deadline:
+                issued += 1
+                t = time.perf_counter()
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection(host, port)
+                    reader, writer = conn
+                    writer.write(request)
+                    await writer.drain()
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                    status = head[9:12].decode()
+                    headers = head.lower()
+                    at = headers.find(b"content-length:")
+                    length = int(headers[at + 15:headers.index(b"\r\n", at)]) if at >= 0 else 0
+                    await reader.readexactly(length)
+                    if b"connection: close" in headers:
+                        writer.close()
+                        conn = None
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+                    status = type(exc).__name__
+                    if conn is not None:
+                        conn[1].close()
+                    conn = None
+                if status == "200":
+                    ok += 1
+                    latencies.append(time.perf_counter() - t)
+                else:
+                    errors[status] = errors.get(status, 0) + 1
+        finally:
+            if conn is not None:
+                conn[1].close()
 
-    try:
-        await asyncio.gather(*(worker(c) for c in clients))
-    finally:
-        for c in clients:
-            await c.aclose()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
     return {"ok": ok, "requests": issued, "seconds": seconds, "errors": errors,
             "p50_ms": float(np.median(latencies) * 1000) if latencies else 0.0}
@@ -230,23 +251,36 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     ctx.log(f"[inference] starting `visionflow serve` on 127.0.0.1:{port} (champion v{version})")
     proc, ready_s = _start_server(proj, port, proj / "server.log")
     concurrency = p.serve.max_concurrency
-    n_requests = 40 if ctx.quick else 3000
-    max_s = 15.0 if ctx.quick else 10.0
+    n_requests = 40 if ctx.quick else 2000
+    max_s = 15.0 if ctx.quick else 6.0
     session = ort_session(served)
     rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=p.serve.max_pixels,
                         max_bytes=int(p.serve.max_upload_mb * 1024 * 1024), timeout_s=p.serve.request_timeout_s)
-    n_local = 100 if ctx.quick else 3000
+    n_local = 100 if ctx.quick else 2000
 
     url = f"http://127.0.0.1:{port}/predict"
     errors: dict[str, int] = {}
 
+    server = psutil.Process(proc.pid)
+
+    def cpu_s(process: psutil.Process) -> float:
+        t = process.cpu_times()
+        return t.user + t.system
+
     def server_rate() -> Measurement:
         asyncio.run(closed_loop(url, body, ctype, concurrency, concurrency * 2, 5.0))  # warm-up requests
+        server_cpu, client_cpu = cpu_s(server), cpu_s(psutil.Process())
         res = asyncio.run(closed_loop(url, body, ctype, concurrency, n_requests, max_s))
+        server_cpu, client_cpu = cpu_s(server) - server_cpu, cpu_s(psutil.Process()) - client_cpu
         for k, v in res["errors"].items():
             errors[k] = errors.get(k, 0) + v
+        done = max(res["requests"], 1)
+        # CPU per request, so the serving path's own cost can be told apart from the load generator's: on 2
+        # cores the load generator competes with the server for the same CPUs.
         return Measurement(res["ok"] / res["seconds"], {"requests": res["requests"], "p50_ms": res["p50_ms"],
-                                                        "errors": sum(res["errors"].values())})
+                                                        "errors": sum(res["errors"].values()),
+                                                        "server_cpu_ms_per_request": 1000 * server_cpu / done,
+                                                        "client_cpu_ms_per_request": 1000 * client_cpu / done})
 
     def local_rate() -> Measurement:
         def one() -> None:
@@ -257,10 +291,11 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
             (e / e.sum(1, keepdims=True)).argmax(1)
 
         one()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_s(psutil.Process())
         for _ in range(n_local):
             one()
-        return Measurement(n_local / (time.perf_counter() - start))
+        seconds, cpu = time.perf_counter() - start, cpu_s(psutil.Process()) - cpu
+        return Measurement(n_local / seconds, {"cpu_ms_per_prediction": 1000 * cpu / n_local})
 
     try:
         row = compare(ctx, "serving vs in-process", server_rate, local_rate, unit="predictions/s",
@@ -274,6 +309,15 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
         _stop(proc)
     if errors:
         row["notes"].append(f"non-200 answers during the timed runs: {errors}")
+    # The serving path's cost per request in CPU time (server process only) against in-process decode + ONNX
+    # Runtime: the ratio a server with cores of its own would approach, the load generator's CPU left out.
+    server_ms = row["extra"]["a_server_cpu_ms_per_request"]["median"]
+    local_ms = row["extra"]["b_cpu_ms_per_prediction"]["median"]
+    cpu_ratio = round(local_ms / server_ms, 3) if server_ms else None
+    row["extra"]["cpu_ratio_local_over_server"] = cpu_ratio
+    client_ms = row["extra"]["a_client_cpu_ms_per_request"]["median"]
+    row["notes"].append(f"CPU per request: server {server_ms:.2f} ms, client {client_ms:.2f} ms; "
+                        f"in-process {local_ms:.2f} ms per prediction (CPU ratio {cpu_ratio})")
     row["extra"]["server_ready_s"] = round(ready_s, 2)
     return row
 

@@ -43,7 +43,7 @@ def run(ctx: Context) -> dict[str, Any]:
     rows, notes, config = [], [], {}
     p = ctx.params()
     for prof in profiles(ctx):
-        n_batches = 6 if ctx.quick else (100 if prof.accelerator == "cpu" else 40)
+        n_batches = 6 if ctx.quick else (60 if prof.accelerator == "cpu" else 40)
         need = prof.batch_size * (n_batches + 2)
         whole = not ctx.quick and prof.accelerator == "cpu"
         data = make_splits(ctx, f"input_pipeline/{prof.name}", {"train": need, "val": 1, "test": 1},
