@@ -93,17 +93,27 @@ ENTRYPOINTS = {"visionflow-drift-check": "flows/monitoring.py:drift_check_flow",
                "visionflow-training": "flows/training.py:training_flow"}
 
 
+DEPLOYMENT_NAMES = (DRIFT_DEPLOYMENT, NIGHTLY_DEPLOYMENT, ON_DRIFT_DEPLOYMENT, TRAIN_DEPLOYMENT)
+
+
 def deploy(params_path: str = "params.yaml", work_pool: str = DEFAULT_WORK_POOL, image: str | None = None,
-           job_variables: dict[str, Any] | None = None) -> list[str]:
-    """Register every deployment on a work pool of the Prefect server at PREFECT_API_URL; returns their ids.
+           job_variables: dict[str, Any] | None = None, only: list[str] | None = None) -> list[str]:
+    """Register the deployments (every one, or those named in `only`) on a work pool of the Prefect server at
+    PREFECT_API_URL; returns their ids.
 
     Without an image the runs execute this checkout's code (a process pool on this machine or a shared
     filesystem); with one, the image's copy (WORKDIR /app, as infra/docker/train.Dockerfile builds it).
+    `only` lets a pool take part of the work, e.g. training on a GPU pool while the drift checks run elsewhere.
     """
     from prefect import Flow
 
+    unknown = sorted(set(only or ()) - set(DEPLOYMENT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown deployment(s) {unknown}: choose from {list(DEPLOYMENT_NAMES)}")
     ids = []
     for fl, opts in specs(params_path, resolve=image is None):
+        if only and opts["name"] not in only:
+            continue
         if image is None:
             fl = Flow.from_source(source=str(REPO), entrypoint=ENTRYPOINTS[fl.name])
         ids.append(str(fl.deploy(**opts, work_pool_name=work_pool, image=image, build=False, push=False,
@@ -121,13 +131,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="work pool for `deploy` (default: $VISIONFLOW_WORK_POOL or %(default)s)")
     parser.add_argument("--image", default=None,
                         help="`deploy` for a docker or Kubernetes pool: the training image that holds the code")
+    parser.add_argument("--only", nargs="+", choices=DEPLOYMENT_NAMES, metavar="NAME",
+                        help=f"`deploy` only these deployments (of: {', '.join(DEPLOYMENT_NAMES)}); default all")
     args = parser.parse_args(argv)
     if args.action == "deploy" and not os.environ.get("PREFECT_API_URL"):
         parser.exit(2, "deploy needs a Prefect server: set PREFECT_API_URL (and PREFECT_API_AUTH_STRING when "
                        "it has authentication), e.g. http://127.0.0.1:4200/api\n")
     configure_prefect(Path(args.params).resolve().parent)
     if args.action == "deploy":
-        for dep_id in deploy(args.params, args.work_pool, args.image):
+        for dep_id in deploy(args.params, args.work_pool, args.image, only=args.only):
             print(dep_id)
         print(f"registered on work pool {args.work_pool!r}; start a worker: prefect worker start --pool "
               f"{args.work_pool}; run one: prefect deployment run 'visionflow-training/{TRAIN_DEPLOYMENT}'")

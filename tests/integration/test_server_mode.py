@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,10 @@ def stack(tmp_path_factory, s3, mlflow_server, prefect_server):
     env.pop("MLFLOW_S3_ENDPOINT_URL", None)  # clients reach artifacts through the MLflow server only
     subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
                    env=env, check=True, capture_output=True, cwd=REPO)
-    # the deployments, registered the documented way; params.yaml here is only read for schedules
-    deploy = subprocess.run([sys.executable, "-m", "flows.deployments", "deploy", "--work-pool", POOL],
-                            env=env, capture_output=True, text=True, cwd=REPO)
+    # the training deployment, registered the documented way; only it: the hourly drift check's schedule would
+    # otherwise fire mid-test and run against the repository's own params.yaml
+    deploy = subprocess.run([sys.executable, "-m", "flows.deployments", "deploy", "--work-pool", POOL,
+                             "--only", "train"], env=env, capture_output=True, text=True, cwd=REPO)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker = start_worker(POOL, env, base / "worker.log", limit=4)
     try:
@@ -60,24 +62,36 @@ def stack(tmp_path_factory, s3, mlflow_server, prefect_server):
         stop(worker)
 
 
-def _submit(params: Path) -> str:
+@contextmanager
+def _on_server(stack):
+    """This process's Prefect client pointed at the stack's server. Prefect reads its settings once, at import:
+    an earlier test in the same session imported it, so environment variables set now would be ignored."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack["env"]["PREFECT_API_URL"],
+                                     PREFECT_API_AUTH_STRING: stack["env"]["PREFECT_API_AUTH_STRING"]}):
+        yield
+
+
+def _submit(stack, params: Path) -> str:
     from prefect.deployments import run_deployment
 
-    run = run_deployment(DEPLOYMENT, parameters={"params_path": str(params)}, timeout=0)
+    with _on_server(stack):
+        run = run_deployment(DEPLOYMENT, parameters={"params_path": str(params)}, timeout=0)
     return str(run.id)
 
 
-def _read(run_id: str):
+def _read(stack, run_id: str):
     from prefect import get_client
 
-    with get_client(sync_client=True) as client:
+    with _on_server(stack), get_client(sync_client=True) as client:
         return client.read_flow_run(run_id)
 
 
 def _wait_final(run_ids: list[str], stack, timeout: float) -> dict[str, object]:
     deadline = time.time() + timeout
     while True:
-        runs = {r: _read(r) for r in run_ids}
+        runs = {r: _read(stack, r) for r in run_ids}
         if all(run.state and run.state.is_final() for run in runs.values()):
             return runs
         if time.time() > deadline:
@@ -86,18 +100,20 @@ def _wait_final(run_ids: list[str], stack, timeout: float) -> dict[str, object]:
         time.sleep(2)
 
 
-def _registry():
+def _registry(stack, monkeypatch):
+    """An MLflow client of the stack's server; the URI given explicitly (an earlier test may have set MLflow's
+    process-wide one), the basic-auth credentials through the environment, where MLflow reads them per request."""
     from mlflow import MlflowClient
 
-    return MlflowClient()
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, stack["env"][k])
+    uri = stack["env"]["MLFLOW_TRACKING_URI"]
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def test_four_training_runs_through_the_worker_all_complete(stack, monkeypatch):
-    for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-              "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(k, stack["env"][k])
     projects = [_project(stack["base"], f"p{i}", stack["source"]) for i in range(4)]
-    ids = [_submit(pr / "params.yaml") for pr in projects]
+    ids = [_submit(stack, pr / "params.yaml") for pr in projects]
     runs = _wait_final(ids, stack, timeout=900)
     assert [r.state_name for r in runs.values()] == ["Completed"] * 4, stack["log"].read_text()[-4000:]
 
@@ -105,7 +121,7 @@ def test_four_training_runs_through_the_worker_all_complete(stack, monkeypatch):
     assert {r["flow_run_id"] for r in reports} == set(ids)  # each ran in its own workspace, none lost
     versions = sorted(int(r["registry"]["version"]) for r in reports)
     assert versions == [1, 2, 3, 4]
-    client = _registry()
+    client = _registry(stack, monkeypatch)
     # metadata in Postgres behind the MLflow server; the artifacts went through it to the S3 bucket
     assert sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == versions
     champion = client.get_model_version_by_alias(MODEL, "champion").version
@@ -136,17 +152,15 @@ def _flow_run_pid(worker: subprocess.Popen, run_id: str) -> int | None:
     return None
 
 
-def test_a_run_killed_mid_training_is_marked_crashed_and_a_rerun_finishes(stack, monkeypatch):
-    for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-              "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(k, stack["env"][k])
+def test_a_run_killed_mid_training_is_marked_crashed_and_a_rerun_finishes(stack):
     # no early stopping: the re-run must finish the whole step budget the killed run started
     proj = _project(stack["base"], "crash", stack["source"], epochs=20, patience=1000)
-    run_id = _submit(proj / "params.yaml")
+    run_id = _submit(stack, proj / "params.yaml")
     deadline = time.time() + 600
     while not list(proj.glob("runs/train/*/checkpoints/last.ckpt")):  # well into training
         assert time.time() < deadline, stack["log"].read_text()[-4000:]
-        assert not (_read(run_id).state and _read(run_id).state.is_final()), "finished before it could be killed"
+        state = _read(stack, run_id).state
+        assert not (state and state.is_final()), "finished before it could be killed"
         time.sleep(0.5)
     pid = _flow_run_pid(stack["worker"], run_id)
     assert pid is not None, "no process of the worker runs this flow run"
@@ -154,7 +168,7 @@ def test_a_run_killed_mid_training_is_marked_crashed_and_a_rerun_finishes(stack,
     crashed = _wait_final([run_id], stack, timeout=180)[run_id]
     assert crashed.state_name == "Crashed", crashed.state
 
-    rerun = _submit(proj / "params.yaml")
+    rerun = _submit(stack, proj / "params.yaml")
     done = _wait_final([rerun], stack, timeout=900)[rerun]
     assert done.state_name == "Completed", stack["log"].read_text()[-4000:]
     report = json.loads((proj / "reports/pipeline.json").read_text())
@@ -181,10 +195,9 @@ PROMOTER = textwrap.dedent("""
 def test_eight_concurrent_registrations_and_promotions_leave_one_champion(stack, monkeypatch):
     assert len(PROJECTS) == 4, "needs the four trained projects of the first test"
     client_env = stack["env"]
-    for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.setenv(k, client_env[k])
-    before = {int(v.version) for v in _registry().search_model_versions(f"name='{MODEL}'")}
-    champion_at_start = _registry().get_model_version_by_alias(MODEL, "champion").version
+    registry = _registry(stack, monkeypatch)
+    before = {int(v.version) for v in registry.search_model_versions(f"name='{MODEL}'")}
+    champion_at_start = registry.get_model_version_by_alias(MODEL, "champion").version
     procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, str(pr)], env=client_env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pr in list(PROJECTS.values()) * 2]
@@ -194,7 +207,7 @@ def test_eight_concurrent_registrations_and_promotions_leave_one_champion(stack,
 
     versions = [int(d["version"]) for d in decisions]
     assert len(set(versions)) == 8  # no duplicate versions
-    after = {int(v.version) for v in _registry().search_model_versions(f"name='{MODEL}'")}
+    after = {int(v.version) for v in registry.search_model_versions(f"name='{MODEL}'")}
     assert after == before | set(versions) and after == set(range(1, max(after) + 1))  # no gaps either
     assert all(d["promoted"] for d in decisions), [d["reasons"] for d in decisions if not d["promoted"]]
     # Promotions were serialised by the lock on the Prefect server: each one judged against the champion of that
@@ -207,4 +220,4 @@ def test_eight_concurrent_registrations_and_promotions_leave_one_champion(stack,
         current = by_before[current]
         chain.append(current)
     assert len(chain) == 8
-    assert _registry().get_model_version_by_alias(MODEL, "champion").version == current
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == current
