@@ -113,14 +113,13 @@ async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_r
     """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
     time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1.
 
-    The client is a minimal HTTP/1.1 keep-alive loop on asyncio streams sending prebuilt request bytes (as wrk
+    The client is visionflow.loadtest's KeepAliveClient (prebuilt request bytes on keep-alive connections, as wrk
     does), not httpx: on 2 shared cores httpx spent about twice the server's CPU per request (6.5 ms against
     3.1 ms), so the load generator, not the server, set the figure."""
-    parts = urlsplit(url)
-    assert parts.hostname == "127.0.0.1" and parts.port, url
-    host, port = parts.hostname, parts.port
-    request = (f"POST {parts.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
-               f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode() + body
+    from visionflow.loadtest import KeepAliveClient
+
+    assert urlsplit(url).hostname == "127.0.0.1", url
+    client = KeepAliveClient(url, body, ctype, timeout_s=30)
     issued = ok = 0
     errors: dict[str, int] = {}
     latencies: list[float] = []
@@ -129,41 +128,20 @@ async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_r
 
     async def worker() -> None:
         nonlocal issued, ok
-        conn = None
-        try:
-            while issued < max_requests and time.perf_counter() < deadline:
-                issued += 1
-                t = time.perf_counter()
-                try:
-                    if conn is None:
-                        conn = await asyncio.open_connection(host, port)
-                    reader, writer = conn
-                    writer.write(request)
-                    await writer.drain()
-                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-                    status = head[9:12].decode()
-                    headers = head.lower()
-                    at = headers.find(b"content-length:")
-                    length = int(headers[at + 15:headers.index(b"\r\n", at)]) if at >= 0 else 0
-                    await reader.readexactly(length)
-                    if b"connection: close" in headers:
-                        writer.close()
-                        conn = None
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
-                    status = type(exc).__name__
-                    if conn is not None:
-                        conn[1].close()
-                    conn = None
-                if status == "200":
-                    ok += 1
-                    latencies.append(time.perf_counter() - t)
-                else:
-                    errors[status] = errors.get(status, 0) + 1
-        finally:
-            if conn is not None:
-                conn[1].close()
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            t = time.perf_counter()
+            status = await client.post()
+            if status == "200":
+                ok += 1
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors[status] = errors.get(status, 0) + 1
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        client.close()
     seconds = time.perf_counter() - start
     return {"ok": ok, "requests": issued, "seconds": seconds, "errors": errors,
             "p50_ms": float(np.median(latencies) * 1000) if latencies else 0.0}

@@ -37,11 +37,10 @@ import numpy as np
 from visionflow.errors import VisionflowError
 
 MODES = ("full", "concurrency", "rate")
-# Connections per httpx client. One AsyncClient with dozens of connections costs several times more client CPU per
-# request than a few small ones (its pool is shared by every request); on a small machine that made the client,
-# not the server, the bottleneck: 60 workers on one client got ~25 req/s and no 503s, on 15 clients ~120 req/s
-# and the server's 503s.
-SHARD = 4
+# Idle keep-alive connections are dropped after this long, before the server's own keep-alive timeout (uvicorn:
+# 5 s, as `visionflow serve` sets it); reusing one the server is closing would fail a request through no fault of
+# the server's.
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 class LoadTestError(VisionflowError):
@@ -118,29 +117,81 @@ class _Recorder:
                      percentiles(self.ok), percentiles(self.failed), late, dropped)
 
 
-class Target:
-    """The endpoint under test, the one request body every load request sends, and the clients that send it."""
+class KeepAliveClient:
+    """A minimal HTTP/1.1 client that sends one prebuilt request over reusable keep-alive connections, as wrk does.
 
-    def __init__(self, clients: list, url: str, body: bytes, content_type: str):
-        self.clients = clients
-        self.busy = [0] * len(clients)
-        self.url = url
-        self.body = body
-        self.headers = {"content-type": content_type}
+    Not httpx: on 2 shared cores httpx spent about twice the server's CPU per request (6.5 ms against 3.1 ms), so
+    the load generator, not the server, set the figures. Here a request is one write of prebuilt bytes and one
+    read of the answer. Every failure (refused, reset, timeout, torn answer) comes back as its exception's name,
+    never raised; a connection that failed is closed, never reused.
+    """
+
+    def __init__(self, url: str, body: bytes, content_type: str, timeout_s: float, tls: ssl.SSLContext | None = None):
+        parts = urlsplit(url)
+        self.host, self.tls = parts.hostname, tls if parts.scheme == "https" else None
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.timeout_s = timeout_s
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.request = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
+                        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                        "Connection: keep-alive\r\n\r\n").encode() + body
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        now = time.monotonic()
+        while self.idle:
+            reader, writer, since = self.idle.pop()
+            if now - since < KEEPALIVE_EXPIRY_S and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[str, bool]:
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, headers = head[9:12].decode(), head.lower()
+        if b"transfer-encoding: chunked" in headers:
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await reader.readexactly(size + 2)
+            await reader.readuntil(b"\r\n")
+        else:
+            at = headers.find(b"content-length:")
+            await reader.readexactly(int(headers[at + 15:headers.index(b"\r\n", at)]) if at >= 0 else 0)
+        return status, b"connection: close" not in headers
+
+    async def post(self) -> str:
+        """Send the request once; the HTTP status ("200", "503", ...) or the failure's name."""
+        conn = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await self._connection()
+                conn[1].write(self.request)
+                await conn[1].drain()
+                status, keep = await self._answer(conn[0])
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as exc:
+            if conn is not None:
+                conn[1].close()
+            return "ReadTimeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+        if keep:
+            self.idle.append((*conn, time.monotonic()))
+        else:
+            conn[1].close()
+        return status
+
+    def close(self) -> None:
+        for _, writer, _ in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+class Target:
+    """The endpoint under test and the one request every load request sends."""
+
+    def __init__(self, client: KeepAliveClient):
+        self.client = client
 
     async def hit(self, rec: _Recorder) -> None:
-        import httpx
-
-        k = min(range(len(self.busy)), key=self.busy.__getitem__)  # the least busy client
-        self.busy[k] += 1
         start = time.perf_counter()
-        try:
-            r = await self.clients[k].post(self.url, content=self.body, headers=self.headers)
-            status = str(r.status_code)
-        except httpx.HTTPError as exc:  # timeouts, resets: counted, never raised
-            status = type(exc).__name__
-        finally:
-            self.busy[k] -= 1
+        status = await self.client.post()
         elapsed = time.perf_counter() - start
         if status == "200":
             rec.ok.append(elapsed)
@@ -232,18 +283,12 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
     import httpx
 
     base = require_loopback(url)
-    pool = max(concurrency, ramp_max, overload_concurrency, max_in_flight)
-    # Idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s, as `visionflow serve`
-    # sets it), or a request sent as the server closes the connection fails with a ReadError that is no fault of
-    # the server's.
-    limits = httpx.Limits(max_connections=SHARD, max_keepalive_connections=SHARD, keepalive_expiry=2.0)
-    tls = ssl.create_default_context()  # made once: each client would otherwise load the CA bundle again
+    tls = ssl.create_default_context() if base.startswith("https") else None
     async with contextlib.AsyncExitStack() as stack:
-        # trust_env=False: no proxy from the environment gets between us and loopback.
-        clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout_s,
-                                                                     trust_env=False, verify=tls))
-                   for _ in range(-(-pool // SHARD))]
-        client = clients[0]
+        # The control requests (ready, model, health) go through httpx; trust_env=False: no proxy from the
+        # environment gets between us and loopback.
+        client = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout_s, trust_env=False,
+                                                                   verify=tls or True))
         try:
             ready = await client.get(f"{base}/ready")
         except httpx.HTTPError as exc:
@@ -254,11 +299,14 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
         model = (await client.get(f"{base}/model")).json()
         data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
         body, ctype = _multipart(data)
-        target = Target(clients, f"{base}/predict", body, ctype)
+        load = KeepAliveClient(f"{base}/predict", body, ctype, timeout_s, tls)
+        stack.callback(load.close)
+        target = Target(load)
         report: dict[str, Any] = {
             "url": base, "mode": mode, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             # Client and server share this machine: its size and load say how far the numbers can be trusted.
             "host": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
+            "client": "raw HTTP/1.1 keep-alive (prebuilt request bytes)",
             "model_version": ready.json().get("model_version"),
             "image": {"source": str(image) if image else "generated noise", "bytes": len(data),
                       "model_input": [model["image_size"], model["image_size"], model["channels"]]},
