@@ -20,6 +20,14 @@ def test_help_lists_every_stage(tmp_path):
         assert cmd in proc.stdout
 
 
+@pytest.mark.parametrize("args, message", [(["registry"], "No such command 'registry'"),
+                                           (["train", "--bogus"], "No such option: --bogus")])
+def test_a_mistyped_command_or_option_is_a_usage_error_not_a_traceback(tmp_path, args, message):
+    proc = run_cli(tmp_path, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    _no_traceback(proc)
+
+
 @pytest.mark.slow
 def test_stages_end_to_end(tmp_path):
     src = make_folder_dataset(tmp_path / "images", per_class=30)

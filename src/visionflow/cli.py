@@ -478,15 +478,30 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort,):
         return 1
     except Exception as exc:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage, exits = _click_exceptions()
+        if isinstance(exc, usage):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, exits):
             return exc.exit_code
         raise
     return rc if isinstance(rc, int) else 0
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, exit classes) of click and of the copy of click that newer typer releases vendor
+    (typer._click), whichever are installed: typer raises its own copy's, which are not click's."""
+    usage: list[type] = []
+    exits: list[type] = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            mod = __import__(name, fromlist=["ClickException"])
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        exits += [e for e in (getattr(mod, "Exit", None),) if e is not None]
+    exits.append(typer.Exit)
+    return tuple(usage), tuple(exits)
 
 
 def entrypoint() -> None:
