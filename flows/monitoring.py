@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from prefect.runtime import flow_run
 from flows.training import training_flow
 from visionflow import monitor, stages
 from visionflow.config import Params, load_params
+from visionflow.registry import prefect_api_url
 from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
 
 DRIFT_EVENT = "visionflow.drift.detected"
@@ -95,7 +95,7 @@ def _retrain_mode(requested: str) -> str:
     """'event' when a Prefect server has the retraining deployment (its trigger reacts); else 'inline'."""
     if requested != "auto":
         return requested
-    if not os.environ.get("PREFECT_API_URL"):
+    if not prefect_api_url():
         return "inline"
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -84,6 +83,17 @@ def download_onnx(model_name: str, version: str, dest: Path | None = None) -> tu
     return onnx_file, card
 
 
+def prefect_api_url() -> str | None:
+    """The Prefect API this process's clients talk to, or None when they use the local temporary server.
+
+    Read from Prefect's settings, not os.environ: Prefect fixes its settings when first imported (profiles and
+    temporary_settings included), so only this tells where its clients really go.
+    """
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or None
+
+
 @contextlib.contextmanager
 def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> Iterator[None]:
     """One promotion at a time per model.
@@ -92,7 +102,7 @@ def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> I
     global concurrency limit of 1 held under a lease, so a promoter that dies frees it when the lease runs out;
     locally it is a file lock (every promoter on this machine or a shared filesystem).
     """
-    if os.environ.get("PREFECT_API_URL"):
+    if prefect_api_url():
         with _prefect_lock(f"visionflow-promote-{model_name}", timeout_s):
             yield
         return
@@ -114,7 +124,7 @@ def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    api = os.environ["PREFECT_API_URL"]
+    api = prefect_api_url()
     try:
         with get_client(sync_client=True) as client:
             try:

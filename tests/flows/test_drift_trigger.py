@@ -53,7 +53,12 @@ def prefect_server(tmp_path, monkeypatch):
         for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK"):
             monkeypatch.setenv(k, env[k])
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield env
+        # Prefect fixed its settings when an earlier test imported it; the environment alone would leave this
+        # process's flows and clients on that earlier (temporary) server
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            yield env
     finally:
         proc.terminate()
         proc.wait(timeout=30)
