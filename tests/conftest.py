@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import struct
@@ -50,6 +51,23 @@ def png_header_only(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
         chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def prefect_pointed_at(updates: dict):
+    """This process's Prefect clients pointed at another server for the block (Prefect reads its settings once, at
+    import, so after an earlier test imported it environment variables set now are ignored). On the way out,
+    Prefect's background services are drained: each keeps the client it started with (the concurrency-slot
+    service caches one per lock name), and would go on calling a server that the test is about to stop."""
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+    from prefect.settings import temporary_settings
+
+    try:
+        with temporary_settings(updates=updates):
+            yield
+    finally:
+        # drain_all stops every instance of every Prefect queue service (they share one registry)
+        ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=30, at_exit=False)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_folder_dataset, make_project
+from tests.conftest import REPO, make_folder_dataset, make_project, prefect_pointed_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -53,11 +53,9 @@ def prefect_server(tmp_path, monkeypatch):
         for k in ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK"):
             monkeypatch.setenv(k, env[k])
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        # Prefect fixed its settings when an earlier test imported it; the environment alone would leave this
-        # process's flows and clients on that earlier (temporary) server
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_URL
 
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with prefect_pointed_at({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             yield env
     finally:
         proc.terminate()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_folder_dataset, make_project
+from tests.conftest import REPO, make_folder_dataset, make_project, prefect_pointed_at
 from tests.integration.servers import start_worker, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -64,12 +64,11 @@ def stack(tmp_path_factory, s3, mlflow_server, prefect_server):
 
 @contextmanager
 def _on_server(stack):
-    """This process's Prefect client pointed at the stack's server. Prefect reads its settings once, at import:
-    an earlier test in the same session imported it, so environment variables set now would be ignored."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+    """This process's Prefect client pointed at the stack's server (see prefect_pointed_at)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
-    with temporary_settings(updates={PREFECT_API_URL: stack["env"]["PREFECT_API_URL"],
-                                     PREFECT_API_AUTH_STRING: stack["env"]["PREFECT_API_AUTH_STRING"]}):
+    with prefect_pointed_at({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"],
+                             PREFECT_API_AUTH_STRING: stack["env"]["PREFECT_API_AUTH_STRING"]}):
         yield
 
 
