@@ -72,10 +72,12 @@ def version_info(model_name: str, version: str) -> dict[str, Any]:
 
 
 def download_onnx(model_name: str, version: str, dest: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """The version's model.onnx and its card, downloaded from the registry (cached per version)."""
+    """The version's model.onnx and its card, downloaded from the registry into dest (a new temp folder, the
+    caller's to remove, when none is given)."""
     import mlflow
 
     dest = Path(dest or tempfile.mkdtemp(prefix="visionflow-model-"))
+    dest.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
                                                      dst_path=str(dest)))
     onnx_file = next(local.rglob("*.onnx"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -283,10 +284,11 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
     version = version or alias_version(name, CHALLENGER)
     if version is None:
         raise RegistryError(f"no version given and {name} has no challenger: register a model first")
-    with promotion_lock(root / "mlruns", name):
+    # the models are only read into ONNX Runtime sessions: their downloads go when the promotion is decided
+    with promotion_lock(root / "mlruns", name), tempfile.TemporaryDirectory(prefix="visionflow-promote-") as tmp:
         info = version_info(name, version)
         champion = alias_version(name, CHAMPION)
-        new_path, card = download_onnx(name, version)
+        new_path, card = download_onnx(name, version, Path(tmp) / version)
         classes = card["classes"]
         new_sess = ort_session(new_path)
 
@@ -307,7 +309,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
         all_new = _correctness(new_sess, every, every_labels)
         clean_old = all_old = None
         if champion is not None and champion != version:
-            old_path, old_card = download_onnx(name, champion)
+            old_path, old_card = download_onnx(name, champion, Path(tmp) / champion)
             if old_card["classes"] != classes:
                 raise RegistryError(f"champion v{champion} predicts classes {old_card['classes']}, challenger "
                                     f"v{version} predicts {classes}: promote by hand after review")

@@ -145,3 +145,19 @@ def test_concurrent_promotions_end_with_exactly_one_champion(champion):
     promoted = [d["version"] for d in decisions if d["promoted"]]
     assert len(promoted) == 1, decisions  # identical models: only the first can win, the rest do not beat it
     assert alias_version(model, CHAMPION) == promoted[0]
+
+
+def test_promotion_keeps_no_model_downloads(champion, tmp_path, monkeypatch):
+    """Promotion reads the challenger and the champion into ONNX Runtime and leaves nothing behind: a nightly
+    retraining loop used to leave two model folders in the temp dir per promotion."""
+    import tempfile
+
+    proj, first = champion
+    p = load_params(proj / "params.yaml", ["registry.accuracy_floor=0.0"])
+    newer = stages.register_stage(p, proj)["version"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    decision = stages.promote_stage(p, proj, newer)
+    assert decision["version"] == newer and decision["clean_accuracy"]["champion"] is not None  # both downloaded
+    assert sorted(x.name for x in scratch.iterdir()) == []
