@@ -17,7 +17,7 @@ from visionflow.config import load_params
 from visionflow.export import export_onnx, write_model_card
 from visionflow.model import build_net
 from visionflow.registry import CHAMPION, Gate, apply_promotion, register_onnx
-from visionflow.serve import ChampionHolder, create_app
+from visionflow.serve import ChampionHolder, PredictionLog, create_app
 from visionflow.tracking import setup_mlflow
 
 CLASSES = ["cat", "dog", "fox"]
@@ -152,3 +152,22 @@ def test_token_auth_when_configured(tmp_path, monkeypatch):
         ok = client.post("/predict", files=files, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert client.get("/health").status_code == 200
+
+
+def test_prediction_log_survives_rotation_and_removal(tmp_path):
+    """The log keeps one handle open; a rotated (renamed) or deleted file is noticed and a new one started, so no
+    line goes to a file nobody reads."""
+    path = tmp_path / "log" / "predictions.jsonl"
+    log = PredictionLog(path)
+    log.append({"n": 1})
+    path.rename(tmp_path / "log" / "predictions.jsonl.1")  # logrotate's default: rename, then a new file
+    log.append({"n": 2}, {"n": 3})
+    assert [json.loads(x)["n"] for x in (tmp_path / "log/predictions.jsonl.1").read_text().splitlines()] == [1]
+    assert [json.loads(x)["n"] for x in path.read_text().splitlines()] == [2, 3]
+    path.unlink()
+    log.append({"n": 4})
+    log.close()
+    assert [json.loads(x)["n"] for x in path.read_text().splitlines()] == [4]
+    log.append({"n": 5})  # a closed log reopens rather than failing a request
+    log.close()
+    assert path.read_text().count("\n") == 2

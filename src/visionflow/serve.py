@@ -151,15 +151,38 @@ class ReviewQueue:
 
 
 class PredictionLog:
+    """Append-only JSON lines. One handle stays open (opening per line cost the event loop); it is reopened when
+    the file was rotated or removed, and every batch of lines is written and flushed whole under a lock."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._fh: Any = None
+        self._inode: int | None = None
 
-    def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
+    def append(self, *records: dict[str, Any]) -> None:
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        with self._lock:
+            try:
+                inode = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                inode = None
+            if self._fh is None or inode != self._inode:
+                self.close_unlocked()
+                self._fh = self.path.open("a", encoding="utf-8")
+                self._inode = os.fstat(self._fh.fileno()).st_ino
+            self._fh.write(text)
+            self._fh.flush()
+
+    def close_unlocked(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_unlocked()
 
 
 class BodyLimit:
@@ -233,7 +256,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                   version="1")
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024)
 
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if token is None:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
@@ -251,6 +274,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     @app.on_event("shutdown")
     def _stop() -> None:
         holder.stop()
+        log.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
     def model_or_503() -> LoadedModel:
@@ -260,26 +284,37 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         return m
 
     def infer(model: LoadedModel, payloads: list[bytes]) -> list[dict[str, Any]]:
+        """Decode, run the model, queue uncertain predictions and log every one: all of it on a worker thread,
+        so the event loop only parses requests and writes answers."""
         size, channels = model.card["image_size"], model.card["channels"]
-        arrays, props, pngs = [], [], []
+        arrays, props = [], []
         from visionflow.imageio import decode_with_properties
 
         for data in payloads:
             arr, properties = decode_with_properties(data, size, channels, rules)
             arrays.append(arr)
             props.append(properties)  # measured on the image as received, like the drift check's reference
-            pngs.append(arr)  # encoded as PNG only if it goes to the review queue
         batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
         logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
         probs = _softmax(logits)
         classes = model.card["classes"]
-        out = []
+        now = time.time()
+        out, records = [], []
         for i in range(len(payloads)):
             k = int(probs[i].argmax())
-            out.append({"label": classes[k], "confidence": float(probs[i, k]),
-                        "probabilities": {c: round(float(v), 6) for c, v in zip(classes, probs[i])},
-                        "model_version": model.version, "_embedding": embedding[i], "_props": props[i],
-                        "_png": pngs[i]})
+            label, confidence = classes[k], float(probs[i, k])
+            probabilities = {c: round(float(v), 6) for c, v in zip(classes, probs[i])}
+            review_id = None
+            if confidence < cfg.review_threshold:  # encoded as PNG only when it goes to the review queue
+                review_id = queue.add(_png(arrays[i]), model_version=model.version, predicted=label,
+                                      confidence=confidence, probabilities=probabilities)
+            records.append({"time": now, "model_version": model.version, "label": label,
+                            "confidence": round(confidence, 6), "review_id": review_id, **props[i],
+                            "embedding": np.round(embedding[i].astype(np.float64), 4).tolist()})
+            out.append({"label": label, "confidence": confidence, "probabilities": probabilities,
+                        "model_version": model.version, "review_id": review_id})
+        # A request that timed out (504) still lands here: the model did see that image, so it is logged.
+        log.append(*records)
         return out
 
     def shed_if_full(endpoint: str) -> None:
@@ -308,21 +343,10 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         elapsed = time.perf_counter() - start
         latency.labels(endpoint).observe(elapsed)
         requests_total.labels(endpoint, "200").inc()
-        now = time.time()
         for r in results:
             predictions.labels(r["label"]).inc()
-            review_id = None
-            if r["confidence"] < cfg.review_threshold:
+            if r["review_id"] is not None:
                 low_conf.inc()
-                review_id = queue.add(_png(r["_png"]), model_version=r["model_version"], predicted=r["label"],
-                                      confidence=r["confidence"], probabilities=r["probabilities"])
-            emb = np.asarray(r["_embedding"], dtype=np.float32)
-            log.append({"time": now, "model_version": r["model_version"], "label": r["label"],
-                        "confidence": round(r["confidence"], 6), "review_id": review_id, **r["_props"],
-                        "embedding": [round(float(v), 4) for v in emb]})
-            r["review_id"] = review_id
-            for key in ("_embedding", "_props", "_png"):
-                r.pop(key)
         return results
 
     async def read_files(request: Request, max_files: int) -> list[bytes]:
