@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -165,6 +166,9 @@ def test_prediction_log_survives_rotation_and_removal(tmp_path):
     assert [json.loads(x)["n"] for x in (tmp_path / "log/predictions.jsonl.1").read_text().splitlines()] == [1]
     assert [json.loads(x)["n"] for x in path.read_text().splitlines()] == [2, 3]
     path.unlink()
+    log.append({"n": 4})
+    assert [json.loads(x)["n"] for x in path.read_text().splitlines()] == [4]
+    shutil.rmtree(path.parent)  # the whole folder removed while serving: recreated, the line kept
     log.append({"n": 4})
     log.close()
     assert [json.loads(x)["n"] for x in path.read_text().splitlines()] == [4]

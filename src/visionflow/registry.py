@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,12 +70,11 @@ def version_info(model_name: str, version: str) -> dict[str, Any]:
             "aliases": list(getattr(mv, "aliases", []) or [])}
 
 
-def download_onnx(model_name: str, version: str, dest: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """The version's model.onnx and its card, downloaded from the registry into dest (a new temp folder, the
-    caller's to remove, when none is given)."""
+def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict[str, Any]]:
+    """The version's model.onnx and its card, downloaded from the registry into dest (created if missing)."""
     import mlflow
 
-    dest = Path(dest or tempfile.mkdtemp(prefix="visionflow-model-"))
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
                                                      dst_path=str(dest)))

@@ -45,7 +45,7 @@ class LoadedModel:
 class ChampionHolder:
     """Holds the current champion; `refresh()` reloads when the alias points at a different version."""
 
-    def __init__(self, model_name: str, alias: str = "champion", cache_dir: Path | None = None):
+    def __init__(self, model_name: str, alias: str = "champion", *, cache_dir: Path):
         self.model_name = model_name
         self.alias = alias
         self.cache_dir = cache_dir
@@ -65,8 +65,7 @@ class ChampionHolder:
                 return False
             if self.current is not None and self.current.version == version:
                 return False
-            dest = (self.cache_dir / version) if self.cache_dir else None
-            path, card = download_onnx(self.model_name, version, dest)
+            path, card = download_onnx(self.model_name, version, self.cache_dir / version)
             # One ONNX Runtime thread per request: requests run in parallel on the thread pool, and intra-op
             # threads on top of that oversubscribe the cores and stretch the latency tail.
             loaded = LoadedModel(version, ort_session(path, threads=1), card,
@@ -152,7 +151,8 @@ class ReviewQueue:
 
 class PredictionLog:
     """Append-only JSON lines. One handle stays open (opening per line cost the event loop); it is reopened when
-    the file was rotated or removed, and every batch of lines is written and flushed whole under a lock."""
+    the file (or its folder) was rotated or removed, and every batch of lines is written and flushed whole under a
+    lock."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -169,20 +169,21 @@ class PredictionLog:
             except FileNotFoundError:
                 inode = None
             if self._fh is None or inode != self._inode:
-                self.close_unlocked()
+                self._close_unlocked()
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # its folder may have gone with it
                 self._fh = self.path.open("a", encoding="utf-8")
                 self._inode = os.fstat(self._fh.fileno()).st_ino
             self._fh.write(text)
             self._fh.flush()
 
-    def close_unlocked(self) -> None:
+    def _close_unlocked(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
 
     def close(self) -> None:
         with self._lock:
-            self.close_unlocked()
+            self._close_unlocked()
 
 
 class BodyLimit:

@@ -152,7 +152,7 @@ def test_promotion_keeps_no_model_downloads(champion, tmp_path, monkeypatch):
     retraining loop used to leave two model folders in the temp dir per promotion."""
     import tempfile
 
-    proj, first = champion
+    proj = champion[0]
     p = load_params(proj / "params.yaml", ["registry.accuracy_floor=0.0"])
     newer = stages.register_stage(p, proj)["version"]
     scratch = tmp_path / "tmp"
