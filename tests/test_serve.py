@@ -175,3 +175,56 @@ def test_prediction_log_survives_rotation_and_removal(tmp_path):
     log.append({"n": 5})  # a closed log reopens rather than failing a request
     log.close()
     assert path.read_text().count("\n") == 2
+
+
+def test_an_unwritable_prediction_log_answers_503_and_is_counted(tmp_path):
+    """A prediction that cannot be recorded is refused with a 503 that says why (not a bare 500), the failure is
+    counted on /metrics, and serving recovers once the log can be written again."""
+    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
+    p = load_params(proj / "params.yaml")
+    _register(proj, p, seed=3)
+    log = proj / p.serve.prediction_log
+    with TestClient(create_app(p, proj, watch=False)) as client:
+        files = {"file": ("a.png", png(1), "image/png")}
+        assert client.post("/predict", files=files).status_code == 200
+        log.unlink()
+        log.mkdir()  # the log's path is now a folder: every append fails with an OSError
+        r = client.post("/predict", files=files)
+        assert r.status_code == 503, r.text
+        assert "cannot record predictions" in r.json()["detail"] and "see the server log" in r.json()["detail"]
+        assert 'visionflow_requests_total{endpoint="predict",status="503"} 1.0' in client.get("/metrics").text
+        log.rmdir()
+        assert client.post("/predict", files=files).status_code == 200
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apart():
+    """Requests that queue while the thread is busy run as one batch; each gets its own result or its own error."""
+    import asyncio
+    import threading
+
+    from visionflow.serve import Batcher
+
+    release, calls = threading.Event(), []
+
+    def handle(jobs):
+        calls.append(list(jobs))
+        if jobs == ["first"]:
+            release.wait(10)  # hold the thread until the others have queued
+        return [ValueError(j) if j.startswith("bad") else j.upper() for j in jobs]
+
+    async def main():
+        batcher = Batcher(handle, max_jobs=3)
+        first = batcher.submit("first")
+        while not calls:
+            await asyncio.sleep(0.001)
+        rest = [batcher.submit(j) for j in ("a", "bad-b", "c", "d")]
+        release.set()
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+        batcher.stop()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert calls == [["first"], ["a", "bad-b", "c"], ["d"]]  # at most max_jobs per batch, in arrival order
+    assert outcomes[:2] == ["FIRST", "A"] and outcomes[3:] == ["C", "D"]
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "bad-b"

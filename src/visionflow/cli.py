@@ -240,7 +240,8 @@ def serve(
     p = state.params()
     setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     uvicorn.run(create_app(p, state.root), host=host or p.serve.host, port=port or p.serve.port,
-                timeout_keep_alive=5, limit_concurrency=p.serve.max_concurrency * 8 + 64)
+                timeout_keep_alive=5, limit_concurrency=p.serve.max_concurrency * 8 + 64,
+                access_log=p.serve.access_log)
 
 
 @app.command()

@@ -130,11 +130,10 @@ def image_properties(gray: np.ndarray) -> dict[str, float]:
     import cv2
 
     g = gray.astype(np.float32)
-    return {
-        "brightness": float(g.mean()),
-        "contrast": float(g.std()),
-        "blur": float(cv2.Laplacian(g, cv2.CV_32F).var()),
-    }
+    # cv2.meanStdDev: one C call each (numpy's mean/std/var on a 28x28 image cost ~25 us apiece in Python)
+    mean, std = cv2.meanStdDev(g)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F))
+    return {"brightness": float(mean[0, 0]), "contrast": float(std[0, 0]), "blur": float(lap_std[0, 0]) ** 2}
 
 
 def visual_properties(img: Image.Image) -> dict[str, float]:

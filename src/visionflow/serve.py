@@ -2,7 +2,8 @@
 
 - The champion is loaded from `models:/<name>@champion`; a background thread polls the alias and swaps in a new
   session when it moves. Requests hold a reference to the session they started with, so none is dropped.
-- Inference runs in a thread pool, off the event loop, behind a concurrency limit that answers 503 when full.
+- Inference runs on one batching thread, off the event loop, behind a concurrency limit that answers 503 when
+  full; the predict routes are plain ASGI handlers (the rest of the API is FastAPI).
 - Uploads are bounded (body size, multipart parts, decode pixels, formats, time) and never name a server path.
 - Low-confidence predictions go to the review queue (SQLite + image files); a reviewed label turns the image into
   labelled data under data/reviewed/<class>/, a folder-per-class dataset the retraining flow can ingest.
@@ -14,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
+import queue as queues
 import sqlite3
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from starlette.responses import Response
 
 from visionflow.config import Params
 from visionflow.imageio import DecodeRules, RejectedImage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class ChampionHolder:
             if self.current is not None and self.current.version == version:
                 return False
             path, card = download_onnx(self.model_name, version, self.cache_dir / version)
-            # One ONNX Runtime thread per request: requests run in parallel on the thread pool, and intra-op
+            # One ONNX Runtime thread: the batcher's thread and the event loop already keep two cores busy, and
             # threads on top of that oversubscribe the cores and stretch the latency tail.
             loaded = LoadedModel(version, ort_session(path, threads=1), card,
                                  version_info(self.model_name, version)["tags"])
@@ -152,7 +156,7 @@ class ReviewQueue:
 class PredictionLog:
     """Append-only JSON lines. One handle stays open (opening per line cost the event loop); it is reopened when
     the file (or its folder) was rotated or removed, and every batch of lines is written and flushed whole under a
-    lock."""
+    lock (the batcher writes one batch per model call, so the check is shared by every request in it)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -184,6 +188,64 @@ class PredictionLog:
     def close(self) -> None:
         with self._lock:
             self._close_unlocked()
+
+
+class Batcher:
+    """One inference thread that takes every request waiting when it comes round and runs them as one batch.
+
+    Nothing waits for a batch to fill: on an idle server a lone request runs at once; on a busy one the thread
+    hand-offs, the ONNX Runtime call and the prediction-log write are shared by everything that queued meanwhile,
+    so the more requests wait, the less each costs. One thread, not a pool: the Python part of inference holds
+    the GIL, and a pool of four threads plus the event loop fought over it (stalls of 30-80 ms under load).
+    `handle` gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it.
+    """
+
+    def __init__(self, handle, max_jobs: int):
+        self.handle, self.max_jobs = handle, max_jobs
+        self._jobs: queues.SimpleQueue = queues.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((job, future, loop))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (first := self._jobs.get()) is not None:
+            batch = [first]
+            while len(batch) < self.max_jobs:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queues.Empty:
+                    break
+                if nxt is None:  # stop after this batch
+                    self._jobs.put(None)
+                    break
+                batch.append(nxt)
+            try:
+                outcomes = self.handle([job for job, _, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the thread lives on
+                outcomes = [exc] * len(batch)
+            by_loop: dict[Any, list] = {}
+            for (_, future, loop), outcome in zip(batch, outcomes):
+                by_loop.setdefault(loop, []).append((future, outcome))
+            for loop, settled in by_loop.items():  # one wake-up of the event loop per batch
+                loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # cancelled meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class BodyLimit:
@@ -234,6 +296,88 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+class RequestError(Exception):
+    """An answer other than 200 for a predict request: status, message, extra headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+MAX_FIELD_BYTES = 64 * 1024  # a form field that is not a file: nothing we read, so it stays small
+
+
+def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fields: int,
+                    max_file_bytes: int) -> list[bytes]:
+    """The file parts of a multipart/form-data body, in order, with every limit checked as the parser goes (the
+    5,000th part is never reached: parsing stops at the first part over a limit). Fields without a file name are
+    counted and dropped; file names are never read."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data":
+        raise RequestError(422, "send the image as a multipart file field (e.g. -F file=@image.png)")
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise RequestError(400, "malformed multipart body: no boundary in the Content-Type")
+    files: list[bytes] = []
+    part: dict[str, Any] = {}
+    counts = {"files": 0, "fields": 0}
+    header: list[bytes] = [b"", b""]
+
+    def on_part_begin() -> None:
+        part.clear()
+        part.update(disposition=b"", chunks=[], size=0, is_file=False)
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header[0] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header[1] += data[start:end]
+
+    def on_header_end() -> None:
+        if header[0].lower() == b"content-disposition":
+            part["disposition"] = header[1]
+        header[0] = header[1] = b""
+
+    def on_headers_finished() -> None:
+        disposition, params = parse_options_header(part["disposition"])
+        if disposition != b"form-data" or b"name" not in params:
+            raise RequestError(400, "malformed multipart body: a part without a form-data name")
+        part["is_file"] = b"filename" in params
+        key, limit = ("files", max_files) if part["is_file"] else ("fields", max_fields)
+        counts[key] += 1
+        if counts[key] > limit:
+            raise RequestError(400, f"too many {key} in the form: at most {limit}")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["size"] += end - start
+        if part["is_file"] and part["size"] > max_file_bytes:
+            raise RequestError(413, f"image over {max_file_bytes} bytes")
+        if not part["is_file"] and part["size"] > MAX_FIELD_BYTES:
+            raise RequestError(400, f"a form field over {MAX_FIELD_BYTES} bytes")
+        if part["is_file"]:
+            part["chunks"].append(data[start:end])
+
+    def on_part_end() -> None:
+        if part.get("is_file"):
+            files.append(b"".join(part["chunks"]))
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+                                        "on_part_end": on_part_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise RequestError(400, f"malformed multipart body: {exc}") from None
+    if not files:
+        raise RequestError(422, "send the image as a multipart file field (e.g. -F file=@image.png)")
+    return files
+
+
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
     """The FastAPI application; `holder` may be given (tests), otherwise it follows the registry champion."""
     cfg = p.serve
@@ -243,7 +387,6 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     log = PredictionLog(root / cfg.prediction_log)
     rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=cfg.max_pixels,
                         max_bytes=int(cfg.max_upload_mb * 1024 * 1024), timeout_s=cfg.request_timeout_s)
-    pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="infer")
     slots = asyncio.Semaphore(cfg.max_concurrency + cfg.queue_depth)
     registry = CollectorRegistry()
     latency = Histogram("visionflow_request_seconds", "request latency from the handler start (upload read included)", ["endpoint"], registry=registry,
@@ -257,12 +400,15 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                   version="1")
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024)
 
+    def token_matches(given: str) -> bool:
+        return hmac.compare_digest(given.encode(), token.encode())
+
     async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if token is None:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
             or request.query_params.get("token", "")  # <img> tags on the review page cannot send headers
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not token_matches(given):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.on_event("startup")
@@ -276,7 +422,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def _stop() -> None:
         holder.stop()
         log.close()
-        pool.shutdown(wait=False, cancel_futures=True)
+        batcher.stop()
 
     def model_or_503() -> LoadedModel:
         m = holder.current
@@ -284,104 +430,160 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             raise HTTPException(503, f"no model loaded: {holder.last_error or 'starting'}")
         return m
 
-    def infer(model: LoadedModel, payloads: list[bytes]) -> list[dict[str, Any]]:
-        """Decode, run the model, queue uncertain predictions and log every one: all of it on a worker thread,
-        so the event loop only parses requests and writes answers."""
-        size, channels = model.card["image_size"], model.card["channels"]
-        arrays, props = [], []
+    def prepare(job: tuple[LoadedModel, bytes, bytes, int]) -> tuple[list[np.ndarray], list[dict[str, float]]]:
+        """Parse one request's form and decode its images (raises RequestError / RejectedImage for that one)."""
         from visionflow.imageio import decode_with_properties
 
-        for data in payloads:
-            arr, properties = decode_with_properties(data, size, channels, rules)
-            arrays.append(arr)
-            props.append(properties)  # measured on the image as received, like the drift check's reference
-        batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
-        logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
-        probs = _softmax(logits)
-        classes = model.card["classes"]
-        now = time.time()
-        out, records = [], []
-        for i in range(len(payloads)):
-            k = int(probs[i].argmax())
-            label, confidence = classes[k], float(probs[i, k])
-            probabilities = {c: round(float(v), 6) for c, v in zip(classes, probs[i])}
-            review_id = None
-            if confidence < cfg.review_threshold:  # encoded as PNG only when it goes to the review queue
-                review_id = queue.add(_png(arrays[i]), model_version=model.version, predicted=label,
-                                      confidence=confidence, probabilities=probabilities)
-            records.append({"time": now, "model_version": model.version, "label": label,
-                            "confidence": round(confidence, 6), "review_id": review_id, **props[i],
-                            "embedding": np.round(embedding[i].astype(np.float64), 4).tolist()})
-            out.append({"label": label, "confidence": confidence, "probabilities": probabilities,
-                        "model_version": model.version, "review_id": review_id})
-        # A request that timed out (504) still lands here: the model did see that image, so it is logged.
-        log.append(*records)
-        return out
+        model, body, content_type, max_files = job
+        files = multipart_files(body, content_type, max_files=max_files, max_fields=cfg.max_form_fields,
+                                max_file_bytes=rules.max_bytes)
+        size, channels = model.card["image_size"], model.card["channels"]
+        decoded = [decode_with_properties(data, size, channels, rules) for data in files]
+        # properties are measured on the image as received, like the drift check's reference
+        return [a for a, _ in decoded], [props for _, props in decoded]
 
-    def shed_if_full(endpoint: str) -> None:
-        if slots.locked():
-            requests_total.labels(endpoint, "503").inc()
-            raise HTTPException(503, "server busy: too many requests in flight, retry shortly",
-                                headers={"Retry-After": "1"})
-
-    async def run_inference(payloads: list[bytes], endpoint: str, start: float) -> list[dict[str, Any]]:
-        shed_if_full(endpoint)
-        model = model_or_503()
-        await slots.acquire()
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(pool, infer, model, payloads)
-        # The slot is freed when the work really ends: a timed-out request cannot leave work piling up unbounded.
-        work.add_done_callback(lambda _: slots.release())
+    def infer(jobs: list[tuple[LoadedModel, bytes, bytes, int]]) -> list[Any]:
+        """The batcher's thread: parse and decode every waiting request, run each model once on all their images,
+        queue uncertain predictions and log every one, and encode each answer; the event loop only sends them.
+        One outcome per request: (results, answer bytes), or the exception that request gets."""
+        outcomes: list[Any] = [None] * len(jobs)
+        prepared: dict[int, tuple[list[np.ndarray], list[dict[str, float]]]] = {}
+        for i, job in enumerate(jobs):
+            try:
+                prepared[i] = prepare(job)
+            except (RequestError, RejectedImage) as exc:
+                outcomes[i] = exc
+        records: list[dict[str, Any]] = []
+        for model in {id(jobs[i][0]): jobs[i][0] for i in prepared}.values():  # one group per model (a swap)
+            mine = [i for i in prepared if jobs[i][0] is model]
+            arrays = [a for i in mine for a in prepared[i][0]]
+            batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
+            logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
+            probs, classes, now, k = _softmax(logits), model.card["classes"], time.time(), 0
+            for i in mine:
+                results = []
+                try:
+                    for props in prepared[i][1]:
+                        results.append(_result(model, classes, probs[k], arrays[k], props, embedding[k], now,
+                                               records))
+                        k += 1
+                except (OSError, sqlite3.Error) as exc:  # the review queue cannot be written
+                    outcomes[i] = exc
+                    continue
+                answer = results[0] if jobs[i][3] == 1 else {"predictions": results}
+                outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
         try:
-            results = await asyncio.wait_for(asyncio.shield(work), timeout=cfg.request_timeout_s)
+            # A request that timed out (504) still lands here: the model did see that image, so it is logged.
+            log.append(*records)
+        except OSError as exc:
+            outcomes = [exc if isinstance(o, tuple) else o for o in outcomes]
+        return outcomes
+
+    def _result(model: LoadedModel, classes: list[str], probs: np.ndarray, array: np.ndarray,
+                props: dict[str, float], embedding: np.ndarray, now: float, records: list[dict]) -> dict[str, Any]:
+        k = int(probs.argmax())
+        label, confidence = classes[k], float(probs[k])
+        probabilities = {c: round(float(v), 6) for c, v in zip(classes, probs)}
+        review_id = None
+        if confidence < cfg.review_threshold:  # encoded as PNG only when it goes to the review queue
+            review_id = queue.add(_png(array), model_version=model.version, predicted=label,
+                                  confidence=confidence, probabilities=probabilities)
+        records.append({"time": now, "model_version": model.version, "label": label,
+                        "confidence": round(confidence, 6), "review_id": review_id, **props,
+                        "embedding": np.round(embedding.astype(np.float64), 4).tolist()})
+        return {"label": label, "confidence": confidence, "probabilities": probabilities,
+                "model_version": model.version, "review_id": review_id}
+
+    batcher = Batcher(infer, max_jobs=cfg.max_concurrency)
+    max_body = int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024
+    routes = {"/predict": ("predict", 1), "/predict/batch": ("predict_batch", cfg.max_batch)}
+
+    async def read_body(receive) -> bytes:
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected()
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > max_body:  # a chunked body that grew past the limit: stop reading it
+                raise RequestError(413, "request body too large", {"connection": "close"})
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def predict(scope, receive, send, endpoint: str, max_files: int) -> None:
+        """POST /predict and /predict/batch as a plain ASGI handler. FastAPI's routing, dependency solving,
+        form parsing into spooled files and response encoding cost about 3x the model's own time per request on
+        the event loop (py-spy, 2 cores), and under load that queueing set the latency tail."""
+        start = time.perf_counter()
+        status, answer, headers, results = 200, b"", {}, []
+        try:
+            if token is not None:
+                authorization = _header(scope, b"authorization").removeprefix("Bearer ").strip()
+                if not token_matches(authorization or _query_token(scope)):
+                    raise RequestError(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
+            shed_if_full()  # before reading the body: shedding load must be cheap
+            length = _header(scope, b"content-length")
+            if length and (not length.isdigit() or int(length) > max_body):
+                raise RequestError(413, "request body too large", {"connection": "close"})
+            body = await read_body(receive)
+            model = holder.current
+            if model is None:
+                raise RequestError(503, f"no model loaded: {holder.last_error or 'starting'}")
+            shed_if_full()  # (others may have taken the last slot while this body arrived)
+            await slots.acquire()
+            job = batcher.submit((model, body, _header(scope, b"content-type").encode("latin-1"), max_files))
+            # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
+            job.add_done_callback(lambda _: slots.release())
+            results, answer = await asyncio.wait_for(asyncio.shield(job), timeout=cfg.request_timeout_s)
+        except RequestError as exc:
+            status, headers = exc.status, exc.headers
+            answer = json.dumps({"detail": exc.detail}).encode()
         except RejectedImage as exc:
             status = 415 if exc.reason in ("not_an_image", "format_not_allowed") else 422
-            requests_total.labels(endpoint, str(status)).inc()
-            raise HTTPException(status, f"{exc.reason}: {exc.detail}") from None
+            answer = json.dumps({"detail": f"{exc.reason}: {exc.detail}"}).encode()
         except TimeoutError:
-            requests_total.labels(endpoint, "504").inc()
-            raise HTTPException(504, "inference timed out") from None
-        elapsed = time.perf_counter() - start
-        latency.labels(endpoint).observe(elapsed)
-        requests_total.labels(endpoint, "200").inc()
-        for r in results:
-            predictions.labels(r["label"]).inc()
-            if r["review_id"] is not None:
-                low_conf.inc()
-        return results
+            status, answer = 504, b'{"detail":"inference timed out"}'
+        except _Disconnected:
+            requests_total.labels(endpoint, "disconnected").inc()
+            return
+        except (OSError, sqlite3.Error) as exc:  # the prediction log or review queue cannot be written
+            logger.error("predict: cannot record the prediction: %s: %s", type(exc).__name__, exc)
+            status, headers = 503, {"retry-after": "5"}
+            answer = json.dumps({"detail": "the server cannot record predictions (prediction log or review "
+                                           f"queue): {type(exc).__name__}; see the server log"}).encode()
+        except Exception:
+            logger.exception("predict failed")
+            status, answer = 500, b'{"detail":"internal server error; see the server log"}'
+        requests_total.labels(endpoint, str(status)).inc()
+        if status == 200:
+            latency.labels(endpoint).observe(time.perf_counter() - start)
+            for r in results:
+                predictions.labels(r["label"]).inc()
+                if r["review_id"] is not None:
+                    low_conf.inc()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(answer)).encode()),
+                                *((k.encode(), v.encode()) for k, v in headers.items())]})
+        await send({"type": "http.response.body", "body": answer})
 
-    async def read_files(request: Request, max_files: int) -> list[bytes]:
-        try:
-            form = await request.form(max_files=max_files, max_fields=cfg.max_form_fields)
-        except (HTTPException, _TooLarge):  # _TooLarge: BodyLimit answers 413 for a stream that grew too long
-            raise
-        except Exception as exc:  # malformed multipart bodies
-            raise HTTPException(400, f"malformed multipart body: {type(exc).__name__}") from None
-        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-        if not files:
-            raise HTTPException(422, "send the image as a multipart file field (e.g. -F file=@image.png)")
-        limit = rules.max_bytes
-        out = []
-        for f in files:
-            data = await f.read(limit + 1)
-            if len(data) > limit:
-                raise HTTPException(413, f"image over {cfg.max_upload_mb} MB")
-            out.append(data)
-        return out
+    def shed_if_full() -> None:
+        if slots.locked():
+            raise RequestError(503, "server busy: too many requests in flight, retry shortly", {"retry-after": "1"})
 
-    @app.post("/predict", dependencies=[Depends(require_token)], summary="Classify one uploaded image")
-    async def predict(request: Request) -> dict[str, Any]:
-        start = time.perf_counter()
-        shed_if_full("predict")  # before reading the body: shedding load must be cheap
-        files = await read_files(request, max_files=1)
-        return (await run_inference(files[:1], "predict", start))[0]
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
 
-    @app.post("/predict/batch", dependencies=[Depends(require_token)], summary="Classify several images")
-    async def predict_batch(request: Request) -> dict[str, Any]:
-        start = time.perf_counter()
-        shed_if_full("predict_batch")
-        files = await read_files(request, max_files=cfg.max_batch)
-        return {"predictions": await run_inference(files, "predict_batch", start)}
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema["paths"] = {**_predict_openapi(cfg.max_batch), **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # the predict routes are not FastAPI routes; their documentation is added here
 
     @app.get("/health", summary="Liveness")
     def health() -> dict[str, str]:
@@ -434,7 +636,59 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def review_page() -> str:
         return REVIEW_PAGE
 
-    return app
+    async def serving_app(scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in routes:
+            return await predict(scope, receive, send, *routes[scope["path"]])
+        await app(scope, receive, send)
+
+    serving_app.api = app  # the FastAPI application behind every other route
+    return serving_app
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _query_token(scope) -> str:  # <img> tags on the review page cannot send headers
+    from urllib.parse import parse_qs
+
+    return parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+
+
+def _predict_openapi(max_batch: int) -> dict[str, Any]:
+    """OpenAPI entries for the two predict routes (served by a plain ASGI handler, see create_app)."""
+    prediction = {"type": "object", "required": ["label", "confidence", "probabilities", "model_version"],
+                  "properties": {"label": {"type": "string"}, "confidence": {"type": "number"},
+                                 "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+                                 "model_version": {"type": "string"},
+                                 "review_id": {"type": ["string", "null"],
+                                               "description": "set when the prediction went to the review queue"}}}
+    errors = {"401": "missing or wrong bearer token (when serve.auth_token_env is set)",
+              "413": "body or image over serve.max_upload_mb", "415": "not an image, or a format not allowed",
+              "422": "no file part, or an image that cannot be used (too many pixels, corrupt, too small)",
+              "400": "malformed multipart body, or too many parts",
+              "503": "server busy (retry after the Retry-After seconds), no model loaded, or predictions "
+                     "cannot be recorded", "504": "inference took longer than serve.request_timeout_s"}
+
+    def operation(summary: str, form: dict, answer: dict) -> dict[str, Any]:
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": form}}}},
+            "responses": {"200": {"description": "the prediction", "content": {"application/json": {
+                "schema": answer}}}, **{k: {"description": v} for k, v in errors.items()}}}}
+
+    binary = {"type": "string", "format": "binary"}
+    return {"/predict": operation("Classify one uploaded image", {"file": binary}, prediction),
+            "/predict/batch": operation(f"Classify up to {max_batch} images in one request",
+                                        {"files": {"type": "array", "items": binary}},
+                                        {"type": "object", "properties": {"predictions": {
+                                            "type": "array", "items": prediction}}})}
 
 
 def _png(arr: np.ndarray) -> bytes:
