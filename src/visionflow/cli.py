@@ -240,7 +240,9 @@ def serve(
     p = state.params()
     setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     uvicorn.run(create_app(p, state.root), host=host or p.serve.host, port=port or p.serve.port,
-                timeout_keep_alive=5, limit_concurrency=p.serve.max_concurrency * 8 + 64,
+                timeout_keep_alive=5,
+                # connections (idle keep-alive ones too) + tasks; past it uvicorn answers 503 itself
+                limit_concurrency=2 * (p.serve.max_concurrency + p.serve.queue_depth) + 64,
                 access_log=p.serve.access_log)
 
 

@@ -361,6 +361,9 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
         else:
             raise LoadTestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         report["phases"] = [asdict(p) for p in phases]
+        # The load's idle keep-alive connections go first: a server counts them against its connection limit
+        # (uvicorn's limit_concurrency), and the question is whether a new client is served after the load.
+        load.close()
         health = await client.get(f"{base}/health")
         after = await sequential(target, 3, max_s=timeout_s, name="after")
         report["healthy_after"] = health.status_code == 200 and after.ok == after.requests
