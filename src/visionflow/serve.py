@@ -30,6 +30,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from visionflow.config import Params
@@ -296,14 +297,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class RequestError(Exception):
-    """An answer other than 200 for a predict request: status, message, extra headers."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
-
-
+NO_FILE = "send the image as a multipart file field (e.g. -F file=@image.png)"
 MAX_FIELD_BYTES = 64 * 1024  # a form field that is not a file: nothing we read, so it stays small
 
 
@@ -317,10 +311,10 @@ def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fie
 
     kind, options = parse_options_header(content_type)
     if kind != b"multipart/form-data":
-        raise RequestError(422, "send the image as a multipart file field (e.g. -F file=@image.png)")
+        raise HTTPException(422, NO_FILE)
     boundary = options.get(b"boundary")
     if not boundary:
-        raise RequestError(400, "malformed multipart body: no boundary in the Content-Type")
+        raise HTTPException(400, "malformed multipart body: no boundary in the Content-Type")
     files: list[bytes] = []
     part: dict[str, Any] = {}
     counts = {"files": 0, "fields": 0}
@@ -344,19 +338,19 @@ def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fie
     def on_headers_finished() -> None:
         disposition, params = parse_options_header(part["disposition"])
         if disposition != b"form-data" or b"name" not in params:
-            raise RequestError(400, "malformed multipart body: a part without a form-data name")
+            raise HTTPException(400, "malformed multipart body: a part without a form-data name")
         part["is_file"] = b"filename" in params
         key, limit = ("files", max_files) if part["is_file"] else ("fields", max_fields)
         counts[key] += 1
         if counts[key] > limit:
-            raise RequestError(400, f"too many {key} in the form: at most {limit}")
+            raise HTTPException(400, f"too many {key} in the form: at most {limit}")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         part["size"] += end - start
         if part["is_file"] and part["size"] > max_file_bytes:
-            raise RequestError(413, f"image over {max_file_bytes} bytes")
+            raise HTTPException(413, f"image over {max_file_bytes} bytes")
         if not part["is_file"] and part["size"] > MAX_FIELD_BYTES:
-            raise RequestError(400, f"a form field over {MAX_FIELD_BYTES} bytes")
+            raise HTTPException(400, f"a form field over {MAX_FIELD_BYTES} bytes")
         if part["is_file"]:
             part["chunks"].append(data[start:end])
 
@@ -372,9 +366,9 @@ def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fie
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
-        raise RequestError(400, f"malformed multipart body: {exc}") from None
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
     if not files:
-        raise RequestError(422, "send the image as a multipart file field (e.g. -F file=@image.png)")
+        raise HTTPException(422, NO_FILE)
     return files
 
 
@@ -398,17 +392,13 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
 
     app = FastAPI(title="visionflow", description="Image classification with the registry's champion model.",
                   version="1")
-    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024)
-
-    def token_matches(given: str) -> bool:
-        return hmac.compare_digest(given.encode(), token.encode())
 
     async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if token is None:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
             or request.query_params.get("token", "")  # <img> tags on the review page cannot send headers
-        if not token_matches(given):
+        if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.on_event("startup")
@@ -431,7 +421,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         return m
 
     def prepare(job: tuple[LoadedModel, bytes, bytes, int]) -> tuple[list[np.ndarray], list[dict[str, float]]]:
-        """Parse one request's form and decode its images (raises RequestError / RejectedImage for that one)."""
+        """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
         from visionflow.imageio import decode_with_properties
 
         model, body, content_type, max_files = job
@@ -451,7 +441,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         for i, job in enumerate(jobs):
             try:
                 prepared[i] = prepare(job)
-            except (RequestError, RejectedImage) as exc:
+            except (HTTPException, RejectedImage) as exc:
                 outcomes[i] = exc
         records: list[dict[str, Any]] = []
         for model in {id(jobs[i][0]): jobs[i][0] for i in prepared}.values():  # one group per model (a swap)
@@ -495,62 +485,43 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                 "model_version": model.version, "review_id": review_id}
 
     batcher = Batcher(infer, max_jobs=cfg.max_concurrency)
-    max_body = int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024
     routes = {"/predict": ("predict", 1), "/predict/batch": ("predict_batch", cfg.max_batch)}
-
-    async def read_body(receive) -> bytes:
-        chunks, seen = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected()
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > max_body:  # a chunked body that grew past the limit: stop reading it
-                raise RequestError(413, "request body too large", {"connection": "close"})
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
 
     async def predict(scope, receive, send, endpoint: str, max_files: int) -> None:
         """POST /predict and /predict/batch as a plain ASGI handler. FastAPI's routing, dependency solving,
         form parsing into spooled files and response encoding cost about 3x the model's own time per request on
         the event loop (py-spy, 2 cores), and under load that queueing set the latency tail."""
         start = time.perf_counter()
+        request = Request(scope, receive)
         status, answer, headers, results = 200, b"", {}, []
         try:
-            if token is not None:
-                authorization = _header(scope, b"authorization").removeprefix("Bearer ").strip()
-                if not token_matches(authorization or _query_token(scope)):
-                    raise RequestError(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
+            await require_token(request)
             shed_if_full()  # before reading the body: shedding load must be cheap
-            length = _header(scope, b"content-length")
-            if length and (not length.isdigit() or int(length) > max_body):
-                raise RequestError(413, "request body too large", {"connection": "close"})
-            body = await read_body(receive)
-            model = holder.current
-            if model is None:
-                raise RequestError(503, f"no model loaded: {holder.last_error or 'starting'}")
+            body = await request.body()  # (BodyLimit, around this app, stops a body over the limit)
+            model = model_or_503()
             shed_if_full()  # (others may have taken the last slot while this body arrived)
             await slots.acquire()
-            job = batcher.submit((model, body, _header(scope, b"content-type").encode("latin-1"), max_files))
+            job = batcher.submit((model, body, request.headers.get("content-type", "").encode("latin-1"),
+                                  max_files))
             # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
             job.add_done_callback(lambda _: slots.release())
             results, answer = await asyncio.wait_for(asyncio.shield(job), timeout=cfg.request_timeout_s)
-        except RequestError as exc:
-            status, headers = exc.status, exc.headers
+        except HTTPException as exc:
+            status, headers = exc.status_code, exc.headers or {}
             answer = json.dumps({"detail": exc.detail}).encode()
         except RejectedImage as exc:
             status = 415 if exc.reason in ("not_an_image", "format_not_allowed") else 422
             answer = json.dumps({"detail": f"{exc.reason}: {exc.detail}"}).encode()
         except TimeoutError:
             status, answer = 504, b'{"detail":"inference timed out"}'
-        except _Disconnected:
+        except _TooLarge:  # BodyLimit answers 413 for a body that grew past the limit
+            raise
+        except ClientDisconnect:
             requests_total.labels(endpoint, "disconnected").inc()
             return
         except (OSError, sqlite3.Error) as exc:  # the prediction log or review queue cannot be written
             logger.error("predict: cannot record the prediction: %s: %s", type(exc).__name__, exc)
-            status, headers = 503, {"retry-after": "5"}
+            status, headers = 503, {"Retry-After": "5"}
             answer = json.dumps({"detail": "the server cannot record predictions (prediction log or review "
                                            f"queue): {type(exc).__name__}; see the server log"}).encode()
         except Exception:
@@ -566,12 +537,13 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(answer)).encode()),
-                                *((k.encode(), v.encode()) for k, v in headers.items())]})
+                                *((k.lower().encode(), v.encode()) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": answer})
 
     def shed_if_full() -> None:
         if slots.locked():
-            raise RequestError(503, "server busy: too many requests in flight, retry shortly", {"retry-after": "1"})
+            raise HTTPException(503, "server busy: too many requests in flight, retry shortly",
+                                headers={"Retry-After": "1"})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -641,25 +613,8 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             return await predict(scope, receive, send, *routes[scope["path"]])
         await app(scope, receive, send)
 
-    serving_app.api = app  # the FastAPI application behind every other route
-    return serving_app
-
-
-class _Disconnected(Exception):
-    pass
-
-
-def _header(scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return ""
-
-
-def _query_token(scope) -> str:  # <img> tags on the review page cannot send headers
-    from urllib.parse import parse_qs
-
-    return parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
+    # Outermost, so that an oversized body is refused before any route reads it, predict's included.
+    return BodyLimit(serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024)
 
 
 def _predict_openapi(max_batch: int) -> dict[str, Any]:
