@@ -86,6 +86,9 @@ def test_batch_and_info_endpoints(served):
     assert info["classes"] == CLASSES and info["lineage"]["visionflow.data_version"] == "dv"
     metrics = client.get("/metrics").text
     assert "visionflow_requests_total" in metrics and "visionflow_request_seconds_bucket" in metrics
+    for name in ("visionflow_inference_queue_seconds", "visionflow_inference_seconds",
+                 "visionflow_inference_batch_requests"):
+        assert f"{name}_count " in metrics and f"{name}_count 0.0" not in metrics, name
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 
@@ -205,7 +208,7 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
 
     from visionflow.serve import Batcher
 
-    release, calls = threading.Event(), []
+    release, calls, seen = threading.Event(), [], []
 
     def handle(jobs):
         calls.append(list(jobs))
@@ -214,7 +217,7 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
         return [ValueError(j) if j.startswith("bad") else j.upper() for j in jobs]
 
     async def main():
-        batcher = Batcher(handle, max_jobs=3)
+        batcher = Batcher(handle, max_jobs=3, observe=lambda waits, seconds: seen.append((waits, seconds)))
         first = batcher.submit("first")
         while not calls:
             await asyncio.sleep(0.001)
@@ -228,3 +231,36 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
     assert calls == [["first"], ["a", "bad-b", "c"], ["d"]]  # at most max_jobs per batch, in arrival order
     assert outcomes[:2] == ["FIRST", "A"] and outcomes[3:] == ["C", "D"]
     assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "bad-b"
+    # what /metrics hears of each batch: one queue wait per request, and the batch's time
+    assert [len(waits) for waits, _ in seen] == [1, 3, 1]
+    assert seen[0][1] >= 0 and all(w >= 0 for waits, _ in seen for w in waits)
+    assert min(seen[1][0]) > 0  # the second batch's requests queued while the first was held
+
+
+def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
+    """A timed-out request gets its 504 at once; its work still runs, and when that work fails the server log says
+    so in a line of ours, not asyncio's 'Future exception was never retrieved'."""
+    import gc
+    import logging
+    import time
+
+    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
+                        serve={"request_timeout_s": 0.0001})  # shorter than any inference
+    p = load_params(proj / "params.yaml")
+    _register(proj, p, seed=3)
+    log = proj / p.serve.prediction_log
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.mkdir()  # every prediction's work fails when it writes the log
+    with caplog.at_level(logging.ERROR), TestClient(create_app(p, proj, watch=False)) as client:
+        codes = [client.post("/predict", files={"file": ("a.png", png(1), "image/png")}).status_code
+                 for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while sum("failed afterwards" in r.getMessage() for r in caplog.records) < 3 and time.monotonic() < deadline:
+            client.get("/health")  # lets the event loop run the work's callbacks
+            time.sleep(0.05)
+        gc.collect()
+        client.get("/health")
+    messages = [r.getMessage() for r in caplog.records]
+    assert codes == [504, 504, 504]
+    assert sum("a request answered 504 failed afterwards: IsADirectoryError" in m for m in messages) == 3, messages
+    assert not any("never retrieved" in m for m in messages), messages

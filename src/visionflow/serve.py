@@ -199,10 +199,12 @@ class Batcher:
     so the more requests wait, the less each costs. One thread, not a pool: the Python part of inference holds
     the GIL, and a pool of four threads plus the event loop fought over it (stalls of 30-80 ms under load).
     `handle` gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it.
+    `observe(waits_s, seconds)`, when given, hears of every batch: how long each of its jobs waited for the thread
+    and how long the batch took (the /metrics histograms that tell a busy inference thread from a slow model).
     """
 
-    def __init__(self, handle, max_jobs: int):
-        self.handle, self.max_jobs = handle, max_jobs
+    def __init__(self, handle, max_jobs: int, observe=None):
+        self.handle, self.max_jobs, self.observe = handle, max_jobs, observe
         self._jobs: queues.SimpleQueue = queues.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
         self._thread.start()
@@ -210,7 +212,7 @@ class Batcher:
     def submit(self, job: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._jobs.put((job, future, loop))
+        self._jobs.put((job, future, loop, time.perf_counter()))
         return future
 
     def stop(self) -> None:
@@ -228,12 +230,15 @@ class Batcher:
                     self._jobs.put(None)
                     break
                 batch.append(nxt)
+            start = time.perf_counter()
             try:
-                outcomes = self.handle([job for job, _, _ in batch])
+                outcomes = self.handle([job for job, _, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the thread lives on
                 outcomes = [exc] * len(batch)
+            if self.observe is not None:
+                self.observe([start - queued for _, _, _, queued in batch], time.perf_counter() - start)
             by_loop: dict[Any, list] = {}
-            for (_, future, loop), outcome in zip(batch, outcomes):
+            for (_, future, loop, _), outcome in zip(batch, outcomes):
                 by_loop.setdefault(loop, []).append((future, outcome))
             for loop, settled in by_loop.items():  # one wake-up of the event loop per batch
                 loop.call_soon_threadsafe(_settle, settled)
@@ -388,6 +393,15 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     requests_total = Counter("visionflow_requests_total", "requests", ["endpoint", "status"], registry=registry)
     predictions = Counter("visionflow_predictions_total", "predictions per class", ["label"], registry=registry)
     low_conf = Counter("visionflow_low_confidence_total", "predictions sent to review", registry=registry)
+    # The inference thread's side: a queue wait that grows while batches stay small means the thread is the
+    # bottleneck (it is busy for the sum of inference_seconds); batches that grow mean load is being shared.
+    fine = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+    queue_wait = Histogram("visionflow_inference_queue_seconds", "time a request waited for the inference thread",
+                           registry=registry, buckets=fine)
+    batch_seconds = Histogram("visionflow_inference_seconds", "time the inference thread spent on one batch "
+                              "(parse, decode, model, log, answers)", registry=registry, buckets=fine)
+    batch_size = Histogram("visionflow_inference_batch_requests", "requests run together in one batch",
+                           registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
     token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
 
     app = FastAPI(title="visionflow", description="Image classification with the registry's champion model.",
@@ -484,7 +498,13 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         return {"label": label, "confidence": confidence, "probabilities": probabilities,
                 "model_version": model.version, "review_id": review_id}
 
-    batcher = Batcher(infer, max_jobs=cfg.max_concurrency)
+    def observe_batch(waits_s: list[float], seconds: float) -> None:
+        batch_size.observe(len(waits_s))
+        batch_seconds.observe(seconds)
+        for w in waits_s:
+            queue_wait.observe(w)
+
+    batcher = Batcher(infer, max_jobs=cfg.max_concurrency, observe=observe_batch)
     routes = {"/predict": ("predict", 1), "/predict/batch": ("predict_batch", cfg.max_batch)}
 
     async def predict(scope, receive, send, endpoint: str, max_files: int) -> None:
@@ -504,7 +524,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             job = batcher.submit((model, body, request.headers.get("content-type", "").encode("latin-1"),
                                   max_files))
             # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
-            job.add_done_callback(lambda _: slots.release())
+            job.add_done_callback(_work_ended)
             results, answer = await asyncio.wait_for(asyncio.shield(job), timeout=cfg.request_timeout_s)
         except HTTPException as exc:
             status, headers = exc.status_code, exc.headers or {}
@@ -514,6 +534,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
             answer = json.dumps({"detail": f"{exc.reason}: {exc.detail}"}).encode()
         except TimeoutError:
             status, answer = 504, b'{"detail":"inference timed out"}'
+            job.add_done_callback(_late_failure)  # the work goes on; if it fails, nobody else will say so
         except _TooLarge:  # BodyLimit answers 413 for a body that grew past the limit
             raise
         except ClientDisconnect:
@@ -539,6 +560,15 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                                 (b"content-length", str(len(answer)).encode()),
                                 *((k.lower().encode(), v.encode()) for k, v in headers.items())]})
         await send({"type": "http.response.body", "body": answer})
+
+    def _work_ended(job: asyncio.Future) -> None:
+        slots.release()
+        if not job.cancelled():
+            job.exception()  # retrieved: after a 504 nobody awaits it, and asyncio would log it as never retrieved
+
+    def _late_failure(job: asyncio.Future) -> None:
+        if not job.cancelled() and (exc := job.exception()) is not None:
+            logger.error("predict: a request answered 504 failed afterwards: %s: %s", type(exc).__name__, exc)
 
     def shed_if_full() -> None:
         if slots.locked():

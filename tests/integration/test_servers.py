@@ -73,15 +73,17 @@ def test_mlflow_requires_auth_and_proxies_artifacts_to_s3(mlflow_server, postgre
         mlflow.set_experiment("smoke")
         with mlflow.start_run() as run:
             mlflow.log_metric("acc", 0.5)
-            d = tempfile.mkdtemp()
-            with open(os.path.join(d, "hello.txt"), "w") as f:
-                f.write("hello s3")
-            mlflow.log_artifact(os.path.join(d, "hello.txt"), artifact_path="smoke")
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "hello.txt"), "w") as f:
+                    f.write("hello s3")
+                mlflow.log_artifact(os.path.join(d, "hello.txt"), artifact_path="smoke")
         client = mlflow.MlflowClient()
         files = [f.path for f in client.list_artifacts(run.info.run_id, "smoke")]
-        local = client.download_artifacts(run.info.run_id, "smoke/hello.txt", tempfile.mkdtemp())
+        with tempfile.TemporaryDirectory() as d:
+            local = client.download_artifacts(run.info.run_id, "smoke/hello.txt", d)
+            text = open(local).read()
         print(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                          "artifact_uri": run.info.artifact_uri, "files": files, "text": open(local).read()}))
+                          "artifact_uri": run.info.artifact_uri, "files": files, "text": text}))
     """, env)
     assert out["artifact_uri"].startswith("mlflow-artifacts:"), out
     assert out["files"] == ["smoke/hello.txt"] and out["text"] == "hello s3"
