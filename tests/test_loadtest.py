@@ -41,3 +41,27 @@ def test_cli_refuses_a_remote_target(tmp_path):
     proc = run_cli(tmp_path, "--params", str(REPO / "params.yaml"), "loadtest", "--url", "http://8.8.8.8:8000",
                    check=False)
     assert proc.returncode == 2 and "loopback" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_server_view_reads_the_phase_from_metric_differences():
+    from visionflow.loadtest import server_view
+
+    def snap(counts: list[float], busy_s: float, batches: float, reqs: float) -> dict:
+        bounds = ["0.002", "0.005", "0.01", "+Inf"]
+        out = {("visionflow_request_seconds_bucket", (("endpoint", "predict"), ("le", le))): c
+               for le, c in zip(bounds, counts)}
+        out[("visionflow_requests_total", (("endpoint", "predict"), ("status", "200")))] = counts[-1]
+        out[("visionflow_inference_seconds_sum", ())] = busy_s
+        out[("visionflow_inference_seconds_count", ())] = batches
+        out[("visionflow_inference_batch_requests_sum", ())] = reqs
+        return out
+
+    before = snap([10, 10, 10, 10], busy_s=1.0, batches=10, reqs=10)
+    # 1,000 requests in the phase: 900 within 2 ms, 985 within 5 ms, 995 within 10 ms, 5 beyond
+    after = snap([910, 995, 1005, 1010], busy_s=1.5, batches=510, reqs=1010)
+    view = server_view(before, after, elapsed_s=2.0)
+    assert view["ok_requests"] == 1000
+    assert view["p50_ms_at_most"] == 2.0 and view["p99_ms_at_most"] == 10.0
+    assert view["inference_busy"] == 0.25 and view["batches"] == 500 and view["requests_per_batch"] == 2.0
+    assert view["inference_ms_per_batch"] == 1.0
+    assert server_view(None, after, 2.0) is None  # a server without /metrics: no view, no crash

@@ -411,6 +411,13 @@ def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
     assert summary["n_errors"] == 0 and summary["healthy_after"] is True
     assert summary["dropped"] == 0 and isinstance(summary["kept_schedule"], bool)
     assert report["host"]["cpus"] >= 1 and len(report["host"]["loadavg_at_end"]) == 3
+    # the server's side of the phase, from the difference of its /metrics before and after it
+    server_side = phase["server"]
+    assert server_side["ok_requests"] == 15  # exactly this phase's requests: nothing else hit the server meanwhile
+    assert 1 <= server_side["batches"] <= 15 and 1 <= server_side["requests_per_batch"] <= 15
+    assert 0 < server_side["inference_busy"] < 1 and server_side["inference_ms_per_batch"] > 0
+    assert 0 < server_side["p50_ms_at_most"] <= server_side["p99_ms_at_most"]
+    assert summary["server_p99_ms_at_most"] == server_side["p99_ms_at_most"]
 
 
 def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):

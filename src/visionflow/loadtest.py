@@ -87,6 +87,7 @@ class Phase:
     error_latency_ms: dict[str, float]  # of the other answers (how fast a 503 is)
     late_starts: int = 0  # rate mode: requests the client started >50 ms behind schedule (client overloaded)
     dropped: int = 0  # rate mode: arrivals skipped because max_in_flight requests were already open
+    server: dict[str, Any] | None = None  # rate mode: the server's own view of the phase (see server_view)
 
     @property
     def n_errors(self) -> int:
@@ -258,6 +259,67 @@ async def open_loop(target: Target, rate: float, duration_s: float, max_requests
                      elapsed_s=time.perf_counter() - start, late=late, dropped=dropped)
 
 
+async def scrape_metrics(client, base: str) -> dict[tuple[str, tuple], float] | None:
+    """The server's own counters (/metrics), keyed by (sample name, labels); None when it has none to give."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        r = await client.get(f"{base}/metrics")
+        if r.status_code != 200:
+            return None
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for fam in text_string_to_metric_families(r.text) for x in fam.samples
+                if x.name.startswith("visionflow_")}
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _bucket_quantile(delta: dict[tuple[str, tuple], float], name: str, q: float, **labels: str) -> float | None:
+    """The upper bound (ms) of the histogram bucket that holds the q-quantile: "at most this", not interpolated."""
+    buckets = []
+    for (sample, lbls), v in delta.items():
+        d = dict(lbls)
+        if sample == f"{name}_bucket" and all(d.get(k) == val for k, val in labels.items()):
+            buckets.append((float(d["le"]), v))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    for le, count in buckets:
+        if count >= q * buckets[-1][1]:
+            return None if le == float("inf") else round(le * 1000, 3)
+    return None
+
+
+def server_view(before: dict | None, after: dict | None, elapsed_s: float) -> dict[str, Any] | None:
+    """What the server says of one phase: its own latency (from its histogram: network and client excluded), how
+    busy its inference thread was, how many requests each batch took and how long they queued for it."""
+    if not before or not after:
+        return None
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+    def total(name: str) -> float:
+        return delta.get((name, ()), 0.0)
+
+    batches = total("visionflow_inference_seconds_count")
+    ok = delta.get(("visionflow_requests_total", (("endpoint", "predict"), ("status", "200"))), 0.0)
+    view: dict[str, Any] = {"ok_requests": int(ok),
+                            "p50_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.5,
+                                                               endpoint="predict"),
+                            "p99_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.99,
+                                                               endpoint="predict")}
+    if batches > 0:  # a server from before these metrics has none
+        waits = total("visionflow_inference_queue_seconds_count")
+        view.update(
+            inference_busy=round(total("visionflow_inference_seconds_sum") / max(elapsed_s, 1e-9), 3),
+            batches=int(batches),
+            requests_per_batch=round(total("visionflow_inference_batch_requests_sum") / batches, 2),
+            inference_ms_per_batch=round(total("visionflow_inference_seconds_sum") / batches * 1000, 3),
+            queue_wait_ms_mean=round(total("visionflow_inference_queue_seconds_sum") / max(waits, 1) * 1000, 3),
+            queue_wait_ms_p99_at_most=_bucket_quantile(delta, "visionflow_inference_queue_seconds", 0.99))
+    return view
+
+
 def default_image(image_size: int, channels: int, seed: int = 0) -> bytes:
     """A seeded noise PNG at the model's input size (no resize cost; the model is unsure, so it is queued)."""
     from PIL import Image
@@ -328,7 +390,9 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
             if not rate:
                 raise LoadTestError("--mode rate needs --rate (requests per second)")
             progress(f"constant arrival rate {rate:g} req/s for {duration_s:g} s")
+            before = await scrape_metrics(client, base)
             phases.append(await open_loop(target, rate, duration_s, max_requests, max_in_flight, "fixed"))
+            phases[-1].server = server_view(before, await scrape_metrics(client, base), phases[-1].elapsed_s)
         elif mode == "full":
             ramp, best, stale = [], None, 0
             levels = sorted({min(2 ** k, ramp_max) for k in range(0, 16) if 2 ** (k - 1) < ramp_max})
@@ -354,7 +418,9 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
             report["max_at_concurrency"] = best.concurrency
             target_rate = fraction * max_rps
             progress(f"sustained: {target_rate:.1f} req/s ({fraction:.0%} of max) for {duration_s:g} s")
+            before = await scrape_metrics(client, base)
             sustained = await open_loop(target, target_rate, duration_s, max_requests, max_in_flight, "sustained")
+            sustained.server = server_view(before, await scrape_metrics(client, base), sustained.elapsed_s)
             progress(f"overload: concurrency {overload_concurrency} for {overload_s:g} s")
             overload = await closed_loop(target, overload_concurrency, overload_s, max_requests, "overload")
             phases += [sustained, overload]
@@ -388,6 +454,8 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
                            kept_schedule=main.dropped == 0 and main.late_starts <= 0.01 * max(main.requests, 1))
         if summary.get("p99_ms") and summary.get("single_ms_p50"):
             summary["p99_over_single"] = round(summary["p99_ms"] / summary["single_ms_p50"], 2)
+        if main.server:  # the server's side of the same phase: where the latency was spent
+            summary.update({f"server_{k}": v for k, v in main.server.items() if k != "ok_requests"})
         report["summary"] = summary
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
