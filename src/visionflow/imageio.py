@@ -136,11 +136,11 @@ def image_properties(gray: np.ndarray) -> dict[str, float]:
     return {"brightness": float(mean[0, 0]), "contrast": float(std[0, 0]), "blur": float(lap_std[0, 0]) ** 2}
 
 
-def visual_properties(img: Image.Image) -> dict[str, float]:
+def visual_properties(img: Image.Image, gray: np.ndarray | None = None) -> dict[str, float]:
     """What the drift check compares, measured on the image as received (its own resolution and colours):
-    brightness, contrast and sharpness of its grey version, width, height, and colourfulness (Hasler and
-    Suesstrunk's metric; 0 for grey images)."""
-    props = image_properties(to_array(img, channels=1))
+    brightness, contrast and sharpness of its grey version (`gray`, when the caller has it already), width,
+    height, and colourfulness (Hasler and Suesstrunk's metric; 0 for grey images)."""
+    props = image_properties(to_array(img, channels=1) if gray is None else gray)
     props.update(width=float(img.width), height=float(img.height), colorfulness=0.0)
     if img.mode not in ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA"):
         rgb = to_array(img, channels=3).astype(np.float32)
@@ -195,4 +195,7 @@ def decode_with_properties(data: bytes, image_size: int, channels: int,
                            rules: DecodeRules) -> tuple[np.ndarray, dict[str, float]]:
     """decode_for_model plus the image's visual properties, from one decode (serving and the drift check)."""
     img = open_guarded(data, rules)
-    return _to_model_size(to_array(img, channels), image_size, channels), visual_properties(img)
+    pixels = to_array(img, channels)
+    # a grey model's pixels are the grey version the properties need: converted once, not twice
+    props = visual_properties(img, gray=pixels if channels == 1 else None)
+    return _to_model_size(pixels, image_size, channels), props

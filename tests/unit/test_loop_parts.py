@@ -134,3 +134,21 @@ def test_reviewed_batch_intake_needs_labels_and_known_classes(tmp_path):
     assert monitor.take_in_reviewed_batch(batch, tmp_path / "reviewed", ["cat"]) == {"cat": 1}
     assert (tmp_path / "reviewed" / "cat" / "batch__x.png").read_bytes() == b"x"
     assert (batch / "images" / "x.png").exists()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decode_with_properties_measures_the_image_as_received(channels):
+    """One decode serves both: the model's pixels at its size, and the properties of the image as it came."""
+    import io
+
+    from PIL import Image
+
+    from visionflow.imageio import DecodeRules, decode_with_properties, open_guarded
+
+    rgb = np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    pixels, props = decode_with_properties(buf.getvalue(), 16, channels, DecodeRules())
+    assert pixels.shape == (16, 16, channels) and pixels.dtype == np.uint8
+    assert props == visual_properties(open_guarded(buf.getvalue(), DecodeRules()))
+    assert props["width"] == 30 and props["height"] == 40 and props["colorfulness"] > 0
