@@ -236,7 +236,10 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the thread lives on
                 outcomes = [exc] * len(batch)
             if self.observe is not None:
-                self.observe([start - queued for _, _, _, queued in batch], time.perf_counter() - start)
+                try:
+                    self.observe([start - queued for _, _, _, queued in batch], time.perf_counter() - start)
+                except Exception:  # noqa: BLE001 - a metrics failure must not stop the thread every request needs
+                    logger.exception("batcher: observe failed")
             by_loop: dict[Any, list] = {}
             for (_, future, loop, _), outcome in zip(batch, outcomes):
                 by_loop.setdefault(loop, []).append((future, outcome))
