@@ -301,7 +301,7 @@ def server_view(before: dict | None, after: dict | None, elapsed_s: float) -> di
     def total(name: str) -> float:
         return delta.get((name, ()), 0.0)
 
-    batches = total("visionflow_inference_seconds_count")
+    batches, busy_s = total("visionflow_inference_seconds_count"), total("visionflow_inference_seconds_sum")
     ok = delta.get(("visionflow_requests_total", (("endpoint", "predict"), ("status", "200"))), 0.0)
     view: dict[str, Any] = {"ok_requests": int(ok),
                             "p50_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.5,
@@ -311,13 +311,21 @@ def server_view(before: dict | None, after: dict | None, elapsed_s: float) -> di
     if batches > 0:  # a server from before these metrics has none
         waits = total("visionflow_inference_queue_seconds_count")
         view.update(
-            inference_busy=round(total("visionflow_inference_seconds_sum") / max(elapsed_s, 1e-9), 3),
+            inference_busy=round(busy_s / max(elapsed_s, 1e-9), 3),
             batches=int(batches),
             requests_per_batch=round(total("visionflow_inference_batch_requests_sum") / batches, 2),
-            inference_ms_per_batch=round(total("visionflow_inference_seconds_sum") / batches * 1000, 3),
+            inference_ms_per_batch=round(busy_s / batches * 1000, 3),
             queue_wait_ms_mean=round(total("visionflow_inference_queue_seconds_sum") / max(waits, 1) * 1000, 3),
             queue_wait_ms_p99_at_most=_bucket_quantile(delta, "visionflow_inference_queue_seconds", 0.99))
     return view
+
+
+async def seen_by_server(client, base: str, phase) -> Phase:
+    """Run a phase (a coroutine) between two reads of the server's /metrics, and attach its view of it."""
+    before = await scrape_metrics(client, base)
+    ph = await phase
+    ph.server = server_view(before, await scrape_metrics(client, base), ph.elapsed_s)
+    return ph
 
 
 def default_image(image_size: int, channels: int, seed: int = 0) -> bytes:
@@ -390,9 +398,8 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
             if not rate:
                 raise LoadTestError("--mode rate needs --rate (requests per second)")
             progress(f"constant arrival rate {rate:g} req/s for {duration_s:g} s")
-            before = await scrape_metrics(client, base)
-            phases.append(await open_loop(target, rate, duration_s, max_requests, max_in_flight, "fixed"))
-            phases[-1].server = server_view(before, await scrape_metrics(client, base), phases[-1].elapsed_s)
+            phases.append(await seen_by_server(client, base, open_loop(target, rate, duration_s, max_requests,
+                                                                       max_in_flight, "fixed")))
         elif mode == "full":
             ramp, best, stale = [], None, 0
             levels = sorted({min(2 ** k, ramp_max) for k in range(0, 16) if 2 ** (k - 1) < ramp_max})
@@ -418,9 +425,8 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
             report["max_at_concurrency"] = best.concurrency
             target_rate = fraction * max_rps
             progress(f"sustained: {target_rate:.1f} req/s ({fraction:.0%} of max) for {duration_s:g} s")
-            before = await scrape_metrics(client, base)
-            sustained = await open_loop(target, target_rate, duration_s, max_requests, max_in_flight, "sustained")
-            sustained.server = server_view(before, await scrape_metrics(client, base), sustained.elapsed_s)
+            sustained = await seen_by_server(client, base, open_loop(target, target_rate, duration_s, max_requests,
+                                                                     max_in_flight, "sustained"))
             progress(f"overload: concurrency {overload_concurrency} for {overload_s:g} s")
             overload = await closed_loop(target, overload_concurrency, overload_s, max_requests, "overload")
             phases += [sustained, overload]
