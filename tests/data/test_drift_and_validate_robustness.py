@@ -188,3 +188,15 @@ def test_drift_check_of_a_folder_per_class_batch_with_a_corrupt_image(tmp_path, 
     assert verdict["n_images"] == 25 and verdict["n_checked"] + verdict["n_unreadable"] == 25
     assert verdict["accuracy"] is not None
     assert all(u["reason"] == "decode_failed" for u in verdict["unreadable"])
+
+
+def test_validate_holds_a_raw_folder_to_the_class_name_rule(tmp_path):
+    """A raw folder made before ingest checked names (an older data version, or made by hand)."""
+    from visionflow.errors import DataError
+
+    raw = make_folder_dataset(tmp_path / "raw", classes=("cat", "dog"), per_class=3, size=SIZE)
+    (raw / "cat").rename(raw / "cat\" onmouseover=\"alert(1)")
+    cfg = ValidateParams(quarantine_dir=tmp_path / "q", report_dir=tmp_path / "reports")
+    with pytest.raises(DataError, match="not allowed"):
+        validate(raw_dir=raw, cfg=cfg, manifest_path=tmp_path / "manifest.csv", workers=1)
+    assert not (tmp_path / "manifest.csv").exists()
