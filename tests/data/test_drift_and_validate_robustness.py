@@ -196,7 +196,8 @@ def test_validate_holds_a_raw_folder_to_the_class_name_rule(tmp_path):
 
     raw = make_folder_dataset(tmp_path / "raw", classes=("cat", "dog"), per_class=3, size=SIZE)
     (raw / "cat").rename(raw / "cat\" onmouseover=\"alert(1)")
-    cfg = ValidateParams(quarantine_dir=tmp_path / "q", report_dir=tmp_path / "reports")
+    cfg = ValidateParams(quarantine_dir=tmp_path / "q", report_dir=tmp_path / "reports", min_images_per_class=1,
+                         min_width=8, min_height=8)
     with pytest.raises(DataError, match="not allowed"):
         validate(raw_dir=raw, cfg=cfg, manifest_path=tmp_path / "manifest.csv", workers=1)
     assert not (tmp_path / "manifest.csv").exists()
