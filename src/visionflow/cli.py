@@ -342,7 +342,8 @@ def simulate(
 
 @app.command()
 def drift(
-    batch: Annotated[Path | None, typer.Argument(help="a folder of images: flat, images/ + labels.csv, or one sub-folder per class.")] = None,
+    batch: Annotated[Path | None, typer.Argument(
+        help="a folder of images: flat, images/ + labels.csv, or one sub-folder per class.")] = None,
     log: Annotated[bool, typer.Option("--log", help="check the serving prediction log instead of a folder.")] = False,
     since_hours: Annotated[float | None, typer.Option(help="with --log: only predictions of the last N hours.")] = None,
     retrain: Annotated[str, typer.Option(help="on drift: auto (event if deployments are served, else inline), "

@@ -44,8 +44,8 @@ def _bad_names(n: int, seed: int) -> list[str]:
         base = r.choice(GOOD[:-1])
         k = r.randrange(len(base) + 1)
         names.append(base[:k] + r.choice(HOSTILE) + base[k:])
-    return names + ["", ".", "..", ".hidden", " lead", "trail ", "trail.", "-dash", "_under", "x" * (MAX_CLASS_NAME + 1),
-                    "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "a\u0301\u200d"]
+    return names + ["", ".", "..", ".hidden", " lead", "trail ", "trail.", "-dash", "_under", "<script>alert(1)</script>",
+                    "x" * (MAX_CLASS_NAME + 1), "<img src=x onerror=alert(1)>", "a\u0301\u200d"]
 
 
 # --- item 2: class names ------------------------------------------------------------------------------------------
