@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -85,8 +86,12 @@ def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it
     p = state.params()
     with progress_bar("ingest") as update:
         res = stages.ingest_stage(p, state.root, force=force, progress=update)
+    from visionflow.ingest import MARKER
+
+    left_out = Counter(s["reason"] for s in res.skipped_files)  # each file and its reason: in the MARKER file
     _print_mapping("ingest" + (" (up to date, skipped)" if res.skipped else ""),
-                   {"source": res.source, "raw_dir": res.raw_dir, "images": res.n_images, "classes": res.classes})
+                   {"source": res.source, "raw_dir": res.raw_dir, "images": res.n_images, "classes": res.classes,
+                    **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {})})
 
 
 @app.command()
@@ -337,7 +342,8 @@ def simulate(
 
 @app.command()
 def drift(
-    batch: Annotated[Path | None, typer.Argument(help="a folder of images (optionally images/ + labels.csv).")] = None,
+    batch: Annotated[Path | None, typer.Argument(
+        help="a folder of images: flat, images/ + labels.csv, or one sub-folder per class.")] = None,
     log: Annotated[bool, typer.Option("--log", help="check the serving prediction log instead of a folder.")] = False,
     since_hours: Annotated[float | None, typer.Option(help="with --log: only predictions of the last N hours.")] = None,
     retrain: Annotated[str, typer.Option(help="on drift: auto (event if deployments are served, else inline), "

@@ -32,6 +32,7 @@ from visionflow.config import Params
 from visionflow.errors import DataError
 from visionflow.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, read_limited
 from visionflow.report import write_json_atomic
+from visionflow.validate import failure_detail
 
 # Tests that return a p-value (drift when below the threshold); every other method returns a distance.
 P_VALUE_METHODS = {"ks", "chisquare", "z", "t_test", "mannw", "anderson", "cramer_von_mises", "g_test"}
@@ -86,6 +87,9 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
             continue
         except OSError as exc:
             rejected.append({"file": str(f), "reason": "unreadable_file", "detail": str(exc)})
+            continue
+        except Exception as exc:  # one image Pillow cannot handle (e.g. broken EXIF) is listed, never a crash
+            rejected.append({"file": str(f), "reason": "decode_failed", "detail": failure_detail(exc)})
             continue
         arrays.append(arr)
         props.append(pr)
@@ -247,8 +251,8 @@ def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[
 
     batch = load_batch(folder)
     if not batch.images:
-        raise DataError(f"batch {folder} holds no files: nothing to check (expected images, optionally in "
-                        f"{folder}/images/ with labels.csv beside them)")
+        raise DataError(f"batch {folder} holds no files: nothing to check (expected images, in {folder}/images/ "
+                        "with labels.csv beside them, or one sub-folder per class)")
     feats = extract(batch.images, session, card, rules_for(p))
     if batch.labels is not None:
         readable = {str(f) for f in batch.images} - {r["file"] for r in feats.rejected or []}

@@ -150,7 +150,8 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
 
 
 def load_batch(folder: Path) -> Batch:
-    """A production batch: a folder of images (optionally in images/), with labels.csv when reviewed."""
+    """A production batch: a folder of images (optionally in images/), with labels.csv when reviewed, or one
+    sub-folder per class as ingest takes them (labels from the folder names)."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"batch folder {folder} does not exist")
@@ -166,5 +167,10 @@ def load_batch(folder: Path) -> Batch:
             raise DataError(f"{folder / 'labels.csv'} must have the columns file,label")
         by_file = dict(zip(table["file"], table["label"]))
         labels = [by_file.get(f.name) for f in files]
+    elif not files and images_dir == folder and any(p.is_dir() for p in folder.iterdir()):
+        from visionflow.ingest import scan_source  # the same walk, symlink and class-name rules as ingest
+
+        scan = scan_source(folder.resolve())
+        files, labels = [f.path for f in scan.files], [f.label for f in scan.files]
     meta = json.loads((folder / "batch.json").read_text()) if (folder / "batch.json").is_file() else {}
     return Batch(folder, files, labels, meta)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from visionflow.config import ValidateParams
 from visionflow.errors import DataError
+from visionflow.ingest import check_class_names
 from visionflow.imageio import (
     DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
 )
@@ -49,6 +50,13 @@ def decode_rules(cfg: ValidateParams) -> DecodeRules:
     )
 
 
+def failure_detail(exc: BaseException) -> str:
+    """'struct.error: ...' rather than 'error: ...': the exception's module says where it came from."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return f"{name}: {exc}"
+
+
 def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     """One manifest row. Never raises for a bad image: the row says what is wrong."""
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
@@ -70,6 +78,9 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     except OSError as exc:
         row["decode_error"] = "unreadable_file"
         row["decode_detail"] = str(exc)
+    except Exception as exc:  # Pillow raises many types past the guard, e.g. for EXIF it cannot re-serialise
+        row["decode_error"] = "decode_failed"
+        row["decode_detail"] = failure_detail(exc)
     return row
 
 
@@ -81,8 +92,11 @@ def _inspect_chunk(args: tuple[list[tuple[str, str]], DecodeRules]) -> list[dict
 def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir} does not exist: run `visionflow ingest` first")
-    items = [(str(f), d.name) for d in sorted(raw_dir.iterdir()) if d.is_dir()
-             for f in sorted(d.iterdir()) if f.is_file()]
+    classes = sorted(d for d in raw_dir.iterdir() if d.is_dir())
+    # Folder names become labels in the manifest, the model card and the review page; a raw folder made before
+    # ingest checked them (an old data version, a hand-made folder) is held to the same rule.
+    check_class_names([d.name for d in classes], str(raw_dir))
+    items = [(str(f), d.name) for d in classes for f in sorted(d.iterdir()) if f.is_file()]
     if not items:
         raise DataError(f"{raw_dir} holds no images: expected {raw_dir}/<class>/<image files>")
     return items
