@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
@@ -287,7 +288,8 @@ def _exif_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> list[bytes]:
+@functools.lru_cache
+def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> tuple[bytes, ...]:
     """JPEGs whose EXIF bytes were fuzzed until Pillow's own EXIF handling raises on them (struct.error, TypeError,
     AttributeError... while the pixels are intact): the first n such variants of a fixed seed."""
     import warnings
@@ -308,7 +310,7 @@ def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> list[bytes]:
                 ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(data))))
         except Exception:  # noqa: BLE001 - the point: any exception type
             found.append(bytes(data))
-    return found
+    return tuple(found)
 
 
 def multipart_body(content: bytes, boundary: bytes = b"vfboundary") -> tuple[bytes, str]:
