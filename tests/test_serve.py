@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import shutil
@@ -264,3 +265,208 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
     assert codes == [504, 504, 504]
     assert sum("a request answered 504 failed afterwards: IsADirectoryError" in m for m in messages) == 3, messages
     assert not any("never retrieved" in m for m in messages), messages
+
+
+# --- one bad upload among good ones, expensive images, auth that must not fail open, start-up -----------------
+
+
+def _exif_jpeg() -> bytes:
+    """A valid 24x20 JPEG with an EXIF block: orientation 6 (rotated), text, rationals, the Exif and GPS IFDs."""
+    from PIL import TiffImagePlugin
+
+    rational = TiffImagePlugin.IFDRational
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "camera maker"
+    exif[0x011A] = rational(72, 1)
+    exif[0x0131] = "software"
+    exif[0x8769] = {0x9003: "2020:01:01 00:00:00", 0x829A: rational(1, 250), 0x9286: b"ASCII\x00\x00\x00hello"}
+    exif[0x8825] = {1: "N", 2: (rational(1, 1),) * 3}
+    arr = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@functools.lru_cache
+def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> tuple[bytes, ...]:
+    """JPEGs whose EXIF bytes were fuzzed until Pillow's own EXIF handling raises on them (struct.error, TypeError,
+    AttributeError... while the pixels are intact): the first n such variants of a fixed seed."""
+    import warnings
+
+    from PIL import ImageOps
+
+    good = _exif_jpeg()
+    start = good.index(b"Exif\x00\x00") + 6 + 8  # past the TIFF header: the IFD entries and their values
+    end = start - 8 + int.from_bytes(good[start - 16:start - 14], "big") - 8
+    rng, found = np.random.default_rng(seed), []
+    while len(found) < n:
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(start, end))] = int(rng.integers(0, 256))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(data))))
+        except Exception:  # noqa: BLE001 - the point: any exception type
+            found.append(bytes(data))
+    return tuple(found)
+
+
+def multipart_body(content: bytes, boundary: bytes = b"vfboundary") -> tuple[bytes, str]:
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n")
+    return body, "multipart/form-data; boundary=" + boundary.decode()
+
+
+def test_corrupt_exif_variants_are_a_real_class_of_input():
+    variants = corrupt_exif_jpegs()
+    assert len(set(variants)) == 5 and all(len(v) == len(_exif_jpeg()) for v in variants)
+
+
+def test_a_bad_upload_fails_only_its_own_request_in_a_batch(served):
+    """Requests that wait together run as one batch; a corrupt-EXIF image or an over-long multipart boundary
+    among them is that request's problem alone. The inference thread is held, deterministically, by an exclusive
+    lock on the review queue's SQLite file (an uncertain prediction waits there to be queued), while the others
+    are submitted; then the lock is released and they run as one batch."""
+    import asyncio
+    import sqlite3
+
+    import httpx
+
+    proj, p, _, holder, _ = served
+    app = create_app(p, proj, holder=holder, watch=False)
+    images = proj / p.serve.review_dir / "images"
+    exif_a, exif_b = corrupt_exif_jpegs(2, seed=1)
+    mates = {"good": multipart_body(png(11)), "exif a": multipart_body(exif_a),
+             "long boundary": multipart_body(png(12), boundary=b"b" * 300), "exif b": multipart_body(exif_b)}
+    assert len(mates) == p.serve.max_concurrency  # one batch holds them all
+
+    async def main() -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            def post(body_and_type):
+                body, ctype = body_and_type
+                return asyncio.ensure_future(client.post("/predict", content=body, headers={"content-type": ctype}))
+
+            before = set(images.iterdir())
+            gate = sqlite3.connect(proj / p.serve.review_dir / "queue.db", isolation_level=None)
+            gate.execute("BEGIN EXCLUSIVE")
+            try:
+                first = post(multipart_body(png(10)))
+                for _ in range(2000):  # the first request's image is written just before its blocked INSERT
+                    if set(images.iterdir()) - before:
+                        break
+                    await asyncio.sleep(0.01)
+                waiting = {name: post(m) for name, m in mates.items()}
+                await asyncio.sleep(0.5)  # (nothing else runs on this loop: they reach the batcher meanwhile)
+            finally:
+                gate.execute("ROLLBACK")
+                gate.close()
+            answers = {"first": await first, **{name: await t for name, t in waiting.items()}}
+            answers["metrics"] = await client.get("/metrics")
+            return answers
+
+    answers = asyncio.run(main())
+    assert answers["first"].status_code == 200, answers["first"].text
+    assert answers["good"].status_code == 200, answers["good"].text
+    for name in ("exif a", "exif b"):  # decoded without the EXIF it could not read
+        assert answers[name].status_code == 200, (name, answers[name].text)
+    assert answers["long boundary"].status_code == 400, answers["long boundary"].text
+    assert "boundary" in answers["long boundary"].json()["detail"]
+    # ...and they really were one batch of four
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+               for line in answers["metrics"].text.splitlines()
+               if line.startswith("visionflow_inference_batch_requests_bucket")}
+    assert buckets["4.0"] - buckets["2.0"] == 1, buckets
+
+
+def _with_serve(p, **serve):
+    return p.model_copy(update={"serve": p.serve.model_copy(update=serve)})
+
+
+def jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).resize((width, height), Image.NEAREST).save(buf, "JPEG", quality=60)
+    return buf.getvalue()
+
+
+def test_decoded_pixels_are_bounded_per_request(served):
+    """serve.max_request_pixels bounds what one request may decode (all of a batch's images together), checked
+    before an image's pixels are decoded; a JPEG counts at the reduced size it is decoded at (DCT scaling)."""
+    proj, p, _, holder, _ = served
+    small = _with_serve(p, max_request_pixels=100_000)
+    with TestClient(create_app(small, proj, holder=holder, watch=False)) as client:
+        one = [("files", ("a.png", png(1, 300), "image/png"))]  # 90,000 pixels
+        assert client.post("/predict/batch", files=one).status_code == 200
+        two = one + [("files", ("b.png", png(2, 300), "image/png"))]
+        r = client.post("/predict/batch", files=two)
+        assert r.status_code == 422 and "over_pixel_budget" in r.json()["detail"], r.text
+        # 2,400 x 2,000 = 4.8 MP in the header, decoded at 1/8 scale: 300 x 250 = 75,000 pixels
+        r = client.post("/predict", files={"file": ("big.jpg", jpeg(2400, 2000), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        healthy(client)
+
+
+@pytest.mark.parametrize("value", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_auth_env_set_but_empty_refuses_to_start(tmp_path, monkeypatch, value):
+    from visionflow.errors import ConfigError
+
+    if value is None:
+        monkeypatch.delenv("VF_TOKEN_UNSET", raising=False)
+    else:
+        monkeypatch.setenv("VF_TOKEN_UNSET", value)
+    proj = make_project(tmp_path / "proj", tmp_path, serve={"auth_token_env": "VF_TOKEN_UNSET"})
+    p = load_params(proj / "params.yaml")
+    with pytest.raises(ConfigError, match="VF_TOKEN_UNSET"):
+        create_app(p, proj, holder=ChampionHolder("m", cache_dir=tmp_path), watch=False)
+
+
+def test_the_token_is_a_header_everywhere_but_on_pages(served, monkeypatch):
+    """?token= lands in access logs: only the page dependency takes it; every API route wants the header, and
+    /metrics and /model (git commit, data version, run ids) are behind the token too."""
+    from fastapi import Depends, FastAPI
+
+    from visionflow.serve import token_dependencies
+
+    proj, p, _, holder, _ = served
+    monkeypatch.setenv("VF_TOKEN", "s3cret")
+    guarded = _with_serve(p, auth_token_env="VF_TOKEN")
+    header = {"Authorization": "Bearer s3cret"}
+    with TestClient(create_app(guarded, proj, holder=holder, watch=False)) as client:
+        for path in ("/metrics", "/model", "/review/queue"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(f"{path}?token=s3cret").status_code == 401, path
+            assert client.get(path, headers=header).status_code == 200, path
+        files = {"file": ("a.png", png(1), "image/png")}
+        assert client.post("/predict?token=s3cret", files=files).status_code == 401
+        assert client.post("/predict", files=files, headers=header).status_code == 200
+        assert client.get("/health").status_code == 200
+
+    require_token, require_token_page = token_dependencies("s3cret")
+    pages = FastAPI()
+    pages.get("/api", dependencies=[Depends(require_token)])(lambda: "ok")
+    pages.get("/page", dependencies=[Depends(require_token_page)])(lambda: "ok")
+    with TestClient(pages) as client:
+        assert client.get("/api?token=s3cret").status_code == 401
+        assert client.get("/page?token=s3cret").status_code == 200
+        assert client.get("/page?token=wrong").status_code == 401
+        assert client.get("/page").status_code == 401
+        assert client.get("/api", headers=header).status_code == 200
+        assert client.get("/page", headers=header).status_code == 200
+    open_api, open_page = token_dependencies(None)
+    assert open_api is not None and open_page is not None
+
+
+def test_serve_without_a_champion_says_so_and_creates_no_registry(tmp_path):
+    from tests.conftest import run_cli
+
+    store = tmp_path / "store" / "mlflow.db"
+    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{store}"})
+    r = run_cli(proj, "serve", check=False, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "no model registry" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not store.parent.exists()  # nothing created as a side effect
+    setup_mlflow(f"sqlite:///{store}", proj, "visionflow")  # a store, but nothing promoted in it
+    r = run_cli(proj, "serve", check=False, timeout=60)
+    assert r.returncode == 2 and "no champion" in r.stderr and "Traceback" not in r.stderr, r.stderr

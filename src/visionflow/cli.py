@@ -237,18 +237,11 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default serve.port).")] = None,
 ) -> None:
     """Serve the registry's champion over HTTP (predict, batch, health, metrics, review page at /review)."""
-    import uvicorn
-
-    from visionflow.serve import create_app
-    from visionflow.tracking import setup_mlflow
+    from visionflow.serve import serve_champion
 
     p = state.params()
-    setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
-    uvicorn.run(create_app(p, state.root), host=host or p.serve.host, port=port or p.serve.port,
-                timeout_keep_alive=5,
-                # connections (idle keep-alive ones too) + tasks; past it uvicorn answers 503 itself
-                limit_concurrency=2 * (p.serve.max_concurrency + p.serve.queue_depth) + 64,
-                access_log=p.serve.access_log)
+    serve_champion(p, state.root, host=host or p.serve.host, port=port or p.serve.port,
+                   say=lambda line: out.print(line, highlight=False, soft_wrap=True))
 
 
 @app.command()

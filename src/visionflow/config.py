@@ -172,9 +172,17 @@ class ServeParams(_Section):
     review_threshold: float = Field(0.6, ge=0, le=1)
     max_upload_mb: float = Field(10, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)
+    # Pixels one request may decode, all its images together (a JPEG counts at the reduced scale it is decoded
+    # at): the bound on how long one request holds the single inference thread (~0.5 s per 40 MP of PNG).
+    max_request_pixels: int = Field(50_000_000, ge=1, le=1_000_000_000)
     max_batch: int = Field(64, ge=1)
     max_form_fields: int = Field(16, ge=1)
     request_timeout_s: float = Field(10, gt=0)
+    # A connection must send a request's headers within header_timeout_s (from its start or the previous
+    # response) and its body within body_timeout_s, or it is closed: idle and trickling (slowloris) clients
+    # would otherwise hold their connections for ever.
+    header_timeout_s: float = Field(10, gt=0, le=300)
+    body_timeout_s: float = Field(60, gt=0, le=3600)
     # Requests inferred together (one batch), and how many more may wait before the server answers 503. The wait
     # is queue_depth / throughput: 64 is ~35 ms at the 28 px default's ~1,900 req/s on 2 cores; 16 (~8 ms) shed
     # requests during ordinary GC and scheduling pauses at 70% load. Lower it for slow models.
@@ -184,7 +192,8 @@ class ServeParams(_Section):
     # uvicorn's per-request access log line; off, since every prediction is in the prediction log and the
     # request counts and latencies are on /metrics (the line cost about a tenth of the event loop's time).
     access_log: bool = False
-    # Name of an environment variable holding a bearer token; null leaves predict and review open.
+    # Name of an environment variable holding a bearer token; null leaves the API open. Set but unset or empty
+    # in the environment, the server refuses to start.
     auth_token_env: str | None = None
     review_dir: Path = Path("data/review")
     reviewed_dir: Path = Path("data/reviewed")

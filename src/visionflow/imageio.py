@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Pillow's own bomb check is replaced by ours (per-call limit, a reason instead of a warning or an exception).
 Image.MAX_IMAGE_PIXELS = None
@@ -68,8 +68,22 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
-def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
-    """Decode bytes into a fully loaded Pillow image, or raise RejectedImage with the reason."""
+class PixelBudget:
+    """Decoded pixels a caller may still spend (serving: one request's share, every image of a batch together).
+    Spent before an image's pixels are decoded, so an image over what is left costs only its header."""
+
+    def __init__(self, pixels: int):
+        self.left = pixels
+
+    def spend(self, pixels: int) -> None:
+        if pixels > self.left:
+            raise RejectedImage("over_pixel_budget", f"{pixels} pixels to decode, {self.left} left of this "
+                                "request's budget (serve.max_request_pixels)")
+        self.left -= pixels
+
+
+def _checked(data: bytes, rules: DecodeRules) -> Image.Image:
+    """The image opened and its header checked against the rules; no pixel decoded yet."""
     if len(data) == 0:
         raise RejectedImage("empty_file", "the file has zero bytes")
     if len(data) > rules.max_bytes:
@@ -92,10 +106,35 @@ def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
         raise RejectedImage("too_small", f"{width}x{height} below {rules.min_width}x{rules.min_height}")
     if width > rules.max_width or height > rules.max_height:
         raise RejectedImage("too_large", f"{width}x{height} above {rules.max_width}x{rules.max_height}")
+    return img
+
+
+# Modes whose pixels Image.reduce averages as to_array reads them (16-bit modes are left at full size).
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "I", "F", "CMYK"}
+
+
+def _reduced(img: Image.Image, factor: int) -> Image.Image:
+    if img.mode in ("P", "PA", "1"):  # palette indices and bilevel pixels cannot be averaged as they are
+        transparent = img.mode == "PA" or "transparency" in img.info
+        img = img.convert("L" if img.mode == "1" else "RGBA" if transparent else "RGB")
+    return img.reduce(factor) if img.mode in _REDUCIBLE else img
+
+
+def _loaded(img: Image.Image, rules: DecodeRules, fit: int | None, budget: PixelBudget | None) -> Image.Image:
+    """Decode the pixels under the time limit. With `fit` (the model's side), a JPEG is decoded at the smallest
+    DCT scale (1/2..1/8) still at least fit x fit, and any image at least twice that is box-reduced right after
+    decoding: the conversions, properties and resize that follow then cost the model's size, not the upload's
+    (a 40 MP image took 3-4 s on the inference thread, almost none of it in the decoder)."""
+    if fit is not None and img.format == "JPEG":
+        img.draft(img.mode, (fit, fit))
+    if budget is not None:
+        budget.spend(img.width * img.height)
     try:
         with _time_limit(rules.timeout_s), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
+            if fit is not None and (factor := min(img.width, img.height) // fit) >= 2:
+                img = _reduced(img, factor)
     except _DecodeTimeout:
         raise RejectedImage("decode_timeout", f"decoding took longer than {rules.timeout_s}s") from None
     except Exception as exc:  # truncated data, bad CRC, broken palette...
@@ -103,9 +142,32 @@ def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
     return img
 
 
+def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
+    """Decode bytes into a fully loaded Pillow image, or raise RejectedImage with the reason."""
+    return _loaded(_checked(data, rules), rules, fit=None, budget=None)
+
+
+# EXIF orientation -> the transpose that makes the image upright (Pillow's own table, ImageOps.exif_transpose)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. EXIF is untrusted metadata and Pillow's parser raises
+    almost anything on a corrupt block (struct.error, TypeError, SyntaxError...): then the EXIF is ignored and the
+    pixels are used as stored. (ImageOps.exif_transpose also re-encodes the EXIF, one more place to raise.)"""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - any failure to read the metadata means: no orientation
+        return img
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
+
+
 def to_array(img: Image.Image, channels: int) -> np.ndarray:
     """Canonical uint8 pixels: HxW for channels=1, HxWx3 for channels=3, whatever the source mode."""
-    img = ImageOps.exif_transpose(img) if "exif" in img.info else img
+    img = _upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.uint32)
         peak = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
@@ -186,16 +248,23 @@ def _to_model_size(arr: np.ndarray, image_size: int, channels: int) -> np.ndarra
     return arr.reshape(image_size, image_size, channels)
 
 
-def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules) -> np.ndarray:
+def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules,
+                     budget: PixelBudget | None = None) -> np.ndarray:
     """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving."""
-    return _to_model_size(to_array(open_guarded(data, rules), channels), image_size, channels)
+    img = _loaded(_checked(data, rules), rules, fit=image_size, budget=budget)
+    return _to_model_size(to_array(img, channels), image_size, channels)
 
 
-def decode_with_properties(data: bytes, image_size: int, channels: int,
-                           rules: DecodeRules) -> tuple[np.ndarray, dict[str, float]]:
-    """decode_for_model plus the image's visual properties, from one decode (serving and the drift check)."""
-    img = open_guarded(data, rules)
+def decode_with_properties(data: bytes, image_size: int, channels: int, rules: DecodeRules,
+                           budget: PixelBudget | None = None) -> tuple[np.ndarray, dict[str, float]]:
+    """decode_for_model plus the image's visual properties, from one decode (serving and the drift check).
+    Width and height are the image's as received; the others are measured on the decoded pixels, which for an
+    image at least twice the model's size are a reduced copy (the same for the reference and the live images)."""
+    img = _checked(data, rules)
+    width, height = img.size
+    img = _loaded(img, rules, fit=image_size, budget=budget)
     pixels = to_array(img, channels)
     # a grey model's pixels are the grey version the properties need: converted once, not twice
     props = visual_properties(img, gray=pixels if channels == 1 else None)
+    props.update(width=float(width), height=float(height))
     return _to_model_size(pixels, image_size, channels), props

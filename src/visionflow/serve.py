@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from visionflow.config import Params
+from visionflow.errors import ConfigError, VisionflowError
 from visionflow.imageio import DecodeRules, RejectedImage
 
 logger = logging.getLogger(__name__)
@@ -258,11 +259,14 @@ def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over max_bytes early (Content-Length) or as soon as the stream passes it."""
+    """ASGI middleware: refuse bodies over max_bytes early (Content-Length) or as soon as the stream passes it
+    (413), and bodies still arriving timeout_s after the app began to read them (408): a client that trickles
+    its upload would otherwise hold the request, and a predict slot, for as long as it likes."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -271,25 +275,43 @@ class BodyLimit:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _plain(send, 413, b"request body too large")
-        seen = 0
+        seen, deadline, complete, started = 0, None, False, False
 
         async def limited():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, deadline, complete
+            if complete:  # after the body: waiting for a disconnect has no deadline
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise _Refused(408, b"request body not received in time") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
+                    raise _Refused(413, b"request body too large")
+                complete = not message.get("more_body", False)
             return message
 
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _plain(send, 413, b"request body too large")
+            await self.app(scope, limited, tracked)
+        except _Refused as exc:
+            if not started:  # (a FastAPI route's error handler may have answered already)
+                await _plain(send, exc.status, exc.body)
 
 
-class _TooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """A request body BodyLimit refuses: the status and the text to answer with."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(body.decode())
+        self.status, self.body = status, body
 
 
 async def _plain(send, status: int, body: bytes) -> None:
@@ -298,6 +320,53 @@ async def _plain(send, status: int, body: bytes) -> None:
                 "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def header_deadline_protocol(header_timeout_s: float):
+    """uvicorn's httptools protocol with a deadline on request headers: a connection that has not sent a whole
+    request head within header_timeout_s of opening, or of its previous response, gets a 408 and is closed.
+    uvicorn itself has no such timer (its keep-alive timer stops at the first byte), so idle and slowloris
+    connections would stay open for ever; with uvicorn's limit_concurrency they made every request, /health
+    included, a 503."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadline(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._timer = self.loop.call_later(header_timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expired(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            idle_next = not self.pipeline  # a queued pipelined request has its head already
+            super().on_response_complete()
+            if idle_next and not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -314,7 +383,7 @@ def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fie
     """The file parts of a multipart/form-data body, in order, with every limit checked as the parser goes (the
     5,000th part is never reached: parsing stops at the first part over a limit). Fields without a file name are
     counted and dropped; file names are never read."""
-    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, options = parse_options_header(content_type)
@@ -366,18 +435,51 @@ def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fie
         if part.get("is_file"):
             files.append(b"".join(part["chunks"]))
 
-    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-                                        "on_part_end": on_part_end})
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end}
     try:
+        parser = MultipartParser(boundary, callbacks)  # refuses a boundary over 256 characters
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as exc:
-        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    except FormParserError as exc:  # (the base of the parser's errors: boundary, framing, headers)
+        raise HTTPException(400, f"malformed multipart body or boundary: {exc}") from None
     if not files:
         raise HTTPException(422, NO_FILE)
     return files
+
+
+def bearer_token(env_name: str | None) -> str | None:
+    """The token named by serve.auth_token_env; None when auth is off. A name whose variable is missing or blank
+    is refused: serving open while the operator believes it is protected is the one outcome not allowed."""
+    if env_name is None:
+        return None
+    token = os.environ.get(env_name, "").strip()
+    if not token:
+        raise ConfigError(f"serve.auth_token_env is {env_name!r}, but ${env_name} is unset or empty: export the "
+                          "token (or set serve.auth_token_env to null to serve without auth)")
+    return token
+
+
+def token_dependencies(token: str | None):
+    """(require_token, require_token_page): FastAPI dependencies that check the bearer token when `token` is set.
+    require_token takes only the Authorization header, so the token stays out of URLs and access logs;
+    require_token_page also takes ?token= for HTML pages a browser navigates to, where no header can be set."""
+
+    def check(given: str) -> None:
+        if token is not None and not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def header(request: Request) -> str:
+        return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+    async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop
+        check(header(request))
+
+    async def require_token_page(request: Request) -> None:
+        check(header(request) or request.query_params.get("token", ""))
+
+    return require_token, require_token_page
 
 
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
@@ -405,18 +507,11 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                               "(parse, decode, model, log, answers)", registry=registry, buckets=fine)
     batch_size = Histogram("visionflow_inference_batch_requests", "requests run together in one batch",
                            registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
-    token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
+    token = bearer_token(cfg.auth_token_env)
+    require_token, require_token_page = token_dependencies(token)
 
     app = FastAPI(title="visionflow", description="Image classification with the registry's champion model.",
                   version="1")
-
-    async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop
-        if token is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-            or request.query_params.get("token", "")  # <img> tags on the review page cannot send headers
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     @app.on_event("startup")
     def _load() -> None:
@@ -439,13 +534,14 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
 
     def prepare(job: tuple[LoadedModel, bytes, bytes, int]) -> tuple[list[np.ndarray], list[dict[str, float]]]:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
-        from visionflow.imageio import decode_with_properties
+        from visionflow.imageio import PixelBudget, decode_with_properties
 
         model, body, content_type, max_files = job
         files = multipart_files(body, content_type, max_files=max_files, max_fields=cfg.max_form_fields,
                                 max_file_bytes=rules.max_bytes)
         size, channels = model.card["image_size"], model.card["channels"]
-        decoded = [decode_with_properties(data, size, channels, rules) for data in files]
+        budget = PixelBudget(cfg.max_request_pixels)  # one request's images together
+        decoded = [decode_with_properties(data, size, channels, rules, budget) for data in files]
         # properties are measured on the image as received, like the drift check's reference
         return [a for a, _ in decoded], [props for _, props in decoded]
 
@@ -460,12 +556,19 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
                 prepared[i] = prepare(job)
             except (HTTPException, RejectedImage) as exc:
                 outcomes[i] = exc
+            except Exception as exc:  # noqa: BLE001 - an unforeseen failure is this request's alone (its 500,
+                outcomes[i] = exc  # logged with its traceback by the handler), never its batch-mates'
         records: list[dict[str, Any]] = []
         for model in {id(jobs[i][0]): jobs[i][0] for i in prepared}.values():  # one group per model (a swap)
             mine = [i for i in prepared if jobs[i][0] is model]
             arrays = [a for i in mine for a in prepared[i][0]]
             batch = np.stack(arrays).transpose(0, 3, 1, 2).copy()
-            logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
+            try:
+                logits, embedding = model.session.run(["logits", "embedding"], {"image": batch})
+            except Exception as exc:  # noqa: BLE001 - fails this model's group; another group may still run
+                for i in mine:
+                    outcomes[i] = exc
+                continue
             probs, classes, now, k = _softmax(logits), model.card["classes"], time.time(), 0
             for i in mine:
                 results = []
@@ -538,7 +641,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         except TimeoutError:
             status, answer = 504, b'{"detail":"inference timed out"}'
             job.add_done_callback(_late_failure)  # the work goes on; if it fails, nobody else will say so
-        except _TooLarge:  # BodyLimit answers 413 for a body that grew past the limit
+        except _Refused:  # BodyLimit answers for a body too large or too slow
             raise
         except ClientDisconnect:
             requests_total.labels(endpoint, "disconnected").inc()
@@ -599,14 +702,14 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         m = model_or_503()
         return {"status": "ready", "model_version": m.version}
 
-    @app.get("/model", summary="The serving model and its lineage")
+    @app.get("/model", dependencies=[Depends(require_token)], summary="The serving model and its lineage")
     def model_info() -> dict[str, Any]:
         m = model_or_503()
         return {"name": holder.model_name, "version": m.version, "classes": m.card["classes"],
                 "image_size": m.card["image_size"], "channels": m.card["channels"],
                 "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.") and k != "visionflow.card"}}
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", dependencies=[Depends(require_token)], include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -647,7 +750,42 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         await app(scope, receive, send)
 
     # Outermost, so that an oversized body is refused before any route reads it, predict's included.
-    return BodyLimit(serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024)
+    return BodyLimit(serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024,
+                     timeout_s=cfg.body_timeout_s)
+
+
+def load_champion(p: Params, root: Path) -> ChampionHolder:
+    """The registry's champion, loaded, for `visionflow serve`. A server without one would answer /health and
+    refuse every prediction, so no registry, or nothing promoted in it, is an error; the store is only read, never
+    created (setup_mlflow would create an empty one)."""
+    import mlflow
+
+    from visionflow.tracking import tracking_uri
+
+    uri = tracking_uri(p.registry.tracking_uri, root)
+    if uri.startswith("sqlite:///") and not (store := Path(uri.removeprefix("sqlite:///"))).is_file():
+        raise VisionflowError(f"no model registry at {store}: nothing to serve; train and promote a model first "
+                              "(`make pipeline`), or point registry.tracking_uri at the registry")
+    mlflow.set_tracking_uri(uri)
+    holder = ChampionHolder(p.registry.model_name, cache_dir=Path(root) / "models/serving")
+    if not holder.refresh():
+        raise VisionflowError(f"no champion to serve from {uri}: {holder.last_error}; train and promote a model "
+                              "first (`make pipeline`)")
+    return holder
+
+
+def serve_champion(p: Params, root: Path, *, host: str, port: int, say=print) -> None:
+    """Run the server on the registry's champion until interrupted; `say` hears what is served, and where."""
+    import uvicorn
+
+    bearer_token(p.serve.auth_token_env)  # a missing token is refused before the registry is even read
+    holder = load_champion(p, root)
+    app = create_app(p, root, holder=holder)
+    model = holder.current
+    say(f"serving {p.registry.model_name} v{model.version} ({len(model.card['classes'])} classes, "
+        f"{model.card['image_size']} px) at http://{host}:{port} (API docs at /docs, review page at /review)")
+    uvicorn.run(app, host=host, port=port, access_log=p.serve.access_log,
+                http=header_deadline_protocol(p.serve.header_timeout_s), timeout_keep_alive=5)
 
 
 def _predict_openapi(max_batch: int) -> dict[str, Any]:

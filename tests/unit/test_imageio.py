@@ -72,3 +72,35 @@ def test_properties_track_brightness_and_blur():
     assert image_properties(dark)["brightness"] < image_properties(sharp)["brightness"]
     assert image_properties(blurred)["blur"] < image_properties(sharp)["blur"]
     assert image_properties(np.full((8, 8), 7, np.uint8))["contrast"] == 0
+
+
+def test_exif_orientation_is_applied_and_a_corrupt_exif_is_ignored():
+    """Every reader (validate, drift, training, serving) goes through to_array: a valid orientation turns the image
+    upright; an EXIF block Pillow cannot parse (fuzzed: it raises struct.error, TypeError...) is ignored."""
+    from tests.test_serve import _exif_jpeg, corrupt_exif_jpegs
+    from visionflow.imageio import decode_for_model, decode_with_properties
+
+    assert to_array(open_guarded(_exif_jpeg(), RULES), channels=1).shape == (24, 20)  # 24 wide, turned
+    for data in corrupt_exif_jpegs(5, seed=3):
+        assert to_array(open_guarded(data, RULES), channels=3).shape[2] == 3
+        assert decode_for_model(data, 16, 1, RULES).shape == (16, 16, 1)
+        assert decode_with_properties(data, 16, 3, RULES)[1]["width"] == 24
+
+
+@pytest.mark.parametrize("fmt,mode,decoded", [("JPEG", "RGB", (500, 375)), ("PNG", "RGB", (4000, 3000)),
+                                               ("PNG", "P", (4000, 3000)), ("WEBP", "RGB", (4000, 3000))])
+def test_large_images_are_decoded_small_and_counted_against_the_budget(fmt, mode, decoded):
+    """A JPEG is decoded at the smallest DCT scale still at least the model's size; every format is then
+    reduced before conversion; the budget is charged what was decoded, and refuses what it cannot pay."""
+    from visionflow.imageio import PixelBudget, decode_with_properties
+
+    img = Image.new("RGB", (4000, 3000), (30, 160, 90)).convert(mode)
+    data = encode(img, fmt)
+    budget = PixelBudget(10**9)
+    pixels, props = decode_with_properties(data, 28, 3, DecodeRules(max_pixels=10**8), budget)
+    assert pixels.shape == (28, 28, 3) and (props["width"], props["height"]) == (4000, 3000)
+    assert 10**9 - budget.left == decoded[0] * decoded[1]
+    assert np.abs(pixels.astype(int) - [30, 160, 90]).max() <= 3  # the colour survives the reduction
+    with pytest.raises(RejectedImage) as err:
+        decode_with_properties(data, 28, 3, DecodeRules(max_pixels=10**8), PixelBudget(decoded[0] * decoded[1] - 1))
+    assert err.value.reason == "over_pixel_budget"
