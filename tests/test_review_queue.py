@@ -143,3 +143,14 @@ def test_the_whole_queue_is_reachable_and_counted(tmp_path, n):
         for i in page:
             queue.review(i["id"], "cat", CLASSES)
     assert sorted(seen) == sorted(ids) and len(seen) == n and queue.count() == 0
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".", ".hidden", "a\\b", "/abs"])
+def test_a_class_name_that_is_not_one_folder_name_is_refused(tmp_path, name):
+    """The label is the folder under reviewed_dir: a model card's class name must not write outside it."""
+    queue = ReviewQueue(tmp_path / "review", tmp_path / "out" / "reviewed")
+    item = _add(queue, seed=5)
+    with pytest.raises(ValueError, match="folder name"):
+        queue.review(item, name, [*CLASSES, name])
+    assert [i["id"] for i in queue.pending()] == [item]
+    assert not any(f.is_file() for f in (tmp_path / "out").rglob("*"))

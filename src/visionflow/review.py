@@ -91,6 +91,9 @@ class ReviewQueue:
         database) leaves the item pending and no image behind, so the same request can simply be sent again."""
         if label not in classes:
             raise ValueError(f"unknown label {label!r}; known: {classes}")
+        if label in ("", ".", "..") or label.startswith(".") or "/" in label or "\\" in label or "\0" in label:
+            # the label is a folder name under reviewed_dir: a class name like "../x" must not leave it
+            raise ValueError(f"the class name {label!r} cannot be a folder name; rename the class")
         src = self.image_path(item_id)
         if src is None:
             raise KeyError(item_id)
@@ -257,8 +260,8 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
 
 
 def docs_router(openapi: Callable[[], dict[str, Any]], require_token, require_token_page) -> APIRouter:
-    """/docs (Swagger UI from the swagger-ui-bundle package, so it works offline) and /openapi.json, both behind
-    the token when auth is on. The page sends the token it was opened with as a header on its own requests."""
+    """/docs (Swagger UI 5 from the swagger-ui-bundle-v2 package, so it works offline) and /openapi.json, both
+    behind the token when auth is on. The page sends the token it was opened with as a header on its requests."""
     from swagger_ui_bundle import swagger_ui_path
 
     router = APIRouter()
