@@ -1,26 +1,35 @@
 """The review page end to end in real headless Chromium (Debian's package), driven over the DevTools protocol.
 
 A real uvicorn server on loopback serves a real champion; the browser loads /review, a person's key press labels
-the image, and the image ends up as labelled data in data/reviewed/<class>/.
+the image, and the image ends up as labelled data in data/reviewed/<class>/. Also in the browser: scripts in the
+token or in class names do not run, a cross-site page cannot label, each button's shown key is the key that
+labels it, undo, the whole queue with its count, and /docs offline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sqlite3
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import httpx
+
 from tests.conftest import make_folder_dataset, make_project
 from tests.test_serve import CLASSES, _register, png
 from visionflow.config import load_params
+from visionflow.review import ReviewQueue
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -74,32 +83,43 @@ class DevTools:
             if value:
                 return value
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {expression}")
+        status = self.js("(document.getElementById('status') || {}).textContent")
+        raise AssertionError(f"timed out waiting for {expression} (the page's status line: {status!r})")
 
     def close(self):
         self.ws.close()
 
 
-@pytest.fixture
-def server(tmp_path):
+@contextlib.contextmanager
+def _serving(p, proj):
+    """A real uvicorn server on loopback, for the with block; gives its base URL."""
     import uvicorn
 
     from visionflow.serve import create_app
 
-    src = make_folder_dataset(tmp_path / "images", classes=tuple(CLASSES), per_class=12, size=20)
-    proj = make_project(tmp_path / "proj", src, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
-    p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=0)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(p, proj, watch=False), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    _wait_http(f"{base}/ready")
-    yield proj, p, base
-    srv.should_exit = True
-    thread.join(timeout=10)
+    _wait_http(f"{base}/health")
+    try:
+        yield base
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(tmp_path):
+    src = make_folder_dataset(tmp_path / "images", classes=tuple(CLASSES), per_class=12, size=20)
+    proj = make_project(tmp_path / "proj", src, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
+    p = load_params(proj / "params.yaml")
+    _register(proj, p, seed=0)
+    with _serving(p, proj) as base:
+        _wait_http(f"{base}/ready")
+        yield proj, p, base
 
 
 @pytest.fixture
@@ -110,7 +130,7 @@ def browser():
     profile = tempfile.mkdtemp(prefix="vf-chromium-")
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1024,900",
          f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -123,6 +143,26 @@ def browser():
         proc.kill()
         proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def _press(browser: DevTools, key: str) -> None:
+    code = {"Backspace": 8}.get(key)
+    down = {"key": key, "windowsVirtualKeyCode": code} if code else {"key": key, "text": key}
+    browser.call("Input.dispatchKeyEvent", type="keyDown", **down)
+    browser.call("Input.dispatchKeyEvent", type="keyUp", key=key)
+
+
+def _click(browser: DevTools, selector: str) -> None:
+    """A real mouse click at the element's centre (scrolled into view first)."""
+    box = browser.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                     "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+                     "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+        browser.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+
+
+def _text(browser: DevTools, element_id: str) -> str:
+    return browser.js(f"document.getElementById({json.dumps(element_id)}).textContent")
 
 
 def _post_image(base: str, data: bytes) -> dict:
@@ -153,10 +193,7 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
                            "return i && i.complete && i.naturalWidth > 0; })()")
     shown = browser.js("document.getElementById('img').src")
     # A click on a class button...
-    box = browser.js("(() => { const r = document.querySelector('button[data-label=\"dog\"]')"
-                     ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
-    for kind in ("mousePressed", "mouseReleased"):
-        browser.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+    _click(browser, 'button[data-label="dog"]')
     browser.wait_js("document.getElementById('status').textContent === 'saved dog'")
     # ...and a key press (3 = the third class) for the next one.
     browser.wait_js(f"document.getElementById('img') && document.getElementById('img').src !== {json.dumps(shown)}")
@@ -178,3 +215,207 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
     assert version_after != version_before
     validated = stages.validate_stage(p, proj, version_after)
     assert validated.n_accepted == 36 + 2
+
+
+def test_a_cross_site_page_cannot_label(server, browser):
+    """CSRF from a real browser: a page on another origin (localhost is not 127.0.0.1) posts to the review API
+    the ways a page can without a CORS grant; the item stays pending."""
+    proj, p, base = server
+    item = _post_image(base, png(21))["review_id"]
+    port = base.rsplit(":", 1)[1]
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"http://localhost:{port}/health")  # any page of the other origin
+    browser.wait_js("document.readyState === 'complete'")
+    target = json.dumps(f"{base}/review/{item}")
+    outcomes = browser.js(f"""Promise.all([
+        fetch({target}, {{method: "POST", mode: "no-cors", headers: {{"Content-Type": "text/plain"}},
+                          body: '{{"label": "dog"}}'}}).then(() => "sent", e => "blocked"),
+        fetch({target}, {{method: "POST", mode: "no-cors", body: new URLSearchParams({{label: "dog"}})}})
+            .then(() => "sent", e => "blocked"),
+        fetch({target}, {{method: "POST", headers: {{"Content-Type": "application/json"}},
+                          body: '{{"label": "dog"}}'}}).then(() => "sent", e => "blocked"),
+    ])""")
+    assert outcomes[:2] == ["sent", "sent"] and outcomes[2] == "blocked"  # (the preflight is not granted)
+    queued = httpx.get(f"{base}/review/queue").json()
+    assert item in [i["id"] for i in queued["items"]], "a cross-site request labelled the item"
+    assert not any((proj / p.serve.reviewed_dir).rglob("*.png"))
+
+
+# Scripts where the page shows data: in the token it is opened with, and in class names from a model card.
+TOKEN = '"><img src=x onerror="window.__xss=\'token\'"><script>window.__xss="token"</script>'
+EVIL_CLASSES = ['<img src=x onerror="window.__xss=\'class\'">', '"><svg onload="window.__xss=\'svg\'">',
+                '<button autofocus onfocus="window.__xss=\'focus\'">', "${window.__xss='template'}"]
+MANY = [*EVIL_CLASSES, "zebra", "apple", "mango", "kiwi", "fig", "lime", "date", "pear"]  # 12: keys 1-9, 0, a, b
+KEYS = "1234567890ab"
+INJECTED = "document.querySelectorAll('img[src=\"x\"], svg, script:not([src]), [onerror], [onload]').length"
+
+
+def _register_classes(proj: Path, p, classes: list[str]) -> None:
+    """A champion whose model card carries these class names (ingest would refuse such names today; the card is
+    built directly, the way a card from an older ingest or another tool would reach the server)."""
+    import mlflow
+    import torch
+
+    from visionflow.export import export_onnx, write_model_card
+    from visionflow.model import build_net
+    from visionflow.registry import Gate, apply_promotion, register_onnx
+    from visionflow.tracking import setup_mlflow
+
+    torch.manual_seed(0)
+    net = build_net("test_resnet", len(classes), 1).eval()
+    onnx_path = export_onnx(net, image_size=16, channels=1, path=proj / "m" / "model.onnx")
+    card = write_model_card(onnx_path, image_size=16, channels=1, classes=classes, model_name="test_resnet",
+                            data_version="dv")
+    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
+        pass
+    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
+                            mlflow_run_id=run.info.run_id, tags={}, metrics={})
+    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """A server with auth on (the token itself a script) and a champion with 12 classes, 4 of them scripts."""
+    root = tmp_path_factory.mktemp("hostile")
+    proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'db'}"},
+                        serve={"auth_token_env": "VF_REVIEW_TEST_TOKEN"})
+    p = load_params(proj / "params.yaml")
+    _register_classes(proj, p, MANY)
+    os.environ["VF_REVIEW_TEST_TOKEN"] = TOKEN
+    try:
+        with _serving(p, proj) as base:
+            yield proj, p, base
+    finally:
+        del os.environ["VF_REVIEW_TEST_TOKEN"]
+
+
+def _fresh_queue(proj: Path, p, n: int, predicted: str = "zebra") -> list[str]:
+    """An empty queue, then n items (written by the test into the server's own SQLite queue and image folder)."""
+    queue = ReviewQueue(proj / p.serve.review_dir, proj / p.serve.reviewed_dir)
+    with contextlib.closing(sqlite3.connect(queue.db)) as c, c:
+        c.execute("DELETE FROM items")
+    return [queue.add(png(1000 + i, size=16), model_version="1", predicted=predicted, confidence=0.1 + i / 1000,
+                      probabilities={}) for i in range(n)]
+
+
+def _open_review(browser: DevTools, base: str, n_buttons: int = len(MANY)) -> None:
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{base}/review?token={urllib.parse.quote(TOKEN)}")
+    browser.wait_js(f"document.querySelectorAll('#buttons button').length === {n_buttons}")
+
+
+def _pending(base: str) -> list[str]:
+    r = httpx.get(f"{base}/review/queue", params={"limit": 500}, headers={"Authorization": f"Bearer {TOKEN}"})
+    return [i["id"] for i in r.json()["items"]]
+
+
+def test_scripts_in_the_token_and_in_class_names_do_not_run(hostile, browser):
+    proj, p, base = hostile
+    _fresh_queue(proj, p, 2, predicted=EVIL_CLASSES[0])
+    _open_review(browser, base)
+    browser.wait_js("(() => { const i = document.getElementById('img'); "
+                    "return i && i.complete && i.naturalWidth > 0; })()")  # the page works with that token
+    # Every name is shown as the text it is, on its button and as the model's guess.
+    shown = browser.js("[...document.querySelectorAll('#buttons button')].map(b => b.textContent)")
+    assert shown == [f"{k} {c}" for k, c in zip(KEYS, MANY)]
+    assert EVIL_CLASSES[0] in _text(browser, "guess")
+    assert browser.js("window.__xss === undefined") and browser.js(INJECTED) == 0
+    # The CSP holds even if markup got in: an inline handler added to the page does not run.
+    browser.js("document.body.insertAdjacentHTML('beforeend', '<img src=\"data:,\" onerror=\"window.__csp=1\">')")
+    time.sleep(0.3)  # (an error handler that could run would have run by now; nothing to wait on instead)
+    assert browser.js("window.__csp === undefined")
+    # A wrong token carrying a script: refused before any page, nothing reflected.
+    browser.call("Page.navigate", url=f"{base}/review?token={urllib.parse.quote('<script>window.__xss=1</script>')}")
+    browser.wait_js("document.readyState === 'complete' && document.body.textContent.includes('bearer token')")
+    assert browser.js("window.__xss === undefined") and browser.js(INJECTED) == 0
+
+
+def test_page_headers_and_csrf_rules(hostile):
+    _, _, base = hostile
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    page = httpx.get(f"{base}/review", params={"token": TOKEN})
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "<script>" not in page.text
+    assert httpx.get(f"{base}/review").status_code == 401
+    item = _fresh_queue(*hostile[:2], 1)[0]
+    url = f"{base}/review/{item}"
+    body = json.dumps({"label": "zebra"})
+    for headers, status in [({"Content-Type": "text/plain"}, 415),
+                            ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+                            ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
+                            ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+                            ({"Content-Type": "application/json", "Origin": base.replace("127.0.0.1", "localhost")},
+                             403),
+                            ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
+                            ({"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, 403),
+                            ({"Content-Type": "application/json"}, 401)]:  # no token
+        extra = {} if status == 401 else auth
+        assert httpx.post(url, content=body, headers={**headers, **extra}).status_code == status, headers
+        assert item in _pending(base)
+    ok = httpx.post(url, content=body, headers={**auth, "Content-Type": "application/json", "Origin": base,
+                                                "Sec-Fetch-Site": "same-origin"})
+    assert ok.status_code == 200, ok.text
+    undo = httpx.post(f"{url}/undo", content="{}", headers={**auth, "Content-Type": "application/json"})
+    assert undo.status_code == 200 and item in _pending(base)
+
+
+def test_each_buttons_key_labels_that_button_and_undo_puts_it_back(hostile, browser):
+    proj, p, base = hostile
+    items = _fresh_queue(proj, p, len(MANY))
+    _open_review(browser, base)
+    reviewed = proj / p.serve.reviewed_dir
+    keys = browser.js("[...document.querySelectorAll('#buttons button')].map(b => b.querySelector('kbd')"
+                      ".textContent)")
+    assert keys == list(KEYS), "the 10th class has key 0, the 11th and 12th letters"
+    for n, (key, item) in enumerate(zip(KEYS, items)):
+        assert _text(browser, "count") == f"{n + 1} of {len(items)}"
+        _press(browser, key)
+        label = MANY[n]
+        browser.wait_js(f"document.getElementById('status').textContent === {json.dumps('saved ' + label)}")
+        saved = [f.relative_to(reviewed).parts for f in reviewed.rglob("*.png")]
+        assert (label, f"review_{item}.png") in saved, (key, label)
+    browser.wait_js("!document.getElementById('empty').hidden")
+    assert _pending(base) == []
+    # Undo, twice (Backspace, then the button): the last two labels are taken back, the items shown again.
+    _press(browser, "Backspace")
+    browser.wait_js(f"document.getElementById('status').textContent === {json.dumps('undid ' + MANY[-1])}")
+    assert _text(browser, "count") == f"{len(items)} of {len(items)}"
+    _click(browser, "#undo")
+    browser.wait_js(f"document.getElementById('status').textContent === {json.dumps('undid ' + MANY[-2])}")
+    assert _text(browser, "count") == f"{len(items) - 1} of {len(items)}"
+    assert sorted(_pending(base)) == sorted(items[-2:])
+    assert not (reviewed / MANY[-1] / f"review_{items[-1]}.png").exists()
+    _press(browser, "1")  # relabel the item now shown (the 11th) as the first class
+    browser.wait_js(f"document.getElementById('status').textContent === {json.dumps('saved ' + MANY[0])}")
+    assert (reviewed / MANY[0] / f"review_{items[-2]}.png").is_file() and _pending(base) == [items[-1]]
+
+
+def test_the_page_walks_the_whole_queue_with_a_count(hostile, browser):
+    proj, p, base = hostile
+    n = 53  # past the page's 50 per fetch
+    items = _fresh_queue(proj, p, n)
+    _open_review(browser, base)
+    for k in range(n):
+        browser.wait_js(f"document.getElementById('count').textContent === '{k + 1} of {n}'")
+        _press(browser, "5")
+    browser.wait_js(f"document.getElementById('count').textContent === '{n} labelled'")
+    assert not browser.js("document.getElementById('empty').hidden")
+    assert _pending(base) == []
+    saved = {f.name for f in (proj / p.serve.reviewed_dir / MANY[4]).glob("*.png")}
+    assert {f"review_{i}.png" for i in items} <= saved
+
+
+def test_docs_work_offline_behind_the_token(hostile, browser):
+    _, _, base = hostile
+    assert httpx.get(f"{base}/docs").status_code == 401
+    assert httpx.get(f"{base}/openapi.json").status_code == 401
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{base}/docs?token={urllib.parse.quote(TOKEN)}")
+    # Swagger UI rendered the API from this server's own files: the machine running the tests has no internet.
+    browser.wait_js("[...document.querySelectorAll('.opblock-summary-path')].some(e => e.textContent === '/predict')")
+    assert browser.js("document.querySelector('.info .title').textContent").startswith("visionflow")
+    external = browser.js("[...document.querySelectorAll('script[src], link[href], img[src]')]"
+                          ".map(e => e.src || e.href).filter(u => !u.startsWith(location.origin) "
+                          "&& !u.startsWith('data:') && !u.startsWith('blob:'))")
+    assert external == []
+    assert browser.js("window.__xss === undefined")

@@ -21,14 +21,12 @@ import queue as queues
 import sqlite3
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import FastAPI, HTTPException, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -36,6 +34,7 @@ from starlette.responses import Response
 from visionflow.config import Params
 from visionflow.errors import ConfigError, VisionflowError
 from visionflow.imageio import DecodeRules, RejectedImage
+from visionflow.review import ReviewQueue, docs_router, review_router
 
 logger = logging.getLogger(__name__)
 
@@ -95,64 +94,6 @@ class ChampionHolder:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-class ReviewQueue:
-    """Low-confidence predictions waiting for a person; SQLite keeps it consistent across workers."""
-
-    def __init__(self, folder: Path, reviewed_dir: Path):
-        self.folder = Path(folder)
-        self.images = self.folder / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.reviewed_dir = Path(reviewed_dir)
-        self.db = self.folder / "queue.db"
-        with self._conn() as c:
-            c.execute("""CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, created REAL, model_version TEXT,
-                         predicted TEXT, confidence REAL, probabilities TEXT, image TEXT, status TEXT,
-                         label TEXT, reviewed_at REAL)""")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db, timeout=30)
-        conn.row_factory = sqlite3.Row
-        return conn
-
-    def add(self, png: bytes, *, model_version: str, predicted: str, confidence: float,
-            probabilities: dict[str, float]) -> str:
-        item_id = uuid.uuid4().hex
-        (self.images / f"{item_id}.png").write_bytes(png)
-        with self._conn() as c:
-            c.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (item_id, time.time(), model_version, predicted, confidence, json.dumps(probabilities),
-                       f"{item_id}.png", "pending", None, None))
-        return item_id
-
-    def pending(self, limit: int = 50) -> list[dict[str, Any]]:
-        with self._conn() as c:
-            rows = c.execute("SELECT * FROM items WHERE status='pending' ORDER BY confidence ASC LIMIT ?",
-                             (limit,)).fetchall()
-        return [dict(r) | {"probabilities": json.loads(r["probabilities"])} for r in rows]
-
-    def image_path(self, item_id: str) -> Path | None:
-        if not item_id.isalnum():  # ids are uuid hex; anything else is not ours
-            return None
-        path = self.images / f"{item_id}.png"
-        return path if path.is_file() else None
-
-    def review(self, item_id: str, label: str, classes: list[str]) -> dict[str, Any]:
-        if label not in classes:
-            raise ValueError(f"unknown label {label!r}; known: {classes}")
-        src = self.image_path(item_id)
-        if src is None:
-            raise KeyError(item_id)
-        dest = self.reviewed_dir / label / f"review_{item_id}.png"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            updated = c.execute("UPDATE items SET status='reviewed', label=?, reviewed_at=? "
-                                "WHERE id=? AND status='pending'", (label, time.time(), item_id)).rowcount
-        if not updated:
-            raise KeyError(item_id)
-        dest.write_bytes(src.read_bytes())
-        return {"id": item_id, "label": label, "saved_as": str(dest)}
 
 
 class PredictionLog:
@@ -510,8 +451,9 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     token = bearer_token(cfg.auth_token_env)
     require_token, require_token_page = token_dependencies(token)
 
+    # /docs and /openapi.json come from docs_router (offline assets, behind the token); FastAPI's own are off.
     app = FastAPI(title="visionflow", description="Image classification with the registry's champion model.",
-                  version="1")
+                  version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.on_event("startup")
     def _load() -> None:
@@ -713,36 +655,9 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/review/queue", dependencies=[Depends(require_token)], summary="Predictions waiting for review")
-    def review_queue(limit: int = 50) -> dict[str, Any]:
-        m = holder.current
-        return {"items": queue.pending(min(max(limit, 1), 500)), "classes": m.card["classes"] if m else []}
-
-    @app.get("/review/image/{item_id}", dependencies=[Depends(require_token)], include_in_schema=False)
-    def review_image(item_id: str) -> FileResponse:
-        path = queue.image_path(item_id)
-        if path is None:
-            raise HTTPException(404, "no such review item")
-        return FileResponse(path, media_type="image/png")
-
-    @app.post("/review/{item_id}", dependencies=[Depends(require_token)], summary="Confirm or correct a label")
-    async def review_submit(item_id: str, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-            label = str(body["label"])
-        except Exception:
-            raise HTTPException(422, 'send JSON {"label": "<class name>"}') from None
-        m = model_or_503()
-        try:
-            return queue.review(item_id, label, m.card["classes"])
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except KeyError:
-            raise HTTPException(404, "no such pending review item") from None
-
-    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
-    def review_page() -> str:
-        return REVIEW_PAGE
+    app.include_router(review_router(queue, lambda: model_or_503().card["classes"], require_token,
+                                     require_token_page))
+    app.include_router(docs_router(openapi, require_token, require_token_page))
 
     async def serving_app(scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in routes:
@@ -825,40 +740,3 @@ def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, "PNG")
     return buf.getvalue()
-
-
-REVIEW_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>visionflow review</title>
-<style>body{font-family:sans-serif;margin:2em;max-width:900px} img{width:224px;image-rendering:pixelated;
-border:1px solid #ccc} button{margin:3px;padding:6px 10px} #empty{color:#666} .guess{font-weight:bold}</style>
-</head><body><h1>Review uncertain predictions</h1>
-<p>Click the right class, or press its number key. The model's guess is highlighted.</p>
-<div id="item"></div><p id="empty" hidden>Nothing to review.</p><p id="status"></p>
-<script>
-const token = new URLSearchParams(location.search).get("token");
-const headers = token ? {"Authorization": "Bearer " + token} : {};
-let items = [], classes = [];
-async function load() {
-  const r = await fetch("/review/queue", {headers}); const d = await r.json();
-  items = d.items; classes = d.classes; show();
-}
-function show() {
-  const box = document.getElementById("item");
-  if (!items.length) { box.innerHTML = ""; document.getElementById("empty").hidden = false; return; }
-  const it = items[0];
-  box.innerHTML = `<img id="img" alt="image to review" src="/review/image/${it.id}${token ? "?token=" + token : ""}">
-    <p>model v${it.model_version} guessed <span class="guess">${it.predicted}</span>
-    (${(100 * it.confidence).toFixed(1)}%)</p>` + classes.map((c, i) =>
-    `<button data-label="${c}" class="${c === it.predicted ? "guess" : ""}">${i + 1}. ${c}</button>`).join("");
-  box.querySelectorAll("button").forEach(b => b.onclick = () => submit(b.dataset.label));
-}
-async function submit(label) {
-  const it = items.shift();
-  const r = await fetch(`/review/${it.id}`, {method: "POST", headers: {...headers, "Content-Type": "application/json"},
-                                             body: JSON.stringify({label})});
-  document.getElementById("status").textContent = r.ok ? `saved ${label}` : `error ${r.status}`;
-  show();
-}
-document.addEventListener("keydown", e => { const k = parseInt(e.key, 10);
-  if (items.length && k >= 1 && k <= classes.length) submit(classes[k - 1]); });
-load();
-</script></body></html>"""

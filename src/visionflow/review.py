@@ -1,0 +1,284 @@
+"""The human review queue and the browser pages (/review, /docs) of the serving app.
+
+- Low-confidence predictions wait in SQLite (consistent across workers) with their image; a person's label turns
+  the image into labelled data under data/reviewed/<class>/, which ingest adds to the next data version.
+- A label is durable before it is recorded: the image is written atomically, then the item is marked reviewed, in
+  one SQLite write transaction per item, so a full disk or a crash leaves the item pending and retryable.
+- The pages are static files under visionflow/static/ served with a strict Content-Security-Policy (scripts and
+  styles from this origin only, nothing inline), so data shown on them can never run as code. Their JSON and
+  image requests send the token as a header; only the page addresses themselves take `?token=`.
+- State-changing review requests must be JSON from this origin (CSRF).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+STATIC = Path(__file__).parent / "static"
+PAGE_HEADERS = {
+    # Nothing inline, nothing from elsewhere: an injected tag or handler cannot run. blob: is where the page
+    # puts the images it fetched with the token header; frame-ancestors stops another site framing the page.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: "
+                               "data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",  # the page address may carry ?token=
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+PAGE_FILES = {"review.js": "text/javascript", "review.css": "text/css", "docs.js": "text/javascript"}
+
+
+class ReviewQueue:
+    """Low-confidence predictions waiting for a person; SQLite keeps it consistent across workers."""
+
+    def __init__(self, folder: Path, reviewed_dir: Path):
+        self.folder = Path(folder)
+        self.images = self.folder / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.reviewed_dir = Path(reviewed_dir)
+        self.db = self.folder / "queue.db"
+        with closing(self._conn()) as c, c:
+            c.execute("""CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, created REAL, model_version TEXT,
+                         predicted TEXT, confidence REAL, probabilities TEXT, image TEXT, status TEXT,
+                         label TEXT, reviewed_at REAL)""")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db, timeout=30)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def add(self, png: bytes, *, model_version: str, predicted: str, confidence: float,
+            probabilities: dict[str, float]) -> str:
+        item_id = uuid.uuid4().hex
+        (self.images / f"{item_id}.png").write_bytes(png)
+        with closing(self._conn()) as c, c:
+            c.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)",
+                      (item_id, time.time(), model_version, predicted, confidence, json.dumps(probabilities),
+                       f"{item_id}.png", "pending", None, None))
+        return item_id
+
+    def pending(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The `limit` least confident pending items. Labelled items leave the set, so asking again after
+        labelling a page gives the next one: that is how a client walks the whole queue."""
+        with closing(self._conn()) as c:
+            rows = c.execute("SELECT * FROM items WHERE status='pending' ORDER BY confidence, created, id LIMIT ?",
+                             (limit,)).fetchall()
+        return [dict(r) | {"probabilities": json.loads(r["probabilities"])} for r in rows]
+
+    def count(self) -> int:
+        with closing(self._conn()) as c:
+            return c.execute("SELECT COUNT(*) FROM items WHERE status='pending'").fetchone()[0]
+
+    def image_path(self, item_id: str) -> Path | None:
+        if not item_id.isalnum():  # ids are uuid hex; anything else is not ours
+            return None
+        path = self.images / f"{item_id}.png"
+        return path if path.is_file() else None
+
+    def review(self, item_id: str, label: str, classes: list[str]) -> dict[str, Any]:
+        """Save the image under reviewed_dir/<label>/, then mark the item reviewed. Any failure (a full disk, the
+        database) leaves the item pending and no image behind, so the same request can simply be sent again."""
+        if label not in classes:
+            raise ValueError(f"unknown label {label!r}; known: {classes}")
+        if label in ("", ".", "..") or label.startswith(".") or "/" in label or "\\" in label or "\0" in label:
+            # the label is a folder name under reviewed_dir: a class name like "../x" must not leave it
+            raise ValueError(f"the class name {label!r} cannot be a folder name; rename the class")
+        src = self.image_path(item_id)
+        if src is None:
+            raise KeyError(item_id)
+        dest = self._saved_as(item_id, label)
+        with closing(self._conn()) as c:
+            self._lock_item(c, item_id, "pending")
+            try:
+                for other in classes:  # an image a crash left between its write and its mark, under any class
+                    self._saved_as(item_id, other).unlink(missing_ok=True)
+                _write_atomically(dest, src.read_bytes())
+                c.execute("UPDATE items SET status='reviewed', label=?, reviewed_at=? WHERE id=?",
+                          (label, time.time(), item_id))
+                c.commit()
+            except BaseException:
+                c.rollback()
+                dest.unlink(missing_ok=True)
+                raise
+        return {"id": item_id, "label": label, "saved_as": str(dest)}
+
+    def undo(self, item_id: str) -> dict[str, Any]:
+        """Put a reviewed item back in the queue and take its image out of the labelled data. The image is set
+        aside first and only deleted once the item is pending again: a failure puts it back, label and all."""
+        if not item_id.isalnum():
+            raise KeyError(item_id)
+        with closing(self._conn()) as c:
+            label = self._lock_item(c, item_id, "reviewed")["label"]
+            saved = self._saved_as(item_id, label)
+            aside = saved.with_name(f".undo-{saved.name}")  # a dot file: ingest skips it
+            if saved.exists():
+                os.replace(saved, aside)
+            try:
+                c.execute("UPDATE items SET status='pending', label=NULL, reviewed_at=NULL WHERE id=?", (item_id,))
+                c.commit()
+            except BaseException:
+                c.rollback()
+                if aside.exists():
+                    os.replace(aside, saved)
+                raise
+        aside.unlink(missing_ok=True)
+        return {"id": item_id, "label": label}
+
+    def _saved_as(self, item_id: str, label: str) -> Path:
+        return self.reviewed_dir / label / f"review_{item_id}.png"
+
+    @staticmethod
+    def _lock_item(c: sqlite3.Connection, item_id: str, status: str) -> sqlite3.Row:
+        """Take SQLite's write lock and check the item's status under it: two reviewers (or workers) labelling
+        the same item are served one after the other, and the second finds it no longer pending."""
+        c.execute("BEGIN IMMEDIATE")
+        row = c.execute("SELECT status, label FROM items WHERE id=?", (item_id,)).fetchone()
+        if row is None or row["status"] != status:
+            c.rollback()
+            raise KeyError(item_id)
+        return row
+
+
+def _write_atomically(dest: Path, data: bytes) -> None:
+    """Write to a dot file beside dest (ingest skips dot files), fsync, then rename over dest: dest is either
+    absent or whole, never empty or cut short."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def same_origin_json(request: Request) -> None:
+    """CSRF guard for state-changing requests. A JSON content type cannot be sent cross-site without a CORS
+    preflight (which this server never grants), and a browser's Sec-Fetch-Site / Origin say where a request came
+    from. Clients that are not browsers (curl, scripts) send neither header and are let through."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise HTTPException(415, 'send JSON (Content-Type: application/json), e.g. {"label": "<class name>"}')
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise HTTPException(403, f"cross-site request refused (Sec-Fetch-Site: {site})")
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
+        raise HTTPException(403, f"cross-origin request refused (Origin: {origin})")
+
+
+def page(name: str) -> FileResponse:
+    return FileResponse(STATIC / name, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+
+def page_file(name: str) -> FileResponse:
+    """A page's own script or style sheet (code, no data: served without the token)."""
+    if name not in PAGE_FILES:
+        raise HTTPException(404, "no such file")
+    return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers={"X-Content-Type-Options": "nosniff"})
+
+
+def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_token, require_token_page
+                  ) -> APIRouter:
+    """/review (the page) and its API. `classes()` gives the serving model's classes, or raises 503 without one;
+    `require_token` checks the Authorization header, `require_token_page` also takes ?token= (page addresses)."""
+    router = APIRouter()
+    api = [Depends(require_token)]
+
+    @router.get("/review", include_in_schema=False, dependencies=[Depends(require_token_page)])
+    def review_page() -> FileResponse:
+        return page("review.html")
+
+    @router.get("/review/static/{name}", include_in_schema=False)
+    def review_static(name: str) -> FileResponse:
+        return page_file(name)
+
+    @router.get("/review/queue", dependencies=api, summary="Predictions waiting for review")
+    def review_queue(limit: int = 50) -> dict[str, Any]:
+        """The least confident pending items (at most `limit`), the model's classes, and how many are pending
+        in all. Label them and ask again for the next ones."""
+        try:
+            names = classes()
+        except HTTPException:  # no model yet: the queue can still be seen
+            names = []
+        return {"items": queue.pending(min(max(limit, 1), 500)), "classes": names, "total": queue.count()}
+
+    @router.get("/review/image/{item_id}", dependencies=api, include_in_schema=False)
+    def review_image(item_id: str) -> FileResponse:
+        path = queue.image_path(item_id)
+        if path is None:
+            raise HTTPException(404, "no such review item")
+        return FileResponse(path, media_type="image/png")
+
+    @router.post("/review/{item_id}", dependencies=[*api, Depends(same_origin_json)],
+                 summary="Confirm or correct a label")
+    async def review_submit(item_id: str, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+            label = body["label"]
+            if not isinstance(label, str):
+                raise TypeError(label)
+        except Exception:
+            raise HTTPException(422, 'send JSON {"label": "<class name>"}') from None
+        names = classes()
+        try:
+            return queue.review(item_id, label, names)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except KeyError:
+            raise HTTPException(404, "no such pending review item") from None
+        except (OSError, sqlite3.Error) as exc:  # the item is still pending: the same request can be retried
+            raise HTTPException(503, f"the label could not be saved ({type(exc).__name__}: {exc}); the item is "
+                                     "still pending, retry", headers={"Retry-After": "5"}) from None
+
+    @router.post("/review/{item_id}/undo", dependencies=[*api, Depends(same_origin_json)],
+                 summary="Undo a label: the item goes back to the queue and its image leaves data/reviewed")
+    def review_undo(item_id: str) -> dict[str, Any]:
+        try:
+            return queue.undo(item_id)
+        except KeyError:
+            raise HTTPException(404, "no such reviewed item") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise HTTPException(503, f"the undo failed ({type(exc).__name__}: {exc}); the label stands, retry",
+                                headers={"Retry-After": "5"}) from None
+
+    return router
+
+
+def docs_router(openapi: Callable[[], dict[str, Any]], require_token, require_token_page) -> APIRouter:
+    """/docs (Swagger UI 5 from the swagger-ui-bundle-v2 package, so it works offline) and /openapi.json, both
+    behind the token when auth is on. The page sends the token it was opened with as a header on its requests."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    router = APIRouter()
+    vendor = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
+
+    @router.get("/docs", include_in_schema=False, dependencies=[Depends(require_token_page)])
+    def docs_page() -> FileResponse:
+        return page("docs.html")
+
+    @router.get("/docs/static/{name}", include_in_schema=False)
+    def docs_static(name: str) -> FileResponse:
+        if name in vendor:
+            return FileResponse(Path(swagger_ui_path) / name, media_type=vendor[name])
+        return page_file(name)
+
+    @router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_token)])
+    def openapi_json() -> JSONResponse:
+        return JSONResponse(openapi())
+
+    return router
