@@ -14,6 +14,8 @@ from tests.conftest import make_folder_dataset, make_project
 from visionflow import stages
 from visionflow.config import load_params
 
+pytestmark = pytest.mark.slow  # a registry with a champion takes a while to build; training takes longer
+
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -120,7 +122,6 @@ TINY_TRAIN = {"model": "test_resnet", "image_size": 16, "channels": 1, "batch_si
               "num_workers": 0, "lr": 0.01, "early_stopping_patience": 10}
 
 
-@pytest.mark.slow
 def test_training_runs_have_meaningful_names_and_curves_are_not_buried(tmp_path):
     src = make_folder_dataset(tmp_path / "images", classes=CLASSES, per_class=20)
     proj = make_project(tmp_path / "proj", src, train=TINY_TRAIN,

@@ -33,6 +33,9 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_l
     import mlflow
 
     uri = tracking_uri(configured, root)
+    # MLflow draws a tqdm bar on stderr for every artifact download (each command that loads a model), terminal or
+    # not: noise between a command's own lines, and in logs. MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings it back.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
