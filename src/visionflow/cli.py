@@ -140,8 +140,8 @@ def _print_rows(title: str, columns: list[str], rows: list[list[str | Text]]) ->
     """A table on a terminal; piped, the title and tab-separated rows, uncut (for grep, cut and awk)."""
     if out.is_terminal:
         table = Table(title=title, title_justify="left", show_header=bool(columns))
-        for col in columns:
-            table.add_column(col)
+        for col in columns or ["", ""]:  # a mapping: key and value, no header
+            table.add_column(col, overflow="fold")  # a long path wraps rather than losing its end to "…"
         for row in rows:
             table.add_row(*row)
         out.print(table)
