@@ -132,7 +132,7 @@ def _rounded(value: Any) -> Any:
 
 
 def _print_json(data: Any) -> None:
-    """Plain JSON on stdout, never wrapped or styled (rich would fold long lines at the pipe's 80 columns)."""
+    """One JSON document on stdout, as json.dumps writes it: no highlighting codes, whatever stdout is."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
