@@ -7,6 +7,7 @@ Each command loads params.yaml once, calls one library function and prints what 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 from collections import Counter
@@ -18,31 +19,69 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
 from visionflow import stages
 from visionflow.config import Params, load_params
 from visionflow.errors import VisionflowError
 
+
+class _GlobalOptionsAnywhere(TyperGroup):
+    """--params, --set and --json before or after the command (`visionflow train --set train.lr=0.1`).
+
+    Each command gets a copy of the global options that adds to what they set before the command (the group's
+    callback runs first); a command's own option of the same name would win, and none has one.
+    """
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in self.commands.values():
+            taken = {opt for param in command.params for opt in param.opts}
+            command.params.extend(_after_command(param) for param in self.params if not taken & set(param.opts))
+
+
+def _after_command(param: Any) -> Any:
+    option = copy.copy(param)
+    option.expose_value = False
+    option.default = False if param.is_flag else None
+    option.callback = _merge_after_command
+    return option
+
+
+def _merge_after_command(_ctx: Any, param: Any, value: Any) -> None:
+    if value:  # given after the command: a file, more overrides (later ones win), or --json
+        {"params": lambda: state.use_params_file(Path(value)), "set_": lambda: state.overrides.extend(value),
+         "as_json": lambda: setattr(state, "as_json", True)}[param.name]()
+
+
 app = typer.Typer(
     name="visionflow",
+    cls=_GlobalOptionsAnywhere,
     help="visionflow: version, validate, split, train, export, promote, serve and monitor an image classifier.\n\n"
-    "Every command reads params.yaml (override any value with --set section.key=value). "
-    "Run `make pipeline` for the whole pipeline on the bundled Fashion-MNIST dataset.",
+    "Every command reads params.yaml (override any value with --set section.key=value, before or after the "
+    "command). Run `make pipeline` for the whole pipeline on the bundled Fashion-MNIST dataset.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# soft_wrap: a message is one line however narrow the terminal, or the pipe (80 columns), it goes to.
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 class State:
     params_path: Path = Path("params.yaml")
     overrides: list[str] = []
     root: Path = Path(".")
+    as_json: bool = False
 
     def params(self) -> Params:
         return load_params(self.params_path, self.overrides)
+
+    def use_params_file(self, path: Path) -> None:
+        self.params_path = Path(path)
+        self.root = self.params_path.resolve().parent
 
 
 state = State()
@@ -53,10 +92,11 @@ def _global(
     params: Annotated[Path, typer.Option("--params", "-p", help="params file to read.")] = Path("params.yaml"),
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", metavar="SECTION.KEY=VALUE", help="override a param, e.g. --set train.max_epochs=3 (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON (for scripts and CI).")] = False,
 ) -> None:
-    state.params_path = params
+    state.use_params_file(params)
     state.overrides = list(set_ or [])
-    state.root = params.resolve().parent
+    state.as_json = as_json
 
 
 @contextlib.contextmanager
@@ -73,11 +113,50 @@ def progress_bar(description: str) -> Iterator[Any]:
         yield update
 
 
+def _fmt(value: Any) -> str:
+    """A value as a person reads it: floats to 4 significant digits, nested values as compact JSON."""
+    if isinstance(value, bool) or not isinstance(value, float | dict | list | tuple):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    return json.dumps(_rounded(value), default=str)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(_fmt(value))
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _print_json(data: Any) -> None:
+    """One JSON document on stdout, as json.dumps writes it: no highlighting codes, whatever stdout is."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _print_rows(title: str, columns: list[str], rows: list[list[str | Text]]) -> None:
+    """A table on a terminal; piped, the title and tab-separated rows, uncut (for grep, cut and awk)."""
+    if out.is_terminal:
+        table = Table(title=title, title_justify="left", show_header=bool(columns))
+        for col in columns or ["", ""]:  # a mapping: key and value, no header
+            table.add_column(col, overflow="fold")  # a long path wraps rather than losing its end to "…"
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    lines = [title, *(["\t".join(columns)] if columns else []),
+             *("\t".join(cell.plain if isinstance(cell, Text) else cell for cell in row) for row in rows)]
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def _print_mapping(title: str, mapping: dict[str, Any]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
-    for k, v in mapping.items():
-        table.add_row(str(k), json.dumps(v) if isinstance(v, dict | list) else str(v))
-    out.print(table)
+    if state.as_json:
+        _print_json(mapping)
+    else:
+        _print_rows(title, [], [[str(k), _fmt(v)] for k, v in mapping.items()])
 
 
 @app.command()
@@ -162,23 +241,19 @@ def register() -> None:
 @app.command()
 def promote(
     version: Annotated[str | None, typer.Option(help="model version to judge (default: the challenger).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the decision as JSON (for CI).")] = False,
 ) -> None:
     """Run every promotion gate; the version becomes champion only if all pass.
 
     Exit code 0: promoted. 1: refused by a gate (reasons printed). 2: error (bad input, registry unreachable).
     """
     decision = stages.promote_stage(state.params(), state.root, version)
-    if as_json:
-        out.print_json(data=decision)
+    if state.as_json:
+        _print_json(decision)
     else:
-        table = Table(title=f"{decision['model']} v{decision['version']}: "
-                            + ("PROMOTED to champion" if decision["promoted"] else "REFUSED"), title_justify="left")
-        for col in ("gate", "result", "detail"):
-            table.add_column(col)
-        for g in decision["gates"]:
-            table.add_row(g["name"], "[green]pass[/]" if g["passed"] else "[red]FAIL[/]", g["detail"])
-        out.print(table)
+        _print_rows(f"{decision['model']} v{decision['version']}: "
+                    + ("PROMOTED to champion" if decision["promoted"] else "REFUSED"), ["gate", "result", "detail"],
+                    [[g["name"], Text("pass", "green") if g["passed"] else Text("FAIL", "red"), g["detail"]]
+                     for g in decision["gates"]])
         out.print(f"champion before: {decision['champion_before']}  after: {decision['champion_after']}")
     if not decision["promoted"]:
         raise typer.Exit(1)
@@ -193,7 +268,10 @@ def rollback() -> None:
     p = state.params()
     setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
     demoted, restored = do_rollback(p.registry.model_name)
-    out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
+    if state.as_json:
+        _print_json({"model": p.registry.model_name, "champion": restored, "previous": demoted})
+    else:
+        out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
 
 
 @app.command()
@@ -282,7 +360,10 @@ def loadtest(
                           max_requests=max_requests, image=image,
                           out=out_file or state.root / "reports/loadtest/loadtest.json",
                           progress=lambda msg: console.print(f"[dim]{msg}[/]"))
-    out.print(render(report))
+    if state.as_json:
+        _print_json(report)
+    else:
+        out.print(render(report))
     if report["summary"].get("kept_schedule") is False:
         console.print("[yellow]warning:[/] the client fell behind its arrival schedule (late starts or dropped "
                       "arrivals): the machine is too busy, or the rate is past what the server takes")
@@ -342,7 +423,6 @@ def drift(
     retrain: Annotated[str, typer.Option(help="on drift: auto (event if deployments are served, else inline), "
                                               "event, inline or off.")] = "off",
     eval_batch: Annotated[Path | None, typer.Option(help="reviewed drifted batch to judge a retrained model on.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON.")] = False,
 ) -> None:
     """Check a production batch for drift against the champion's test split (evidently; report in reports/drift/).
 
@@ -370,8 +450,8 @@ def drift(
                                    use_prediction_log=log, eval_batch=str(eval_batch) if eval_batch else None,
                                    retrain=retrain, overrides=state.overrides)
         verdict = outcome["drift"]
-    if as_json:
-        out.print_json(data=outcome)
+    if state.as_json:
+        _print_json(outcome)
     else:
         _print_drift(verdict)
         if "retrain" in outcome:
@@ -383,15 +463,11 @@ def _print_drift(v: dict[str, Any]) -> None:
     if v.get("drifted") is None:
         console.print(f"[yellow]no verdict[/]: {v['message']}")
         return
-    table = Table(title=f"drift check of {v['batch']} ({v['n_checked']} images, champion v{v['champion_version']})",
-                  title_justify="left")
-    for col in ("feature", "view", "method", "score", "threshold", "reference mean", "current mean", "drifted"):
-        table.add_column(col)
-    for name, f in v["features"].items():
-        table.add_row(name, f["view"], f["method"], f"{f['score']:.4f}", str(f["threshold"]),
-                      str(f.get("reference_mean", "")), str(f.get("current_mean", f.get("largest_class_shift", ""))),
-                      "[red]yes[/]" if f["drifted"] else "no")
-    out.print(table)
+    _print_rows(f"drift check of {v['batch']} ({v['n_checked']} images, champion v{v['champion_version']})",
+                ["feature", "view", "method", "score", "threshold", "reference mean", "current mean", "drifted"],
+                [[name, f["view"], f["method"], f"{f['score']:.4f}", _fmt(f["threshold"]),
+                  _fmt(f.get("reference_mean", "")), _fmt(f.get("current_mean", f.get("largest_class_shift", ""))),
+                  Text("yes", "red") if f["drifted"] else "no"] for name, f in v["features"].items()])
     verdict = "[bold red]DRIFTED[/]" if v["drifted"] else "[green]no drift[/]"
     out.print(f"{verdict}: {v['n_drifted_features']}/{v['n_features']} features drifted (share {v['drift_share']:.2f}, "
               f"threshold {v['threshold']}); report {v['report_html']}")
@@ -436,6 +512,9 @@ def drift_eval(
                "reference_shares": [r["drift_share"] for r in rows if r["condition"] == "reference"],
                "shifted_shares": [r["drift_share"] for r in rows if r["condition"] == "shifted"], "runs": rows}
     write_json_atomic(state.root / "reports/drift/evaluation.json", summary)
+    if state.as_json:
+        _print_json(summary)
+        return
     out.print(f"reference batches: {alarms}/{batches} false alarms (max share "
               f"{max(summary['reference_shares']):.3f}); {shift} severity {severity}: {hits}/{batches} detected "
               f"(min share {min(summary['shifted_shares']):.3f}); threshold {p.drift.drift_share}, "
@@ -463,6 +542,9 @@ def retrain(
 def check_params() -> None:
     """Validate params.yaml (and --set overrides) and print the resolved values."""
     p = state.params()
+    if state.as_json:
+        _print_json({"params": p.as_dict(), "digest": p.digest()})
+        return
     out.print_json(data=p.as_dict())
     out.print(f"params digest {p.digest()}")
 

@@ -167,19 +167,22 @@ def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cl
 
 
 def _log_to_mlflow(run_id: str, r: EvalResult, report_dir: Path) -> None:
+    """Four headline figures as metrics; the per-class and per-corruption detail as tags (and evaluation.json).
+
+    Each metric is a chart in MLflow's UI: dozens of one-point charts would bury the training curves.
+    """
     import mlflow
     from mlflow.entities import Metric
+
+    from visionflow.tracking import detail_tags
 
     client = mlflow.MlflowClient()
     ts = int(time.time() * 1000)
     metrics = {"test/accuracy": r.test_accuracy, "test/macro_f1": r.macro_f1, "test/ece": r.ece,
                "robust/accuracy": r.robust_accuracy}
-    for c, pr in r.per_class.items():
-        metrics[f"test/precision/{c}"] = pr["precision"]
-        metrics[f"test/recall/{c}"] = pr["recall"]
-    for name, per in r.robustness.items():
-        for sev, acc in per.items():
-            metrics[f"robust/{name}/{sev}"] = acc
-    client.log_batch(run_id, metrics=[Metric(k.replace(" ", "_"), float(v), ts, 0) for k, v in metrics.items()])
+    detail = {f"{kind}.{c}": pr[kind] for c, pr in r.per_class.items() for kind in ("precision", "recall")}
+    detail |= {f"robust.{name}.{sev}": acc for name, per in r.robustness.items() for sev, acc in per.items()}
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
+                     tags=detail_tags("eval", detail))
     for f in ("confusion_matrix.png", "worst_errors.png", "robustness.png", "evaluation.json"):
         client.log_artifact(run_id, str(report_dir / f), artifact_path="evaluation")

@@ -55,6 +55,39 @@ def export_onnx(net: nn.Module, *, image_size: int, channels: int, path: Path, o
     return path
 
 
+def onnx_signature(model) -> Any:
+    """The MLflow signature of an ONNX graph (names, dtypes, shapes; a symbolic axis such as batch is -1), so the
+    registry shows the model's inputs and outputs."""
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    def schema(values) -> Schema:
+        specs = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            specs.append(TensorSpec(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type), shape, v.name))
+        return Schema(specs)
+
+    return ModelSignature(inputs=schema(model.graph.input), outputs=schema(model.graph.output))
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """The card as the registry's version description: what a person reads in the MLflow UI."""
+    shape = " x ".join(str(d) for d in card["input"]["shape"])
+    rows = [("architecture", card["architecture"]), ("data version", card.get("data_version") or "unversioned"),
+            ("input", f"`{card['input']['name']}` {card['input']['dtype']} {card['input']['layout']} ({shape})"),
+            ("outputs", ", ".join(f"`{o}`" for o in card["outputs"])),
+            ("classes", f"{len(card['classes'])}: " + ", ".join(card["classes"])),
+            ("ONNX sha256", f"`{card['onnx_sha256']}`")]
+    rows += [(k, str(v)) for k, v in card.items()
+             if k not in {"format", "input", "outputs", "image_size", "channels", "classes", "architecture",
+                          "data_version", "onnx_sha256"}]
+    return "\n".join(["**visionflow image classifier** (ONNX, preprocessing inside the graph)", "",
+                      "| | |", "|---|---|", *(f"| {k} | {v.replace('|', '/')} |" for k, v in rows)])
+
+
 def write_model_card(onnx_path: Path, *, image_size: int, channels: int, classes: list[str], model_name: str,
                      data_version: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     card = {

@@ -9,7 +9,6 @@ leaves the old one in place.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,21 +35,25 @@ def _client():
 
 def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlflow_run_id: str,
                   tags: dict[str, str], metrics: dict[str, float]) -> str:
-    """Log the ONNX model (with its card) to the training run and register it; returns the new version."""
+    """Log the ONNX model (with its card and signature) to the training run and register it, the card as the
+    version's description; returns the new version."""
     import mlflow
     import onnx
 
+    from visionflow.export import model_card_markdown, onnx_signature
+
     client = _client()
+    model = onnx.load(str(onnx_path))
     with mlflow.start_run(run_id=mlflow_run_id):
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx_model",
-                                     registered_model_name=model_name, metadata={"visionflow_card": card})
+        info = mlflow.onnx.log_model(model, name="onnx_model", registered_model_name=model_name,
+                                     signature=onnx_signature(model), metadata={"visionflow_card": card})
         mlflow.log_dict(card, "onnx_model_card.json")
     version = str(info.registered_model_version)
+    client.update_model_version(model_name, version, description=model_card_markdown(card))
     for k, v in {**tags, f"{TAG}onnx_sha256": card["onnx_sha256"]}.items():
         client.set_model_version_tag(model_name, version, k, str(v))
     for k, v in metrics.items():
         client.set_model_version_tag(model_name, version, f"{TAG}metric.{k}", f"{v:.6f}")
-    client.set_model_version_tag(model_name, version, f"{TAG}card", json.dumps(card))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
 
@@ -71,7 +74,8 @@ def version_info(model_name: str, version: str) -> dict[str, Any]:
 
 
 def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict[str, Any]]:
-    """The version's model.onnx and its card, downloaded from the registry into dest (created if missing)."""
+    """The version's model.onnx and its card (the MLmodel metadata), downloaded from the registry into dest
+    (created if missing)."""
     import mlflow
 
     dest = Path(dest)
@@ -79,8 +83,7 @@ def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
                                                      dst_path=str(dest)))
     onnx_file = next(local.rglob("*.onnx"))
-    card = json.loads(version_info(model_name, version)["tags"][f"{TAG}card"])
-    return onnx_file, card
+    return onnx_file, mlflow.models.Model.load(str(onnx_file.parent)).metadata["visionflow_card"]
 
 
 def prefect_api_url() -> str | None:

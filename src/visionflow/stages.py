@@ -138,17 +138,14 @@ def export_stage(p: Params, root: Path) -> dict[str, Any]:
     summary = {"onnx_path": str(onnx_path.relative_to(root)), "card": card, **parity_dict(parity)}
     write_json_atomic(root / EXPORT_REPORT, summary)
     if trained.get("mlflow_run_id"):
-        import time
-
         import mlflow
 
-        from visionflow.tracking import setup_mlflow
+        from visionflow.tracking import detail_tags, setup_mlflow
 
         setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
-        now_ms = int(time.time() * 1000)
-        mlflow.MlflowClient().log_batch(trained["mlflow_run_id"], metrics=[
-            mlflow.entities.Metric(f"onnx/{k}", float(getattr(parity, k)), now_ms, 0)
-            for k in ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")])
+        mlflow.MlflowClient().log_batch(trained["mlflow_run_id"], tags=detail_tags("onnx", {
+            k: getattr(parity, k)
+            for k in ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")}))
     if not parity.passed:
         raise GateFailed("ONNX parity gate failed: " + "; ".join(parity.reasons))
     return summary

@@ -33,6 +33,9 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_l
     import mlflow
 
     uri = tracking_uri(configured, root)
+    # MLflow draws a tqdm bar on stderr for every artifact download (each command that loads a model), terminal or
+    # not: noise between a command's own lines, and in logs. MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=true brings it back.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -85,3 +88,19 @@ def lineage_tags(*, data_version: str | None, root: Path, params_digest: str,
         "visionflow.params_hash": params_digest,
         "visionflow.flow_run_id": flow_run_id or os.environ.get("PREFECT__FLOW_RUN_ID", "none"),
     }
+
+
+def run_name(*, model: str, data_version: str | None, params_digest: str) -> str:
+    """A training run's name in MLflow: what was trained on which data with which params.
+
+    MLflow's own random names come from the global RNG, which the training seed fixes: every run got the same.
+    """
+    return f"{model}-data-{(data_version or 'unversioned')[:8]}-params-{params_digest[:8]}"
+
+
+def detail_tags(section: str, figures: dict[str, float]) -> list:
+    """One-off figures as `visionflow.<section>.<name>` tags for MLflowClient.log_batch: searchable, and
+    without the one-point chart per figure that a metric gets in MLflow's UI."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(f"visionflow.{section}.{k}", f"{float(v):.6g}") for k, v in figures.items()]

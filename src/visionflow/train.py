@@ -28,7 +28,7 @@ from visionflow.config import Params, TrainParams
 from visionflow.datamodule import ImageDataModule, class_names
 from visionflow.model import ImageClassifier
 from visionflow.report import write_json_atomic
-from visionflow.tracking import lineage_tags, setup_mlflow, tracking_uri
+from visionflow.tracking import lineage_tags, run_name, setup_mlflow, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,7 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=tracking_uri(p.registry.tracking_uri, root),
                           run_id=state.get("mlflow_run_id"), log_model=False,
+                          run_name=run_name(model=cfg.model, data_version=data_version, params_digest=p.digest()),
                           tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
                                                flow_run_id=flow_run_id), "visionflow.run_key": key})
     mlflow_run_id = logger.run_id
@@ -186,7 +187,7 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
         best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
         reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt),
     )
-    logger.experiment.log_metric(mlflow_run_id, "train/global_step", result.global_step)
+    logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     write_json_atomic(state_path, {"status": "completed", "mlflow_run_id": mlflow_run_id,
                                    "best_checkpoint": best, "result": asdict(result)})
     return result

@@ -81,7 +81,7 @@ def test_evaluate_writes_reports_and_logs_to_mlflow(project):
         assert (project / "reports/evaluation" / f).stat().st_size > 0
     run = _client(project).get_run(ev["mlflow_run_id"])
     assert run.data.metrics["test/accuracy"] == pytest.approx(ev["test_accuracy"])
-    assert "robust/noise/mean" in run.data.metrics and "test/recall/cat" in run.data.metrics
+    assert "visionflow.eval.robust.noise.mean" in run.data.tags and "visionflow.eval.recall.cat" in run.data.tags
     logged = {a.path for a in _client(project).list_artifacts(ev["mlflow_run_id"], "evaluation")}
     assert "evaluation/confusion_matrix.png" in logged
 
