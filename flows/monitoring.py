@@ -222,8 +222,9 @@ def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | No
     shift, sev = p.drift.default_shift, p.drift.default_severity
     n, note = size_loop(p, root)
     if n == 0:
-        update_report(report, closed_loop={"skipped": True, "note": note})
-        return {"skipped": True, "note": note}
+        loop = {"skipped": True, "note": note}
+        update_report(report, closed_loop=loop)
+        return {"closed_loop": loop}
     # Production batch (reviewed labels travel with it) and a separate held-out batch under the same shift for
     # judging the retrained model on drifted data it never saw: one seeded draw, split in two, so they are disjoint.
     production = simulate_batch(p, root, f"production-{shift}{sev}", shift, sev, n, p.base.seed + 1)
