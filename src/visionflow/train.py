@@ -111,7 +111,7 @@ class EpochLog(L.Callback):
     """
 
     def __init__(self, log: Log, max_steps: int, steps_per_epoch: int):
-        self.log, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
+        self.out, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start, self.start_step = time.perf_counter(), trainer.global_step
@@ -133,7 +133,7 @@ class EpochLog(L.Callback):
         eta = elapsed / done * (self.max_steps - step) if done else float("nan")
         val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
                if "val/acc" in m else "no validation")
-        self.log.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
+        self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
                       trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
                       self.max_steps, self.loss_sum / max(self.images, 1),
                       f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
