@@ -19,6 +19,7 @@ import albumentations as A
 import cv2
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -217,6 +218,8 @@ def decide_input(manifest: Path, channels: int | str, image_size: int) -> InputD
     df = read_manifest(manifest)
     if df.empty:
         raise DataError(f"{manifest} lists no images: run `visionflow split` first")
+    if not {"mode", "width", "height"} <= set(df.columns):  # a hand-written manifest (path, label): read headers
+        df = pd.DataFrame([_header(Path(f)) for f in df["path"]])
     # Pillow's base mode is "L" for every mode without colour (1, L, LA, I, I;16, F)
     colour = df["mode"].map(lambda m: Image.getmodebase(m) != "L")
     share = float(colour.mean())
@@ -233,6 +236,11 @@ def decide_input(manifest: Path, channels: int | str, image_size: int) -> InputD
     median = (int(df["width"].median()), int(df["height"].median()))
     return InputDecision(channels=resolved, image_size=image_size, colour_share=round(share, 4),
                          median_size=median, note=note, hint=_size_hint(min(median), image_size, median))
+
+
+def _header(path: Path) -> dict[str, object]:
+    with Image.open(path) as im:  # reads the header only
+        return {"mode": im.mode, "width": im.size[0], "height": im.size[1]}
 
 
 def _size_hint(short_side: int, image_size: int, median: tuple[int, int]) -> str | None:

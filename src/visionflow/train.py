@@ -97,8 +97,6 @@ LOG = logging.getLogger(__name__)
 
 
 def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
     m, s = divmod(round(seconds), 60)
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
@@ -107,18 +105,25 @@ class EpochLog(L.Callback):
     """One plain log line per epoch: loss, accuracy, images/s and the time left.
 
     A logger, not a progress bar, so that progress reaches a piped log file and Prefect's flow-run logs (the
-    flow passes its run logger). The ETA is for the step budget; early stopping can end the run sooner.
+    flow passes its run logger). Rates are timed from each epoch's first batch, so that starting the data
+    loader's worker processes does not count; the ETA is the last epoch's time per step over the steps left in
+    the budget (early stopping can end the run sooner).
     """
 
     def __init__(self, log: Log, max_steps: int, steps_per_epoch: int):
         self.out, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.fit_start, self.start_step = time.perf_counter(), trainer.global_step
+        self.fit_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_start = self.batches_end = time.perf_counter()
+        self.first_batch: float | None = None
+        self.epoch_first_step = trainer.global_step
         self.images, self.loss_sum = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch is None:
+            self.first_batch = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = len(batch[1])
@@ -127,18 +132,18 @@ class EpochLog(L.Callback):
         self.batches_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        m = trainer.callback_metrics
-        step = trainer.global_step
-        done, elapsed = step - self.start_step, time.perf_counter() - self.fit_start
-        eta = elapsed / done * (self.max_steps - step) if done else float("nan")
+        if self.first_batch is None:  # resumed at the very end of an epoch: nothing was trained in it
+            return
+        now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
+        per_step = (now - self.first_batch) / max(step - self.epoch_first_step, 1)
         val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
                if "val/acc" in m else "no validation")
         self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
                       trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
                       self.max_steps, self.loss_sum / max(self.images, 1),
                       f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
-                      self.images / max(self.batches_end - self.epoch_start, 1e-9), _duration(elapsed),
-                      _duration(eta))
+                      self.images / max(self.batches_end - self.first_batch, 1e-9),
+                      _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
 
 
 def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:

@@ -74,3 +74,17 @@ def test_no_hint_when_the_images_are_about_the_training_size(tmp_path, side, ima
 def test_small_images_are_said_to_be_upscaled(tmp_path):
     d = decide_input(manifest(tmp_path, ["L"] * 11, [(16, 20)] * 11), "auto", 28)
     assert d.hint is not None and "upscaled" in d.hint and "train.image_size: 16" in d.hint
+
+
+def test_a_manifest_without_modes_is_decided_from_the_image_headers(tmp_path):
+    """Hand-written manifests (path, label), as the benchmarks write them."""
+    from PIL import Image
+
+    rows = []
+    for i, (mode, size) in enumerate([("RGB", (60, 64))] * 5 + [("L", (60, 64))] * 2):
+        path = tmp_path / f"{i}.png"
+        Image.new(mode, size).save(path)
+        rows.append({"path": str(path), "label": "a"})
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)
+    d = decide_input(tmp_path / "m.csv", "auto", 28)
+    assert d.channels == 3 and d.median_size == (60, 64) and "train.image_size: 48" in d.hint
