@@ -66,9 +66,8 @@ def train_model(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
     res, secs = _timed(stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id),
                        progress=sys.stderr.isatty(), log=log)
     log.info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
-                          res["best_val_acc"], res["global_step"], res["max_steps"],
-                          "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh",
-                          res["mlflow_run_id"])
+             res["best_val_acc"], res["global_step"], res["max_steps"],
+             "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh", res["mlflow_run_id"])
     return res, secs
 
 

@@ -87,7 +87,8 @@ class TrainResult:
     reused: bool
     seconds: float
     runtime: dict[str, Any]
-    # The input shape trained on, and why (train.channels "auto" is decided from the data).
+    # The channels trained on, and why (train.channels "auto" is decided from the data); None in the state of a
+    # run finished before they were recorded.
     channels: int | None = None
     input_decision: str | None = None
 
