@@ -189,24 +189,46 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
 
 
 @task
-def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int) -> str:
+def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int,
+                   skip: int = 0) -> str:
     from visionflow.simulate import simulate
 
-    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed)
+    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed,
+                 skip=skip)
     get_run_logger().info("simulated %s: %d held-out images, shift %s at severity %d", b.folder, n, shift, severity)
     return str(b.folder)
+
+
+@task
+def size_loop(p: Params, root: Path) -> tuple[int, str]:
+    """Images per batch, sized to the held-out pool; 0 when it is too small for a drift verdict."""
+    from visionflow.simulate import loop_batch_size
+
+    size = loop_batch_size(p, root)
+    log = get_run_logger()
+    (log.warning if size.n == 0 else log.info)(size.note)
+    return size.n, size.note
 
 
 @flow(name="visionflow-closed-loop", log_prints=True)
 def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
                      report_path: str = str(PIPELINE_REPORT)) -> dict[str, Any]:
-    """A drifted production batch arrives; drift is detected; retraining; a better champion on the drifted data."""
+    """A drifted production batch arrives; drift is detected; retraining; a better champion on the drifted data.
+
+    On a small dataset the batches shrink to fit the held-out images, or the loop is skipped with a note.
+    """
     root, p = _root_params(params_path, overrides)
-    shift, sev, n = p.drift.default_shift, p.drift.default_severity, p.drift.batch_size
+    report = root / report_path if not Path(report_path).is_absolute() else Path(report_path)
+    shift, sev = p.drift.default_shift, p.drift.default_severity
+    n, note = size_loop(p, root)
+    if n == 0:
+        loop = {"skipped": True, "note": note}
+        update_report(report, closed_loop=loop)
+        return {"closed_loop": loop}
     # Production batch (reviewed labels travel with it) and a separate held-out batch under the same shift for
-    # judging the retrained model on drifted data it never saw.
+    # judging the retrained model on drifted data it never saw: one seeded draw, split in two, so they are disjoint.
     production = simulate_batch(p, root, f"production-{shift}{sev}", shift, sev, n, p.base.seed + 1)
-    holdout = simulate_batch(p, root, f"holdout-{shift}{sev}", shift, sev, n, p.base.seed + 2)
+    holdout = simulate_batch(p, root, f"holdout-{shift}{sev}", shift, sev, n, p.base.seed + 1, skip=n)
     outcome = drift_check_flow(params_path=params_path, batch=production, eval_batch=holdout, retrain="inline",
                                overrides=overrides)
     v, r = outcome["drift"], outcome["retrain"]
@@ -221,6 +243,6 @@ def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | No
     # After: the champion's accuracy once the gate has decided (the challenger if promoted).
     retrain["drifted_accuracy_after"] = ev.get("challenger") if r.get("promoted") else ev.get("champion")
     retrain["holdout_batch"] = holdout
-    update_report(root / report_path if not Path(report_path).is_absolute() else Path(report_path),
-                  drift=drift, retrain=retrain)
-    return {"drift": drift, "retrain": retrain}
+    loop = {"skipped": False, "note": note, "batch_size": n}
+    update_report(report, drift=drift, retrain=retrain, closed_loop=loop)
+    return {"drift": drift, "retrain": retrain, "closed_loop": loop}

@@ -60,13 +60,14 @@ def split_data(p: Params, root: Path) -> tuple[dict, float]:
 
 @task
 def train_model(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
-    # A rich progress bar when a person is watching; Prefect logs carry the per-epoch numbers otherwise.
+    # Per-epoch lines go to the run logger (the flow run's logs in Prefect, and the console, piped or not); a
+    # rich progress bar is added when a person is watching a terminal.
+    log = get_run_logger()
     res, secs = _timed(stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id),
-                       progress=sys.stderr.isatty())
-    get_run_logger().info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
-                          res["best_val_acc"], res["global_step"], res["max_steps"],
-                          "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh",
-                          res["mlflow_run_id"])
+                       progress=sys.stderr.isatty(), log=log)
+    log.info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
+             res["best_val_acc"], res["global_step"], res["max_steps"],
+             "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh", res["mlflow_run_id"])
     return res, secs
 
 

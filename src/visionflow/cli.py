@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -206,10 +207,21 @@ def split() -> None:
     _print_mapping("split", {**res.counts, "leakage_free": res.leakage_free})
 
 
+def _log_to_stderr(name: str) -> None:
+    """Plain INFO lines from a library logger on stderr (Python's default shows only warnings)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @app.command()
 def train() -> None:
     """Train the train.model timm classifier (resumes an interrupted run; reuses a finished identical one)."""
     p = state.params()
+    _log_to_stderr("visionflow.train")  # the input decision and one line per epoch, piped or not
     res = stages.train_stage(p, state.root, _data_version_or_warn(p), progress=console.is_terminal)
     keys = ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id", "model_checkpoint",
             "seconds", "runtime")

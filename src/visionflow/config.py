@@ -81,7 +81,8 @@ class TrainParams(_Section):
     model: str = "resnet18"
     pretrained_weights: str | None = None
     image_size: int = Field(28, ge=8, le=1024)
-    channels: Literal[1, 3] = 1
+    # "auto": 3 when most training images are colour, 1 when most are grey (decided at train time, and logged).
+    channels: Literal[1, 3, "auto"] = "auto"
     batch_size: int = Field(128, ge=1)
     max_epochs: int = Field(8, ge=1)
     lr: float = Field(0.002, gt=0)

@@ -12,13 +12,16 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
 import cv2
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from visionflow.config import AugmentParams
@@ -188,6 +191,68 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+# Sizes the image-size hint suggests (when the images are at least twice train.image_size): the largest one that
+# the images' median short side still fills.
+SUGGESTED_SIZES = (32, 48, 64, 96, 128, 160, 224)
+
+
+@dataclass(frozen=True)
+class InputDecision:
+    """The network's input shape, and in words why (logged, and recorded with the run's params)."""
+    channels: int
+    image_size: int
+    colour_share: float
+    median_size: tuple[int, int]
+    note: str
+    hint: str | None
+
+
+def decide_input(manifest: Path, channels: int | str, image_size: int) -> InputDecision:
+    """Channels (when "auto") and an image-size hint from the modes and sizes recorded in a split manifest.
+
+    "auto" is colour (3) when most images are colour, grey (1) otherwise: a stray greyscale file in a colour
+    dataset (or a colour one in a grey dataset) does not change how the whole dataset is trained.
+    """
+    df = read_manifest(manifest)
+    if df.empty:
+        raise DataError(f"{manifest} lists no images: run `visionflow split` first")
+    if not {"mode", "width", "height"} <= set(df.columns):  # a hand-written manifest (path, label): read headers
+        df = pd.DataFrame([_header(Path(f)) for f in df["path"]])
+    # Pillow's base mode is "L" for every mode without colour (1, L, LA, I, I;16, F)
+    colour = df["mode"].map(lambda m: Image.getmodebase(m) != "L")
+    share = float(colour.mean())
+    modes = ", ".join(f"{m} {n / len(df):.0%}" for m, n in df["mode"].value_counts().items())
+    if channels == "auto":
+        resolved = 3 if share > 0.5 else 1
+        note = (f"train.channels auto -> {resolved} ({'colour' if resolved == 3 else 'grey'}): "
+                f"{int(colour.sum())} of {len(df)} images are colour (modes: {modes})")
+    else:
+        resolved = int(channels)
+        note = f"train.channels {resolved} (set in params; modes: {modes})"
+        if resolved == 1 and share > 0.5:
+            note += f"; {share:.0%} of the images are colour and train as grey: set train.channels: auto"
+    median = (int(df["width"].median()), int(df["height"].median()))
+    return InputDecision(channels=resolved, image_size=image_size, colour_share=round(share, 4),
+                         median_size=median, note=note, hint=_size_hint(min(median), image_size, median))
+
+
+def _header(path: Path) -> dict[str, object]:
+    with Image.open(path) as im:  # reads the header only
+        return {"mode": im.mode, "width": im.size[0], "height": im.size[1]}
+
+
+def _size_hint(short_side: int, image_size: int, median: tuple[int, int]) -> str | None:
+    typical = f"the images' median size is {median[0]}x{median[1]} px"
+    if short_side < image_size:
+        return (f"{typical}, smaller than train.image_size {image_size}: they are upscaled; "
+                f"train.image_size: {short_side} trains as well and faster")
+    fits = [s for s in SUGGESTED_SIZES if image_size < s <= short_side]
+    if short_side < 2 * image_size or not fits:
+        return None
+    return (f"{typical}, trained at train.image_size {image_size}: train.image_size: {fits[-1]} keeps more "
+            f"detail, at about {(fits[-1] / image_size) ** 2:.0f}x the compute")
 
 
 def class_names(splits_dir: Path) -> list[str]:

@@ -108,18 +108,50 @@ def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | N
         f"test split ({len(m)})"
 
 
-def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, seed: int) -> Batch:
-    """Write a batch of n held-out images under `shift` at `severity` to `out` (replaced if it exists)."""
+@dataclass(frozen=True)
+class LoopSize:
+    """How many held-out images each of the demo loop's two batches gets; n == 0: the loop is skipped."""
+    n: int
+    pool: int
+    note: str
+
+
+def loop_batch_size(p, root: Path) -> LoopSize:
+    """Size the demo loop's two disjoint batches (production, holdout) to the held-out pool.
+
+    Each gets drift.batch_size images, or half the pool when that is smaller (a user's folder of 1,800 images
+    holds out about 270); below drift.min_batch_size a drift check gives no verdict, so the loop is skipped.
+    """
+    pool = len(heldout_pool(p, root)[2])
+    want, least = p.drift.batch_size, p.drift.min_batch_size
+    n = min(want, pool // 2)
+    if n < least:
+        return LoopSize(0, pool, f"closed loop skipped: the held-out pool ({pool} images) gives two batches of "
+                                 f"{n}, fewer than drift.min_batch_size ({least}); a larger dataset (or "
+                                 f"data.test_fraction) gives the loop enough images")
+    if n < want:
+        return LoopSize(n, pool, f"{n} images per batch: drift.batch_size ({want}) is more than half the "
+                                 f"held-out pool ({pool} images)")
+    return LoopSize(n, pool, f"{n} images per batch (drift.batch_size)")
+
+
+def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, seed: int, skip: int = 0) -> Batch:
+    """Write a batch of n held-out images under `shift` at `severity` to `out` (replaced if it exists).
+
+    skip: leave out the first `skip` images of the seed's draw, so that batches with the same seed and
+    skip 0, n, 2n, ... never share an image.
+    """
     if shift not in SHIFTS:
         raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
     if n < 1:
         raise DataError("a batch needs at least one image (--n)")
     arrays, paths, labels, source = heldout_pool(p, root)
     total = len(labels)
-    if n > total:
-        raise DataError(f"asked for {n} images but the held-out pool ({source}) has only {total}")
+    if skip + n > total:
+        raise DataError(f"asked for {n} images{f' after the first {skip}' if skip else ''} but the held-out pool "
+                        f"({source}) has only {total}")
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=n, replace=False))
+    chosen = np.sort(rng.permutation(total)[skip:skip + n])
     out = Path(out)
     images_dir = out / "images"
     partial = out.with_name(out.name + ".partial")
@@ -133,14 +165,15 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
             img = arrays[i]
         else:
             with Image.open(paths[i]) as im:
-                img = np.asarray(im.convert("L") if p.train.channels == 1 else im.convert("RGB"))
+                # as the camera took it: grey stays grey, anything else is written as RGB
+                img = np.asarray(im.convert("L") if Image.getmodebase(im.mode) == "L" else im.convert("RGB"))
         data, ext = encode(apply_shift(img, shift, severity, rng), shift, severity)
         name = f"{out.name}_{k:05d}.{ext}"
         (partial / "images" / name).write_bytes(data)
         rows.append({"file": name, "label": labels[i]})
         written.append(images_dir / name)
     pd.DataFrame(rows).to_csv(partial / "labels.csv", index=False)
-    meta = {"shift": shift, "severity": severity, "seed": seed, "n": n, "source": source,
+    meta = {"shift": shift, "severity": severity, "seed": seed, "skip": skip, "n": n, "source": source,
             "class_counts": pd.Series([r["label"] for r in rows]).value_counts().sort_index().to_dict()}
     (partial / "batch.json").write_text(json.dumps(meta, indent=2))
     if out.exists():

@@ -62,11 +62,14 @@ def split_stage(p: Params, root: Path) -> SplitResult:
 
 
 def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id: str | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Train (or resume, or reuse) and publish the best checkpoint at models/model.ckpt."""
+                progress: bool = True, log=None) -> dict[str, Any]:
+    """Train (or resume, or reuse) and publish the best checkpoint at models/model.ckpt.
+
+    log: a logger for the input decision and the per-epoch lines (default: the visionflow.train logger).
+    """
     from visionflow.train import train
 
-    res = train(p=p, root=root, data_version=data_version, flow_run_id=flow_run_id, progress=progress)
+    res = train(p=p, root=root, data_version=data_version, flow_run_id=flow_run_id, progress=progress, log=log)
     target = root / MODEL_CKPT
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".ckpt.tmp")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,7 +26,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import MLFlowLogger
 
 from visionflow.config import Params, TrainParams
-from visionflow.datamodule import ImageDataModule, class_names
+from visionflow.datamodule import ImageDataModule, class_names, decide_input
 from visionflow.model import ImageClassifier
 from visionflow.report import write_json_atomic
 from visionflow.tracking import lineage_tags, run_name, setup_mlflow, tracking_uri
@@ -86,6 +87,64 @@ class TrainResult:
     reused: bool
     seconds: float
     runtime: dict[str, Any]
+    # The channels trained on, and why (train.channels "auto" is decided from the data); None in the state of a
+    # run finished before they were recorded.
+    channels: int | None = None
+    input_decision: str | None = None
+
+
+Log = logging.Logger | logging.LoggerAdapter
+LOG = logging.getLogger(__name__)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+class EpochLog(L.Callback):
+    """One plain log line per epoch: loss, accuracy, images/s and the time left.
+
+    A logger, not a progress bar, so that progress reaches a piped log file and Prefect's flow-run logs (the
+    flow passes its run logger). Rates are timed from each epoch's first batch, so that starting the data
+    loader's worker processes does not count; the ETA is the last epoch's time per step over the steps left in
+    the budget (early stopping can end the run sooner).
+    """
+
+    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int):
+        self.out, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.first_batch: float | None = None
+        self.epoch_first_step = trainer.global_step
+        self.images, self.loss_sum = 0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch is None:
+            self.first_batch = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = len(batch[1])
+        self.images += n
+        self.loss_sum += float(outputs["loss"]) * n
+        self.batches_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.first_batch is None:  # resumed at the very end of an epoch: nothing was trained in it
+            return
+        now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
+        per_step = (now - self.first_batch) / max(step - self.epoch_first_step, 1)
+        val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
+               if "val/acc" in m else "no validation")
+        self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
+                      trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
+                      self.max_steps, self.loss_sum / max(self.images, 1),
+                      f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
+                      self.images / max(self.batches_end - self.first_batch, 1e-9),
+                      _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
 
 
 def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
@@ -111,12 +170,19 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str | None = None,
           runs_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
-          max_steps_override: int | None = None) -> TrainResult:
+          max_steps_override: int | None = None, log: Log | None = None) -> TrainResult:
+    """log: where the input decision and the per-epoch lines go (the flow passes Prefect's run logger)."""
     start = time.perf_counter()
+    log = log or LOG
     root = Path(root)
-    cfg = p.train
     splits_dir = root / p.data.splits_dir if not Path(p.data.splits_dir).is_absolute() else p.data.splits_dir
     classes = class_names(splits_dir)
+    decision = decide_input(splits_dir / "train.csv", p.train.channels, p.train.image_size)
+    log.info(decision.note)
+    if decision.hint:
+        log.info("hint: %s", decision.hint)
+    # Everything downstream (cache, network, MLflow params, model card) sees the decided channel count.
+    cfg = p.train.model_copy(update={"channels": decision.channels})
     L.seed_everything(p.base.seed, workers=True, verbose=False)
     rt = resolve_runtime(cfg)
 
@@ -149,13 +215,16 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     write_json_atomic(state_path, {"status": "running", "mlflow_run_id": mlflow_run_id, "experiment_id": experiment_id})
     if not resumed:
         client = logger.experiment
-        params = _flatten(p.as_dict())
+        resolved = {**p.as_dict(), "train": cfg.model_dump(mode="json")}
+        params = {**_flatten(resolved), "train.channels_decision": decision.note,
+                  "train.image_size_hint": decision.hint or "none"}
         from mlflow.entities import Param
 
         client.log_batch(mlflow_run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-        client.log_dict(mlflow_run_id, p.as_dict(), "params.resolved.yaml")
+        client.log_dict(mlflow_run_id, resolved, "params.resolved.yaml")
         client.log_dict(mlflow_run_id, {"classes": classes, "runtime": asdict(rt), "max_steps": max_steps,
-                                        "steps_per_epoch": steps_per_epoch}, "run_config.json")
+                                        "steps_per_epoch": steps_per_epoch, "input": asdict(decision)},
+                        "run_config.json")
 
     model = ImageClassifier(model_name=cfg.model, classes=classes, channels=cfg.channels,
                             image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -168,6 +237,7 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
                               every_n_train_steps=max(1, steps_per_epoch // 4), enable_version_counter=False)
     callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
                             EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
+    callbacks.append(EpochLog(log, max_steps, steps_per_epoch))
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
@@ -185,7 +255,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
         run_dir=str(run_dir), best_checkpoint=best, mlflow_run_id=mlflow_run_id, classes=classes,
         global_step=int(trainer.global_step), max_steps=max_steps, epochs_completed=int(trainer.current_epoch),
         best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
-        reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt),
+        reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt), channels=cfg.channels,
+        input_decision=decision.note,
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     write_json_atomic(state_path, {"status": "completed", "mlflow_run_id": mlflow_run_id,

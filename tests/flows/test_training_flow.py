@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -16,6 +17,20 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+def _flow_run_logs(flow_run_id: str) -> list[str]:
+    """Every log message of a flow run and its task runs, as the Prefect API (and UI) has them."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs are shipped in the background
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(flow_run_id)])))
+    return [log.message for log in logs]
 
 
 def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
@@ -40,6 +55,11 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
     assert report["registry"]["version"] == "1" and isinstance(report["registry"]["promoted"], bool)
     assert report["total_seconds"] >= sum(report["stage_seconds"].values())
     assert report["flow_run_id"]
+    # Training progress reaches the flow run's logs (the Prefect UI), one line per epoch, with the input decision.
+    messages = _flow_run_logs(report["flow_run_id"])
+    assert any(m.startswith("train.channels auto -> 1 (grey)") for m in messages), messages
+    epochs = [m for m in messages if re.match(r"epoch \d+/3 \(step \d+/\d+\): train loss .* images/s, .* ETA", m)]
+    assert len(epochs) == 3, messages
     # dvc.lock agrees with the flow, so `dvc status` has nothing to do.
     from visionflow.versioning import status_clean
 
