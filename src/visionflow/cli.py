@@ -1,20 +1,25 @@
 """The `visionflow` command: one sub-command per stage, plus the whole pipeline.
 
 Each command loads params.yaml once, calls one library function and prints what it did. Errors a user can fix
-(bad params, missing data, failed validation) print a message and exit 2, never a traceback.
+(bad params, missing data, failed validation) print a message and exit 2, never a traceback; so does an
+unexpected failure (one line; VISIONFLOW_DEBUG=1 adds the traceback), because exit 1 means "refused" to
+`promote` and "drifted" to `drift`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -468,12 +473,20 @@ def check_params() -> None:
     out.print(f"params digest {p.digest()}")
 
 
+DEBUG_ENV = "VISIONFLOW_DEBUG"
+
+
+def _error(message: str) -> None:
+    # soft_wrap: one line however long, so logs and CI show the whole message as one record
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Without standalone mode click returns the code of a typer.Exit instead of exiting.
         rc = app(args=argv, standalone_mode=False)
     except VisionflowError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to go on")
@@ -487,8 +500,19 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if isinstance(exc, exits):
             return exc.exit_code
-        raise
+        return _unexpected(exc)
     return rc if isinstance(rc, int) else 0
+
+
+def _unexpected(exc: Exception) -> int:
+    """A failure nobody anticipated: one line and exit 2 (exit 1 would read as "refused" or "drifted")."""
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exception(exc)
+    detail = " ".join(str(exc).split())
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    _error(f"unexpected {type(exc).__name__}: {detail or 'no message'} (rerun with {DEBUG_ENV}=1 for the "
+           "traceback)")
+    return 2
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
