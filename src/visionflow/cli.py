@@ -25,7 +25,7 @@ from rich.table import Table
 
 from visionflow import stages
 from visionflow.config import Params, load_params
-from visionflow.errors import VisionflowError
+from visionflow.errors import DataError, VisionflowError
 
 app = typer.Typer(
     name="visionflow",
@@ -98,6 +98,12 @@ def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it
 def version(push: Annotated[bool, typer.Option(help="push the data to the DVC remote.")] = True) -> None:
     """Version data/raw with DVC (init when needed), push it to the remote and print the data version."""
     _print_mapping("data version", stages.version_stage(state.params(), state.root, push=push))
+
+
+def _existing_folder(folder: Path | None, what: str) -> None:
+    """Checked before a flow starts: a failure inside one comes with Prefect's own traceback in the log."""
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"{what} {folder} is not a folder")
 
 
 def _data_version_or_warn(p: Params) -> str | None:
@@ -359,6 +365,8 @@ def drift(
     if batch is None and not log:
         raise typer.BadParameter("give a batch folder, or --log for the prediction log")
     p = state.params()
+    _existing_folder(batch, "batch folder")
+    _existing_folder(eval_batch, "--eval-batch")
     if retrain == "off":
         from visionflow.drift import check
 
@@ -409,7 +417,7 @@ def _print_drift(v: dict[str, Any]) -> None:
 
 @app.command("drift-eval")
 def drift_eval(
-    batches: Annotated[int, typer.Option(help="batches per condition.")] = 20,
+    batches: Annotated[int, typer.Option(min=1, help="batches per condition.")] = 20,
     shift: Annotated[str | None, typer.Option(help="shift for the drifted batches (default drift.default_shift).")] = None,
     severity: Annotated[int | None, typer.Option(min=1, max=5, help="default drift.default_severity.")] = None,
 ) -> None:
@@ -455,6 +463,10 @@ def retrain(
 ) -> None:
     """Run the retraining flow now: reviewed data in (new data version), warm start, gates, promotion."""
     from flows.runtime import configure_prefect
+
+    state.params()  # bad params fail here, not inside the flow
+    _existing_folder(batch, "--batch")
+    _existing_folder(eval_batch, "--eval-batch")
 
     configure_prefect(state.root)
     from flows.monitoring import retraining_flow

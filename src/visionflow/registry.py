@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,7 +82,7 @@ def version_info(model_name: str, version: str) -> dict[str, Any]:
     try:
         mv = _client().get_model_version(model_name, version)
     except Exception as exc:
-        if _not_found(exc) or "INVALID_PARAMETER_VALUE" in str(exc):
+        if _not_found(exc) or getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
             raise RegistryError(f"{model_name} has no version {version!r} in the registry (see the MLflow UI, or "
                                 f"`visionflow lineage {model_name}@champion`)") from exc
         raise RegistryError(f"could not read {model_name} v{version} from the registry ({_short(exc)})") from exc
@@ -95,6 +96,10 @@ def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict
 
     info = version_info(model_name, version)
     dest = Path(dest)
+    # MLflow logs an INFO line of its own when there is nothing to download; the error below says it better
+    quiet = logging.getLogger("mlflow.store.artifact.artifact_repo")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         dest.mkdir(parents=True, exist_ok=True)
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
@@ -103,7 +108,9 @@ def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict
     except Exception as exc:
         onnx_file, cause = None, _short(exc)
     else:
-        cause = "no .onnx file among them"
+        cause = "no .onnx file there"
+    finally:
+        quiet.setLevel(level)
     if onnx_file is None:
         raise RegistryError(f"{model_name} v{version}: its model files could not be fetched from {info['source']} "
                             f"({cause}); the artifact store has lost them or is unreachable. Promote or roll back "
