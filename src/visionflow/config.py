@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -292,6 +293,13 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in params",
                                               event.start_mark)
         return super().compose_node(parent, index)
+
+
+# YAML 1.1 reads 1e-05 or 1e3 (no dot) as text; read them as numbers, as YAML 1.2 and Python's str(float) do.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _parse_yaml(text: str, source: str) -> Any:

@@ -129,3 +129,11 @@ def test_override_on_a_non_mapping_file_is_not_silently_applied(tmp_path):
     (tmp_path / "p.yaml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_params(tmp_path / "p.yaml", ["train.max_epochs=2"])
+
+
+@pytest.mark.parametrize("text, value", [("1e-05", 1e-05), ("2E-3", 2e-3), ("1.5e-4", 1.5e-4), ("0.001", 0.001)])
+def test_exponent_floats_are_numbers_not_text(text, value):
+    """str(1e-05) is how retraining passes drift.warm_start_lr on; YAML 1.1 alone would read it as text."""
+    assert load_params(REPO / "params.yaml", [f"train.lr={text}"]).train.lr == value
+    with pytest.raises(ConfigError, match=r"drift\.batch_size"):
+        load_params(REPO / "params.yaml", ["drift.batch_size=1e3"])  # a float is no batch size
