@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_folder_dataset, make_project, run_cli
+from tests.conftest import REPO, make_folder_dataset, make_project, run_cli
 from visionflow.validate import read_manifest
 
 
@@ -140,3 +140,117 @@ def test_dvc_repro_runs_the_same_stages(tmp_path):
     second = subprocess.run([sys.executable, "-m", "dvc", "repro", "split"], cwd=proj, capture_output=True, text=True,
                             env=env)
     assert second.returncode == 0 and "didn't change, skipping" in second.stdout
+
+
+# --- every error path of the registry and drift commands: exit 2 and one line (exit 1 means refused/drifted) ---
+
+
+@pytest.fixture(scope="module")
+def _registry_template(tmp_path_factory):
+    """A local SQLite store with v1 as champion and previous, v2 as challenger, and their model files gone from
+    the artifact store, as after a lost disk or a pruned bucket."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("registry")
+    db = root / "mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    name = yaml.safe_load((REPO / "params.yaml").read_text())["registry"]["model_name"]
+    client.create_registered_model(name)
+    card = json.dumps({"classes": ["a", "b"], "image_size": 16, "channels": 1})
+    for v in ("1", "2"):
+        client.create_model_version(name, source=str(root / "lost" / v))
+        client.set_model_version_tag(name, v, "visionflow.card", card)
+    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "previous", "1")
+    client.set_registered_model_alias(name, "challenger", "2")
+    return db, name
+
+
+@pytest.fixture
+def registry_project(_registry_template, tmp_path, monkeypatch):
+    """A project using a fresh copy of that store as its local registry."""
+    import shutil
+
+    template, name = _registry_template
+    proj = make_project(tmp_path / "proj", tmp_path / "images")
+    (proj / "mlruns").mkdir()
+    shutil.copy(template, proj / "mlruns/mlflow.db")
+    import mlflow
+
+    uri = f"sqlite:///{proj / 'mlruns/mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored afterwards
+    mlflow.set_tracking_uri(uri)  # an earlier in-process command may have pointed MLflow's global elsewhere
+    (proj / "batch").mkdir()
+    return proj, name
+
+
+def _fails_with_one_line(capfd, proj, *args, needle):
+    from visionflow import cli
+
+    rc = cli.main(["--params", str(proj / "params.yaml"), *args])
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["promote", "--version", "99"], "has no version '99'"),
+    (["promote", "--version", "abc"], "has no version 'abc'"),
+    (["promote", "--version", "1"], "could not be fetched"),  # the champion's files are gone
+    (["promote"], "could not be fetched"),  # the challenger's too
+    (["rollback"], "nothing"),  # champion and previous are the same version
+    (["lineage", "visionflow-classifier/99"], "has no version"),
+    (["lineage", "nosuchmodel@champion"], "no alias"),
+    (["lineage", "garbage"], "MODEL@ALIAS"),
+    (["drift", "batch"], "could not be fetched"),
+    (["drift", "no-such-folder"], "no-such-folder"),
+    (["drift-eval", "--batches", "2"], "could not be fetched"),
+    (["retrain", "--batch", "no-such-folder"], "no-such-folder"),
+    (["retrain", "--eval-batch", "no-such-folder"], "no-such-folder"),
+    (["drift", "no-such-folder", "--retrain", "inline"], "no-such-folder"),
+])
+def test_registry_and_drift_errors_exit_2_with_one_line(registry_project, capfd, monkeypatch, args, needle):
+    proj, _ = registry_project
+    monkeypatch.chdir(proj)
+    _fails_with_one_line(capfd, proj, *args, needle=needle)
+
+
+def test_a_usage_error_exits_2(registry_project, capfd, monkeypatch):
+    from visionflow import cli
+
+    proj, _ = registry_project
+    monkeypatch.chdir(proj)
+    assert cli.main(["drift-eval", "--batches", "0"]) == 2
+    err = capfd.readouterr().err
+    assert "--batches" in err and "Traceback" not in err
+
+
+def test_a_read_only_or_empty_registry_exits_2(registry_project, capfd, monkeypatch):
+    from tests.unit.test_registry_writes import make_read_only
+
+    proj, name = registry_project
+    monkeypatch.chdir(proj)
+    import mlflow
+
+    mlflow.MlflowClient().delete_registered_model_alias(name, "previous")  # the fixture's store
+    _fails_with_one_line(capfd, proj, "rollback", needle="no previous alias")
+    mlflow.MlflowClient().set_registered_model_alias(name, "previous", "2")
+    make_read_only(proj / "mlruns/mlflow.db")
+    _fails_with_one_line(capfd, proj, "rollback", needle="readonly database")
+    _fails_with_one_line(capfd, proj, "--set", "registry.model_name=other", "promote", needle="no challenger")
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_2_not_1(registry_project, capfd, monkeypatch):
+    """The safety net: a failure no code anticipated (here a tag that is not a number) must not exit 1."""
+    import mlflow
+
+    proj, name = registry_project
+    monkeypatch.chdir(proj)
+    mlflow.MlflowClient().set_model_version_tag(name, "1", "visionflow.metric.test_accuracy", "not-a-number")
+    _fails_with_one_line(capfd, proj, "lineage", f"{name}@champion", needle="VISIONFLOW_DEBUG")
+    monkeypatch.setenv("VISIONFLOW_DEBUG", "1")
+    from visionflow import cli
+
+    assert cli.main(["--params", str(proj / "params.yaml"), "lineage", f"{name}@champion"]) == 2
+    assert "Traceback" in capfd.readouterr().err

@@ -1,7 +1,9 @@
 """The `visionflow` command: one sub-command per stage, plus the whole pipeline.
 
 Each command loads params.yaml once, calls one library function and prints what it did. Errors a user can fix
-(bad params, missing data, failed validation) print a message and exit 2, never a traceback.
+(bad params, missing data, failed validation) print a message and exit 2, never a traceback; so does an
+unexpected failure (one line; VISIONFLOW_DEBUG=1 adds the traceback), because exit 1 means "refused" to
+`promote` and "drifted" to `drift`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -25,7 +30,7 @@ from typer.core import TyperGroup
 
 from visionflow import stages
 from visionflow.config import Params, load_params
-from visionflow.errors import VisionflowError
+from visionflow.errors import DataError, VisionflowError
 
 
 class _GlobalOptionsAnywhere(TyperGroup):
@@ -178,6 +183,12 @@ def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it
 def version(push: Annotated[bool, typer.Option(help="push the data to the DVC remote.")] = True) -> None:
     """Version data/raw with DVC (init when needed), push it to the remote and print the data version."""
     _print_mapping("data version", stages.version_stage(state.params(), state.root, push=push))
+
+
+def _existing_folder(folder: Path | None, what: str) -> None:
+    """Checked before a flow starts: a failure inside one comes with Prefect's own traceback in the log."""
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"{what} {folder} is not a folder")
 
 
 def _data_version_or_warn(p: Params) -> str | None:
@@ -445,6 +456,8 @@ def drift(
     if batch is None and not log:
         raise typer.BadParameter("give a batch folder, or --log for the prediction log")
     p = state.params()
+    _existing_folder(batch, "batch folder")
+    _existing_folder(eval_batch, "--eval-batch")
     if retrain == "off":
         from visionflow.drift import check
 
@@ -491,7 +504,7 @@ def _print_drift(v: dict[str, Any]) -> None:
 
 @app.command("drift-eval")
 def drift_eval(
-    batches: Annotated[int, typer.Option(help="batches per condition.")] = 20,
+    batches: Annotated[int, typer.Option(min=1, help="batches per condition.")] = 20,
     shift: Annotated[str | None, typer.Option(help="shift for the drifted batches (default drift.default_shift).")] = None,
     severity: Annotated[int | None, typer.Option(min=1, max=5, help="default drift.default_severity.")] = None,
 ) -> None:
@@ -541,6 +554,10 @@ def retrain(
     """Run the retraining flow now: reviewed data in (new data version), warm start, gates, promotion."""
     from flows.runtime import configure_prefect
 
+    state.params()  # bad params fail here, not inside the flow
+    _existing_folder(batch, "--batch")
+    _existing_folder(eval_batch, "--eval-batch")
+
     configure_prefect(state.root)
     from flows.monitoring import retraining_flow
 
@@ -561,12 +578,20 @@ def check_params() -> None:
     out.print(f"params digest {p.digest()}")
 
 
+DEBUG_ENV = "VISIONFLOW_DEBUG"
+
+
+def _error(message: str) -> None:
+    # soft_wrap: one line however long, so logs and CI show the whole message as one record
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Without standalone mode click returns the code of a typer.Exit instead of exiting.
         rc = app(args=argv, standalone_mode=False)
     except VisionflowError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to go on")
@@ -580,8 +605,19 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if isinstance(exc, exits):
             return exc.exit_code
-        raise
+        return _unexpected(exc)
     return rc if isinstance(rc, int) else 0
+
+
+def _unexpected(exc: Exception) -> int:
+    """A failure nobody anticipated: one line and exit 2 (exit 1 would read as "refused" or "drifted")."""
+    if os.environ.get(DEBUG_ENV):
+        traceback.print_exception(exc)
+    detail = " ".join(str(exc).split())
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    _error(f"unexpected {type(exc).__name__}: {detail or 'no message'} (rerun with {DEBUG_ENV}=1 for the "
+           "traceback)")
+    return 2
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:

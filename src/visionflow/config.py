@@ -7,30 +7,62 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from visionflow.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+# params.yaml is a few KB; a bigger file is a mistake (or an attack on the YAML parser), refused unread.
+MAX_PARAMS_BYTES = 1 << 20
+
+
+def _admits(annotation: Any, kind: type) -> bool:
+    """Whether a field's annotation takes values of `kind` (through Optional, unions, Annotated, Literal)."""
+    if annotation is kind:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(type(a) is kind for a in args)
+    if origin in (typing.Union, types.UnionType, Annotated):
+        return any(_admits(a, kind) for a in args)
+    return False
 
 
 class _Section(BaseModel):
-    # A misspelt key must fail loudly instead of silently falling back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A misspelt key must fail loudly instead of silently falling back to a default. Strict: YAML's `true`, "3"
+    # or 2.0 never turn into a number, and .inf/.nan are never a number here.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_yaml_types(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        # Strict mode takes only Path objects for a Path; from YAML a path is a string.
+        if isinstance(value, str) and _admits(annotation, Path):
+            return Path(value)
+        # Strict mode still reads `true` as 1 for a Literal[1, 3] (True == 1 in Python).
+        if isinstance(value, bool) and not _admits(annotation, bool):
+            raise ValueError("true/false is not allowed here")
+        return value
 
 
 class BaseParams(_Section):
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     project: str = "visionflow"
 
 
 class DataParams(_Section):
     source: str = Field("fashion-mnist", description="'fashion-mnist' or a folder with one sub-folder per class")
-    max_images: int | None = Field(20000, ge=10)
+    max_images: int | None = Field(20000, ge=10, le=10**9)
     raw_dir: Path = Path("data/raw")
     remote_url: str = ".dvc-remote"
     remote_name: str = Field("local", pattern=r"^[A-Za-z0-9_-]+$")
@@ -47,14 +79,14 @@ ImageFormat = Literal["PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF"]
 
 class ValidateParams(_Section):
     allowed_formats: list[ImageFormat] = ["PNG", "JPEG", "BMP", "WEBP"]
-    min_width: int = Field(8, ge=1)
-    min_height: int = Field(8, ge=1)
-    max_width: int = Field(8192, ge=1)
-    max_height: int = Field(8192, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    max_file_mb: float = Field(50, gt=0)
-    decode_timeout_s: float = Field(10, gt=0)
-    min_images_per_class: int = Field(10, ge=1)
+    min_width: int = Field(8, ge=1, le=1 << 20)
+    min_height: int = Field(8, ge=1, le=1 << 20)
+    max_width: int = Field(8192, ge=1, le=1 << 20)
+    max_height: int = Field(8192, ge=1, le=1 << 20)
+    max_pixels: int = Field(40_000_000, ge=1, le=10**9)
+    max_file_mb: float = Field(50, gt=0, le=4096)
+    decode_timeout_s: float = Field(10, gt=0, le=3600)
+    min_images_per_class: int = Field(10, ge=1, le=10**7)
     min_class_balance: float = Field(0.2, ge=0, le=1)
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
     quarantine_dir: Path = Path("data/quarantine")
@@ -83,20 +115,20 @@ class TrainParams(_Section):
     image_size: int = Field(28, ge=8, le=1024)
     # "auto": 3 when most training images are colour, 1 when most are grey (decided at train time, and logged).
     channels: Literal[1, 3, "auto"] = "auto"
-    batch_size: int = Field(128, ge=1)
-    max_epochs: int = Field(8, ge=1)
-    lr: float = Field(0.002, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(128, ge=1, le=1 << 16)
+    max_epochs: int = Field(8, ge=1, le=10_000)
+    lr: float = Field(0.002, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=10)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "none"] = "cosine"
-    early_stopping_patience: int = Field(3, ge=1)
+    early_stopping_patience: int = Field(3, ge=1, le=10_000)
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = "auto"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    devices: int | Literal["auto"] = "auto"
+    devices: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     # Lightning multi-node training (each node runs `devices` processes); strategy e.g. ddp, fsdp, deepspeed.
-    num_nodes: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1, le=4096)
     strategy: str = "auto"
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, le=512)
     augment: AugmentParams = AugmentParams()
 
 
@@ -107,7 +139,7 @@ class EvaluateParams(_Section):
     severities: list[int] = [1, 3, 5]
     corruptions: list[Corruption] = ["brightness", "contrast", "blur", "noise", "jpeg", "pixelate"]
     # Test images the corruption suite runs on (a fixed subset; the clean metrics use the whole test split).
-    robustness_images: int = Field(1000, ge=10)
+    robustness_images: int = Field(1000, ge=10, le=10**7)
     report_dir: Path = Path("reports/evaluation")
 
     @field_validator("severities")
@@ -119,8 +151,8 @@ class EvaluateParams(_Section):
 
 
 class ExportParams(_Section):
-    parity_tolerance: float = Field(1e-4, gt=0)
-    parity_images: int = Field(500, ge=1)
+    parity_tolerance: float = Field(1e-4, gt=0, le=100)
+    parity_images: int = Field(500, ge=1, le=10**7)
 
 
 class RegistryParams(_Section):
@@ -132,9 +164,9 @@ class RegistryParams(_Section):
     accuracy_floor: float = Field(0.85, ge=0, le=1)
     min_gain: float = Field(0.0, ge=-1, le=1)
     max_class_drop: float = Field(0.05, ge=0, le=1)
-    latency_budget_ms: float = Field(50, gt=0)
+    latency_budget_ms: float = Field(50, gt=0, le=3_600_000)
     # Paired bootstrap over the same test + corruption images: the gain's lower bound must clear min_gain.
-    bootstrap_samples: int = Field(2000, ge=100)
+    bootstrap_samples: int = Field(2000, ge=100, le=10**7)
     bootstrap_alpha: float = Field(0.05, gt=0, lt=0.5)
 
 
@@ -149,21 +181,21 @@ class DriftParams(_Section):
     # Verdict: drifted when at least this share of the compared columns drifted.
     drift_share: float = Field(0.3, gt=0, le=1)
     numeric_method: NumericDriftMethod = "wasserstein"
-    numeric_threshold: float = Field(0.1, gt=0)
+    numeric_threshold: float = Field(0.1, gt=0, le=10**6)
     categorical_method: CategoricalDriftMethod = "jensenshannon"
-    categorical_threshold: float = Field(0.1, gt=0)
+    categorical_threshold: float = Field(0.1, gt=0, le=10**6)
     embedding_components: int = Field(8, ge=1, le=64)
-    reference_size: int = Field(5000, ge=50)
-    batch_size: int = Field(500, ge=1)
-    min_batch_size: int = Field(30, ge=5)
+    reference_size: int = Field(5000, ge=50, le=10**8)
+    batch_size: int = Field(500, ge=1, le=10**8)
+    min_batch_size: int = Field(30, ge=5, le=10**8)
     default_shift: Shift = "noise"
     default_severity: int = Field(5, ge=1, le=5)
     schedule_cron: str = "0 * * * *"
     retrain_cron: str = "0 2 * * *"
-    cooldown_hours: float = Field(6, ge=0)
+    cooldown_hours: float = Field(6, ge=0, le=24 * 366)
     # Retraining warm-starts from the champion's weights for this many epochs (null: train.max_epochs from scratch).
-    warm_start_epochs: int | None = Field(4, ge=1)
-    warm_start_lr: float = Field(0.002, gt=0)
+    warm_start_epochs: int | None = Field(4, ge=1, le=10_000)
+    warm_start_lr: float = Field(0.002, gt=0, le=10)
     batches_dir: Path = Path("data/batches")
 
 
@@ -171,14 +203,14 @@ class ServeParams(_Section):
     host: str = "127.0.0.1"  # loopback unless configured
     port: int = Field(8000, ge=1, le=65535)
     review_threshold: float = Field(0.6, ge=0, le=1)
-    max_upload_mb: float = Field(10, gt=0)
-    max_pixels: int = Field(40_000_000, ge=1)
+    max_upload_mb: float = Field(10, gt=0, le=4096)
+    max_pixels: int = Field(40_000_000, ge=1, le=10**9)
     # Pixels one request may decode, all its images together (a JPEG counts at the reduced scale it is decoded
     # at): the bound on how long one request holds the single inference thread (~0.5 s per 40 MP of PNG).
     max_request_pixels: int = Field(50_000_000, ge=1, le=1_000_000_000)
-    max_batch: int = Field(64, ge=1)
-    max_form_fields: int = Field(16, ge=1)
-    request_timeout_s: float = Field(10, gt=0)
+    max_batch: int = Field(64, ge=1, le=1 << 16)
+    max_form_fields: int = Field(16, ge=1, le=1 << 16)
+    request_timeout_s: float = Field(10, gt=0, le=3600)
     # A connection must send a request's headers within header_timeout_s (from its start or the previous
     # response) and its body within body_timeout_s, or it is closed: idle and trickling (slowloris) clients
     # would otherwise hold their connections for ever.
@@ -187,9 +219,9 @@ class ServeParams(_Section):
     # Requests inferred together (one batch), and how many more may wait before the server answers 503. The wait
     # is queue_depth / throughput: 64 is ~35 ms at the 28 px default's ~1,900 req/s on 2 cores; 16 (~8 ms) shed
     # requests during ordinary GC and scheduling pauses at 70% load. Lower it for slow models.
-    max_concurrency: int = Field(4, ge=1)
-    queue_depth: int = Field(64, ge=0)
-    reload_interval_s: float = Field(10, gt=0)
+    max_concurrency: int = Field(4, ge=1, le=1 << 16)
+    queue_depth: int = Field(64, ge=0, le=1 << 20)
+    reload_interval_s: float = Field(10, gt=0, le=86_400)
     # uvicorn's per-request access log line; off, since every prediction is in the prediction log and the
     # request counts and latencies are on /metrics (the line cost about a tenth of the event loop's time).
     access_log: bool = False
@@ -238,9 +270,14 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         )
         return f"{loc}: unknown key; allowed keys here: {', '.join(allowed)}"
     ctx = err.get("ctx") or {}
+    got = repr(err.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
     if kind == "literal_error" and "expected" in ctx:
-        return f"{loc}: got {err.get('input')!r}; allowed: {ctx['expected']}"
-    return f"{loc}: {err['msg']} (got {err.get('input')!r})"
+        return f"{loc}: got {got}; allowed: {ctx['expected']}"
+    if kind in ("int_type", "float_type") and isinstance(err.get("input"), str):
+        # YAML reads 1e3 (no dot) and quoted numbers as text
+        return f"{loc}: {err['msg']} (got the text {got}; write a plain number such as 1000 or 1.0e3)"
+    return f"{loc}: {err['msg']} (got {got})"
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -251,12 +288,40 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e, raw) for e in exc.errors()]
-        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(lines)) from None
+        # one line (every problem found, each naming its key), as the CLI prints errors
+        problems = sorted({_describe(e, raw) for e in exc.errors()})
+        raise ConfigError(f"{source} is invalid: " + "; ".join(problems)) from None
 
 
-def _coerce_override(value: str) -> Any:
-    return yaml.safe_load(value)
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without aliases. Params never need them, and a few hundred bytes of nested aliases (a
+    "billion laughs") expand to gigabytes before any validation could look at them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in params",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+# YAML 1.1 reads 1e-05 or 1e3 (no dot) as text; read them as numbers, as YAML 1.2 and Python's str(float) do.
+_NoAliasLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}".replace("\n", " ")) from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML nested too deeply") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -271,21 +336,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = _coerce_override(value)
+        node[parts[-1]] = _parse_yaml(value, f"--set {dotted.strip()}")
     return raw
+
+
+def _read_params_file(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{path}: too large for a params file ({size:,} bytes, at most {MAX_PARAMS_BYTES:,})")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root, or pass --params PATH)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if overrides:
-        raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
+    raw = _parse_yaml(_read_params_file(path), str(path))
+    if overrides and isinstance(raw, dict | None):
+        raw = apply_overrides(raw or {}, overrides)
     return parse_params(raw, str(path))

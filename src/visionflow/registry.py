@@ -1,18 +1,19 @@
 """MLflow model registry: register ONNX models with lineage, and promote with aliases behind gates.
 
 Aliases, never stages: a new version gets `challenger`; it takes `champion` only when every gate passes, and the
-outgoing champion keeps `previous`. Promotions are serialised by a lock, and the champion alias moves in one
-registry call after all checks, so concurrent promoters end with exactly one champion and a failure midway
-leaves the old one in place.
+outgoing champion keeps `previous`. Promotions are serialised by a lock, so concurrent promoters end with exactly
+one champion. The writes of a promotion or rollback are all or nothing (`_Writes`): the champion alias moves last,
+and a store failure at any earlier write undoes the ones before it, so the registry is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -31,6 +32,18 @@ def _client():
     import mlflow
 
     return mlflow.MlflowClient()
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception (MLflow's carry the whole SQL statement after it)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else type(exc).__name__
+    return first if len(first) <= 200 else first[:197] + "..."
+
+
+def _not_found(exc: BaseException) -> bool:
+    text = str(exc)
+    return "not found" in text.lower() or "does not exist" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text
 
 
 def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlflow_run_id: str,
@@ -62,13 +75,20 @@ def alias_version(model_name: str, alias: str) -> str | None:
     try:
         return str(_client().get_model_version_by_alias(model_name, alias).version)
     except Exception as exc:  # MLflow raises RestException/MlflowException for a missing alias or model
-        if "not found" in str(exc).lower() or "does not exist" in str(exc).lower() or "RESOURCE_DOES_NOT_EXIST" in str(exc):
+        if _not_found(exc):
             return None
-        raise
+        raise RegistryError(f"could not read the {alias!r} alias of {model_name} from the registry "
+                            f"({_short(exc)})") from exc
 
 
 def version_info(model_name: str, version: str) -> dict[str, Any]:
-    mv = _client().get_model_version(model_name, version)
+    try:
+        mv = _client().get_model_version(model_name, version)
+    except Exception as exc:
+        if _not_found(exc) or getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
+            raise RegistryError(f"{model_name} has no version {version!r} in the registry (see the MLflow UI, or "
+                                f"`visionflow lineage {model_name}@champion`)") from exc
+        raise RegistryError(f"could not read {model_name} v{version} from the registry ({_short(exc)})") from exc
     return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags),
             "aliases": list(getattr(mv, "aliases", []) or [])}
 
@@ -78,12 +98,32 @@ def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict
     (created if missing)."""
     import mlflow
 
+    info = version_info(model_name, version)
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
-                                                     dst_path=str(dest)))
-    onnx_file = next(local.rglob("*.onnx"))
-    return onnx_file, mlflow.models.Model.load(str(onnx_file.parent)).metadata["visionflow_card"]
+    # MLflow logs an INFO line of its own when there is nothing to download; the error below says it better
+    quiet = logging.getLogger("mlflow.store.artifact.artifact_repo")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
+                                                         dst_path=str(dest)))
+        onnx_file = next(iter(sorted(local.rglob("*.onnx"))), None)
+    except Exception as exc:
+        onnx_file, cause = None, _short(exc)
+    else:
+        cause = "no .onnx file there"
+    finally:
+        quiet.setLevel(level)
+    if onnx_file is None:
+        raise RegistryError(f"{model_name} v{version}: its model files could not be fetched from {info['source']} "
+                            f"({cause}); the artifact store has lost them or is unreachable. Promote or roll back "
+                            "to a version whose files are there")
+    card = (mlflow.models.Model.load(str(onnx_file.parent)).metadata or {}).get("visionflow_card")
+    if not card:
+        raise RegistryError(f"{model_name} v{version} has no model card in its MLmodel metadata: it was not "
+                            "registered by `visionflow register`")
+    return onnx_file, card
 
 
 def prefect_api_url() -> str | None:
@@ -231,33 +271,92 @@ def gate_decision(*, cfg: RegistryParams, parity_passed: bool, parity_detail: st
     return gates
 
 
+class _Writes:
+    """The registry writes of one promotion or rollback, all or none.
+
+    MLflow has no transaction across calls, so each write first reads what it replaces; when one fails, the
+    writes before it are undone in reverse order. Callers make the champion alias (what serving reads) the last
+    write: once it is made, nothing is left to fail.
+    """
+
+    def __init__(self, model_name: str, what: str) -> None:
+        self.client, self.name, self.what = _client(), model_name, what
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+
+    def alias(self, alias: str, version: str) -> None:
+        def restore(old: str | None) -> None:
+            if old is None:
+                self.client.delete_registered_model_alias(self.name, alias)
+            else:
+                self.client.set_registered_model_alias(self.name, alias, old)
+
+        self._do(f"setting {alias} to v{version}", lambda: alias_version(self.name, alias),
+                 lambda: self.client.set_registered_model_alias(self.name, alias, version), restore)
+
+    def tag(self, version: str, key: str, value: str) -> None:
+        def restore(old: str | None) -> None:
+            if old is None:
+                self.client.delete_model_version_tag(self.name, version, key)
+            else:
+                self.client.set_model_version_tag(self.name, version, key, old)
+
+        self._do(f"tagging v{version} {key}={value}",
+                 lambda: self.client.get_model_version(self.name, version).tags.get(key),
+                 lambda: self.client.set_model_version_tag(self.name, version, key, value), restore)
+
+    def _do(self, step: str, read: Callable[[], Any], write: Callable[[], None],
+            restore: Callable[[Any], None]) -> None:
+        try:
+            old = read()
+            write()
+        except Exception as exc:
+            self._fail(step, exc)
+        self._undo.append((step, lambda: restore(old)))
+
+    def _fail(self, step: str, exc: Exception) -> NoReturn:
+        stuck = []
+        for done, undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception:
+                stuck.append(done)
+        if stuck:
+            raise RegistryError(f"{self.what} of {self.name} failed at {step} ({_short(exc)}), and undoing "
+                                f"{'; '.join(stuck)} failed too: check `visionflow lineage {self.name}@champion` "
+                                "and set those aliases by hand") from exc
+        raise RegistryError(f"{self.what} of {self.name} failed at {step} ({_short(exc)}); the registry is "
+                            "unchanged") from exc
+
+
 def apply_promotion(model_name: str, version: str, gates: list[Gate]) -> Decision:
     """Set challenger; move champion (keeping previous) only if all gates passed. Call under promotion_lock."""
-    client = _client()
     before = alias_version(model_name, CHAMPION)
-    client.set_registered_model_alias(model_name, CHALLENGER, version)
     passed = all(g.passed for g in gates)
+    moves = passed and before != version
+    writes = _Writes(model_name, f"promotion of v{version}")
+    writes.alias(CHALLENGER, version)
     for g in gates:
-        client.set_model_version_tag(model_name, version, f"{TAG}gate.{g.name}", "passed" if g.passed else "failed")
-    client.set_model_version_tag(model_name, version, f"{TAG}parent_champion", before or "none")
-    after = before
-    if passed and before != version:
+        writes.tag(version, f"{TAG}gate.{g.name}", "passed" if g.passed else "failed")
+    writes.tag(version, f"{TAG}parent_champion", before or "none")
+    writes.tag(version, f"{TAG}promoted", str(passed).lower())
+    if moves:
         if before is not None:
-            client.set_registered_model_alias(model_name, PREVIOUS, before)
-        client.set_registered_model_alias(model_name, CHAMPION, version)  # the single atomic switch
-        after = version
-    client.set_model_version_tag(model_name, version, f"{TAG}promoted", str(passed).lower())
-    return Decision(model_name, version, passed, before, after, gates)
+            writes.alias(PREVIOUS, before)
+        writes.alias(CHAMPION, version)  # the switch serving sees, last
+    return Decision(model_name, version, passed, before, version if moves else before, gates)
 
 
 def rollback(model_name: str) -> tuple[str, str]:
     """champion <- previous; the demoted version becomes previous. Returns (demoted, restored)."""
-    client = _client()
     current, previous = alias_version(model_name, CHAMPION), alias_version(model_name, PREVIOUS)
     if current is None or previous is None:
         raise RegistryError(f"{model_name} has no {'champion' if current is None else 'previous'} alias to roll "
                             "back from/to")
-    client.set_registered_model_alias(model_name, CHAMPION, previous)
-    client.set_registered_model_alias(model_name, PREVIOUS, current)
-    client.set_model_version_tag(model_name, current, f"{TAG}rolled_back", "true")
+    if current == previous:
+        raise RegistryError(f"{model_name}: champion and previous are both v{current}, so a rollback would change "
+                            f"nothing; point `previous` at the version to restore first")
+    writes = _Writes(model_name, "rollback")
+    writes.tag(current, f"{TAG}rolled_back", "true")
+    writes.alias(PREVIOUS, current)
+    writes.alias(CHAMPION, previous)  # the switch serving sees, last
     return current, previous

@@ -74,3 +74,66 @@ def test_overrides_apply_and_validate(tmp_path):
 def test_size_bounds_consistent():
     with pytest.raises(ConfigError, match="must not exceed"):
         parse_params({"validate": {"min_width": 100, "max_width": 10}})
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A billion-laughs document inside a known key: each level holds `width` aliases of the one before."""
+    lines = ["data:", "  labels:", '    - &a0 ["lol"]']
+    for i in range(1, levels):
+        lines.append(f"    - &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [_alias_bomb(), _alias_bomb(levels=3, width=2),
+                                  "base: &b {seed: 1}\ndata: *b\n", "x: &v 1\nbase:\n  seed: *v\n",
+                                  "m: &m {seed: 1}\nbase:\n  <<: *m\n"])
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, text):
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="alias") as err:
+        load_params(tmp_path / "p.yaml")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="alias"):
+        load_params(REPO / "params.yaml", ["data.labels=[&x a, *x]"])
+
+
+@pytest.mark.parametrize("blob", ["base:\n  project: caf\xe9\n".encode("latin-1"), b"\xff\xfe\x00b\x00a",
+                                  b"base:\n  seed: 1\n\x80\x81\n"])
+def test_non_utf8_params_file(tmp_path, blob):
+    (tmp_path / "p.yaml").write_bytes(blob)
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_params(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("text", ["[" * 20000, "a:\n" + "".join(" " * i + "b:\n" for i in range(1, 3000))])
+def test_deeply_nested_yaml_is_a_clear_error(tmp_path, text):
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="p.yaml"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_oversized_params_file_is_refused_unread(tmp_path):
+    (tmp_path / "p.yaml").write_text("base:\n  project: " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="too large"):
+        load_params(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("override", ["train.lr=[", "train.lr={", "train.lr='", "train.lr=: :", "train.lr=@x",
+                                      "train.lr=\t- a\n-", "train.lr=%TAG"])
+def test_malformed_yaml_in_an_override_is_a_clear_error(override):
+    with pytest.raises(ConfigError, match=r"--set train\.lr") as err:
+        load_params(REPO / "params.yaml", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_override_on_a_non_mapping_file_is_not_silently_applied(tmp_path):
+    (tmp_path / "p.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(tmp_path / "p.yaml", ["train.max_epochs=2"])
+
+
+@pytest.mark.parametrize("text, value", [("1e-05", 1e-05), ("2E-3", 2e-3), ("1.5e-4", 1.5e-4), ("0.001", 0.001)])
+def test_exponent_floats_are_numbers_not_text(text, value):
+    """str(1e-05) is how retraining passes drift.warm_start_lr on; YAML 1.1 alone would read it as text."""
+    assert load_params(REPO / "params.yaml", [f"train.lr={text}"]).train.lr == value
+    with pytest.raises(ConfigError, match=r"drift\.batch_size"):
+        load_params(REPO / "params.yaml", ["drift.batch_size=1e3"])  # a float is no batch size
