@@ -107,19 +107,19 @@ class EpochLog(L.Callback):
 
     A logger, not a progress bar, so that progress reaches a piped log file and Prefect's flow-run logs (the
     flow passes its run logger). Rates are timed from each epoch's first batch, so that starting the data
-    loader's worker processes does not count; the ETA is the last epoch's time per step over the steps left in
-    the budget (early stopping can end the run sooner).
+    loader's worker processes does not count. The ETA is the run's wall time per step so far (validation and
+    loader start-ups included, which the images/s leave out) over the steps left in the budget (early stopping
+    can end the run sooner).
     """
 
     def __init__(self, log: Log, max_steps: int, steps_per_epoch: int):
         self.out, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.fit_start = time.perf_counter()
+        self.fit_start, self.fit_first_step = time.perf_counter(), trainer.global_step
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.first_batch: float | None = None
-        self.epoch_first_step = trainer.global_step
         self.images, self.loss_sum = 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -136,7 +136,7 @@ class EpochLog(L.Callback):
         if self.first_batch is None:  # resumed at the very end of an epoch: nothing was trained in it
             return
         now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
-        per_step = (now - self.first_batch) / max(step - self.epoch_first_step, 1)
+        per_step = (now - self.fit_start) / max(step - self.fit_first_step, 1)
         val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
                if "val/acc" in m else "no validation")
         self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
