@@ -531,3 +531,22 @@ def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
     assert report["healthy_after"] is True and report["summary"]["overload_503"] == overload["errors"].get("503", 0)
     assert "load test of" in proc.stdout and "summary" in proc.stdout
     assert_healthy(server)
+
+
+def test_loadtest_sends_the_token_of_a_server_with_auth(tmp_path_factory, monkeypatch):
+    """A server with serve.auth_token_env answers 401 without the bearer token: the load test reads the token
+    from the same variable and sends it on every request (before: every request was a 401)."""
+    monkeypatch.setenv("VF_LOADTEST_TOKEN", "s3cret-load")
+    srv = start_server(tmp_path_factory.mktemp("authload"), auth_token_env="VF_LOADTEST_TOKEN")
+    try:
+        proc = run_cli(srv.proj, "--json", "loadtest", "--url", srv.base, "--mode", "rate", "--rate", "5",
+                       "--duration", "1", check=False)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["summary"]["n_errors"] == 0 and report["summary"]["ok_rps"] > 0
+        monkeypatch.setenv("VF_LOADTEST_TOKEN", "wrong")
+        proc = run_cli(srv.proj, "loadtest", "--url", srv.base, "--mode", "rate", "--rate", "5", "--duration", "1",
+                       check=False)
+        assert proc.returncode == 2 and "401" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        stop_server(srv)

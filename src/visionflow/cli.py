@@ -371,7 +371,8 @@ def loadtest(
     """Load-test a running `visionflow serve` on loopback: req/s, p50/p90/p99 latency, errors by status.
 
     Every request is a real prediction (prediction log, review queue): serve a disposable root, or point
-    serve.prediction_log and serve.review_dir elsewhere with --set, when the data there matters.
+    serve.prediction_log and serve.review_dir elsewhere with --set, when the data there matters. A server with
+    serve.auth_token_env set gets the token from that same environment variable.
     """
     from visionflow.loadtest import render, run_loadtest
 
@@ -381,6 +382,7 @@ def loadtest(
                           concurrency=concurrency, rate=rate, fraction=fraction, step_s=step, ramp_max=slots,
                           overload_concurrency=overload_concurrency or 3 * slots, overload_s=overload_s,
                           max_requests=max_requests, image=image,
+                          token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
                           out=out_file or state.root / "reports/loadtest/loadtest.json",
                           progress=lambda msg: console.print(f"[dim]{msg}[/]"))
     if state.as_json:

@@ -127,7 +127,8 @@ class KeepAliveClient:
     never raised; a connection that failed is closed, never reused.
     """
 
-    def __init__(self, url: str, body: bytes, content_type: str, timeout_s: float, tls: ssl.SSLContext | None = None):
+    def __init__(self, url: str, body: bytes, content_type: str, timeout_s: float, tls: ssl.SSLContext | None = None,
+                 token: str | None = None):
         parts = urlsplit(url)
         self.host, self.tls = parts.hostname, tls if parts.scheme == "https" else None
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -135,7 +136,8 @@ class KeepAliveClient:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.request = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
                         f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                        "Connection: keep-alive\r\n\r\n").encode() + body
+                        + (f"Authorization: Bearer {token}\r\n" if token else "")
+                        + "Connection: keep-alive\r\n\r\n").encode() + body
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -349,7 +351,7 @@ def _multipart(data: bytes, filename: str = "loadtest.png") -> tuple[bytes, str]
 async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate: float | None,
                fraction: float, step_s: float, ramp_max: int, overload_concurrency: int, overload_s: float,
                single_n: int, max_requests: int, max_in_flight: int, image: Path | None, timeout_s: float,
-               progress) -> dict[str, Any]:
+               token: str | None, progress) -> dict[str, Any]:
     import httpx
 
     base = require_loopback(url)
@@ -357,8 +359,9 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
     async with contextlib.AsyncExitStack() as stack:
         # The control requests (ready, model, health) go through httpx; trust_env=False: no proxy from the
         # environment gets between us and loopback.
+        auth = {"Authorization": f"Bearer {token}"} if token else {}  # a server with serve.auth_token_env set
         client = await stack.enter_async_context(httpx.AsyncClient(timeout=timeout_s, trust_env=False,
-                                                                   verify=tls or True))
+                                                                   verify=tls or True, headers=auth))
         try:
             ready = await client.get(f"{base}/ready")
         except httpx.HTTPError as exc:
@@ -366,10 +369,15 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
                                 "first") from None
         if ready.status_code != 200:
             raise LoadTestError(f"{base}/ready answered {ready.status_code}: {ready.text[:200]}")
-        model = (await client.get(f"{base}/model")).json()
+        model = await client.get(f"{base}/model")
+        if model.status_code != 200:
+            raise LoadTestError(f"{base}/model answered {model.status_code}: {model.text[:200]}"
+                                + (" (the server wants its bearer token: export the variable serve.auth_token_env "
+                                   "names)" if model.status_code == 401 else ""))
+        model = model.json()
         data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
         body, ctype = _multipart(data)
-        load = KeepAliveClient(f"{base}/predict", body, ctype, timeout_s, tls)
+        load = KeepAliveClient(f"{base}/predict", body, ctype, timeout_s, tls, token)
         stack.callback(load.close)
         target = Target(load)
         report: dict[str, Any] = {
@@ -433,8 +441,8 @@ async def _run(url: str, *, mode: str, duration_s: float, concurrency: int, rate
         else:
             raise LoadTestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
         report["phases"] = [asdict(p) for p in phases]
-        # The load's idle keep-alive connections go first: a server counts them against its connection limit
-        # (uvicorn's limit_concurrency), and the question is whether a new client is served after the load.
+        # The load's idle keep-alive connections go first: a server may count them against a connection limit,
+        # and the question is whether a new client is served after the load.
         load.close()
         health = await client.get(f"{base}/health")
         after = await sequential(target, 3, max_s=timeout_s, name="after")
@@ -482,8 +490,10 @@ def run_loadtest(url: str, *, mode: str = "full", duration_s: float = 60, concur
                  rate: float | None = None, fraction: float = 0.7, step_s: float = 5, ramp_max: int = 20,
                  overload_concurrency: int = 60, overload_s: float = 10, single_n: int = 50,
                  max_requests: int = 100_000, max_in_flight: int = 64, image: Path | None = None,
-                 timeout_s: float = 30, out: Path | None = None, progress=None) -> dict[str, Any]:
-    """Run the load test (see the module docstring) and return the report; also written to `out` as JSON."""
+                 timeout_s: float = 30, token: str | None = None, out: Path | None = None,
+                 progress=None) -> dict[str, Any]:
+    """Run the load test (see the module docstring) and return the report; also written to `out` as JSON.
+    `token`: the server's bearer token, sent on every request, when it has one."""
     if mode not in MODES:
         raise LoadTestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     for name, value in (("duration", duration_s), ("step", step_s), ("overload-s", overload_s)):
@@ -498,7 +508,7 @@ def run_loadtest(url: str, *, mode: str = "full", duration_s: float = 60, concur
                               fraction=fraction, step_s=step_s, ramp_max=ramp_max,
                               overload_concurrency=overload_concurrency, overload_s=overload_s, single_n=single_n,
                               max_requests=max_requests, max_in_flight=max_in_flight, image=image,
-                              timeout_s=timeout_s, progress=progress or (lambda _msg: None)))
+                              timeout_s=timeout_s, token=token, progress=progress or (lambda _msg: None)))
     if out is not None:
         from visionflow.report import write_json_atomic
 
