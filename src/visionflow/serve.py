@@ -649,7 +649,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         m = model_or_503()
         return {"name": holder.model_name, "version": m.version, "classes": m.card["classes"],
                 "image_size": m.card["image_size"], "channels": m.card["channels"],
-                "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.") and k != "visionflow.card"}}
+                "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.")}}
 
     @app.get("/metrics", dependencies=[Depends(require_token)], include_in_schema=False)
     def metrics() -> Response:
