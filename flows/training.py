@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from prefect.runtime import flow_run
 
 from visionflow import stages, versioning
 from visionflow.config import Params, load_params
+from visionflow.ingest import MARKER
 from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
 
 
@@ -34,6 +36,11 @@ def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
     get_run_logger().info("ingested %d images in %d classes%s%s", res.n_images, len(res.classes),
                           " (source unchanged, not rewritten)" if res.skipped else "",
                           f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "")
+    if res.skipped_files:  # symlinks out of the source, unreadable files...: said, not silently dropped
+        reasons = Counter(f["reason"] for f in res.skipped_files)
+        get_run_logger().warning("left out %d source entries (%s); each with its reason in %s",
+                                 len(res.skipped_files), ", ".join(f"{r} {n}" for r, n in reasons.items()),
+                                 Path(res.raw_dir).parent / MARKER)
     return asdict(res), secs
 
 
