@@ -105,3 +105,28 @@ def run_cli(cwd: Path, *args: str, check: bool = True, timeout: float = 600) -> 
     if check and proc.returncode != 0:
         raise AssertionError(f"visionflow {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def register_champion(proj: Path, p, classes: list[str], *, channels: int = 1, image_size: int = 16, seed: int = 0,
+                      tags: dict | None = None, metrics: dict | None = None) -> str:
+    """An untrained tiny ONNX net (seeded) registered the way register_stage does it and promoted to champion;
+    returns its version. For tests that need a real registry with a champion but not a trained model."""
+    import mlflow
+    import torch
+
+    from visionflow.export import export_onnx, write_model_card
+    from visionflow.model import build_net
+    from visionflow.registry import Gate, apply_promotion, register_onnx
+    from visionflow.tracking import setup_mlflow
+
+    torch.manual_seed(seed)
+    net = build_net("test_resnet", len(classes), channels).eval()
+    onnx_path = export_onnx(net, image_size=image_size, channels=channels, path=proj / f"m{seed}" / "model.onnx")
+    card = write_model_card(onnx_path, image_size=image_size, channels=channels, classes=list(classes),
+                            model_name="test_resnet", data_version=(tags or {}).get("visionflow.data_version", "dv"))
+    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
+        pass
+    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
+                            mlflow_run_id=run.info.run_id, tags=tags or {}, metrics=metrics or {})
+    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
+    return version

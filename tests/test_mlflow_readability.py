@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import make_folder_dataset, make_project
+from tests.conftest import make_folder_dataset, make_project, register_champion
 from visionflow import stages
 from visionflow.config import load_params
 
@@ -27,13 +27,6 @@ def _client(proj: Path) -> mlflow.MlflowClient:
 def champion_project(root: Path) -> tuple[Path, str]:
     """A validated, split project whose registry holds a champion (an untrained tiny ONNX net registered the
     way register_stage does it), and a 40-image batch folder to check for drift. Returns (project, batch)."""
-    import torch
-
-    from visionflow.export import export_onnx, write_model_card
-    from visionflow.model import build_net
-    from visionflow.registry import Gate, apply_promotion, register_onnx
-    from visionflow.tracking import setup_mlflow
-
     src = make_folder_dataset(root / "images", classes=CLASSES, per_class=30)
     batch = root / "batch"  # a flat folder of unlabelled images, as production sends them
     for i, img in enumerate(sorted(make_folder_dataset(root / "batch-src", classes=CLASSES, per_class=14,
@@ -46,17 +39,8 @@ def champion_project(root: Path) -> tuple[Path, str]:
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
     stages.split_stage(p, proj)
-    torch.manual_seed(0)
-    net = build_net("test_resnet", len(CLASSES), 1).eval()
-    onnx_path = export_onnx(net, image_size=16, channels=1, path=proj / "models/onnx/model.onnx")
-    card = write_model_card(onnx_path, image_size=16, channels=1, classes=list(CLASSES), model_name="test_resnet",
-                            data_version="dv-test")
-    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
-        pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags={"visionflow.data_version": "dv-test"},
-                            metrics={"test_accuracy": 0.8733333333})
-    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
+    register_champion(proj, p, list(CLASSES), tags={"visionflow.data_version": "dv-test"},
+                      metrics={"test_accuracy": 0.8733333333})
     return proj, str(batch)
 
 

@@ -26,8 +26,8 @@ import pytest
 
 import httpx
 
-from tests.conftest import make_folder_dataset, make_project
-from tests.test_serve import CLASSES, _register, png
+from tests.conftest import make_folder_dataset, make_project, register_champion
+from tests.test_serve import CLASSES, DV, png
 from visionflow.config import load_params
 from visionflow.review import ReviewQueue
 
@@ -116,7 +116,7 @@ def server(tmp_path):
     src = make_folder_dataset(tmp_path / "images", classes=tuple(CLASSES), per_class=12, size=20)
     proj = make_project(tmp_path / "proj", src, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
     p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=0)
+    register_champion(proj, p, CLASSES, tags=DV, seed=0)
     with _serving(p, proj) as base:
         _wait_http(f"{base}/ready")
         yield proj, p, base
@@ -250,29 +250,6 @@ KEYS = "1234567890ab"
 INJECTED = "document.querySelectorAll('img[src=\"x\"], svg, script:not([src]), [onerror], [onload]').length"
 
 
-def _register_classes(proj: Path, p, classes: list[str]) -> None:
-    """A champion whose model card carries these class names (ingest would refuse such names today; the card is
-    built directly, the way a card from an older ingest or another tool would reach the server)."""
-    import mlflow
-    import torch
-
-    from visionflow.export import export_onnx, write_model_card
-    from visionflow.model import build_net
-    from visionflow.registry import Gate, apply_promotion, register_onnx
-    from visionflow.tracking import setup_mlflow
-
-    torch.manual_seed(0)
-    net = build_net("test_resnet", len(classes), 1).eval()
-    onnx_path = export_onnx(net, image_size=16, channels=1, path=proj / "m" / "model.onnx")
-    card = write_model_card(onnx_path, image_size=16, channels=1, classes=classes, model_name="test_resnet",
-                            data_version="dv")
-    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
-        pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags={}, metrics={})
-    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
-
-
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """A server with auth on (the token itself a script) and a champion with 12 classes, 4 of them scripts."""
@@ -280,7 +257,8 @@ def hostile(tmp_path_factory):
     proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'db'}"},
                         serve={"auth_token_env": "VF_REVIEW_TEST_TOKEN"})
     p = load_params(proj / "params.yaml")
-    _register_classes(proj, p, MANY)
+    # ingest would refuse such names today; a card from an older ingest or another tool can still carry them
+    register_champion(proj, p, MANY)
     os.environ["VF_REVIEW_TEST_TOKEN"] = TOKEN
     try:
         with _serving(p, proj) as base:

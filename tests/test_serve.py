@@ -6,7 +6,6 @@ import functools
 import io
 import json
 import shutil
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,31 +13,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import make_project, png_header_only
+from tests.conftest import make_project, png_header_only, register_champion
 from visionflow.config import load_params
-from visionflow.export import export_onnx, write_model_card
-from visionflow.model import build_net
-from visionflow.registry import CHAMPION, Gate, apply_promotion, register_onnx
+from visionflow.registry import CHAMPION
 from visionflow.serve import ChampionHolder, PredictionLog, create_app
 from visionflow.tracking import setup_mlflow
 
 CLASSES = ["cat", "dog", "fox"]
-
-
-def _register(proj: Path, p, seed: int) -> str:
-    import torch
-
-    torch.manual_seed(seed)
-    net = build_net("test_resnet", len(CLASSES), 1).eval()
-    onnx_path = export_onnx(net, image_size=16, channels=1, path=proj / f"m{seed}" / "model.onnx")
-    card = write_model_card(onnx_path, image_size=16, channels=1, classes=CLASSES, model_name="test_resnet",
-                            data_version="dv")
-    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
-        pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags={"visionflow.data_version": "dv"}, metrics={})
-    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
-    return version
+DV = {"visionflow.data_version": "dv"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +29,7 @@ def served(tmp_path_factory):
     proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
                         serve={"max_upload_mb": 1, "max_form_fields": 8, "max_batch": 4})
     p = load_params(proj / "params.yaml")
-    version = _register(proj, p, seed=0)
+    version = register_champion(proj, p, CLASSES, tags=DV, seed=0)
     holder = ChampionHolder(p.registry.model_name, cache_dir=proj / "models/serving")
     app = create_app(p, proj, holder=holder, watch=False)
     with TestClient(app) as client:
@@ -139,7 +121,7 @@ def test_oversized_body_and_too_many_parts_are_refused(served):
 
 def test_champion_swap_without_restart(served):
     proj, p, client, holder, version = served
-    newer = _register(proj, p, seed=1)
+    newer = register_champion(proj, p, CLASSES, tags=DV, seed=1)
     assert holder.refresh() is True
     assert client.get("/ready").json()["model_version"] == newer != version
     assert str(mlflow.MlflowClient().get_model_version_by_alias(p.registry.model_name, CHAMPION).version) == newer
@@ -150,7 +132,7 @@ def test_token_auth_when_configured(tmp_path, monkeypatch):
     proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
                         serve={"auth_token_env": "VF_TOKEN"})
     p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=2)
+    register_champion(proj, p, CLASSES, tags=DV, seed=2)
     with TestClient(create_app(p, proj, watch=False)) as client:
         files = {"file": ("a.png", png(1), "image/png")}
         assert client.post("/predict", files=files).status_code == 401
@@ -186,7 +168,7 @@ def test_an_unwritable_prediction_log_answers_503_and_is_counted(tmp_path):
     counted on /metrics, and serving recovers once the log can be written again."""
     proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"})
     p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=3)
+    register_champion(proj, p, CLASSES, tags=DV, seed=3)
     log = proj / p.serve.prediction_log
     with TestClient(create_app(p, proj, watch=False)) as client:
         files = {"file": ("a.png", png(1), "image/png")}
@@ -248,7 +230,7 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
     proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
                         serve={"request_timeout_s": 0.0001})  # shorter than any inference
     p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=3)
+    register_champion(proj, p, CLASSES, tags=DV, seed=3)
     log = proj / p.serve.prediction_log
     log.parent.mkdir(parents=True, exist_ok=True)
     log.mkdir()  # every prediction's work fails when it writes the log

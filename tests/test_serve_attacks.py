@@ -28,8 +28,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_project, png_header_only, run_cli
-from tests.test_serve import CLASSES, _register, corrupt_exif_jpegs, png
+from tests.conftest import make_project, png_header_only, register_champion, run_cli
+from tests.test_serve import CLASSES, DV, corrupt_exif_jpegs, png
 from visionflow.config import Params, load_params
 
 pytestmark = pytest.mark.slow  # starts a server process: ~30-60 s of setup on a small machine
@@ -59,7 +59,7 @@ def start_server(root: Path, **serve: object) -> Server:
     proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
                         serve=dict(serve))
     p = load_params(proj / "params.yaml")
-    _register(proj, p, seed=0)
+    register_champion(proj, p, CLASSES, tags=DV, seed=0)
     port = free_port()
     exe = Path(sys.executable).with_name("visionflow")
     log = root / "server.log"

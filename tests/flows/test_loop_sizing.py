@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 
 from bench.user_folder import make_user_folder
-from tests.conftest import make_project
+from tests.conftest import make_project, register_champion
 from visionflow import monitor, stages
 from visionflow.config import load_params
 
@@ -29,27 +28,6 @@ def harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-def _register_untrained_champion(proj: Path, p) -> None:
-    import torch
-
-    from visionflow.export import export_onnx, write_model_card
-    from visionflow.model import build_net
-    from visionflow.registry import Gate, apply_promotion, register_onnx
-    from visionflow.tracking import setup_mlflow
-
-    classes = sorted(pd.read_csv(proj / "data/splits/train.csv")["label"].unique())
-    torch.manual_seed(0)
-    net = build_net("test_resnet", len(classes), 3).eval()
-    onnx_path = export_onnx(net, image_size=16, channels=3, path=proj / "models/onnx/model.onnx")
-    card = write_model_card(onnx_path, image_size=16, channels=3, classes=classes, model_name="test_resnet",
-                            data_version="dv")
-    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
-        pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags={}, metrics={})
-    apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +44,7 @@ def small_project(tmp_path_factory, harness):
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
     stages.split_stage(p, proj)
-    _register_untrained_champion(proj, p)
+    register_champion(proj, p, sorted(pd.read_csv(proj / "data/splits/train.csv")["label"].unique()), channels=3)
     # a retraining already ran within the cool-down: the loop's alarm is recorded, not acted on
     monitor.claim_retraining(proj / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600, trigger="test")
     return proj, len(pd.read_csv(proj / "data/splits/test.csv"))
