@@ -15,14 +15,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
-@pytest.fixture(scope="module")
 def loop_project(tmp_path_factory, harness):
     import os
 

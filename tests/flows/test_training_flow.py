@@ -11,14 +11,6 @@ from tests.conftest import make_folder_dataset, make_project
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _flow_run_logs(flow_run_id: str) -> list[str]:
     """Every log message of a flow run and its task runs, as the Prefect API (and UI) has them."""
     from uuid import UUID
