@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import REPO
 from tests.model.test_training import tiny_project
@@ -38,8 +39,8 @@ def _loss_curve(compiled: bool, steps: int = 6) -> tuple[np.ndarray, list[str]]:
     on fixed synthetic batches; and its state-dict keys."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8, generator=g),
-                torch.randint(0, 3, (8,), generator=g)) for _ in range(steps)]
+    data = TensorDataset(torch.randint(0, 256, (8 * steps, 1, 16, 16), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 3, (8 * steps,), generator=g))
     model = ImageClassifier(model_name="test_resnet", classes=["a", "b", "c"], channels=1, image_size=16, lr=0.01,
                             weight_decay=1e-4, optimizer="adamw", scheduler="none")
     if compiled:
@@ -47,7 +48,7 @@ def _loss_curve(compiled: bool, steps: int = 6) -> tuple[np.ndarray, list[str]]:
     losses = Losses()
     L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, deterministic=True, callbacks=[losses],
-              limit_val_batches=0).fit(model, train_dataloaders=batches)
+              limit_val_batches=0).fit(model, train_dataloaders=DataLoader(data, batch_size=8))
     return np.array(losses.values), sorted(model.state_dict())
 
 
@@ -69,12 +70,6 @@ def test_train_compile_setting_reaches_the_runtime(setting):
         rt = resolve_runtime(p.train.model_copy(update={"accelerator": accelerator}))
         expected = {"true": True, "false": False}.get(setting, torch.cuda.is_available() and accelerator == "auto")
         assert rt.compile is expected
-
-
-def test_compile_auto_is_off_on_cpu(tmp_path):
-    p = load_params(tiny_project(tmp_path) / "params.yaml")
-    assert p.train.compile == "auto" and resolve_runtime(p.train.model_copy(update={"accelerator": "cpu"})).compile \
-        is False
 
 
 @pytest.mark.parametrize("workers", [0, 1])
