@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dvc-files", type=int, nargs="+", metavar="N",
                     help="dvc benchmark sizes in files (default 20000; --quick 1000); the whole Fashion-MNIST is "
                          "--dvc-files 20000 70000, which about doubles the full suite's time")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="the prepared GPU check instead (bench/gpu_check.py; `python -m bench --gpu-check -h`)")
     ap.add_argument("--keep-workdir", action="store_true", help="keep the temporary work folder (for debugging)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -111,6 +113,11 @@ def render(results: dict[str, Any], console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--gpu-check" in argv:
+        from bench.gpu_check import main as gpu_check
+
+        return gpu_check(argv)
     args = parse_args(argv)
     quiet()
     from rich.console import Console

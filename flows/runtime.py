@@ -8,6 +8,17 @@ import sys
 from pathlib import Path
 
 
+# Set by entry points (CLI, flows, bench) before albumentations is imported, never at library import; loader
+# workers inherit it. albumentations otherwise checks PyPI for a newer version on import, in every worker, and
+# warns on an offline machine.
+OFFLINE_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def offline_env() -> None:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def configure_prefect(root: Path) -> None:
     """Local-first defaults: project-local Prefect home, no telemetry, a patient temporary server.
 
@@ -24,6 +35,7 @@ def configure_prefect(root: Path) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    offline_env()
     if not os.environ.get("PREFECT_API_URL"):
         _migrate_local_db(Path(os.environ["PREFECT_HOME"]))
 

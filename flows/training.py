@@ -18,6 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from flows.runtime import offline_env
 from visionflow import stages, versioning
 from visionflow.config import Params, load_params
 from visionflow.ingest import MARKER
@@ -126,6 +127,7 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
 
     eval_batch: a reviewed batch folder (images + labels.csv) added to the promotion comparison (retraining).
     """
+    offline_env()  # a deployment's worker process starts here, not in the CLI
     start = time.perf_counter()
     root = Path(params_path).resolve().parent
     p = load_params(params_path, overrides)

@@ -589,6 +589,9 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.runtime import offline_env
+
+    offline_env()  # before any command imports albumentations (here and in loader workers)
     try:
         # Without standalone mode click returns the code of a typer.Exit instead of exiting.
         rc = app(args=argv, standalone_mode=False)

@@ -69,7 +69,7 @@ def load_champion(p: Params, root: Path):
         raise DataError(f"{p.registry.model_name} has no champion yet: run the training pipeline "
                         "(`make pipeline`) so there is a model to check drift against")
     path, card = download_onnx(p.registry.model_name, version, dest=root / "models/drift" / f"v{version}")
-    return version, ort_session(path), card
+    return version, ort_session(path, accelerated=True), card
 
 
 def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256,

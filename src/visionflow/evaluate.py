@@ -6,8 +6,10 @@ Everything is logged to the training run in MLflow and written to reports/evalua
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +34,51 @@ class EvalResult:
     report_dir: str
 
 
+LOG = logging.getLogger(__name__)
+# The pipeline's own inference (evaluation, the robustness suite) runs here; a GPU's numbers are the CPU's within
+# GPU_TOLERANCE on the logits (fp32, but cuDNN convolutions use TF32), so top-1 differs only on near-ties and the
+# accuracies agree to a few images in ten thousand. ONNX parity (export) stays CPU-against-ONNX-Runtime.
+GPU_TOLERANCE = 0.05
+
+
+def inference_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def in_batches(fn: Callable[[int, int], np.ndarray], n: int, batch_size: int,
+               log: logging.Logger | logging.LoggerAdapter = LOG) -> list[np.ndarray]:
+    """fn(start, stop) over [0, n) in batches of batch_size; when the GPU runs out of memory the batch is halved
+    (with a logged message) and the rest of the run keeps the smaller size. Out of memory with batches of one
+    image is raised."""
+    out, start = [], 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        try:
+            out.append(fn(start, stop))
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = max(1, batch_size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("GPU out of memory on a batch of %d images: retrying with batches of %d", stop - start,
+                        batch_size)
+            continue
+        start = stop
+    return out
+
+
 @torch.inference_mode()
-def predict_logits(net: torch.nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Logits for (N, H, W, C) uint8 images, in batches, on CPU."""
-    net.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(np.asarray(images[i:i + batch_size]).transpose(0, 3, 1, 2), copy=True))
-        out.append(net(x).float().numpy())
+def predict_logits(net: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
+                   device: str = "cpu") -> np.ndarray:
+    """Logits for (N, H, W, C) uint8 images, in batches, on `device` (the net is moved there and left there)."""
+    net.to(device).eval()
+
+    def batch(i: int, j: int) -> np.ndarray:
+        x = torch.from_numpy(np.array(np.asarray(images[i:j]).transpose(0, 3, 1, 2), copy=True))
+        return net(x.to(device, non_blocking=True)).float().cpu().numpy()
+
+    out = in_batches(batch, len(images), batch_size)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -60,13 +99,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
 
 
 def robustness_suite(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: EvaluateParams,
-                     seed: int) -> dict[str, dict[str, float]]:
+                     seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Accuracy per corruption and severity; key 'mean' per corruption, computed over cfg.severities."""
     results: dict[str, dict[str, float]] = {}
     for name in cfg.corruptions:
         per = {}
         for sev in cfg.severities:
-            logits = predict_logits(net, corrupt_batch(images, name, sev, seed=seed))
+            logits = predict_logits(net, corrupt_batch(images, name, sev, seed=seed), device=device)
             per[str(sev)] = float((logits.argmax(1) == labels).mean())
         per["mean"] = float(np.mean([per[str(s)] for s in cfg.severities]))
         results[name] = per
@@ -142,15 +181,18 @@ def _plot_robustness(rob: dict[str, dict[str, float]], clean: float, path: Path)
 
 
 def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str],
-             cfg: EvaluateParams, seed: int, report_dir: Path, mlflow_run_id: str | None = None) -> EvalResult:
+             cfg: EvaluateParams, seed: int, report_dir: Path, mlflow_run_id: str | None = None,
+             device: str | None = None) -> EvalResult:
+    """device: where the network runs (default: the GPU when there is one)."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    logits = predict_logits(net, images)
+    device = device or inference_device()
+    logits = predict_logits(net, images, device=device)
     m = classification_metrics(logits, labels, classes)
     n_rob = min(len(labels), cfg.robustness_images)
     # A fixed, class-stratified subset keeps the suite affordable on CPU and identical between models.
     subset = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n_rob])
-    rob = robustness_suite(net, np.asarray(images[subset]), labels[subset], cfg, seed)
+    rob = robustness_suite(net, np.asarray(images[subset]), labels[subset], cfg, seed, device=device)
     robust_accuracy = float(np.mean([per["mean"] for per in rob.values()]))
     result = EvalResult(test_accuracy=m["accuracy"], macro_f1=m["macro_f1"], ece=m["ece"],
                         robust_accuracy=robust_accuracy, per_class=m["per_class"], robustness=rob,
@@ -159,7 +201,7 @@ def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cl
     _plot_worst(images, labels, logits, classes, report_dir / "worst_errors.png")
     _plot_robustness(rob, m["accuracy"], report_dir / "robustness.png")
     payload = {**asdict(result), "confusion_matrix": m["confusion"].tolist(), "classes": classes,
-               "robustness_images": n_rob}
+               "robustness_images": n_rob, "device": device}
     (report_dir / "evaluation.json").write_text(json.dumps(payload, indent=2))
     if mlflow_run_id:
         _log_to_mlflow(mlflow_run_id, result, report_dir)

@@ -290,7 +290,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
         champion = alias_version(name, CHAMPION)
         new_path, card = download_onnx(name, version, Path(tmp) / version)
         classes = card["classes"]
-        new_sess = ort_session(new_path)
+        new_sess = ort_session(new_path, accelerated=True)
 
         def views(c: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             test = _test_split(p, root, c["image_size"], c["channels"], classes)
@@ -313,7 +313,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
             if old_card["classes"] != classes:
                 raise RegistryError(f"champion v{champion} predicts classes {old_card['classes']}, challenger "
                                     f"v{version} predicts {classes}: promote by hand after review")
-            old_sess = ort_session(old_path)
+            old_sess = ort_session(old_path, accelerated=True)
             o_imgs, o_labels, o_every, o_every_labels = views(old_card)
             clean_old = _correctness(old_sess, o_imgs, o_labels)
             all_old = _correctness(old_sess, o_every, o_every_labels)

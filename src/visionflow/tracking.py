@@ -104,3 +104,30 @@ def detail_tags(section: str, figures: dict[str, float]) -> list:
     from mlflow.entities import RunTag
 
     return [RunTag(f"visionflow.{section}.{k}", f"{float(v):.6g}") for k, v in figures.items()]
+
+
+class SystemMetrics:
+    """MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes, and
+    system/gpu_<i>_utilization_percentage and _memory_usage_megabytes when nvidia-ml-py can see a GPU) for a run
+    that Lightning's MLFlowLogger created, which does not start MLflow's monitor itself.
+
+    MLflow's monitor logs only whole sampling intervals: a run shorter than one interval would get nothing. On
+    exit, one last sample is taken and logged with whatever the interval had collected, so every run has them.
+    """
+
+    def __init__(self, run_id: str, uri: str, interval_s: float, resumed: bool):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resumed,
+                                            tracking_uri=uri)
+
+    def __enter__(self) -> SystemMetrics:
+        self.monitor.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        m = self.monitor
+        m.finish()
+        m.collect_metrics()
+        m.publish_metrics(m.aggregate_metrics())
+        m.mlflow_logger.flush()

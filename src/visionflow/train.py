@@ -29,7 +29,7 @@ from visionflow.config import Params, TrainParams
 from visionflow.datamodule import ImageDataModule, class_names, decide_input
 from visionflow.model import ImageClassifier
 from visionflow.report import write_json_atomic
-from visionflow.tracking import lineage_tags, run_name, setup_mlflow, tracking_uri
+from visionflow.tracking import SystemMetrics, lineage_tags, run_name, setup_mlflow, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,17 @@ class Runtime:
     strategy: str
     channels_last: bool
     num_nodes: int = 1
+    compile: bool = False
+
+
+def _compile_pays(gpu: bool) -> bool:
+    """train.compile auto: on a CUDA GPU Triton can compile for (compute capability 7.0+); never on CPU, where
+    compiling takes longer than the default's whole few-minute run gains."""
+    return gpu and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 7
 
 
 def resolve_runtime(cfg: TrainParams) -> Runtime:
-    """GPU when present: bf16 (or fp16) autocast and channels_last; CPU: plain fp32."""
+    """GPU when present: bf16 (or fp16) autocast, channels_last and torch.compile; CPU: plain fp32, eager."""
     gpu = torch.cuda.is_available() if cfg.accelerator == "auto" else cfg.accelerator == "gpu"
     if cfg.precision != "auto":
         precision = cfg.precision
@@ -52,7 +59,8 @@ def resolve_runtime(cfg: TrainParams) -> Runtime:
     else:
         precision = "32-true"
     return Runtime(accelerator="gpu" if gpu else "cpu", devices=cfg.devices if gpu else 1, precision=precision,
-                   strategy=cfg.strategy, channels_last=gpu, num_nodes=cfg.num_nodes)
+                   strategy=cfg.strategy, channels_last=gpu, num_nodes=cfg.num_nodes,
+                   compile=_compile_pays(gpu) if cfg.compile == "auto" else bool(cfg.compile))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -91,6 +99,8 @@ class TrainResult:
     # run finished before they were recorded.
     channels: int | None = None
     input_decision: str | None = None
+    # RunFigures.figures() of the run's training process, plus cache_s (None in older states)
+    figures: dict[str, Any] | None = None
 
 
 Log = logging.Logger | logging.LoggerAdapter
@@ -147,6 +157,97 @@ class EpochLog(L.Callback):
                       _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
 
 
+class StartValWorkers(L.Callback):
+    """The validation loader's workers start with training, so they are ready at the end of the first epoch
+    instead of starting then with the GPU idle. Single-process runs only: a distributed strategy replaces the
+    loader with one that has a distributed sampler, whose workers would start at the first validation anyway."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if trainer.world_size == 1 and isinstance(dm, ImageDataModule) and trainer.limit_val_batches != 0:
+            dm.start_workers("val")
+
+
+class RunFigures(L.Callback):
+    """How well the run used its accelerator: images/s, the busy fraction, and the time to the first step.
+
+    busy_fraction is busy seconds over the training stage's seconds after the cache (from the end of the cache
+    build to the end of fit). On CUDA the busy seconds are GPU time between CUDA events recorded at the start
+    and end of every training step (forward, backward, optimizer step); on CPU there is no accelerator, and they
+    are the wall time spent inside training steps (reported as busy_basis "cpu_wall_in_step"). images_per_s is
+    over the training epochs only, each from its first batch's start to its last step's end (loader waits inside
+    an epoch count, validation does not), the rate that compares with a plain training loop.
+    """
+
+    def __init__(self, stage_start: float, cache_done: float):
+        self.stage_start, self.cache_done = stage_start, cache_done
+        self.cuda = torch.cuda.is_available()
+        self.first_step: float | None = None
+        self.busy_s = self.epoch_s = 0.0
+        self.images = self.steps = 0
+        self.events: list[tuple[Any, Any]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch_first: float | None = None
+        self.epoch_last: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.epoch_first is None:
+            self.epoch_first = now
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.events.append((start, None))
+        else:
+            self.step_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events[-1] = (self.events[-1][0], end)
+        if self.first_step is None:
+            if self.cuda:
+                torch.cuda.synchronize()  # once: the first step's end is when the GPU finished it
+            self.first_step = time.perf_counter()
+        self.epoch_last = time.perf_counter()
+        if not self.cuda:
+            self.busy_s += self.epoch_last - self.step_start
+        self.images += len(batch[1])
+        self.steps += 1
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.epoch_first is not None and self.epoch_last is not None:
+            self.epoch_s += self.epoch_last - self.epoch_first
+        self._collect_events()
+
+    def _collect_events(self) -> None:
+        if self.cuda and self.events:
+            torch.cuda.synchronize()  # once per epoch, so that every recorded event has its time
+            self.busy_s += sum(a.elapsed_time(b) for a, b in self.events if b is not None) / 1000
+            self.events = []
+
+    def figures(self) -> dict[str, Any]:
+        self._collect_events()  # an epoch cut short by the step budget ends without on_train_epoch_end
+        end = time.perf_counter()
+        after_cache = max(end - self.cache_done, 1e-9)
+        return {
+            "images_per_s": round(self.images / self.epoch_s, 2) if self.epoch_s > 0 else None,
+            "busy_fraction": round(min(self.busy_s / after_cache, 1.0), 4),
+            "busy_basis": "cuda_events_in_step" if self.cuda else "cpu_wall_in_step",
+            "busy_s": round(self.busy_s, 3),
+            "time_to_first_step_s": (round(self.first_step - self.stage_start, 3)
+                                     if self.first_step is not None else None),
+            "time_to_first_step_after_cache_s": (round(self.first_step - self.cache_done, 3)
+                                                 if self.first_step is not None else None),
+            "cache_s": round(self.cache_done - self.stage_start, 3),
+            "stage_after_cache_s": round(after_cache, 3),
+            "images": self.images,
+            "steps": self.steps,
+        }
+
+
 def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
     """What a training run depends on: the sections it reads, the data version and the split manifests."""
     sections = {k: v for k, v in p.as_dict().items() if k in ("base", "data", "train")}
@@ -189,7 +290,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     dm = ImageDataModule(splits_dir=splits_dir, cache_dir=cache_dir or root / "data/cache", classes=classes,
                          image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
                          num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed)
-    dm.prepare_data()
+    dm.prepare_data()  # the decode-once cache: built here, timed as the run's cache seconds
+    cache_done = time.perf_counter()
     per_node = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
     world = per_node * rt.num_nodes
     steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * world))
@@ -204,7 +306,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
         return TrainResult(**{**state["result"], "reused": True, "seconds": time.perf_counter() - start})
 
     experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
-    logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=tracking_uri(p.registry.tracking_uri, root),
+    uri = tracking_uri(p.registry.tracking_uri, root)
+    logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=uri,
                           run_id=state.get("mlflow_run_id"), log_model=False,
                           run_name=run_name(model=cfg.model, data_version=data_version, params_digest=p.digest()),
                           tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
@@ -230,6 +333,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
                             image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                             optimizer=cfg.optimizer, scheduler=cfg.scheduler,
                             pretrained_weights=cfg.pretrained_weights, channels_last=rt.channels_last)
+    if rt.compile:
+        model.net.compile()  # in place: the state dict, checkpoints and export keep the plain module's keys
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
                               auto_insert_metric_name=False, enable_version_counter=False)
     # Mid-epoch checkpoints (about four per epoch) bound what a crash can lose.
@@ -238,6 +343,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
                             EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
     callbacks.append(EpochLog(log, max_steps, steps_per_epoch))
+    figures_cb = RunFigures(start, cache_done)
+    callbacks += [figures_cb, StartValWorkers()]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
@@ -247,7 +354,10 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
         log_every_n_steps=max(1, min(50, steps_per_epoch // 2)), enable_progress_bar=progress,
         enable_model_summary=False, default_root_dir=run_dir, num_sanity_val_steps=0,
     )
-    trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resumed else None)
+    with SystemMetrics(mlflow_run_id, uri, cfg.system_metrics_interval_s, resumed):
+        trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resumed else None)
+    figures = figures_cb.figures()
+    log.info("training figures: %s", ", ".join(f"{k} {v}" for k, v in figures.items()))
 
     best = best_cb.best_model_path or str(resume_from)
     best_score = best_cb.best_model_score
@@ -256,12 +366,24 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
         global_step=int(trainer.global_step), max_steps=max_steps, epochs_completed=int(trainer.current_epoch),
         best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
         reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt), channels=cfg.channels,
-        input_decision=decision.note,
+        input_decision=decision.note, figures=figures,
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
+    _log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
     write_json_atomic(state_path, {"status": "completed", "mlflow_run_id": mlflow_run_id,
                                    "best_checkpoint": best, "result": asdict(result)})
     return result
+
+
+def _log_figures(client, run_id: str, figures: dict[str, Any], step: int) -> None:
+    """The headline figures as perf/ metrics (comparable across runs in MLflow's table), the basis as a tag."""
+    from mlflow.entities import Metric, RunTag
+
+    ts = int(time.time() * 1000)
+    names = ("images_per_s", "busy_fraction", "time_to_first_step_s", "time_to_first_step_after_cache_s", "cache_s")
+    client.log_batch(run_id, metrics=[Metric(f"perf/{k}", float(figures[k]), ts, step) for k in names
+                                      if figures.get(k) is not None],
+                     tags=[RunTag("visionflow.perf.busy_basis", figures["busy_basis"])])
 
 
 def load_classifier(checkpoint: Path | str) -> ImageClassifier:
