@@ -127,9 +127,12 @@ class EpochLog(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start, self.fit_first_step = time.perf_counter(), trainer.global_step
+        # A run resumed mid-epoch starts with that epoch's batches, without on_train_epoch_start.
+        self.first_batch: float | None = None
+        self.images, self.loss_sum = 0, 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.first_batch: float | None = None
+        self.first_batch = None
         self.images, self.loss_sum = 0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -186,10 +189,12 @@ class RunFigures(L.Callback):
         self.busy_s = self.epoch_s = 0.0
         self.images = self.steps = 0
         self.events: list[tuple[Any, Any]] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # set here too: a run resumed mid-epoch starts with that epoch's batches, without on_train_epoch_start
         self.epoch_first: float | None = None
         self.epoch_last: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch_first = self.epoch_last = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
