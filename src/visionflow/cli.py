@@ -167,7 +167,8 @@ def _print_mapping(title: str, mapping: dict[str, Any]) -> None:
 
 @app.command()
 def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False) -> None:
-    """Bring the dataset (data.source: 'fashion-mnist' or a folder per class) into data/raw/<class>/."""
+    """Bring the dataset (data.source: 'fashion-mnist', 'fashion-mnist-photos' or a folder per class) into
+    data/raw/<class>/."""
     p = state.params()
     with progress_bar("ingest") as update:
         res = stages.ingest_stage(p, state.root, force=force, progress=update)
