@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -132,8 +133,12 @@ _worker_images: np.ndarray | None = None
 
 def _open_rows(file: str) -> None:
     """Pool initializer: each worker maps the cache file once and writes its chunks' rows straight into it, so
-    no decoded pixel crosses a pipe."""
+    no decoded pixel crosses a pipe. A worker dies with the build: a killed build leaves no workers behind."""
     global _worker_images
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     _worker_images = np.load(file, mmap_mode="r+")
 
 
