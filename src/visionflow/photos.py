@@ -167,7 +167,7 @@ def render_photo(spec: PhotoSpec, item: np.ndarray, seed: int) -> np.ndarray:
     optics = _optics(rng, item, w // 2, h // 2)
     scene = cv2.resize(optics, (w, h), interpolation=cv2.INTER_LINEAR)
     # sensor noise: read noise plus shot noise that grows with the signal (higher ISO: more of both)
-    iso = rng.uniform(0.004, 0.02)
+    iso = rng.uniform(0.002, 0.01)  # after the in-camera denoising a JPEG has had: 0.5-4 levels at full light
     sigma = cv2.resize(iso * np.sqrt(optics.mean(axis=2) * 3 + 0.25), (w, h), interpolation=cv2.INTER_LINEAR)
     scene += _noise_window(rng, w, h) * sigma[..., None]
     return np.clip(scene, 0, 1, out=scene)
