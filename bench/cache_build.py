@@ -107,7 +107,8 @@ def _camera_1280(datas: list[bytes], k: int) -> list[bytes]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.cache import default_workers, nvjpeg_available
+    from visionflow.cache import nvjpeg_available
+    from visionflow.pools import default_workers
 
     n = QUICK_PHOTOS if ctx.quick else FULL_PHOTOS
     manifest, classes, source = photo_set(ctx, n)

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ import numpy as np
 
 from visionflow.errors import DataError
 from visionflow.imageio import DecodeRules, RejectedImage, decode_for_model, open_checked, read_limited
+from visionflow.pools import default_workers, pool_worker_setup
 from visionflow.validate import read_manifest
 
 CACHE_VERSION = 2
@@ -74,14 +74,6 @@ def _cache_key(manifest: Path, image_size: int, channels: int, classes: list[str
     h = hashlib.sha256(Path(manifest).read_bytes())
     h.update(json.dumps([CACHE_VERSION, image_size, channels, classes]).encode())
     return h.hexdigest()[:16]
-
-
-def default_workers() -> int:
-    """The cores this process may use (a container's CPU set, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ----------------------------------------------------------------------------------------------- decoding a chunk
@@ -133,12 +125,9 @@ _worker_images: np.ndarray | None = None
 
 def _open_rows(file: str) -> None:
     """Pool initializer: each worker maps the cache file once and writes its chunks' rows straight into it, so
-    no decoded pixel crosses a pipe. A worker dies with the build: a killed build leaves no workers behind."""
+    no decoded pixel crosses a pipe."""
     global _worker_images
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    pool_worker_setup()
     _worker_images = np.load(file, mmap_mode="r+")
 
 
@@ -336,15 +325,44 @@ def _pool_records(partial: _Partial, chunks: list[_Chunk], target: _Target, work
 
 
 def _local_records(partial: _Partial, chunks: list[_Chunk], target: _Target) -> Iterator[dict]:
+    import cv2
+
     images = np.load(partial.file, mmap_mode="r+")
-    for c in chunks:
-        yield decode_chunk(images, c, target)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # one process is one core, as each worker of the pool is
+    try:
+        for c in chunks:
+            yield decode_chunk(images, c, target)
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _gpu_records(partial: _Partial, chunks: list[_Chunk], gpu: TorchJpegDecoder) -> Iterator[dict]:
     images = np.load(partial.file, mmap_mode="r+")
     for c in chunks:
         yield gpu.decode_chunk(images, c)
+
+
+def _calibrate(partial: _Partial, first: list[_Chunk], target: _Target,
+               workers: int) -> tuple[list[dict], str, dict[str, Any]]:
+    """Decode one chunk with nvJPEG and one on a CPU core (both written, not wasted): the faster of nvJPEG and the
+    pool of `workers` cores, with the rates it was chosen on."""
+    images = np.load(partial.file, mmap_mode="r+")
+    gpu = TorchJpegDecoder(target)
+    try:
+        warm = [d for d in (_read(p, target.rules) for p in first[0].paths[:2]) if isinstance(d, bytes)]
+        gpu.decode(warm)  # CUDA and nvJPEG start-up, once per process: not what the rate should compare
+        records, rates = [], {}
+        for chunk, (name, run) in zip(first, (("nvjpeg", lambda c: gpu.decode_chunk(images, c)),
+                                              ("pillow", lambda c: decode_chunk(images, c, target)))):
+            t0 = time.perf_counter()
+            records.append(run(chunk))
+            rates[name] = len(chunk.paths) / (time.perf_counter() - t0)
+    finally:
+        gpu.close()
+    chosen = "nvjpeg" if rates["nvjpeg"] > rates["pillow"] * workers else "pillow"
+    return records, chosen, {"nvjpeg_images_per_s": round(rates["nvjpeg"], 1),
+                             "pillow_images_per_s_per_core": round(rates["pillow"], 1), "workers": workers}
 
 
 def _records(partial: _Partial, chunks: list[_Chunk], target: _Target, decoder: str, workers: int,
@@ -354,20 +372,9 @@ def _records(partial: _Partial, chunks: list[_Chunk], target: _Target, decoder: 
     if decoder == "auto":
         decoder = "pillow"
         if nvjpeg_available() and len(chunks) >= 2:
-            gpu = TorchJpegDecoder(target)
-            images = np.load(partial.file, mmap_mode="r+")
-            gpu.decode([read_limited(Path(chunks[0].paths[0]), target.rules.max_bytes)])  # CUDA start-up, untimed
-            rates = {}
-            for name, run in (("nvjpeg", lambda c: gpu.decode_chunk(images, c)),
-                              ("pillow", lambda c: decode_chunk(images, c, target))):
-                t0 = time.perf_counter()
-                yield run(chunks[0])
-                rates[name] = len(chunks[0].paths) / (time.perf_counter() - t0)
-                chunks = chunks[1:]
-            decoder = "nvjpeg" if rates["nvjpeg"] > rates["pillow"] * workers else "pillow"
-            choice["calibration"] = {"nvjpeg_images_per_s": round(rates["nvjpeg"], 1),
-                                     "pillow_images_per_s_per_core": round(rates["pillow"], 1), "workers": workers}
-            gpu.close()
+            records, decoder, choice["calibration"] = _calibrate(partial, chunks[:2], target, workers)
+            yield from records
+            chunks = chunks[2:]
     choice["decoder"] = decoder
     if decoder == "nvjpeg":
         gpu = TorchJpegDecoder(target)

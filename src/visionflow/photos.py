@@ -21,6 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from visionflow.pools import default_workers, pool_worker_setup
+
 PHOTOS_SOURCE = "fashion-mnist-photos"
 GENERATOR_VERSION = 1  # part of ingest's record of what raw_dir holds: bump when a seed's photos change
 Progress = Callable[[int, int], None]
@@ -92,19 +94,17 @@ def _smooth_field(rng: np.random.Generator, w: int, h: int, cells: int, channels
     return out.reshape(h, w, channels)
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
-    """Albedo of a surface (table top, fabric, wall), float32 (h, w, 3) in [0, 1]: a base colour, blotches and a
-    grain or weave. Made at a quarter of the size and upscaled: the detail a camera resolves of it is low."""
-    lw, lh = max(8, w // 4), max(8, h // 4)
+def _background(rng: np.random.Generator, lw: int, lh: int) -> np.ndarray:
+    """Albedo of a surface (table top, fabric, wall), float32 (lh, lw, 3) in [0, 1]: a base colour, blotches and a
+    grain or weave."""
     base = rng.uniform(0.25, 0.85, 3).astype(np.float32) * rng.uniform(0.6, 1.0)
     # blotches mostly in brightness, a little in hue
     tex = 0.7 + 0.5 * _smooth_field(rng, lw, lh, int(rng.integers(4, 16))) + 0.1 * _smooth_field(rng, lw, lh, 5, 3)
     yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
-    angle, freq = rng.uniform(0, np.pi), rng.uniform(0.15, 0.6)
+    angle, freq = rng.uniform(0, np.pi), rng.uniform(0.08, 0.3)
     warp = 6 * _smooth_field(rng, lw, lh, 6)[..., 0]
     grain = 1 + rng.uniform(0.03, 0.12) * np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + warp)
-    low = np.clip(base * tex * grain[..., None], 0, 1)
-    return cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(base * tex * grain[..., None], 0, 1)
 
 
 def _lighting(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
@@ -147,7 +147,8 @@ def _noise_window(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 
 def _optics(rng: np.random.Generator, item: np.ndarray, w: int, h: int) -> np.ndarray:
     """What the lens forms of the scene, float32 (h, w, 3) in [0, 1]: the surface, the item's shadow, the item,
-    uneven light. Smooth at this scale, so the caller makes it at half the sensor's size and upscales it."""
+    uneven light. Smooth at the sensor's scale (the item is 28 px at the source), so the caller makes it at a
+    quarter of the sensor's size and upscales it."""
     scene = _background(rng, w, h)
     colour, alpha = _item_layer(rng, item, w, h)
     # a soft shadow: the item's coverage, blurred and offset towards a light outside the frame
@@ -164,7 +165,7 @@ def render_photo(spec: PhotoSpec, item: np.ndarray, seed: int) -> np.ndarray:
     """The upright photo as float32 (h, w, 3) RGB in [0, 1], before it is quantised and stored."""
     rng = np.random.default_rng([seed, spec.item, 1])
     w, h = spec.width, spec.height
-    optics = _optics(rng, item, w // 2, h // 2)
+    optics = _optics(rng, item, w // 4, h // 4)
     scene = cv2.resize(optics, (w, h), interpolation=cv2.INTER_LINEAR)
     # sensor noise: read noise plus shot noise that grows with the signal (higher ISO: more of both)
     iso = rng.uniform(0.002, 0.01)  # after the in-camera denoising a JPEG has had: 0.5-4 levels at full light
@@ -181,7 +182,7 @@ def encode_photo(spec: PhotoSpec, scene: np.ndarray) -> bytes:
         if not ok:
             raise RuntimeError("OpenCV could not encode a 16-bit PNG")
         return buf.tobytes()
-    img = Image.fromarray((scene * 255 + 0.5).astype(np.uint8), "RGB")
+    img = Image.fromarray(cv2.convertScaleAbs(scene, alpha=255), "RGB")  # rounded; scene is clipped to [0, 1]
     exif = Image.Exif()
     exif[0x010F], exif[0x0110] = "visionflow", "fashion-mnist-photos"  # Make, Model
     if spec.kind == "exif":
@@ -213,13 +214,6 @@ def _write_chunk(args: tuple[Path, int, list[PhotoSpec], list[str], np.ndarray])
     return len(specs)
 
 
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def write_photos(out_dir: Path, images: np.ndarray, labels: np.ndarray, chosen: Iterable[int], class_names: list[str],
                  seed: int, *, sizes=SIZES, kinds=KINDS, workers: int | None = None,
                  progress: Progress | None = None) -> dict[str, int]:
@@ -240,7 +234,7 @@ def write_photos(out_dir: Path, images: np.ndarray, labels: np.ndarray, chosen: 
                 progress(done, len(specs))
     else:
         # spawn: a pool forked inside a flow run inherits its threads and locks (see datamodule._loader)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=pool_worker_setup) as pool:
             for n in pool.map(_write_chunk, tasks):
                 done += n
                 if progress:

@@ -19,10 +19,10 @@ import pytest
 
 from visionflow import photos
 from visionflow.cache import (
-    TOLERANCE_MEAN, TOLERANCE_P99, TorchJpegDecoder, _Target, nvjpeg_available,
+    TOLERANCE_MEAN, TOLERANCE_P99, TorchJpegDecoder, _Chunk, _Target, nvjpeg_available,
 )
 from visionflow.datamodule import build_cache
-from visionflow.imageio import DecodeRules, RejectedImage, decode_for_model
+from visionflow.imageio import DecodeRules, decode_for_model
 
 CLASSES = ["bag", "coat", "shoe"]
 RULES = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
@@ -132,9 +132,15 @@ def test_a_truncated_and_a_30000_px_photo_are_quarantined_not_fatal(camera, tmp_
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("left out" in m for m in warned) == 3 and any("truncated.jpg (corrupt_data" in m for m in warned)
     # the batched (nvJPEG) path sends what it cannot trust to the CPU decoder, which gives the same reasons
-    decoded = TorchJpegDecoder(_Target(224, 3, RULES), device="cpu").decode(
-        [bad["truncated"].read_bytes(), bad["huge"].read_bytes()])
-    assert [r.reason for r in decoded if isinstance(r, RejectedImage)] == ["corrupt_data", "too_many_pixels"]
+    batched = TorchJpegDecoder(_Target(224, 3, RULES), device="cpu")
+    out = np.zeros((17, 224, 224, 3), np.uint8)  # manifest rows 5-21: the three bad ones and reference rows 5-18
+    record = batched.decode_chunk(out, _Chunk(0, 0, tuple(r["path"] for r in rows[5:22])))
+    assert {Path(q["path"]).name: q["reason"] for q in record["quarantined"]} == reasons
+    good = [r for r in range(len(out)) if r not in {q["row"] for q in record["quarantined"]}]
+    assert len(good) == 14
+    for got, want in zip(out[good], ref.images[5:19]):
+        mean, p99 = _diff(got, want)
+        assert mean <= TOLERANCE_MEAN and p99 <= TOLERANCE_P99, (mean, p99)
 
 
 CHILD = """
