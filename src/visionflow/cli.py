@@ -234,6 +234,7 @@ def train() -> None:
     """Train the train.model timm classifier (resumes an interrupted run; reuses a finished identical one)."""
     p = state.params()
     _log_to_stderr("visionflow.train")  # the input decision and one line per epoch, piped or not
+    _log_to_stderr("visionflow.cache")  # the cache build's progress and any image it leaves out
     res = stages.train_stage(p, state.root, _data_version_or_warn(p), progress=console.is_terminal)
     keys = ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id", "model_checkpoint",
             "seconds", "runtime")
