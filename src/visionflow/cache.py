@@ -186,38 +186,43 @@ class TorchJpegDecoder:
                                                      **({} if shrink else {"align_corners": False}))
         return x.round_().clamp_(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1)
 
+    def _on_cpu(self, data: bytes) -> np.ndarray | RejectedImage:
+        try:
+            return decode_for_model(data, self.target.image_size, self.target.channels, self.target.rules)
+        except RejectedImage as exc:
+            return exc
+
     def decode(self, datas: list[bytes]) -> list[np.ndarray | RejectedImage]:
-        torch, target = self.torch, self.target
+        """Each image's (S, S, C) uint8 pixels, or the reason it cannot be used."""
+        torch = self.torch
         out: list[np.ndarray | RejectedImage | None] = [None] * len(datas)
-        gpu: list[int] = []
+        batch: list[int] = []
         for i, data in enumerate(datas):
             try:
-                if self._takes(data):
-                    gpu.append(i)
-                    continue
-                out[i] = decode_for_model(data, target.image_size, target.channels, target.rules)
+                takes = self._takes(data)
             except RejectedImage as exc:
                 out[i] = exc
-        if gpu:
-            mode = self.tvio.ImageReadMode.GRAY if target.channels == 1 else self.tvio.ImageReadMode.RGB
-            try:
-                decoded = self.tvio.decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8)
-                                                 for i in gpu], mode=mode, device=self.device)
-            except RuntimeError:  # one JPEG nvJPEG refuses fails the batch: the CPU path decides for each
-                for i in gpu:
-                    try:
-                        out[i] = decode_for_model(datas[i], target.image_size, target.channels, target.rules)
-                    except RejectedImage as exc:
-                        out[i] = exc
-                gpu = []
-                decoded = []
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for k, img in enumerate(decoded):
-                by_shape.setdefault(tuple(img.shape), []).append(k)
-            for ks in by_shape.values():  # one resize call per photo size (a camera's photos share a few)
-                rows = self._resize(torch.stack([decoded[k] for k in ks])).cpu().numpy()
-                for k, row in zip(ks, rows):
-                    out[gpu[k]] = row
+                continue
+            if takes:
+                batch.append(i)
+            else:
+                out[i] = self._on_cpu(data)
+        if not batch:
+            return out  # type: ignore[return-value]
+        mode = self.tvio.ImageReadMode.GRAY if self.target.channels == 1 else self.tvio.ImageReadMode.RGB
+        try:
+            decoded = self.tvio.decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8)
+                                             for i in batch], mode=mode, device=self.device)
+        except RuntimeError:  # a JPEG nvJPEG refuses (or the GPU's memory) fails the batch: the CPU takes it
+            for i in batch:
+                out[i] = self._on_cpu(datas[i])
+            return out  # type: ignore[return-value]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, img in enumerate(decoded):
+            by_shape.setdefault(tuple(img.shape), []).append(k)
+        for ks in by_shape.values():  # one resize call per photo size (a camera's photos share a few)
+            for k, row in zip(ks, self._resize(torch.stack([decoded[k] for k in ks])).cpu().numpy()):
+                out[batch[k]] = row
         return out  # type: ignore[return-value]
 
     def decode_chunk(self, images: np.ndarray, chunk: _Chunk) -> dict[str, Any]:
@@ -376,14 +381,16 @@ def _records(partial: _Partial, chunks: list[_Chunk], target: _Target, decoder: 
             yield from records
             chunks = chunks[2:]
     choice["decoder"] = decoder
+    pool = min(workers, len(chunks))
+    choice["workers"] = pool if decoder == "pillow" and pool > 1 else 1  # processes that decoded
     if decoder == "nvjpeg":
         gpu = TorchJpegDecoder(target)
         try:
             yield from _gpu_records(partial, chunks, gpu)
         finally:
             gpu.close()
-    elif workers > 1 and len(chunks) > 1:
-        yield from _pool_records(partial, chunks, target, min(workers, len(chunks)))
+    elif choice["workers"] > 1:
+        yield from _pool_records(partial, chunks, target, pool)
     else:
         yield from _local_records(partial, chunks, target)
 
@@ -489,7 +496,7 @@ def _build(manifest: Path, folder: Path, classes: list[str], target: _Target, wo
             advance(len(chunks[rec["chunk"]].paths))
     seconds = time.perf_counter() - t0
     info = {"seconds": round(seconds, 3), "decoded": n - already, "resumed_from": already,
-            "images_per_s": round((n - already) / seconds, 1) if seconds > 0 else None, "workers": workers,
+            "images_per_s": round((n - already) / seconds, 1) if seconds > 0 else None,
             "image_size": size, "channels": target.channels, **choice}
     _finish(partial, folder, df, labels, info, manifest)
     quarantined = json.loads((folder / "quarantine.json").read_text())
