@@ -34,7 +34,7 @@ from visionflow.pools import default_workers, pool_worker_setup
 from visionflow.validate import read_manifest
 
 CACHE_VERSION = 2
-CHUNK = 64  # default images per chunk: what a worker decodes at a time, one GPU batch, and the unit a resumed build skips
+CHUNK = 64  # default images per chunk: a worker's task, one GPU batch, the unit a resumed build skips
 # Any two decode paths (the DCT-scaled decode, the full decode, nvJPEG) give the same image within these, in uint8
 # levels: each filters and rounds a little differently while shrinking a photo (tests/unit/test_cache.py).
 TOLERANCE_MEAN = 1.5  # mean absolute difference over an image (measured: up to 0.6)
