@@ -411,17 +411,18 @@ def _finish(partial: _Partial, folder: Path, df, labels: np.ndarray, info: dict[
     """Move the finished build into place, the quarantined images' rows taken out."""
     quarantined = sorted((q for rec in partial.done.values() for q in rec["quarantined"]), key=lambda q: q["row"])
     keep = np.setdiff1d(np.arange(len(df)), [q["row"] for q in quarantined])
+    partial.close()
     if len(keep) == 0:
         reasons = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
         raise DataError(f"{manifest}: none of its {len(df)} images can be decoded ({reasons}...); "
                         "run `visionflow validate` again")
-    partial.close()
     if quarantined:
         decoded = np.load(partial.file, mmap_mode="r")
         images = np.lib.format.open_memmap(partial.path / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(keep), *decoded.shape[1:]))
-        for k in range(0, len(keep), 1024):  # a block at a time: the cache is not read into RAM whole
-            images[k:k + 1024] = decoded[keep[k:k + 1024]]
+        block = max(1, (64 << 20) // decoded[0].nbytes)  # 64 MB at a time: the cache is never in RAM whole
+        for k in range(0, len(keep), block):
+            images[k:k + block] = decoded[keep[k:k + block]]
         images.flush()
         del images, decoded
         partial.file.unlink()
