@@ -207,3 +207,14 @@ def test_nvjpeg_build_matches_the_cpu_build(camera, tmp_path):
             assert mean <= TOLERANCE_MEAN and p99 <= TOLERANCE_P99, (mean, p99)
     auto = build_cache(manifest, tmp_path / "auto", classes=CLASSES, image_size=224, channels=3, chunk_size=8)
     assert auto.build_info["decoder"] in ("nvjpeg", "pillow") and "calibration" in auto.build_info
+
+
+def test_a_split_with_no_decodable_image_is_one_clear_error(camera, tmp_path):
+    from visionflow.errors import DataError
+
+    bad = _bad_photos(camera, tmp_path / "bad")
+    manifest = tmp_path / "val.csv"
+    pd.DataFrame([{"path": str(bad["truncated"]), "label": "coat"},
+                  {"path": str(bad["huge"]), "label": "bag"}]).to_csv(manifest, index=False)
+    with pytest.raises(DataError, match="none of its 2 images can be decoded .*corrupt_data"):
+        build_cache(manifest, tmp_path / "cache", classes=CLASSES, image_size=224, channels=3)
