@@ -6,13 +6,14 @@ median ratio with its min and max. Goals are printed beside the figures; nothing
 See BENCHMARKS.md for what each benchmark measures.
 """
 
-BENCHMARKS = ("train_step", "input_pipeline", "inference", "orchestration", "drift", "dvc")
+BENCHMARKS = ("train_step", "input_pipeline", "cache_build", "inference", "orchestration", "drift", "dvc")
 
 # benchmark name -> module under bench/ (drift and dvc get longer module names so that `bench/` on sys.path
 # could never shadow the real `dvc` package or visionflow's drift module)
 MODULES = {
     "train_step": "bench.train_step",
     "input_pipeline": "bench.input_pipeline",
+    "cache_build": "bench.cache_build",
     "inference": "bench.inference",
     "orchestration": "bench.orchestration",
     "drift": "bench.drift_check",

@@ -187,7 +187,7 @@ def step_compile(args) -> dict[str, Any]:
 def step_evaluate(args) -> dict[str, Any]:
     import numpy as np
 
-    from visionflow.datamodule import build_cache
+    from visionflow.cache import build_cache
     from visionflow.evaluate import GPU_TOLERANCE, predict_logits
     from visionflow.train import load_classifier
 

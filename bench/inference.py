@@ -213,7 +213,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
-    from visionflow.datamodule import decode_for_model
+    from visionflow.imageio import decode_for_model
     from visionflow.export import ort_session
     from visionflow.imageio import DecodeRules
 

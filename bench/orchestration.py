@@ -262,7 +262,7 @@ def null_logger_patches():
 
 def mlflow_row(ctx: Context) -> dict[str, Any]:
     from visionflow.config import load_params
-    from visionflow.datamodule import build_cache
+    from visionflow.cache import build_cache
     from visionflow.tracking import setup_mlflow
     from visionflow.train import train
 

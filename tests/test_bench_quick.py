@@ -57,6 +57,22 @@ def test_quick_bench_writes_its_json(tmp_path):
     assert len(drift_rows) == 3 and drift_rows[-1].startswith("scaling")
 
 
+def test_quick_cache_build_bench_on_generated_photos(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "cache_build", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, COLUMNS="200", NO_ALBUMENTATIONS_UPDATE="1"))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    bench = json.loads(out.read_text())["benchmarks"]["cache_build"]
+    assert bench["status"] == "ok", bench.get("traceback")
+    rows = {r["variant"].split(",")[0]: r for r in bench["rows"]}
+    assert set(rows) >= {"build", "decode 1280x960 -> 224 px"}
+    for row in bench["rows"]:
+        assert row["kind"] == "paired" and row["repeats"] == 2 and row["goal"]["met"] in (True, False, None)
+        assert all(v > 0 for v in row["a"]["values"] + row["b"]["values"])
+    assert bench["config"]["photos"] == 24 and bench["config"]["cores"] >= 1
+
+
 def test_unknown_benchmark_is_refused():
     proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nonsense"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

@@ -167,7 +167,8 @@ def _print_mapping(title: str, mapping: dict[str, Any]) -> None:
 
 @app.command()
 def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False) -> None:
-    """Bring the dataset (data.source: 'fashion-mnist' or a folder per class) into data/raw/<class>/."""
+    """Bring the dataset (data.source: 'fashion-mnist', 'fashion-mnist-photos' or a folder per class) into
+    data/raw/<class>/."""
     p = state.params()
     with progress_bar("ingest") as update:
         res = stages.ingest_stage(p, state.root, force=force, progress=update)
@@ -233,6 +234,7 @@ def train() -> None:
     """Train the train.model timm classifier (resumes an interrupted run; reuses a finished identical one)."""
     p = state.params()
     _log_to_stderr("visionflow.train")  # the input decision and one line per epoch, piped or not
+    _log_to_stderr("visionflow.cache")  # the cache build's progress and any image it leaves out
     res = stages.train_stage(p, state.root, _data_version_or_warn(p), progress=console.is_terminal)
     keys = ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id", "model_checkpoint",
             "seconds", "runtime")

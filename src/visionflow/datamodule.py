@@ -1,18 +1,15 @@
-"""Decode-once image cache, albumentations augmentation and the LightningDataModule that feeds training.
+"""Albumentations augmentation and the LightningDataModule that feeds training from the decode-once cache.
 
-Images are decoded (guarded) and resized once per split into a uint8 array on disk; every epoch reads that array
-through a memory map, so no PNG is decoded twice and worker processes share the pages. Batches stay uint8 until
-the model's own preprocessing layer, which keeps host-to-device copies four times smaller than float32.
+Images are decoded (guarded) and resized once per split into a uint8 array on disk (visionflow.cache); every epoch
+reads that array through a memory map, so no image is decoded twice and worker processes share the pages. Batches
+stay uint8 until the model's own preprocessing layer, which keeps host-to-device copies four times smaller than
+float32.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import multiprocessing
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,75 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from visionflow.cache import CachedSplit, build_cache
 from visionflow.config import AugmentParams
 from visionflow.errors import DataError
-from visionflow.imageio import (  # noqa: F401  (decode_with_properties re-exported for older imports)
-    DecodeRules, RejectedImage, decode_for_model, decode_with_properties, open_guarded, to_array,
-)
 from visionflow.validate import read_manifest
-
-CACHE_VERSION = 1
-
-
-class CachedSplit:
-    """A decoded split on disk: images (N, H, W, C) uint8 memory-mapped on first use, labels, source paths.
-
-    Pickling sends only the folder, so DataLoader workers map the same file instead of receiving a copy.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.labels: np.ndarray = np.load(self.folder / "labels.npy")
-        self.paths: list[str] = json.loads((self.folder / "paths.json").read_text())
-        self._images: np.ndarray | None = None
-
-    @property
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.load(self.folder / "images.npy", mmap_mode="r")
-        return self._images
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_images": None}
-
-
-def _cache_key(manifest: Path, image_size: int, channels: int, classes: list[str]) -> str:
-    h = hashlib.sha256(Path(manifest).read_bytes())
-    h.update(json.dumps([CACHE_VERSION, image_size, channels, classes]).encode())
-    return h.hexdigest()[:16]
-
-
-def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_size: int, channels: int,
-                rules: DecodeRules | None = None) -> CachedSplit:
-    """Decode every image of a split manifest once into cache_root/<key>/ (reused while the inputs match)."""
-    rules = rules or DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
-    key = _cache_key(manifest, image_size, channels, classes)
-    folder = Path(cache_root) / f"{Path(manifest).stem}-{key}"
-    if not (folder / "done").exists():
-        df = read_manifest(manifest)
-        index = {c: i for i, c in enumerate(classes)}
-        unknown = sorted(set(df["label"]) - set(index))
-        if unknown:
-            raise DataError(f"{manifest}: labels {unknown} are not among the classes {classes}")
-        tmp = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(df), image_size, image_size, channels))
-        for i, path in enumerate(df["path"]):
-            try:
-                images[i] = decode_for_model(Path(path).read_bytes(), image_size, channels, rules)
-            except (OSError, RejectedImage) as exc:
-                raise DataError(f"{path} is listed in {manifest} but cannot be decoded ({exc}); "
-                                "run `visionflow validate` again") from None
-        images.flush()
-        del images
-        np.save(tmp / "labels.npy", df["label"].map(index).to_numpy(dtype=np.int64))
-        (tmp / "paths.json").write_text(json.dumps(df["path"].tolist()))
-        (tmp / "done").write_text("ok")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    return CachedSplit(folder)
 
 
 def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.Compose:

@@ -142,6 +142,12 @@ def _loaded(img: Image.Image, rules: DecodeRules, fit: int | None, budget: Pixel
     return img
 
 
+def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
+    """The image opened and its header checked against the rules, no pixel decoded: for a decoder other than
+    Pillow's (nvJPEG) that takes the bytes from here."""
+    return _checked(data, rules)
+
+
 def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
     """Decode bytes into a fully loaded Pillow image, or raise RejectedImage with the reason."""
     return _loaded(_checked(data, rules), rules, fit=None, budget=None)
@@ -249,9 +255,10 @@ def _to_model_size(arr: np.ndarray, image_size: int, channels: int) -> np.ndarra
 
 
 def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules,
-                     budget: PixelBudget | None = None) -> np.ndarray:
-    """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving."""
-    img = _loaded(_checked(data, rules), rules, fit=image_size, budget=budget)
+                     budget: PixelBudget | None = None, *, draft: bool = True) -> np.ndarray:
+    """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving.
+    draft=False decodes every pixel first (the reference the reduced decode is measured and tested against)."""
+    img = _loaded(_checked(data, rules), rules, fit=image_size if draft else None, budget=budget)
     return _to_model_size(to_array(img, channels), image_size, channels)
 
 

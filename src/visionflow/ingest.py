@@ -1,7 +1,8 @@
 """Ingest: bring a dataset into data/raw/<class>/ as received, ready to be versioned.
 
-Two sources go through the same path: the bundled default (Fashion-MNIST from Debian's `dataset-fashion-mnist`
-package) and a user's folder with one sub-folder per class. Files are copied byte for byte; judging them is the
+Three sources go through the same path: the bundled default (Fashion-MNIST from Debian's `dataset-fashion-mnist`
+package), camera-like photos generated from it (`fashion-mnist-photos`, see visionflow.photos) and a user's folder
+with one sub-folder per class. Files are copied byte for byte; judging them is the
 validation stage's job, so the data version names exactly what was received.
 """
 
@@ -25,6 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from visionflow import photos
 from visionflow.errors import DataError
 
 FASHION_MNIST = "fashion-mnist"
@@ -126,10 +128,16 @@ def balanced_indices(labels: np.ndarray, max_images: int | None, seed: int) -> n
     return np.sort(chosen)
 
 
-def export_fashion_mnist(idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int,
-                         progress: Progress | None = None) -> dict[str, int]:
+def load_fashion_mnist(idx_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All 70,000 items (train then test): images (N, 28, 28) uint8 and labels (N,) indexing FASHION_MNIST_CLASSES."""
     images = np.concatenate([_read_idx(idx_dir / _IDX_FILES[0]), _read_idx(idx_dir / _IDX_FILES[2])])
     labels = np.concatenate([_read_idx(idx_dir / _IDX_FILES[1]), _read_idx(idx_dir / _IDX_FILES[3])])
+    return images, labels
+
+
+def export_fashion_mnist(idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int,
+                         progress: Progress | None = None) -> dict[str, int]:
+    images, labels = load_fashion_mnist(idx_dir)
     chosen = balanced_indices(labels, max_images, seed)
     counts: dict[str, int] = {}
     for name in FASHION_MNIST_CLASSES:
@@ -142,6 +150,19 @@ def export_fashion_mnist(idx_dir: Path, raw_dir: Path, max_images: int | None, s
         if progress and (done % 500 == 0 or done == len(chosen)):
             progress(done, len(chosen))
     return counts
+
+
+def export_photos(idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int,
+                  progress: Progress | None = None) -> dict[str, int]:
+    """One camera-like photo per chosen Fashion-MNIST item (the same items `fashion-mnist` would choose), made by a
+    process pool on every core."""
+    images, labels = load_fashion_mnist(idx_dir)
+    chosen = balanced_indices(labels, max_images, seed)
+    return photos.write_photos(raw_dir, images, labels, chosen, list(FASHION_MNIST_CLASSES), seed, progress=progress)
+
+
+# data.source values ingest makes from the bundled dataset, and how
+GENERATED_SOURCES = {FASHION_MNIST: export_fashion_mnist, photos.PHOTOS_SOURCE: export_photos}
 
 
 # Class names flow into file paths, the model card, HTML pages and log lines: only plain text is allowed.
@@ -264,7 +285,7 @@ def scan_source(source: Path) -> SourceScan:
     for a source that cannot be used (missing, a file, no classes, an empty class, an unsafe class name)."""
     if not source.exists():
         raise DataError(f"data source {source} does not exist: set data.source in params.yaml to a folder "
-                        "with one sub-folder per class, or to 'fashion-mnist'")
+                        f"with one sub-folder per class, or to one of {sorted(GENERATED_SOURCES)}")
     if not source.is_dir():
         raise DataError(f"data source {source} is a file; it must be a folder with one sub-folder per class")
     scan = SourceScan(source)
@@ -429,8 +450,10 @@ def ingest(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cac
 def _ingest_source(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cache_dir: Path,
                    force: bool, progress: Progress | None) -> IngestResult:
     spec = {"source": source, "max_images": max_images, "seed": seed}
+    if source == photos.PHOTOS_SOURCE:
+        spec["generator"] = photos.GENERATOR_VERSION  # a changed generator makes different photos: ingest again
     scan = None
-    if source != FASHION_MNIST:
+    if source not in GENERATED_SOURCES:
         src = Path(source).expanduser().resolve()
         scan = scan_source(src)  # fails on a bad source before raw_dir is touched
         spec["source"] = str(src)
@@ -447,7 +470,7 @@ def _ingest_source(*, source: str, raw_dir: Path, max_images: int | None, seed: 
     staging.mkdir(parents=True)
     try:
         if scan is None:
-            counts = export_fashion_mnist(locate_fashion_mnist(cache_dir), staging, max_images, seed, progress)
+            counts = GENERATED_SOURCES[source](locate_fashion_mnist(cache_dir), staging, max_images, seed, progress)
         else:
             counts = copy_folder_dataset(scan, staging, max_images, seed, progress)
         _check_copied(staging, counts)

@@ -83,7 +83,7 @@ def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id:
 def evaluate_stage(p: Params, root: Path) -> dict[str, Any]:
     import json
 
-    from visionflow.datamodule import build_cache
+    from visionflow.cache import build_cache
     from visionflow.evaluate import evaluate
     from visionflow.tracking import setup_mlflow
     from visionflow.train import load_classifier
@@ -112,7 +112,7 @@ REGISTRY_REPORT = Path("reports/registry.json")
 
 
 def _test_split(p: Params, root: Path, image_size: int, channels: int, classes: list[str]):
-    from visionflow.datamodule import build_cache
+    from visionflow.cache import build_cache
 
     return build_cache(root / p.data.splits_dir / "test.csv", root / "data/cache", classes=classes,
                        image_size=image_size, channels=channels)

@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import REPO
 from visionflow import stages
 from visionflow.config import load_params
-from visionflow.datamodule import build_cache
+from visionflow.cache import build_cache
 from visionflow.evaluate import predict_logits
 from visionflow.robustness import corrupt_batch
 from visionflow.train import load_classifier
