@@ -189,7 +189,7 @@ def version(push: Annotated[bool, typer.Option(help="push the data to the DVC re
 def _existing_folder(folder: Path | None, what: str) -> None:
     """Checked before a flow starts: a failure inside one comes with Prefect's own traceback in the log."""
     if folder is not None and not folder.is_dir():
-        raise DataError(f"{what} {folder} is not a folder")
+        raise DataError(f"{what} {folder} " + ("is not a folder" if folder.exists() else "does not exist"))
 
 
 def _data_version_or_warn(p: Params) -> str | None:
