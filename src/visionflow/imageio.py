@@ -82,8 +82,9 @@ class PixelBudget:
         self.left -= pixels
 
 
-def _checked(data: bytes, rules: DecodeRules) -> Image.Image:
-    """The image opened and its header checked against the rules; no pixel decoded yet."""
+def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
+    """The image opened and its header checked against the rules; no pixel decoded yet (Pillow decodes it next,
+    or another decoder such as nvJPEG takes the bytes from here)."""
     if len(data) == 0:
         raise RejectedImage("empty_file", "the file has zero bytes")
     if len(data) > rules.max_bytes:
@@ -142,15 +143,9 @@ def _loaded(img: Image.Image, rules: DecodeRules, fit: int | None, budget: Pixel
     return img
 
 
-def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
-    """The image opened and its header checked against the rules, no pixel decoded: for a decoder other than
-    Pillow's (nvJPEG) that takes the bytes from here."""
-    return _checked(data, rules)
-
-
 def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
     """Decode bytes into a fully loaded Pillow image, or raise RejectedImage with the reason."""
-    return _loaded(_checked(data, rules), rules, fit=None, budget=None)
+    return _loaded(open_checked(data, rules), rules, fit=None, budget=None)
 
 
 # EXIF orientation -> the transpose that makes the image upright (Pillow's own table, ImageOps.exif_transpose)
@@ -258,7 +253,7 @@ def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeR
                      budget: PixelBudget | None = None, *, draft: bool = True) -> np.ndarray:
     """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving.
     draft=False decodes every pixel first (the reference the reduced decode is measured and tested against)."""
-    img = _loaded(_checked(data, rules), rules, fit=image_size if draft else None, budget=budget)
+    img = _loaded(open_checked(data, rules), rules, fit=image_size if draft else None, budget=budget)
     return _to_model_size(to_array(img, channels), image_size, channels)
 
 
@@ -267,7 +262,7 @@ def decode_with_properties(data: bytes, image_size: int, channels: int, rules: D
     """decode_for_model plus the image's visual properties, from one decode (serving and the drift check).
     Width and height are the image's as received; the others are measured on the decoded pixels, which for an
     image at least twice the model's size are a reduced copy (the same for the reference and the live images)."""
-    img = _checked(data, rules)
+    img = open_checked(data, rules)
     width, height = img.size
     img = _loaded(img, rules, fit=image_size, budget=budget)
     pixels = to_array(img, channels)
