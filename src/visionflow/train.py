@@ -122,31 +122,23 @@ class EpochLog(L.Callback):
     can end the run sooner).
     """
 
-    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int):
-        self.out, self.max_steps, self.steps_per_epoch = log, max_steps, steps_per_epoch
+    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int, timing: RunFigures):
+        # timing: the run's RunFigures, which already times each epoch's batches and counts its images
+        self.out, self.max_steps, self.steps_per_epoch, self.timing = log, max_steps, steps_per_epoch, timing
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start, self.fit_first_step = time.perf_counter(), trainer.global_step
-        # A run resumed mid-epoch starts with that epoch's batches, without on_train_epoch_start.
-        self.first_batch: float | None = None
-        self.images, self.loss_sum = 0, 0.0
+        self.loss_sum = 0.0  # a run resumed mid-epoch starts with that epoch's batches, without epoch start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.first_batch = None
-        self.images, self.loss_sum = 0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.first_batch is None:
-            self.first_batch = time.perf_counter()
+        self.loss_sum = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = len(batch[1])
-        self.images += n
-        self.loss_sum += float(outputs["loss"]) * n
-        self.batches_end = time.perf_counter()
+        self.loss_sum += float(outputs["loss"]) * len(batch[1])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.first_batch is None:  # resumed at the very end of an epoch: nothing was trained in it
+        t = self.timing
+        if t.epoch_first is None or t.epoch_last is None:  # resumed at an epoch's very end: nothing trained in it
             return
         now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
         per_step = (now - self.fit_start) / max(step - self.fit_first_step, 1)
@@ -154,9 +146,9 @@ class EpochLog(L.Callback):
                if "val/acc" in m else "no validation")
         self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
                       trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
-                      self.max_steps, self.loss_sum / max(self.images, 1),
+                      self.max_steps, self.loss_sum / max(t.epoch_images, 1),
                       f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
-                      self.images / max(self.batches_end - self.first_batch, 1e-9),
+                      t.epoch_images / max(t.epoch_last - t.epoch_first, 1e-9),
                       _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
 
 
@@ -192,9 +184,11 @@ class RunFigures(L.Callback):
         # set here too: a run resumed mid-epoch starts with that epoch's batches, without on_train_epoch_start
         self.epoch_first: float | None = None
         self.epoch_last: float | None = None
+        self.epoch_images = 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch_first = self.epoch_last = None
+        self.epoch_images = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -220,6 +214,7 @@ class RunFigures(L.Callback):
         if not self.cuda:
             self.busy_s += self.epoch_last - self.step_start
         self.images += len(batch[1])
+        self.epoch_images += len(batch[1])
         self.steps += 1
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -347,9 +342,9 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
                               every_n_train_steps=max(1, steps_per_epoch // 4), enable_version_counter=False)
     callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
                             EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
-    callbacks.append(EpochLog(log, max_steps, steps_per_epoch))
     figures_cb = RunFigures(start, cache_done)
-    callbacks += [figures_cb, StartValWorkers()]
+    # EpochLog reads figures_cb's timing of the epoch at its end; neither resets it before the next epoch starts
+    callbacks += [figures_cb, EpochLog(log, max_steps, steps_per_epoch, figures_cb), StartValWorkers()]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     trainer = L.Trainer(
