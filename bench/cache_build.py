@@ -1,10 +1,10 @@
 """cache_build: does building the decode-once cache use the machine, on camera-size photos?
 
-Photos: JPEGs from visionflow.photos (Fashion-MNIST items on textured, unevenly lit, noisy backgrounds; 1280x960 to
+Photos: JPEGs from visionflow.data.photos (Fashion-MNIST items on textured, unevenly lit, noisy backgrounds; 1280x960 to
 2048x1536, quality 75-95, some EXIF-turned, some CMYK), generated once per size and kept under
 $XDG_CACHE_HOME/visionflow-bench/ (the work folder for --quick), read once before timing so every run finds
 them in the page cache.
-- pool: build_cache (visionflow.cache) of all the photos at 224 px, 3 channels. A: a process pool on every core
+- pool: build_cache (visionflow.data.cache) of all the photos at 224 px, 3 channels. A: a process pool on every core
   this process may use; B: one process. Ratio A / B: how the build scales (goal 0.9 x the cores: 1.8x on 2).
 - draft: decoding 1280x960 photos to 224 px on one core. A: decode_for_model as the cache does it (Pillow's JPEG
   draft mode, a reduced DCT scale); B: the same with every pixel decoded first (draft=False). Goal A / B >= 3.
@@ -35,9 +35,9 @@ def photo_set(ctx: Context, n: int) -> tuple[Path, list[str], str]:
     """n camera-like JPEGs (manifest CSV, class names, where they came from), made once and kept."""
     import pandas as pd
 
-    from visionflow import photos
+    from visionflow.data import photos
     from visionflow.errors import DataError
-    from visionflow.ingest import FASHION_MNIST_CLASSES, balanced_indices, load_fashion_mnist, locate_fashion_mnist
+    from visionflow.data.ingest import FASHION_MNIST_CLASSES, balanced_indices, load_fashion_mnist, locate_fashion_mnist
 
     store = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "visionflow-bench"
     root = (ctx.tmp("cache_build") if ctx.quick else store) / f"photos-v{photos.GENERATOR_VERSION}-{n}"
@@ -86,7 +86,7 @@ def _cpu_seconds() -> float:
 def build_run(ctx: Context, manifest: Path, classes: list[str], **kwargs: Any) -> Measurement:
     """Images/s of one build; extras: its seconds and the cores it kept busy (CPU seconds / wall seconds), which
     says whether the cores were free: a pool of 2 on a machine where other work holds a core gets about 1."""
-    from visionflow.cache import build_cache
+    from visionflow.data.cache import build_cache
 
     out = ctx.tmp(f"cache_build/run-{time.monotonic_ns()}")
     try:
@@ -100,7 +100,7 @@ def build_run(ctx: Context, manifest: Path, classes: list[str], **kwargs: Any) -
 
 
 def decode_run(datas: list[bytes], draft: bool) -> Measurement:
-    from visionflow.imageio import DecodeRules, decode_for_model
+    from visionflow.data.imageio import DecodeRules, decode_for_model
 
     rules = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
     t0 = time.perf_counter()
@@ -118,8 +118,8 @@ def _camera_1280(datas: list[bytes], k: int) -> list[bytes]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.cache import nvjpeg_available
-    from visionflow.pools import default_workers
+    from visionflow.data.cache import nvjpeg_available
+    from visionflow.data.pools import default_workers
 
     n = QUICK_PHOTOS if ctx.quick else FULL_PHOTOS
     manifest, classes, source = photo_set(ctx, n)

@@ -173,7 +173,7 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str:
-    from visionflow.tracking import git_commit as commit_of
+    from visionflow.registry.tracking import git_commit as commit_of
 
     return commit_of(REPO)
 
@@ -318,8 +318,8 @@ def make_splits(ctx: Context, name: str, counts: dict[str, int], *, use_whole_re
     else synthetic Fashion-MNIST-like PNGs written under the work folder."""
     import pandas as pd
 
-    from visionflow.datamodule import class_names
-    from visionflow.validate import read_manifest
+    from visionflow.training.datamodule import class_names
+    from visionflow.data.validate import read_manifest
 
     real_dir = REPO / "data/splits"
     if real_data_available():

@@ -127,7 +127,7 @@ def step_train(args) -> dict[str, Any]:
 def _profile(args, compile_: bool, steps: int):
     from bench.train_step import Profile
     from visionflow.config import load_params
-    from visionflow.train import resolve_runtime
+    from visionflow.training.train import resolve_runtime
 
     p = load_params(_project(args.work) / "params.yaml",
                     json.loads((_project(args.work) / "overrides.json").read_text()))
@@ -145,7 +145,7 @@ def _ctx(args):
 
 def step_plain(args) -> dict[str, Any]:
     from bench.train_step import LoaderView, plain_run
-    from visionflow.datamodule import ImageDataModule, class_names
+    from visionflow.training.datamodule import ImageDataModule, class_names
 
     prof, p = _profile(args, False, 10 if args.quick else 60)
     proj = _project(args.work)
@@ -187,9 +187,9 @@ def step_compile(args) -> dict[str, Any]:
 def step_evaluate(args) -> dict[str, Any]:
     import numpy as np
 
-    from visionflow.cache import build_cache
-    from visionflow.evaluate import GPU_TOLERANCE, predict_logits
-    from visionflow.train import load_classifier
+    from visionflow.data.cache import build_cache
+    from visionflow.training.evaluate import GPU_TOLERANCE, predict_logits
+    from visionflow.training.train import load_classifier
 
     proj = _project(args.work)
     t0 = time.perf_counter()

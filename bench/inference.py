@@ -1,6 +1,6 @@
 """inference: ONNX Runtime vs PyTorch eager on CPU, and the serving app vs in-process ONNX Runtime.
 
-1. A: ONNX Runtime (visionflow.export.export_onnx of a freshly built net, ort_session on CPU) images/s at batch 1
+1. A: ONNX Runtime (visionflow.registry.export.export_onnx of a freshly built net, ort_session on CPU) images/s at batch 1
    and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at batch 1.
 2. A: requests/s of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1) with a champion
    registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency keep-alive clients
@@ -49,7 +49,7 @@ def _classes() -> list[str]:
 def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels: int) -> list[dict[str, Any]]:
     import torch
 
-    from visionflow.export import ort_session
+    from visionflow.registry.export import ort_session
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
@@ -89,10 +89,10 @@ def _free_port() -> int:
 
 def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
     """A real training image when the dataset is here (what clients send), else loadtest's noise PNG."""
-    from visionflow.loadtest import default_image
+    from visionflow.tools.loadtest import default_image
 
     if real_data_available():
-        from visionflow.validate import read_manifest
+        from visionflow.data.validate import read_manifest
 
         df = read_manifest(REPO / "data/splits/test.csv")
         path = Path(df["path"].iloc[0])
@@ -113,10 +113,10 @@ async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_r
     """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
     time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1.
 
-    The client is visionflow.loadtest's KeepAliveClient (prebuilt request bytes on keep-alive connections, as wrk
+    The client is visionflow.tools.loadtest's KeepAliveClient (prebuilt request bytes on keep-alive connections, as wrk
     does), not httpx: on 2 shared cores httpx spent about twice the server's CPU per request (6.5 ms against
     3.1 ms), so the load generator, not the server, set the figure."""
-    from visionflow.loadtest import KeepAliveClient
+    from visionflow.tools.loadtest import KeepAliveClient
 
     assert urlsplit(url).hostname == "127.0.0.1", url
     client = KeepAliveClient(url, body, ctype, timeout_s=30)
@@ -165,9 +165,9 @@ def _register(proj: Path, p, onnx_path: Path, image_size: int, channels: int, mo
     """Register the exported model and make it champion (as tests/test_serve.py's _register does)."""
     import mlflow
 
-    from visionflow.export import write_model_card
-    from visionflow.registry import Gate, apply_promotion, register_onnx
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.export import write_model_card
+    from visionflow.registry.store import Gate, apply_promotion, register_onnx
+    from visionflow.registry.tracking import setup_mlflow
 
     card = write_model_card(onnx_path, image_size=image_size, channels=channels, classes=_classes(),
                             model_name=model_name, data_version="bench")
@@ -213,9 +213,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
-    from visionflow.imageio import decode_for_model
-    from visionflow.export import ort_session
-    from visionflow.imageio import DecodeRules
+    from visionflow.data.imageio import decode_for_model
+    from visionflow.registry.export import ort_session
+    from visionflow.data.imageio import DecodeRules
 
     proj, p = _project(ctx)
     served = proj / "model" / "model.onnx"
@@ -303,8 +303,8 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
 def run(ctx: Context) -> dict[str, Any]:
     import torch
 
-    from visionflow.export import export_onnx
-    from visionflow.model import build_net
+    from visionflow.registry.export import export_onnx
+    from visionflow.training.model import build_net
 
     cfg = ctx.params().train
     torch.manual_seed(0)

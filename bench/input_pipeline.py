@@ -38,7 +38,7 @@ def loader_run(loader, prof: Profile, n_batches: int) -> Measurement:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.datamodule import ImageDataModule
+    from visionflow.training.datamodule import ImageDataModule
 
     rows, notes, config = [], [], {}
     p = ctx.params()

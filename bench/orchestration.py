@@ -3,11 +3,11 @@
 1. Prefect task overhead. A: a Prefect flow calling N trivial tasks one after the other, the calls timed inside
    the flow, per task; B: the same function called N times directly, per call. Both in ms per call; A - B is the
    per-task overhead, and the flow's own start and finish are kept as an extra.
-   Prefect runs as `make pipeline` runs it (flows.runtime.configure_prefect: a temporary local server with a
+   Prefect runs as `make pipeline` runs it (visionflow.flows.runtime.configure_prefect: a temporary local server with a
    fresh database under the work folder, INFO logging, results not persisted) unless PREFECT_API_URL is set.
 2. Pipeline overhead, read from reports/pipeline.json when present: (total_seconds - sum of stage_seconds) /
    total_seconds, the flow's own share of a real pipeline run. Goal <= 3%.
-3. MLflow logging cost. A: visionflow.train.train() for a short run (real or synthetic splits, under the work
+3. MLflow logging cost. A: visionflow.training.train.train() for a short run (real or synthetic splits, under the work
    folder) with its MLFlowLogger against a temporary SQLite store, every MLflow call timed (the logger's methods
    and every MlflowClient method, outermost call only); B: the same run with the logger replaced by a no-op
    Lightning logger. Goal: MLflow seconds / training seconds <= 1% (the timed calls of A); (A - B) / B is kept as
@@ -63,7 +63,7 @@ def prefect_rows(ctx: Context, n_tasks: int) -> tuple[dict[str, Any], list[str]]
                      "PREFECT_API_URL)")
     else:
         notes.append(f"Prefect: the server at PREFECT_API_URL={os.environ['PREFECT_API_URL']}")
-    from flows.runtime import configure_prefect
+    from visionflow.flows.runtime import configure_prefect
 
     configure_prefect(ctx.tmp("orchestration"))  # visionflow's local-run settings (env set before import)
     t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def timed_mlflow(timer: CallTimer):
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
-    import visionflow.train as vtrain
+    import visionflow.training.train as vtrain
 
     class TimedMLFlowLogger(MLFlowLogger):
         __init__ = timer.wrap(MLFlowLogger.__init__)
@@ -221,10 +221,10 @@ def timed_mlflow(timer: CallTimer):
 
 
 def null_logger_patches():
-    """visionflow.train with a no-op logger (and no MLflow set-up): the training run without MLflow."""
+    """visionflow.training.train with a no-op logger (and no MLflow set-up): the training run without MLflow."""
     from lightning.pytorch.loggers.logger import Logger
 
-    import visionflow.train as vtrain
+    import visionflow.training.train as vtrain
 
     class _NoClient:
         def __getattr__(self, name):
@@ -262,9 +262,9 @@ def null_logger_patches():
 
 def mlflow_row(ctx: Context) -> dict[str, Any]:
     from visionflow.config import load_params
-    from visionflow.cache import build_cache
-    from visionflow.tracking import setup_mlflow
-    from visionflow.train import train
+    from visionflow.data.cache import build_cache
+    from visionflow.registry.tracking import setup_mlflow
+    from visionflow.training.train import train
 
     quiet_lightning()
     counts = {"train": 512, "val": 128, "test": 64} if ctx.quick else {"train": 6400, "val": 320, "test": 64}

@@ -1,9 +1,9 @@
 """train_step: images/s of visionflow's Lightning + timm training loop vs a hand-written PyTorch loop.
 
-A: visionflow.model.ImageClassifier inside a lightning Trainer configured as visionflow.train configures it
+A: visionflow.training.model.ImageClassifier inside a lightning Trainer configured as visionflow.training.train configures it
    (accelerator, precision, deterministic flag, AtomicCheckpointIO plugin, no sanity steps, max_steps) but with no
    logger, checkpoints or progress bar, so that only the loop itself is timed.
-B: a plain loop over the same net (visionflow.model.build_net), optimizer (AdamW), OneCycle schedule, batch,
+B: a plain loop over the same net (visionflow.training.model.build_net), optimizer (AdamW), OneCycle schedule, batch,
    precision and memory format: zero_grad, forward + loss (under autocast on GPU), backward, step.
 
 Both are timed from the end of the warm-up steps to the end of the last step (CUDA synchronised at both ends), so
@@ -72,7 +72,7 @@ def profiles(ctx: Context) -> list[Profile]:
     """The tiny CPU default from params.yaml, plus the GPU profile when CUDA is available."""
     import torch
 
-    from visionflow.train import resolve_runtime
+    from visionflow.training.train import resolve_runtime
 
     cfg = ctx.params().train
     cpu = resolve_runtime(cfg.model_copy(update={"accelerator": "cpu"}))
@@ -167,8 +167,8 @@ def lightning_run(ctx: Context, prof: Profile, data, classes: list[str]) -> Meas
     import lightning as L
     import torch
 
-    from visionflow.model import ImageClassifier
-    from visionflow.train import AtomicCheckpointIO
+    from visionflow.training.model import ImageClassifier
+    from visionflow.training.train import AtomicCheckpointIO
 
     quiet_lightning()
     cfg = ctx.params().train
@@ -202,7 +202,7 @@ def plain_run(ctx: Context, prof: Profile, data, classes: list[str]) -> Measurem
     import torch
     from torch import nn
 
-    from visionflow.model import OPTIMIZERS, build_net
+    from visionflow.training.model import OPTIMIZERS, build_net
 
     cfg = ctx.params().train
     device = torch.device(prof.device)
@@ -255,7 +255,7 @@ def flops_per_image(prof: Profile) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from visionflow.model import build_net
+    from visionflow.training.model import build_net
 
     device = torch.device(prof.device)
     net = build_net(prof.model, N_CLASSES, prof.channels).to(device)
@@ -283,7 +283,7 @@ def nn_loss(logits, y):
 
 def real_loader(ctx: Context, prof: Profile):
     """ImageDataModule's train loader on the real cached dataset (a subset for the GPU profile and --quick)."""
-    from visionflow.datamodule import ImageDataModule
+    from visionflow.training.datamodule import ImageDataModule
 
     if not real_data_available():
         raise Skip("no real dataset here (data/splits/train.csv + data/cache): run `make pipeline` first")

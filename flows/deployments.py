@@ -26,7 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.runtime import configure_prefect
+from visionflow.flows.runtime import configure_prefect
 
 DRIFT_DEPLOYMENT = "hourly-drift-check"
 NIGHTLY_DEPLOYMENT = "nightly-retraining"
@@ -44,8 +44,8 @@ def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tup
     """
     from prefect.events import DeploymentEventTrigger
 
-    from flows.monitoring import DRIFT_EVENT, drift_check_flow, retraining_flow
-    from flows.training import training_flow
+    from visionflow.flows.monitoring import DRIFT_EVENT, drift_check_flow, retraining_flow
+    from visionflow.flows.training import training_flow
     from visionflow.config import load_params
 
     p = load_params(params_path)
@@ -88,9 +88,9 @@ def build(params_path: str = "params.yaml") -> list[Any]:
     return [fl.to_deployment(**opts) for fl, opts in specs(params_path)]
 
 
-ENTRYPOINTS = {"visionflow-drift-check": "flows/monitoring.py:drift_check_flow",
-               "visionflow-retraining": "flows/monitoring.py:retraining_flow",
-               "visionflow-training": "flows/training.py:training_flow"}
+ENTRYPOINTS = {"visionflow-drift-check": "src/visionflow/flows/monitoring.py:drift_check_flow",
+               "visionflow-retraining": "src/visionflow/flows/monitoring.py:retraining_flow",
+               "visionflow-training": "src/visionflow/flows/training.py:training_flow"}
 
 
 DEPLOYMENT_NAMES = (DRIFT_DEPLOYMENT, NIGHTLY_DEPLOYMENT, ON_DRIFT_DEPLOYMENT, TRAIN_DEPLOYMENT)

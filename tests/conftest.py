@@ -114,10 +114,10 @@ def register_champion(proj: Path, p, classes: list[str], *, channels: int = 1, i
     import mlflow
     import torch
 
-    from visionflow.export import export_onnx, write_model_card
-    from visionflow.model import build_net
-    from visionflow.registry import Gate, apply_promotion, register_onnx
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.export import export_onnx, write_model_card
+    from visionflow.training.model import build_net
+    from visionflow.registry.store import Gate, apply_promotion, register_onnx
+    from visionflow.registry.tracking import setup_mlflow
 
     torch.manual_seed(seed)
     net = build_net("test_resnet", len(classes), channels).eval()

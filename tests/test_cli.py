@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, make_folder_dataset, make_project, run_cli
-from visionflow.validate import read_manifest
+from visionflow.data.validate import read_manifest
 
 
 def _no_traceback(proc):

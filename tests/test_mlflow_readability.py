@@ -72,14 +72,14 @@ def test_registered_model_has_a_signature_and_the_card_as_its_description(champi
     for text in ("test_resnet", "dv-test", *CLASSES, "uint8", "16"):
         assert text in mv.description
     # Readers get the card from the model's own metadata (serve and drift load it this way).
-    from visionflow.registry import download_onnx
+    from visionflow.registry.store import download_onnx
 
     onnx_file, card = download_onnx(p.registry.model_name, "1", proj / "dl")
     assert onnx_file.is_file() and card["classes"] == list(CLASSES) and card["image_size"] == 16
 
 
 def test_a_drift_check_keeps_its_html_report_local(champion):
-    from visionflow.drift import check
+    from visionflow.monitoring.drift import check
 
     proj, batch = champion
     p = load_params(proj / "params.yaml")

@@ -29,7 +29,7 @@ import httpx
 from tests.conftest import make_folder_dataset, make_project, register_champion
 from tests.test_serve import CLASSES, DV, png
 from visionflow.config import load_params
-from visionflow.review import ReviewQueue
+from visionflow.serving.review import ReviewQueue
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -95,7 +95,7 @@ def _serving(p, proj):
     """A real uvicorn server on loopback, for the with block; gives its base URL."""
     import uvicorn
 
-    from visionflow.serve import create_app
+    from visionflow.serving.app import create_app
 
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(p, proj, watch=False), host="127.0.0.1", port=port,

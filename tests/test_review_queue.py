@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.review import ReviewQueue
+from visionflow.serving.review import ReviewQueue
 
 CLASSES = ["cat", "dog", "fox"]
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from tests.conftest import make_project, png_header_only, register_champion
 from visionflow.config import load_params
-from visionflow.registry import CHAMPION
-from visionflow.serve import ChampionHolder, PredictionLog, create_app
-from visionflow.tracking import setup_mlflow
+from visionflow.registry.store import CHAMPION
+from visionflow.serving.app import ChampionHolder, PredictionLog, create_app
+from visionflow.registry.tracking import setup_mlflow
 
 CLASSES = ["cat", "dog", "fox"]
 DV = {"visionflow.data_version": "dv"}
@@ -189,7 +189,7 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
     import asyncio
     import threading
 
-    from visionflow.serve import Batcher
+    from visionflow.serving.app import Batcher
 
     release, calls, seen = threading.Event(), [], []
 
@@ -409,7 +409,7 @@ def test_the_token_is_a_header_everywhere_but_on_pages(served, monkeypatch):
     /metrics and /model (git commit, data version, run ids) are behind the token too."""
     from fastapi import Depends, FastAPI
 
-    from visionflow.serve import token_dependencies
+    from visionflow.serving.app import token_dependencies
 
     proj, p, _, holder, _ = served
     monkeypatch.setenv("VF_TOKEN", "s3cret")

@@ -488,7 +488,7 @@ def test_a_normal_request_still_works_after_all_that(server):
 
 
 def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
-    from visionflow.loadtest import run_loadtest
+    from visionflow.tools.loadtest import run_loadtest
 
     out = tmp_path / "rate.json"
     report = run_loadtest(server.base, mode="rate", rate=5, duration_s=3, single_n=5, out=out)

@@ -172,7 +172,7 @@ def ingest(force: Annotated[bool, typer.Option(help="rewrite data/raw even if it
     p = state.params()
     with progress_bar("ingest") as update:
         res = stages.ingest_stage(p, state.root, force=force, progress=update)
-    from visionflow.ingest import MARKER
+    from visionflow.data.ingest import MARKER
 
     left_out = Counter(s["reason"] for s in res.skipped_files)  # each file and its reason: in the MARKER file
     _print_mapping("ingest" + (" (up to date, skipped)" if res.skipped else ""),
@@ -233,8 +233,8 @@ def _log_to_stderr(name: str) -> None:
 def train() -> None:
     """Train the train.model timm classifier (resumes an interrupted run; reuses a finished identical one)."""
     p = state.params()
-    _log_to_stderr("visionflow.train")  # the input decision and one line per epoch, piped or not
-    _log_to_stderr("visionflow.cache")  # the cache build's progress and any image it leaves out
+    _log_to_stderr("visionflow.training.train")  # the input decision and one line per epoch, piped or not
+    _log_to_stderr("visionflow.data.cache")  # the cache build's progress and any image it leaves out
     res = stages.train_stage(p, state.root, _data_version_or_warn(p), progress=console.is_terminal)
     keys = ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id", "model_checkpoint",
             "seconds", "runtime")
@@ -287,8 +287,8 @@ def promote(
 @app.command()
 def rollback() -> None:
     """Point `champion` back at the `previous` version (the demoted one becomes `previous`)."""
-    from visionflow.registry import rollback as do_rollback
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.store import rollback as do_rollback
+    from visionflow.registry.tracking import setup_mlflow
 
     p = state.params()
     setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
@@ -303,8 +303,8 @@ def rollback() -> None:
 def lineage(ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. "
                                                     "visionflow-classifier@champion")]) -> None:
     """Why is this model in production: data, code, params, runs, parent champion, gates and metrics."""
-    from visionflow.registry import RegistryError, alias_version, version_info
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.store import RegistryError, alias_version, version_info
+    from visionflow.registry.tracking import setup_mlflow
 
     p = state.params()
     setup_mlflow(p.registry.tracking_uri, state.root, p.base.project, p.registry.artifact_location)
@@ -340,7 +340,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default serve.port).")] = None,
 ) -> None:
     """Serve the registry's champion over HTTP (predict, batch, health, metrics, review page at /review)."""
-    from visionflow.serve import serve_champion
+    from visionflow.serving.app import serve_champion
 
     p = state.params()
     serve_champion(p, state.root, host=host or p.serve.host, port=port or p.serve.port,
@@ -376,7 +376,7 @@ def loadtest(
     serve.prediction_log and serve.review_dir elsewhere with --set, when the data there matters. A server with
     serve.auth_token_env set gets the token from that same environment variable.
     """
-    from visionflow.loadtest import render, run_loadtest
+    from visionflow.tools.loadtest import render, run_loadtest
 
     p = state.params()
     slots = p.serve.max_concurrency + p.serve.queue_depth
@@ -405,17 +405,17 @@ def pipeline(
                                             "batch, drift detected, retraining, a new champion.")] = True,
 ) -> None:
     """Run the whole pipeline as Prefect flows (a temporary local Prefect server starts when none is set)."""
-    from flows.runtime import configure_prefect
+    from visionflow.flows.runtime import configure_prefect
 
     configure_prefect(state.root)
-    from flows.training import training_flow
+    from visionflow.flows.training import training_flow
 
     p = state.params()  # fail on bad params before Prefect starts its server
     del p
     summary = training_flow(params_path=str(state.params_path), overrides=state.overrides)
     _print_mapping("pipeline", summary)
     if loop:
-        from flows.monitoring import closed_loop_flow
+        from visionflow.flows.monitoring import closed_loop_flow
 
         _print_mapping("closed loop", closed_loop_flow(params_path=str(state.params_path), overrides=state.overrides))
 
@@ -431,7 +431,7 @@ def simulate(
     out_dir: Annotated[Path | None, typer.Option("--out", help="batch folder (default data/batches/<shift><sev>-<seed>).")] = None,
 ) -> None:
     """Write a production-like batch of held-out images under a named shift; true labels go to labels.csv."""
-    from visionflow.simulate import simulate as run
+    from visionflow.monitoring.simulate import simulate as run
 
     p = state.params()
     shift = shift or p.drift.default_shift
@@ -463,17 +463,17 @@ def drift(
     _existing_folder(batch, "batch folder")
     _existing_folder(eval_batch, "--eval-batch")
     if retrain == "off":
-        from visionflow.drift import check
+        from visionflow.monitoring.drift import check
 
         since = _time.time() - since_hours * 3600 if since_hours else None
         verdict = check(p, state.root, batch=batch, log_path=state.root / p.serve.prediction_log if log else None,
                         since=since)
         outcome = {"drift": verdict}
     else:
-        from flows.runtime import configure_prefect
+        from visionflow.flows.runtime import configure_prefect
 
         configure_prefect(state.root)
-        from flows.monitoring import drift_check_flow
+        from visionflow.flows.monitoring import drift_check_flow
 
         outcome = drift_check_flow(params_path=str(state.params_path), batch=str(batch) if batch else None,
                                    use_prediction_log=log, eval_batch=str(eval_batch) if eval_batch else None,
@@ -514,9 +514,9 @@ def drift_eval(
 ) -> None:
     """False alarms and detections: N batches from the reference distribution and N under the shift, at the
     default batch size. Writes reports/drift/evaluation.json."""
-    from visionflow.drift import check, load_champion
+    from visionflow.monitoring.drift import check, load_champion
     from visionflow.report import write_json_atomic
-    from visionflow.simulate import simulate as run
+    from visionflow.monitoring.simulate import simulate as run
 
     p = state.params()
     shift = shift or p.drift.default_shift
@@ -556,14 +556,14 @@ def retrain(
     eval_batch: Annotated[Path | None, typer.Option(help="reviewed batch to judge challenger and champion on.")] = None,
 ) -> None:
     """Run the retraining flow now: reviewed data in (new data version), warm start, gates, promotion."""
-    from flows.runtime import configure_prefect
+    from visionflow.flows.runtime import configure_prefect
 
     state.params()  # bad params fail here, not inside the flow
     _existing_folder(batch, "--batch")
     _existing_folder(eval_batch, "--eval-batch")
 
     configure_prefect(state.root)
-    from flows.monitoring import retraining_flow
+    from visionflow.flows.monitoring import retraining_flow
 
     _print_mapping("retraining", retraining_flow(params_path=str(state.params_path),
                                                  batch=str(batch) if batch else None,
@@ -591,7 +591,7 @@ def _error(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.runtime import offline_env
+    from visionflow.flows.runtime import offline_env
 
     offline_env()  # before any command imports albumentations (here and in loader workers)
     try:

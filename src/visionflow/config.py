@@ -62,7 +62,7 @@ class BaseParams(_Section):
 
 class DataParams(_Section):
     source: str = Field("fashion-mnist", description="'fashion-mnist', 'fashion-mnist-photos' (camera-like "
-                        "JPEGs made from it, see visionflow.photos) or a folder with one sub-folder per class")
+                        "JPEGs made from it, see visionflow.data.photos) or a folder with one sub-folder per class")
     max_images: int | None = Field(20000, ge=10, le=10**9)
     raw_dir: Path = Path("data/raw")
     remote_url: str = ".dvc-remote"

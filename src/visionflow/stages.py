@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from visionflow import versioning
+from visionflow.data import versioning
 from visionflow.config import Params
 from visionflow.errors import DataError, VersioningError
-from visionflow.ingest import IngestResult, Progress, ingest
+from visionflow.data.ingest import IngestResult, Progress, ingest
 from visionflow.report import write_json_atomic
-from visionflow.split import SplitResult, split
-from visionflow.validate import ValidationResult, validate
+from visionflow.data.split import SplitResult, split
+from visionflow.data.validate import ValidationResult, validate
 
 MODEL_CKPT = Path("models/model.ckpt")
 TRAIN_REPORT = Path("reports/train.json")
@@ -65,9 +65,9 @@ def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id:
                 progress: bool = True, log=None) -> dict[str, Any]:
     """Train (or resume, or reuse) and publish the best checkpoint at models/model.ckpt.
 
-    log: a logger for the input decision and the per-epoch lines (default: the visionflow.train logger).
+    log: a logger for the input decision and the per-epoch lines (default: the visionflow.training.train logger).
     """
-    from visionflow.train import train
+    from visionflow.training.train import train
 
     res = train(p=p, root=root, data_version=data_version, flow_run_id=flow_run_id, progress=progress, log=log)
     target = root / MODEL_CKPT
@@ -83,10 +83,10 @@ def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id:
 def evaluate_stage(p: Params, root: Path) -> dict[str, Any]:
     import json
 
-    from visionflow.cache import build_cache
-    from visionflow.evaluate import evaluate
-    from visionflow.tracking import setup_mlflow
-    from visionflow.train import load_classifier
+    from visionflow.data.cache import build_cache
+    from visionflow.training.evaluate import evaluate
+    from visionflow.registry.tracking import setup_mlflow
+    from visionflow.training.train import load_classifier
 
     report = root / TRAIN_REPORT
     if not report.is_file() or not (root / MODEL_CKPT).is_file():
@@ -112,7 +112,7 @@ REGISTRY_REPORT = Path("reports/registry.json")
 
 
 def _test_split(p: Params, root: Path, image_size: int, channels: int, classes: list[str]):
-    from visionflow.cache import build_cache
+    from visionflow.data.cache import build_cache
 
     return build_cache(root / p.data.splits_dir / "test.csv", root / "data/cache", classes=classes,
                        image_size=image_size, channels=channels)
@@ -122,8 +122,8 @@ def export_stage(p: Params, root: Path) -> dict[str, Any]:
     """ONNX export with preprocessing inside, model card, and the parity gate (raises GateFailed on failure)."""
     import json
 
-    from visionflow.export import export_onnx, parity_check, parity_dict, write_model_card
-    from visionflow.train import load_classifier
+    from visionflow.registry.export import export_onnx, parity_check, parity_dict, write_model_card
+    from visionflow.training.train import load_classifier
 
     if not (root / MODEL_CKPT).is_file():
         raise DataError(f"no trained model at {MODEL_CKPT}: run `visionflow train` first")
@@ -143,7 +143,7 @@ def export_stage(p: Params, root: Path) -> dict[str, Any]:
     if trained.get("mlflow_run_id"):
         import mlflow
 
-        from visionflow.tracking import detail_tags, setup_mlflow
+        from visionflow.registry.tracking import detail_tags, setup_mlflow
 
         setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
         mlflow.MlflowClient().log_batch(trained["mlflow_run_id"], tags=detail_tags("onnx", {
@@ -161,8 +161,8 @@ class GateFailed(DataError):
 def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> dict[str, Any]:
     import json
 
-    from visionflow.registry import register_onnx
-    from visionflow.tracking import lineage_tags, setup_mlflow
+    from visionflow.registry.store import register_onnx
+    from visionflow.registry.tracking import lineage_tags, setup_mlflow
 
     for f in (TRAIN_REPORT, EXPORT_REPORT):
         if not (root / f).is_file():
@@ -200,7 +200,7 @@ def _log_backbone_weights(root: Path, run_id: str) -> None:
     import mlflow
     import torch
 
-    from visionflow.train import load_classifier
+    from visionflow.training.train import load_classifier
 
     net = load_classifier(root / MODEL_CKPT).net
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,8 +213,8 @@ def champion_weights(p: Params, root: Path) -> Path | None:
     """The champion's backbone weights (downloaded from its MLflow run), or None when there is no champion."""
     import mlflow
 
-    from visionflow.registry import CHAMPION, alias_version, version_info
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.store import CHAMPION, alias_version, version_info
+    from visionflow.registry.tracking import setup_mlflow
 
     setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     version = alias_version(p.registry.model_name, CHAMPION)
@@ -233,7 +233,7 @@ def champion_weights(p: Params, root: Path) -> Path | None:
 
 
 def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from visionflow.export import ort_logits
+    from visionflow.registry.export import ort_logits
 
     return ort_logits(session, images).argmax(1) == labels
 
@@ -241,10 +241,10 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def labelled_batch(p: Params, folder: Path, image_size: int, channels: int,
                    classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
-    from visionflow.imageio import decode_for_model
-    from visionflow.drift import rules_for
-    from visionflow.imageio import RejectedImage, read_limited
-    from visionflow.simulate import load_batch
+    from visionflow.data.imageio import decode_for_model
+    from visionflow.monitoring.drift import rules_for
+    from visionflow.data.imageio import RejectedImage, read_limited
+    from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(folder)
     if batch.labels is None:
@@ -272,12 +272,12 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
     comparison, and reported separately as `eval_batch_accuracy` for challenger and champion.
     """
     from visionflow.onnxrt import ort_session
-    from visionflow.registry import (
+    from visionflow.registry.store import (
         CHALLENGER, CHAMPION, RegistryError, alias_version, apply_promotion, download_onnx, gate_decision,
         promotion_lock, version_info,
     )
-    from visionflow.robustness import corrupt_batch
-    from visionflow.tracking import setup_mlflow
+    from visionflow.training.robustness import corrupt_batch
+    from visionflow.registry.tracking import setup_mlflow
 
     setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     name = p.registry.model_name

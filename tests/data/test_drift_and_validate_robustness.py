@@ -20,8 +20,8 @@ from PIL import Image, TiffTags
 
 from tests.conftest import make_folder_dataset, make_image
 from visionflow.config import Params, ValidateParams
-from visionflow.drift import batch_features, check, extract, rules_for
-from visionflow.validate import read_manifest, validate
+from visionflow.monitoring.drift import batch_features, check, extract, rules_for
+from visionflow.data.validate import read_manifest, validate
 
 SIZE, CLASSES = 16, ["cat", "dog", "fox"]
 # TIFF tags whose type is fixed to a number: an ASCII value filed under one of them cannot be written back.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.ingest import FASHION_MNIST_CLASSES, balanced_indices, ingest
+from visionflow.data.ingest import FASHION_MNIST_CLASSES, balanced_indices, ingest
 
 
 def test_balanced_indices_even_and_deterministic():

@@ -17,8 +17,8 @@ import pytest
 
 from tests.conftest import make_folder_dataset, run_cli
 from visionflow.errors import DataError
-from visionflow import ingest as ingest_mod
-from visionflow.ingest import REVIEWED_PREFIX, ingest
+from visionflow.data import ingest as ingest_mod
+from visionflow.data.ingest import REVIEWED_PREFIX, ingest
 
 MAX_CLASS_NAME = 64  # the documented limit
 

@@ -10,9 +10,9 @@ from PIL import Image
 
 from tests.conftest import make_folder_dataset, png_header_only
 from visionflow.config import ValidateParams
-from visionflow.ingest import ingest
-from visionflow.split import split
-from visionflow.validate import read_manifest, validate
+from visionflow.data.ingest import ingest
+from visionflow.data.split import split
+from visionflow.data.validate import read_manifest, validate
 
 BROKEN = {
     "truncated.png": "corrupt_data",

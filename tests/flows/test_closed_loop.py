@@ -30,7 +30,7 @@ def loop_project(tmp_path_factory, harness):
                         # thresholds are set for the default 500 vs 5,000, tiny samples are noisier
                         drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1})
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from flows.training import training_flow
+    from visionflow.flows.training import training_flow
 
     first = training_flow(params_path=str(proj / "params.yaml"))
     assert first["registry"]["promoted"], first["registry"]
@@ -86,10 +86,10 @@ def test_drift_cli_verdicts_and_bad_batches(loop_project):
 
 
 def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
-    from flows.monitoring import drift_check_flow
-    from visionflow import monitor
+    from visionflow.flows.monitoring import drift_check_flow
+    from visionflow.monitoring import ledger as monitor
     from visionflow.config import load_params
-    from visionflow.simulate import simulate
+    from visionflow.monitoring.simulate import simulate
 
     proj, first = loop_project
     p = load_params(proj / "params.yaml")
@@ -125,8 +125,8 @@ def test_drift_check_reads_the_serving_prediction_log(loop_project):
     from fastapi.testclient import TestClient
 
     from visionflow.config import load_params
-    from visionflow.serve import create_app
-    from visionflow.simulate import simulate
+    from visionflow.serving.app import create_app
+    from visionflow.monitoring.simulate import simulate
 
     proj, _ = loop_project
     p = load_params(proj / "params.yaml")
@@ -148,7 +148,7 @@ def test_drift_check_reads_the_serving_prediction_log(loop_project):
 
 
 def test_closed_loop_reports_drift_and_retraining(loop_project):
-    from flows.monitoring import closed_loop_flow
+    from visionflow.flows.monitoring import closed_loop_flow
 
     proj, _ = loop_project
     # The previous test's retraining holds the cool-down; a zero window lets this loop retrain again.

@@ -81,10 +81,10 @@ def _runs_of(deployment: str) -> list:
 
 
 def test_three_alarms_trigger_one_retraining_run_through_the_served_deployment(tmp_path, prefect_server):
-    from flows.monitoring import RETRAIN_DEPLOYMENT, drift_check_flow
-    from flows.training import training_flow
+    from visionflow.flows.monitoring import RETRAIN_DEPLOYMENT, drift_check_flow
+    from visionflow.flows.training import training_flow
     from visionflow.config import load_params
-    from visionflow.simulate import simulate
+    from visionflow.monitoring.simulate import simulate
 
     src = make_folder_dataset(tmp_path / "images", per_class=60, size=16)
     proj = make_project(tmp_path / "proj", src, train={"image_size": 16, "max_epochs": 2, "num_workers": 0},

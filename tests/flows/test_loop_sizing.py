@@ -16,7 +16,8 @@ import pytest
 
 from bench.user_folder import make_user_folder
 from tests.conftest import make_project, register_champion
-from visionflow import monitor, stages
+from visionflow import stages
+from visionflow.monitoring import ledger as monitor
 from visionflow.config import load_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
@@ -43,7 +44,7 @@ def small_project(tmp_path_factory, harness):
 
 
 def test_the_loop_sizes_its_batches_to_a_small_test_split(small_project):
-    from flows.monitoring import closed_loop_flow
+    from visionflow.flows.monitoring import closed_loop_flow
 
     proj, n_test = small_project
     assert load_params(proj / "params.yaml").drift.batch_size > n_test  # the default 500 cannot be met
@@ -63,7 +64,7 @@ def test_the_loop_sizes_its_batches_to_a_small_test_split(small_project):
 def test_a_test_split_too_small_for_a_verdict_skips_the_loop_with_a_note(small_project):
     import shutil
 
-    from flows.monitoring import closed_loop_flow
+    from visionflow.flows.monitoring import closed_loop_flow
 
     proj, n_test = small_project
     shutil.rmtree(proj / "data/batches", ignore_errors=True)

@@ -26,7 +26,7 @@ def _flow_run_logs(flow_run_id: str) -> list[str]:
 
 
 def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
-    from flows.training import training_flow
+    from visionflow.flows.training import training_flow
 
     src = make_folder_dataset(tmp_path / "images", per_class=25)
     (src / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -53,7 +53,7 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
     epochs = [m for m in messages if re.match(r"epoch \d+/3 \(step \d+/\d+\): train loss .* images/s, .* ETA", m)]
     assert len(epochs) == 3, messages
     # dvc.lock agrees with the flow, so `dvc status` has nothing to do.
-    from visionflow.versioning import status_clean
+    from visionflow.data.versioning import status_clean
 
     assert status_clean(proj)
     assert os.listdir(proj / "remote")

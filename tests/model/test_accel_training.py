@@ -15,8 +15,8 @@ from tests.conftest import REPO
 from tests.model.test_training import tiny_project
 from visionflow import stages
 from visionflow.config import load_params
-from visionflow.model import ImageClassifier
-from visionflow.train import resolve_runtime
+from visionflow.training.model import ImageClassifier
+from visionflow.training.train import resolve_runtime
 
 pytestmark = pytest.mark.slow
 

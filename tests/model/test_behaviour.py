@@ -8,10 +8,10 @@ import pytest
 from tests.conftest import REPO
 from visionflow import stages
 from visionflow.config import load_params
-from visionflow.cache import build_cache
-from visionflow.evaluate import predict_logits
-from visionflow.robustness import corrupt_batch
-from visionflow.train import load_classifier
+from visionflow.data.cache import build_cache
+from visionflow.training.evaluate import predict_logits
+from visionflow.training.robustness import corrupt_batch
+from visionflow.training.train import load_classifier
 
 pytestmark = pytest.mark.slow
 

@@ -45,14 +45,14 @@ def _no_env_tracking(monkeypatch):
 def test_rgb_folder_trains_in_colour_and_logs_every_epoch(tmp_path, caplog):
     proj = user_project(tmp_path)
     p = load_params(proj / "params.yaml")
-    with caplog.at_level(logging.INFO, logger="visionflow.train"):
+    with caplog.at_level(logging.INFO, logger="visionflow.training.train"):
         res = stages.train_stage(p, proj, "dv-rgb", progress=False)
     assert res["channels"] == 3 and "auto -> 3" in res["input_decision"]
-    from visionflow.train import load_classifier
+    from visionflow.training.train import load_classifier
 
     assert load_classifier(proj / "models/model.ckpt").hparams.channels == 3
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "visionflow.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "visionflow.training.train"]
     assert any(line.startswith("train.channels auto -> 3 (colour)") for line in lines), lines
     epochs = [m for m in map(EPOCH_LINE.search, lines) if m]
     assert [int(m[1]) for m in epochs] == [1, 2] and all(int(m[2]) == 2 for m in epochs), lines

@@ -15,9 +15,9 @@ import pytest
 from tests.model.test_training import tiny_project
 from visionflow import stages
 from visionflow.config import load_params
-from visionflow.cache import build_cache
-from visionflow.export import ort_logits, ort_session
-from visionflow.registry import CHAMPION, PREVIOUS, Gate, alias_version, apply_promotion, rollback
+from visionflow.data.cache import build_cache
+from visionflow.registry.export import ort_logits, ort_session
+from visionflow.registry.store import CHAMPION, PREVIOUS, Gate, alias_version, apply_promotion, rollback
 
 pytestmark = pytest.mark.slow
 

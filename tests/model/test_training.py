@@ -17,7 +17,7 @@ import yaml
 from tests.conftest import make_folder_dataset, make_project
 from visionflow import stages
 from visionflow.config import load_params
-from visionflow.train import train
+from visionflow.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
     res = stages.train_stage(p, proj, None, progress=False)
     assert res["global_step"] == res["max_steps"]
     # The stem came from the ImageNet file, not from random initialisation.
-    from visionflow.weights import read_state_dict, resolve
+    from visionflow.training.weights import read_state_dict, resolve
 
     src = read_state_dict(resolve("mobilenetv2_100.imagenet"))
     first_conv = next(v for k, v in src.items() if v.ndim == 4)

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from visionflow import photos
-from visionflow.cache import (
+from visionflow.data import photos
+from visionflow.data.cache import (
     TOLERANCE_MEAN, TOLERANCE_P99, TorchJpegDecoder, _Chunk, _Target, nvjpeg_available,
 )
-from visionflow.cache import build_cache
-from visionflow.imageio import DecodeRules, decode_for_model
+from visionflow.data.cache import build_cache
+from visionflow.data.imageio import DecodeRules, decode_for_model
 
 CLASSES = ["bag", "coat", "shoe"]
 RULES = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
@@ -92,7 +92,7 @@ def test_decode_paths_give_the_same_pixels_within_the_stated_tolerance(camera, c
 
 def test_a_pool_builds_the_same_cache_as_one_process_without_holding_it_in_ram(camera, tmp_path, caplog):
     ref = camera["reference"]
-    with caplog.at_level(logging.INFO, logger="visionflow.cache"):
+    with caplog.at_level(logging.INFO, logger="visionflow.data.cache"):
         split = build_cache(camera["manifest"], tmp_path, classes=CLASSES, image_size=224, channels=3, workers=2,
                             chunk_size=4)
     assert isinstance(split.images, np.memmap) and split.images.shape == (len(LAYOUT), 224, 224, 3)
@@ -117,7 +117,7 @@ def test_a_truncated_and_a_30000_px_photo_are_quarantined_not_fatal(camera, tmp_
     rows.insert(20, {"path": str(tmp_path / "gone.jpg"), "label": "shoe"})  # deleted since validation
     manifest = tmp_path / "train.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
-    with caplog.at_level(logging.INFO, logger="visionflow.cache"):
+    with caplog.at_level(logging.INFO, logger="visionflow.data.cache"):
         split = build_cache(manifest, tmp_path / "cache", classes=CLASSES, image_size=224, channels=3, workers=2,
                             chunk_size=5)
     reasons = {Path(q["path"]).name: q["reason"] for q in split.quarantined}
@@ -145,7 +145,7 @@ def test_a_truncated_and_a_30000_px_photo_are_quarantined_not_fatal(camera, tmp_
 CHILD = """
 import sys, time
 from pathlib import Path
-import visionflow.cache as cache
+import visionflow.data.cache as cache
 
 real = cache.decode_chunk
 def slowed(*args, **kwargs):  # the real decode, slowed so the parent can kill the build half-way, mid-chunk

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from visionflow.config import EvaluateParams
-from visionflow.evaluate import evaluate, in_batches, inference_device, predict_logits
-from visionflow.model import build_net
+from visionflow.training.evaluate import evaluate, in_batches, inference_device, predict_logits
+from visionflow.training.model import build_net
 
 
 def _limited(limit: int, calls: list[int]):
@@ -27,7 +27,7 @@ def _limited(limit: int, calls: list[int]):
 @pytest.mark.parametrize("n,batch,limit", [(1000, 512, 100), (37, 64, 1), (300, 256, 255), (5, 8, 8), (0, 4, 1)])
 def test_out_of_memory_falls_back_to_smaller_batches(n, batch, limit, caplog):
     calls: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="visionflow.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="visionflow.training.evaluate"):
         out = in_batches(_limited(limit, calls), n, batch)
     assert np.array_equal(np.concatenate(out) if out else np.arange(0), np.arange(n))
     assert all(len(b) <= limit for b in out)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import png_header_only
-from visionflow.imageio import DecodeRules, RejectedImage, image_properties, open_guarded, to_array
+from visionflow.data.imageio import DecodeRules, RejectedImage, image_properties, open_guarded, to_array
 
 RULES = DecodeRules(max_pixels=10_000_000, timeout_s=5)
 
@@ -78,7 +78,7 @@ def test_exif_orientation_is_applied_and_a_corrupt_exif_is_ignored():
     """Every reader (validate, drift, training, serving) goes through to_array: a valid orientation turns the image
     upright; an EXIF block Pillow cannot parse (fuzzed: it raises struct.error, TypeError...) is ignored."""
     from tests.test_serve import _exif_jpeg, corrupt_exif_jpegs
-    from visionflow.imageio import decode_for_model, decode_with_properties
+    from visionflow.data.imageio import decode_for_model, decode_with_properties
 
     assert to_array(open_guarded(_exif_jpeg(), RULES), channels=1).shape == (24, 20)  # 24 wide, turned
     for data in corrupt_exif_jpegs(5, seed=3):
@@ -92,7 +92,7 @@ def test_exif_orientation_is_applied_and_a_corrupt_exif_is_ignored():
 def test_large_images_are_decoded_small_and_counted_against_the_budget(fmt, mode, decoded):
     """A JPEG is decoded at the smallest DCT scale still at least the model's size; every format is then
     reduced before conversion; the budget is charged what was decoded, and refuses what it cannot pay."""
-    from visionflow.imageio import PixelBudget, decode_with_properties
+    from visionflow.data.imageio import PixelBudget, decode_with_properties
 
     img = Image.new("RGB", (4000, 3000), (30, 160, 90)).convert(mode)
     data = encode(img, fmt)

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import REPO
 from visionflow.config import load_params
-from visionflow.datamodule import decide_input
-from visionflow.validate import MANIFEST_COLUMNS
+from visionflow.training.datamodule import decide_input
+from visionflow.data.validate import MANIFEST_COLUMNS
 
 GREY = ["L", "1", "LA", "I;16", "I", "F"]
 COLOUR = ["RGB", "RGBA", "P", "CMYK", "YCbCr"]

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from visionflow import monitor
+from visionflow.monitoring import ledger as monitor
 from visionflow.errors import DataError
-from visionflow.imageio import visual_properties
-from visionflow.ingest import REVIEWED_PREFIX, sync_reviewed
-from visionflow.simulate import SHIFTS, apply_shift
-from visionflow.split import assign_splits
+from visionflow.data.imageio import visual_properties
+from visionflow.data.ingest import REVIEWED_PREFIX, sync_reviewed
+from visionflow.monitoring.simulate import SHIFTS, apply_shift
+from visionflow.data.split import assign_splits
 
 
 def _img() -> np.ndarray:
@@ -143,7 +143,7 @@ def test_decode_with_properties_measures_the_image_as_received(channels):
 
     from PIL import Image
 
-    from visionflow.imageio import DecodeRules, decode_with_properties, open_guarded
+    from visionflow.data.imageio import DecodeRules, decode_with_properties, open_guarded
 
     rgb = np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     buf = io.BytesIO()

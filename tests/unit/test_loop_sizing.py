@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.conftest import make_project
 from visionflow.config import load_params
-from visionflow.simulate import load_batch, loop_batch_size, simulate
+from visionflow.monitoring.simulate import load_batch, loop_batch_size, simulate
 
 
 def project_with_test_split(tmp_path: Path, n_test: int, mode: str = "RGB") -> Path:

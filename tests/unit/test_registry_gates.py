@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from visionflow.config import RegistryParams
-from visionflow.registry import gate_decision, paired_bootstrap_lower, per_class_recall
+from visionflow.registry.store import gate_decision, paired_bootstrap_lower, per_class_recall
 
 CFG = RegistryParams(accuracy_floor=0.8, min_gain=0.0, max_class_drop=0.05, latency_budget_ms=10,
                      bootstrap_samples=2000, bootstrap_alpha=0.05)

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from visionflow.registry import CHALLENGER, CHAMPION, PREVIOUS, Gate, RegistryError, apply_promotion, rollback
+from visionflow.registry.store import CHALLENGER, CHAMPION, PREVIOUS, Gate, RegistryError, apply_promotion, rollback
 
 NAME = "m"
 GATES = [Gate("parity", True, "ok"), Gate("accuracy_floor", True, "ok")]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from visionflow.evaluate import classification_metrics
-from visionflow.robustness import CORRUPTIONS, SEVERITY_TABLE, corrupt_batch
+from visionflow.training.evaluate import classification_metrics
+from visionflow.training.robustness import CORRUPTIONS, SEVERITY_TABLE, corrupt_batch
 
 
 @pytest.fixture

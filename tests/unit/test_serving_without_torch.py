@@ -28,8 +28,8 @@ def test_serving_modules_decode_and_infer_without_importing_torch(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
-import visionflow.cli, visionflow.serve, visionflow.registry
-from visionflow.imageio import DecodeRules, decode_with_properties
+import visionflow.cli, visionflow.serving.app, visionflow.registry.store
+from visionflow.data.imageio import DecodeRules, decode_with_properties
 from visionflow.onnxrt import ort_logits, ort_session
 arr, props = decode_with_properties(Path({str(tmp_path / 'x.png')!r}).read_bytes(), 28, 1,
                                     DecodeRules(max_pixels=10**6, max_bytes=10**6))

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from visionflow.split import SPLITS, assign_splits, leakage_check
+from visionflow.data.split import SPLITS, assign_splits, leakage_check
 
 
 def manifest(n_per_class=40, classes=("a", "b", "c"), dup_every=0):

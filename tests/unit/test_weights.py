@@ -3,7 +3,7 @@ import timm
 import torch
 
 from visionflow.errors import ConfigError
-from visionflow.weights import BUNDLED, load_pretrained, read_state_dict, resolve
+from visionflow.training.weights import BUNDLED, load_pretrained, read_state_dict, resolve
 
 
 @pytest.mark.parametrize("spec", sorted(BUNDLED))

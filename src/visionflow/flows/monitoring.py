@@ -23,10 +23,11 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows.training import training_flow
-from visionflow import monitor, stages
+from visionflow.flows.training import training_flow
+from visionflow import stages
+from visionflow.monitoring import ledger as monitor
 from visionflow.config import Params, load_params
-from visionflow.registry import prefect_api_url
+from visionflow.registry.store import prefect_api_url
 from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
 
 DRIFT_EVENT = "visionflow.drift.detected"
@@ -40,7 +41,7 @@ def _root_params(params_path: str, overrides: list[str] | None) -> tuple[Path, P
 
 @task
 def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bool) -> dict[str, Any]:
-    from visionflow.drift import check
+    from visionflow.monitoring.drift import check
 
     if use_prediction_log:
         cursor = root / LOG_CURSOR
@@ -134,7 +135,7 @@ def drift_check_flow(params_path: str = "params.yaml", batch: str | None = None,
 
 @task
 def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, int]:
-    from visionflow.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES
+    from visionflow.data.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES
 
     classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
     counts = monitor.take_in_reviewed_batch(Path(batch), root / p.serve.reviewed_dir, classes)
@@ -191,7 +192,7 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
 @task
 def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int,
                    skip: int = 0) -> str:
-    from visionflow.simulate import simulate
+    from visionflow.monitoring.simulate import simulate
 
     b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed,
                  skip=skip)
@@ -202,7 +203,7 @@ def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, 
 @task
 def size_loop(p: Params, root: Path) -> tuple[int, str]:
     """Images per batch, sized to the held-out pool; 0 when it is too small for a drift verdict."""
-    from visionflow.simulate import loop_batch_size
+    from visionflow.monitoring.simulate import loop_batch_size
 
     size = loop_batch_size(p, root)
     log = get_run_logger()

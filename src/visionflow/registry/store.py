@@ -53,7 +53,7 @@ def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlf
     import mlflow
     import onnx
 
-    from visionflow.export import model_card_markdown, onnx_signature
+    from visionflow.registry.export import model_card_markdown, onnx_signature
 
     client = _client()
     model = onnx.load(str(onnx_path))

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from visionflow.errors import DataError
-from visionflow.validate import Check, read_manifest, run_suite
+from visionflow.data.validate import Check, read_manifest, run_suite
 
 SPLITS = ("train", "val", "test")
 

@@ -1,7 +1,7 @@
 """Ingest: bring a dataset into data/raw/<class>/ as received, ready to be versioned.
 
 Three sources go through the same path: the bundled default (Fashion-MNIST from Debian's `dataset-fashion-mnist`
-package), camera-like photos generated from it (`fashion-mnist-photos`, see visionflow.photos) and a user's folder
+package), camera-like photos generated from it (`fashion-mnist-photos`, see visionflow.data.photos) and a user's folder
 with one sub-folder per class. Files are copied byte for byte; judging them is the
 validation stage's job, so the data version names exactly what was received.
 """
@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from visionflow import photos
+from visionflow.data import photos
 from visionflow.errors import DataError
 
 FASHION_MNIST = "fashion-mnist"

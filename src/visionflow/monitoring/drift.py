@@ -30,9 +30,9 @@ import pandas as pd
 
 from visionflow.config import Params
 from visionflow.errors import DataError
-from visionflow.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, read_limited
+from visionflow.data.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, read_limited
 from visionflow.report import write_json_atomic
-from visionflow.validate import failure_detail
+from visionflow.data.validate import failure_detail
 
 # Tests that return a p-value (drift when below the threshold); every other method returns a distance.
 P_VALUE_METHODS = {"ks", "chisquare", "z", "t_test", "mannw", "anderson", "cramer_von_mises", "g_test"}
@@ -60,8 +60,8 @@ def rules_for(p: Params) -> DecodeRules:
 def load_champion(p: Params, root: Path):
     """(version, ONNX Runtime session, model card) of the registry's champion."""
     from visionflow.onnxrt import ort_session
-    from visionflow.registry import CHAMPION, alias_version, download_onnx
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.store import CHAMPION, alias_version, download_onnx
+    from visionflow.registry.tracking import setup_mlflow
 
     setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     version = alias_version(p.registry.model_name, CHAMPION)
@@ -75,7 +75,7 @@ def load_champion(p: Params, root: Path):
 def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256,
             progress=None) -> Features:
     """Decode each file once (guarded), measure its properties, and run the champion on it."""
-    from visionflow.imageio import decode_with_properties
+    from visionflow.data.imageio import decode_with_properties
 
     size, channels, classes = card["image_size"], card["channels"], card["classes"]
     arrays, props, rejected, kept = [], [], [], []
@@ -118,7 +118,7 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
 
 def reference_features(p: Params, root: Path, version: str, session, card) -> Features:
     """The champion's test split as the reference, cached per (champion version, test manifest, size cap)."""
-    from visionflow.validate import read_manifest
+    from visionflow.data.validate import read_manifest
 
     test = root / p.data.splits_dir / "test.csv"
     if not test.is_file():
@@ -247,7 +247,7 @@ def batch_accuracy(feats: Features) -> float | None:
 
 
 def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[Features, dict[str, Any]]:
-    from visionflow.simulate import load_batch
+    from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(folder)
     if not batch.images:
@@ -347,7 +347,7 @@ def check(p: Params, root: Path, *, batch: Path | None = None, log_path: Path | 
 def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
     import mlflow
 
-    from visionflow.tracking import setup_mlflow
+    from visionflow.registry.tracking import setup_mlflow
 
     exp = setup_mlflow(p.registry.tracking_uri, root, f"{p.base.project}-drift", p.registry.artifact_location)
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{verdict['batch']}") as run:

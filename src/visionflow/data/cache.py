@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from visionflow.errors import DataError
-from visionflow.imageio import DecodeRules, RejectedImage, decode_for_model, open_checked, read_limited
-from visionflow.pools import default_workers, pool_worker_setup
+from visionflow.data.imageio import DecodeRules, RejectedImage, decode_for_model, open_checked, read_limited
+from visionflow.data.pools import default_workers, pool_worker_setup
 
 CACHE_VERSION = 2
 CHUNK = 64  # default images per chunk: a worker's task, one GPU batch, the unit a resumed build skips
@@ -473,7 +473,7 @@ def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_s
 def _build(manifest: Path, folder: Path, classes: list[str], target: _Target, workers: int, decoder: str,
            chunk_size: int, log: logging.Logger) -> None:
     # here, not at the top: the pool's workers import this module, and pandas would add half a second to each start
-    from visionflow.validate import read_manifest
+    from visionflow.data.validate import read_manifest
 
     df = read_manifest(manifest)
     index = {c: i for i, c in enumerate(classes)}

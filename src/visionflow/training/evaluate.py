@@ -19,7 +19,7 @@ import torch
 import torchmetrics.functional.classification as tmf
 
 from visionflow.config import EvaluateParams
-from visionflow.robustness import corrupt_batch
+from visionflow.training.robustness import corrupt_batch
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _log_to_mlflow(run_id: str, r: EvalResult, report_dir: Path) -> None:
     import mlflow
     from mlflow.entities import Metric
 
-    from visionflow.tracking import detail_tags
+    from visionflow.registry.tracking import detail_tags
 
     client = mlflow.MlflowClient()
     ts = int(time.time() * 1000)

@@ -4,7 +4,7 @@
   the image into labelled data under data/reviewed/<class>/, which ingest adds to the next data version.
 - A label is durable before it is recorded: the image is written atomically, then the item is marked reviewed, in
   one SQLite write transaction per item, so a full disk or a crash leaves the item pending and retryable.
-- The pages are static files under visionflow/static/ served with a strict Content-Security-Policy (scripts and
+- The pages are static files under visionflow/serving/static/ served with a strict Content-Security-Policy (scripts and
   styles from this origin only, nothing inline), so data shown on them can never run as code. Their JSON and
   image requests send the token as a header; only the page addresses themselves take `?token=`.
 - State-changing review requests must be JSON from this origin (CSRF).

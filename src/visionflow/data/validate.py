@@ -21,8 +21,8 @@ import pandas as pd
 
 from visionflow.config import ValidateParams
 from visionflow.errors import DataError
-from visionflow.ingest import check_class_names
-from visionflow.imageio import (
+from visionflow.data.ingest import check_class_names
+from visionflow.data.imageio import (
     DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
 )
 

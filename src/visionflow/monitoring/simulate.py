@@ -86,8 +86,8 @@ def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
 
 def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | None, list[str], str]:
     """Images nobody trained on: (arrays or None, paths or None, labels, description)."""
-    from visionflow.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES, _IDX_FILES, _read_idx, balanced_indices
-    from visionflow.ingest import locate_fashion_mnist
+    from visionflow.data.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES, _IDX_FILES, _read_idx, balanced_indices
+    from visionflow.data.ingest import locate_fashion_mnist
 
     if p.data.source == FASHION_MNIST and p.data.max_images is not None:
         idx_dir = locate_fashion_mnist(root / "data/external")
@@ -101,7 +101,7 @@ def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | N
     test = root / p.data.splits_dir / "test.csv"
     if not test.is_file():
         raise DataError(f"{test} not found: run `visionflow split` (or the pipeline) before simulating batches")
-    from visionflow.validate import read_manifest
+    from visionflow.data.validate import read_manifest
 
     m = read_manifest(test)
     return None, [Path(x) if Path(x).is_absolute() else root / x for x in m["path"]], list(m["label"]), \
@@ -201,7 +201,7 @@ def load_batch(folder: Path) -> Batch:
         by_file = dict(zip(table["file"], table["label"]))
         labels = [by_file.get(f.name) for f in files]
     elif not files and images_dir == folder and any(p.is_dir() for p in folder.iterdir()):
-        from visionflow.ingest import scan_source  # the same walk, symlink and class-name rules as ingest
+        from visionflow.data.ingest import scan_source  # the same walk, symlink and class-name rules as ingest
 
         scan = scan_source(folder.resolve())
         files, labels = [f.path for f in scan.files], [f.label for f in scan.files]

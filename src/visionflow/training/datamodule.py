@@ -1,6 +1,6 @@
 """Albumentations augmentation and the LightningDataModule that feeds training from the decode-once cache.
 
-Images are decoded (guarded) and resized once per split into a uint8 array on disk (visionflow.cache); every epoch
+Images are decoded (guarded) and resized once per split into a uint8 array on disk (visionflow.data.cache); every epoch
 reads that array through a memory map, so no image is decoded twice and worker processes share the pages. Batches
 stay uint8 until the model's own preprocessing layer, which keeps host-to-device copies four times smaller than
 float32.
@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from visionflow.cache import CachedSplit, build_cache
+from visionflow.data.cache import CachedSplit, build_cache
 from visionflow.config import AugmentParams
 from visionflow.errors import DataError
-from visionflow.validate import read_manifest
+from visionflow.data.validate import read_manifest
 
 
 def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.Compose:

@@ -33,8 +33,8 @@ from starlette.responses import Response
 
 from visionflow.config import Params
 from visionflow.errors import ConfigError, VisionflowError
-from visionflow.imageio import DecodeRules, RejectedImage
-from visionflow.review import ReviewQueue, docs_router, review_router
+from visionflow.data.imageio import DecodeRules, RejectedImage
+from visionflow.serving.review import ReviewQueue, docs_router, review_router
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ChampionHolder:
 
     def refresh(self) -> bool:
         from visionflow.onnxrt import ort_session
-        from visionflow.registry import alias_version, download_onnx, version_info
+        from visionflow.registry.store import alias_version, download_onnx, version_info
 
         try:
             version = alias_version(self.model_name, self.alias)
@@ -476,7 +476,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
 
     def prepare(job: tuple[LoadedModel, bytes, bytes, int]) -> tuple[list[np.ndarray], list[dict[str, float]]]:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
-        from visionflow.imageio import PixelBudget, decode_with_properties
+        from visionflow.data.imageio import PixelBudget, decode_with_properties
 
         model, body, content_type, max_files = job
         files = multipart_files(body, content_type, max_files=max_files, max_fields=cfg.max_form_fields,
@@ -675,7 +675,7 @@ def load_champion(p: Params, root: Path) -> ChampionHolder:
     created (setup_mlflow would create an empty one)."""
     import mlflow
 
-    from visionflow.tracking import tracking_uri
+    from visionflow.registry.tracking import tracking_uri
 
     uri = tracking_uri(p.registry.tracking_uri, root)
     if uri.startswith("sqlite:///") and not (store := Path(uri.removeprefix("sqlite:///"))).is_file():

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from visionflow.pools import default_workers, pool_worker_setup
+from visionflow.data.pools import default_workers, pool_worker_setup
 
 PHOTOS_SOURCE = "fashion-mnist-photos"
 GENERATOR_VERSION = 1  # part of ingest's record of what raw_dir holds: bump when a seed's photos change

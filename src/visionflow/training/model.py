@@ -18,7 +18,7 @@ import torchmetrics
 from torch import nn
 
 from visionflow.errors import ConfigError
-from visionflow.weights import load_pretrained
+from visionflow.training.weights import load_pretrained
 
 
 class Preprocess(nn.Module):

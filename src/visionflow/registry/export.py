@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionflow.evaluate import predict_logits
-from visionflow.imageio import sha256_file
+from visionflow.training.evaluate import predict_logits
+from visionflow.data.imageio import sha256_file
 from visionflow.onnxrt import ort_logits, ort_session  # noqa: F401  (re-exported)
 
 

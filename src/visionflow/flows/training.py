@@ -18,10 +18,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from flows.runtime import offline_env
-from visionflow import stages, versioning
+from visionflow.flows.runtime import offline_env
+from visionflow import stages
+from visionflow.data import versioning
 from visionflow.config import Params, load_params
-from visionflow.ingest import MARKER
+from visionflow.data.ingest import MARKER
 from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
 
 

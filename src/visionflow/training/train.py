@@ -26,10 +26,10 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import MLFlowLogger
 
 from visionflow.config import Params, TrainParams
-from visionflow.datamodule import ImageDataModule, class_names, decide_input
-from visionflow.model import ImageClassifier
+from visionflow.training.datamodule import ImageDataModule, class_names, decide_input
+from visionflow.training.model import ImageClassifier
 from visionflow.report import write_json_atomic
-from visionflow.tracking import SystemMetrics, lineage_tags, run_name, setup_mlflow, tracking_uri
+from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name, setup_mlflow, tracking_uri
 
 
 @dataclass(frozen=True)

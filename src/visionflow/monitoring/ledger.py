@@ -86,7 +86,7 @@ def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[st
 
     Only images with a label are taken; the batch itself is left untouched. Returns images per class.
     """
-    from visionflow.simulate import load_batch
+    from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(batch_dir)
     if batch.labels is None:

@@ -1,0 +1,87 @@
+"""Every file and folder of a visionflow project, in one object resolved once from params.yaml and the project root.
+
+Folders that params.yaml names (data.raw_dir, serve.review_dir, ...) come from there; the others are fixed by the
+layout. Data files (manifests, split CSVs, the cache's index) store paths relative to the project root
+(`relative`) and resolve them at read time (`resolve`), so a cloned or moved project keeps its DVC hashes, its
+caches and its runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from visionflow.config import Params
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+    # data
+    raw: Path
+    external: Path  # downloaded or unpacked source datasets (Fashion-MNIST's gz files)
+    manifest: Path
+    quarantine: Path
+    validation_reports: Path
+    splits: Path
+    cache: Path  # decoded, resized images per split
+    # training and evaluation
+    checkpoint: Path
+    train_report: Path
+    evaluation_reports: Path
+    warm_start: Path  # champion weights downloaded for a warm-started retraining
+    # export and registry
+    onnx_dir: Path
+    export_report: Path
+    registry_report: Path
+    mlruns: Path  # the local MLflow store (SQLite + artifacts) and the promotion lock
+    pipeline_report: Path
+    # serving
+    serving_models: Path
+    review: Path
+    reviewed: Path
+    prediction_log: Path
+    loadtest_report: Path
+    # monitoring
+    batches: Path
+    drift: Path  # drift state: retrain ledger, prediction-log cursor, the current reference
+    drift_models: Path
+    drift_reports: Path
+    retrain_ledger: Path
+    log_cursor: Path
+
+    @classmethod
+    def of(cls, p: Params, root: Path) -> ProjectPaths:
+        root = Path(root).resolve()
+        at = root.joinpath  # an absolute path in params.yaml stays absolute (joinpath keeps it)
+        return cls(
+            root=root,
+            raw=at(p.data.raw_dir), external=at("data/external"), manifest=at(p.data.manifest_path),
+            quarantine=at(p.validation.quarantine_dir), validation_reports=at(p.validation.report_dir),
+            splits=at(p.data.splits_dir), cache=at("data/cache"),
+            checkpoint=at("models/model.ckpt"), train_report=at("reports/train.json"),
+            evaluation_reports=at(p.evaluate.report_dir), warm_start=at("models/warm_start"),
+            onnx_dir=at("models/onnx"), export_report=at("reports/export.json"),
+            registry_report=at("reports/registry.json"), mlruns=at("mlruns"),
+            pipeline_report=at("reports/pipeline.json"),
+            serving_models=at("models/serving"), review=at(p.serve.review_dir), reviewed=at(p.serve.reviewed_dir),
+            prediction_log=at(p.serve.prediction_log), loadtest_report=at("reports/loadtest/loadtest.json"),
+            batches=at(p.drift.batches_dir), drift=at("data/drift"), drift_models=at("models/drift"),
+            drift_reports=at("reports/drift"), retrain_ledger=at("data/drift/retrain_ledger.json"),
+            log_cursor=at("data/drift/log_cursor.json"),
+        )
+
+    def relative(self, path: Path | str) -> str:
+        """The form a data file stores: relative to the project root (POSIX separators) when the path is inside
+        it, absolute otherwise (a user's image folder elsewhere on the disk)."""
+        path = Path(path)
+        if not path.is_absolute():
+            return path.as_posix()
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def resolve(self, stored: Path | str) -> Path:
+        """A path read from a data file, made absolute against the project root."""
+        return self.root / stored

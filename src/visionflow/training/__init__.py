@@ -1,0 +1,1 @@
+"""Training: the model, its data module, the Lightning training run, evaluation and the robustness suite."""
