@@ -10,7 +10,7 @@ export GX_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: help install browser pipeline test test-fast repro serve mlflow-ui clean
+.PHONY: help install browser pipeline test test-fast lint format repro serve mlflow-ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,6 +39,14 @@ test: install browser  ## run every test tier that can run here
 
 test-fast: install  ## unit tests only
 	$(PY) -m pytest -m "not slow"
+
+lint: install  ## ruff: the rule set in pyproject.toml, and the format check (CI runs it)
+	$(VENV)/bin/ruff check src tests bench flows
+	$(VENV)/bin/ruff format --check src tests bench flows
+
+format: install  ## ruff: fix what can be fixed safely and format the tree
+	$(VENV)/bin/ruff check --fix src tests bench flows
+	$(VENV)/bin/ruff format src tests bench flows
 
 repro: install  ## reproduce the DVC stage graph (skips unchanged stages)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
