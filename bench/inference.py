@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +50,7 @@ def _classes() -> list[str]:
 def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels: int) -> list[dict[str, Any]]:
     import torch
 
-    from visionflow.registry.export import ort_session
+    from visionflow.onnxrt import ort_session
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
@@ -89,7 +90,7 @@ def _free_port() -> int:
 
 def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
     """A real training image when the dataset is here (what clients send), else loadtest's noise PNG."""
-    from visionflow.tools.loadtest import default_image
+    from visionflow.tools.loadtest.run import default_image
 
     if real_data_available():
         from visionflow.data.validate import read_manifest
@@ -113,10 +114,10 @@ async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_r
     """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
     time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1.
 
-    The client is visionflow.tools.loadtest's KeepAliveClient (prebuilt request bytes on keep-alive connections, as wrk
-    does), not httpx: on 2 shared cores httpx spent about twice the server's CPU per request (6.5 ms against
-    3.1 ms), so the load generator, not the server, set the figure."""
-    from visionflow.tools.loadtest import KeepAliveClient
+    The client is visionflow.tools.loadtest.client's KeepAliveClient (prebuilt request bytes on keep-alive
+    connections, as wrk does), not httpx: on 2 shared cores httpx spent about twice the server's CPU per request
+    (6.5 ms against 3.1 ms), so the load generator, not the server, set the figure."""
+    from visionflow.tools.loadtest.client import KeepAliveClient
 
     assert urlsplit(url).hostname == "127.0.0.1", url
     client = KeepAliveClient(url, body, ctype, timeout_s=30)
@@ -212,10 +213,66 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
+def _cpu_s(process: psutil.Process) -> float:
+    t = process.cpu_times()
+    return t.user + t.system
+
+
+def _server_rate(url: str, body: bytes, ctype: str, concurrency: int, n_requests: int, max_s: float,
+                 server: psutil.Process, errors: dict[str, int]) -> Measurement:
+    """Predictions/s of the running server under a closed loop; non-200 answers are added to `errors`."""
+    asyncio.run(closed_loop(url, body, ctype, concurrency, concurrency * 2, 5.0))  # warm-up requests
+    server_cpu, client_cpu = _cpu_s(server), _cpu_s(psutil.Process())
+    res = asyncio.run(closed_loop(url, body, ctype, concurrency, n_requests, max_s))
+    server_cpu, client_cpu = _cpu_s(server) - server_cpu, _cpu_s(psutil.Process()) - client_cpu
+    for k, v in res["errors"].items():
+        errors[k] = errors.get(k, 0) + v
+    done = max(res["requests"], 1)
+    # CPU per request, so the serving path's own cost can be told apart from the load generator's: on 2
+    # cores the load generator competes with the server for the same CPUs.
+    return Measurement(res["ok"] / res["seconds"], {"requests": res["requests"], "p50_ms": res["p50_ms"],
+                                                    "errors": sum(res["errors"].values()),
+                                                    "server_cpu_ms_per_request": 1000 * server_cpu / done,
+                                                    "client_cpu_ms_per_request": 1000 * client_cpu / done})
+
+
+def _local_rate(data: bytes, session, rules, image_size: int, channels: int, n: int) -> Measurement:
+    """In-process single-image predictions/s: decode, the model's logits and embedding (as the server asks for
+    them), softmax."""
     from visionflow.data.imageio import decode_for_model
-    from visionflow.registry.export import ort_session
+    from visionflow.onnxrt import ort_outputs, softmax
+
+    def one() -> None:
+        x = decode_for_model(data, image_size, channels, rules)
+        logits, _emb = ort_outputs(session, x[None], ("logits", "embedding"), batch_size=None)
+        softmax(logits).argmax(1)
+
+    one()
+    start, cpu = time.perf_counter(), _cpu_s(psutil.Process())
+    for _ in range(n):
+        one()
+    seconds, cpu = time.perf_counter() - start, _cpu_s(psutil.Process()) - cpu
+    return Measurement(n / seconds, {"cpu_ms_per_prediction": 1000 * cpu / n})
+
+
+def _add_cpu_figures(row: dict[str, Any], errors: dict[str, int], ready_s: float) -> None:
+    if errors:
+        row["notes"].append(f"non-200 answers during the timed runs: {errors}")
+    # The serving path's cost per request in CPU time (server process only) against in-process decode + ONNX
+    # Runtime: the ratio a server with cores of its own would approach, the load generator's CPU left out.
+    server_ms = row["extra"]["a_server_cpu_ms_per_request"]["median"]
+    local_ms = row["extra"]["b_cpu_ms_per_prediction"]["median"]
+    cpu_ratio = round(local_ms / server_ms, 3) if server_ms else None
+    row["extra"]["cpu_ratio_local_over_server"] = cpu_ratio
+    client_ms = row["extra"]["a_client_cpu_ms_per_request"]["median"]
+    row["notes"].append(f"CPU per request: server {server_ms:.2f} ms, client {client_ms:.2f} ms; "
+                        f"in-process {local_ms:.2f} ms per prediction (CPU ratio {cpu_ratio})")
+    row["extra"]["server_ready_s"] = round(ready_s, 2)
+
+
+def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
     from visionflow.data.imageio import DecodeRules
+    from visionflow.onnxrt import ort_session
 
     proj, p = _project(ctx)
     served = proj / "model" / "model.onnx"
@@ -231,50 +288,13 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     concurrency = p.serve.max_concurrency
     n_requests = 40 if ctx.quick else 2000
     max_s = 15.0 if ctx.quick else 6.0
-    session = ort_session(served)
     rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=p.serve.max_pixels,
                         max_bytes=int(p.serve.max_upload_mb * 1024 * 1024), timeout_s=p.serve.request_timeout_s)
-    n_local = 100 if ctx.quick else 2000
-
-    url = f"http://127.0.0.1:{port}/predict"
     errors: dict[str, int] = {}
-
-    server = psutil.Process(proc.pid)
-
-    def cpu_s(process: psutil.Process) -> float:
-        t = process.cpu_times()
-        return t.user + t.system
-
-    def server_rate() -> Measurement:
-        asyncio.run(closed_loop(url, body, ctype, concurrency, concurrency * 2, 5.0))  # warm-up requests
-        server_cpu, client_cpu = cpu_s(server), cpu_s(psutil.Process())
-        res = asyncio.run(closed_loop(url, body, ctype, concurrency, n_requests, max_s))
-        server_cpu, client_cpu = cpu_s(server) - server_cpu, cpu_s(psutil.Process()) - client_cpu
-        for k, v in res["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-        done = max(res["requests"], 1)
-        # CPU per request, so the serving path's own cost can be told apart from the load generator's: on 2
-        # cores the load generator competes with the server for the same CPUs.
-        return Measurement(res["ok"] / res["seconds"], {"requests": res["requests"], "p50_ms": res["p50_ms"],
-                                                        "errors": sum(res["errors"].values()),
-                                                        "server_cpu_ms_per_request": 1000 * server_cpu / done,
-                                                        "client_cpu_ms_per_request": 1000 * client_cpu / done})
-
-    def local_rate() -> Measurement:
-        def one() -> None:
-            x = decode_for_model(data, image_size, channels, rules)
-            batch = np.ascontiguousarray(x[None].transpose(0, 3, 1, 2))
-            logits, _emb = session.run(["logits", "embedding"], {"image": batch})
-            e = np.exp(logits - logits.max(1, keepdims=True))
-            (e / e.sum(1, keepdims=True)).argmax(1)
-
-        one()
-        start, cpu = time.perf_counter(), cpu_s(psutil.Process())
-        for _ in range(n_local):
-            one()
-        seconds, cpu = time.perf_counter() - start, cpu_s(psutil.Process()) - cpu
-        return Measurement(n_local / seconds, {"cpu_ms_per_prediction": 1000 * cpu / n_local})
-
+    server_rate = partial(_server_rate, f"http://127.0.0.1:{port}/predict", body, ctype, concurrency, n_requests,
+                          max_s, psutil.Process(proc.pid), errors)
+    local_rate = partial(_local_rate, data, ort_session(served), rules, image_size, channels,
+                         100 if ctx.quick else 2000)
     try:
         row = compare(ctx, "serving vs in-process", server_rate, local_rate, unit="predictions/s",
                       a_label=f"visionflow serve over HTTP ({concurrency} in flight)",
@@ -285,18 +305,7 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
                              "(serve.review_threshold=0), prediction log on; client and server share this machine"])
     finally:
         _stop(proc)
-    if errors:
-        row["notes"].append(f"non-200 answers during the timed runs: {errors}")
-    # The serving path's cost per request in CPU time (server process only) against in-process decode + ONNX
-    # Runtime: the ratio a server with cores of its own would approach, the load generator's CPU left out.
-    server_ms = row["extra"]["a_server_cpu_ms_per_request"]["median"]
-    local_ms = row["extra"]["b_cpu_ms_per_prediction"]["median"]
-    cpu_ratio = round(local_ms / server_ms, 3) if server_ms else None
-    row["extra"]["cpu_ratio_local_over_server"] = cpu_ratio
-    client_ms = row["extra"]["a_client_cpu_ms_per_request"]["median"]
-    row["notes"].append(f"CPU per request: server {server_ms:.2f} ms, client {client_ms:.2f} ms; "
-                        f"in-process {local_ms:.2f} ms per prediction (CPU ratio {cpu_ratio})")
-    row["extra"]["server_ready_s"] = round(ready_s, 2)
+    _add_cpu_figures(row, errors, ready_s)
     return row
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO, run_cli
-from visionflow.tools.loadtest import LoadTestError, percentiles, require_loopback, run_loadtest
+from visionflow.tools.loadtest import LoadTestError, run_loadtest
+from visionflow.tools.loadtest.client import require_loopback
+from visionflow.tools.loadtest.phases import percentiles
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.9.9:1/", "http://[::1]:8000",
@@ -44,7 +46,7 @@ def test_cli_refuses_a_remote_target(tmp_path):
 
 
 def test_server_view_reads_the_phase_from_metric_differences():
-    from visionflow.tools.loadtest import server_view
+    from visionflow.tools.loadtest.server import server_view
 
     def snap(counts: list[float], busy_s: float, batches: float, reqs: float) -> dict:
         bounds = ["0.002", "0.005", "0.01", "+Inf"]

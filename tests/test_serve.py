@@ -16,7 +16,9 @@ from PIL import Image
 from tests.conftest import make_project, png_header_only, register_champion
 from visionflow.config import load_params
 from visionflow.registry.store import CHAMPION
-from visionflow.serving.app import ChampionHolder, PredictionLog, create_app
+from visionflow.serving.app import create_app
+from visionflow.serving.champion import ChampionHolder
+from visionflow.serving.predictions import PredictionLog
 from visionflow.registry.tracking import setup_mlflow
 
 CLASSES = ["cat", "dog", "fox"]
@@ -189,7 +191,7 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
     import asyncio
     import threading
 
-    from visionflow.serving.app import Batcher
+    from visionflow.serving.batcher import Batcher
 
     release, calls, seen = threading.Event(), [], []
 
@@ -409,7 +411,7 @@ def test_the_token_is_a_header_everywhere_but_on_pages(served, monkeypatch):
     /metrics and /model (git commit, data version, run ids) are behind the token too."""
     from fastapi import Depends, FastAPI
 
-    from visionflow.serving.app import token_dependencies
+    from visionflow.serving.auth import token_dependencies
 
     proj, p, _, holder, _ = served
     monkeypatch.setenv("VF_TOKEN", "s3cret")

@@ -76,6 +76,7 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
             progress=None) -> Features:
     """Decode each file once (guarded), measure its properties, and run the champion on it."""
     from visionflow.data.imageio import decode_with_properties
+    from visionflow.onnxrt import ort_outputs, softmax
 
     size, channels, classes = card["image_size"], card["channels"], card["classes"]
     arrays, props, rejected, kept = [], [], [], []
@@ -99,21 +100,13 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
     if not arrays:
         return Features(pd.DataFrame(columns=[*PROPERTY_NAMES, "confidence", "predicted_class"]),
                         np.zeros((0, 0), np.float32), rejected=rejected)
-    images = np.stack(arrays)
-    logits, embeddings = [], []
-    for s in range(0, len(images), batch_size):
-        x = np.ascontiguousarray(images[s:s + batch_size].transpose(0, 3, 1, 2))
-        lo, em = session.run(["logits", "embedding"], {"image": x})
-        logits.append(lo)
-        embeddings.append(em)
-    logits_a = np.concatenate(logits)
-    probs = np.exp(logits_a - logits_a.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    logits, embeddings = ort_outputs(session, np.stack(arrays), ("logits", "embedding"), batch_size)
+    probs = softmax(logits)
     frame = pd.DataFrame(props)
     frame["confidence"] = probs.max(1)
     frame["predicted_class"] = [classes[k] for k in probs.argmax(1)]
     frame.index = kept
-    return Features(frame.reset_index(drop=True), np.concatenate(embeddings).astype(np.float32), rejected=rejected)
+    return Features(frame.reset_index(drop=True), embeddings.astype(np.float32), rejected=rejected)
 
 
 def reference_features(p: Params, root: Path, version: str, session, card) -> Features:

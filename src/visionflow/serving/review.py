@@ -227,13 +227,7 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
     @router.post("/review/{item_id}", dependencies=[*api, Depends(same_origin_json)],
                  summary="Confirm or correct a label")
     async def review_submit(item_id: str, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-            label = body["label"]
-            if not isinstance(label, str):
-                raise TypeError(label)
-        except Exception:
-            raise HTTPException(422, 'send JSON {"label": "<class name>"}') from None
+        label = await _label_sent(request)
         names = classes()
         try:
             return queue.review(item_id, label, names)
@@ -257,6 +251,18 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
                                 headers={"Retry-After": "5"}) from None
 
     return router
+
+
+async def _label_sent(request: Request) -> str:
+    """The label of a review request's JSON body {"label": "<class name>"} (422 for anything else)."""
+    try:
+        body = await request.json()
+        label = body["label"]
+        if not isinstance(label, str):
+            raise TypeError(label)
+    except Exception:
+        raise HTTPException(422, 'send JSON {"label": "<class name>"}') from None
+    return label
 
 
 def docs_router(openapi: Callable[[], dict[str, Any]], require_token, require_token_page) -> APIRouter:

@@ -1,0 +1,55 @@
+"""The server's Prometheus metrics (/metrics), in a registry of its own so that two apps in one process (tests)
+never share counters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+# The inference thread's side: a queue wait that grows while batches stay small means the thread is the
+# bottleneck (it is busy for the sum of inference_seconds); batches that grow mean load is being shared.
+FINE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class ServingMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.latency = Histogram("visionflow_request_seconds", "request latency from the handler start (upload read "
+                                 "included)", ["endpoint"], registry=registry,
+                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.requests = Counter("visionflow_requests_total", "requests", ["endpoint", "status"], registry=registry)
+        self.predictions = Counter("visionflow_predictions_total", "predictions per class", ["label"],
+                                   registry=registry)
+        self.low_confidence = Counter("visionflow_low_confidence_total", "predictions sent to review",
+                                      registry=registry)
+        self.queue_wait = Histogram("visionflow_inference_queue_seconds", "time a request waited for the inference "
+                                    "thread", registry=registry, buckets=FINE_BUCKETS)
+        self.batch_seconds = Histogram("visionflow_inference_seconds", "time the inference thread spent on one "
+                                       "batch (parse, decode, model, log, answers)", registry=registry,
+                                       buckets=FINE_BUCKETS)
+        self.batch_size = Histogram("visionflow_inference_batch_requests", "requests run together in one batch",
+                                    registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
+
+    def observe_batch(self, waits_s: list[float], seconds: float) -> None:
+        """The Batcher's `observe`: one batch of len(waits_s) requests took `seconds`."""
+        self.batch_size.observe(len(waits_s))
+        self.batch_seconds.observe(seconds)
+        for w in waits_s:
+            self.queue_wait.observe(w)
+
+    def answered(self, endpoint: str, status: int, seconds: float, results: list[dict[str, Any]]) -> None:
+        """One predict request answered with `status` after `seconds`; `results` are its predictions."""
+        self.requests.labels(endpoint, str(status)).inc()
+        if status != 200:
+            return
+        self.latency.labels(endpoint).observe(seconds)
+        for r in results:
+            self.predictions.labels(r["label"]).inc()
+            if r["review_id"] is not None:
+                self.low_confidence.inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
