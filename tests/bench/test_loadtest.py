@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 from visionflow.tools.loadtest import LoadTestError, percentiles, require_loopback, run_loadtest
 
 
