@@ -37,8 +37,8 @@ browser:  ## Debian's chromium, for the review page's end-to-end browser test
 test: install browser  ## run every test tier that can run here
 	$(PY) -m pytest
 
-test-fast: install  ## unit tests only
-	$(PY) -m pytest -m "not slow"
+test-fast: install  ## unit tests only (tests/unit: no model training, ONNX export, MLflow store or server)
+	$(PY) -m pytest tests/unit -m "not slow"
 
 repro: install  ## reproduce the DVC stage graph (skips unchanged stages)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/dvc repro
