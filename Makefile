@@ -37,8 +37,8 @@ browser:  ## Debian's chromium, for the review page's end-to-end browser test
 test: install browser  ## run every test tier that can run here
 	$(PY) -m pytest
 
-test-fast: install  ## unit tests only
-	$(PY) -m pytest -m "not slow"
+test-fast: install  ## unit tests only (tests/unit: no model training, ONNX export, MLflow store or server)
+	$(PY) -m pytest tests/unit -m "not slow"
 
 lint: install  ## ruff: the rule set in pyproject.toml, and the format check (CI runs it)
 	$(VENV)/bin/ruff check src tests bench flows

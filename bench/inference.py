@@ -163,7 +163,7 @@ def _project(ctx: Context) -> tuple[Path, Any]:
 
 
 def _register(proj: Path, p, onnx_path: Path, image_size: int, channels: int, model_name: str) -> str:
-    """Register the exported model and make it champion (as tests/test_serve.py's _register does)."""
+    """Register the exported model and make it champion (as tests/helpers.py's register_champion does)."""
     import mlflow
 
     from visionflow.registry.export import write_model_card

@@ -63,7 +63,7 @@ class BaseParams(_Section):
 class DataParams(_Section):
     source: str = Field("fashion-mnist", description="'fashion-mnist', 'fashion-mnist-photos' (camera-like "
                         "JPEGs made from it, see visionflow.data.photos) or a folder with one sub-folder per class")
-    max_images: int | None = Field(20000, ge=10, le=10**9)
+    max_images: int | None = Field(30000, ge=10, le=10**9)
     raw_dir: Path = Path("data/raw")
     remote_url: str = ".dvc-remote"
     remote_name: str = Field("local", pattern=r"^[A-Za-z0-9_-]+$")
@@ -111,14 +111,14 @@ class AugmentParams(_Section):
 
 
 class TrainParams(_Section):
-    model: str = "resnet18"
+    model: str = "test_resnet"
     pretrained_weights: str | None = None
     image_size: int = Field(28, ge=8, le=1024)
     # "auto": 3 when most training images are colour, 1 when most are grey (decided at train time, and logged).
     channels: Literal[1, 3, "auto"] = "auto"
     batch_size: int = Field(128, ge=1, le=1 << 16)
-    max_epochs: int = Field(8, ge=1, le=10_000)
-    lr: float = Field(0.002, gt=0, le=10)
+    max_epochs: int = Field(12, ge=1, le=10_000)
+    lr: float = Field(0.004, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0, le=10)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "none"] = "cosine"
@@ -129,7 +129,7 @@ class TrainParams(_Section):
     # Lightning multi-node training (each node runs `devices` processes); strategy e.g. ddp, fsdp, deepspeed.
     num_nodes: int = Field(1, ge=1, le=4096)
     strategy: str = "auto"
-    num_workers: int = Field(2, ge=0, le=512)
+    num_workers: int = Field(1, ge=0, le=512)
     # torch.compile the network for training. auto: on a CUDA GPU that Triton supports (compute capability 7.0
     # or newer), where it pays (resnet50: ~1.46x); off on CPU, where compiling costs more than short runs gain.
     compile: Literal["auto"] | bool = "auto"
@@ -243,7 +243,8 @@ class ServeParams(_Section):
 class Params(_Section):
     base: BaseParams = BaseParams()
     data: DataParams = DataParams()
-    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    # `validate` in params.yaml; the attribute cannot be named so (BaseModel.validate is a pydantic method)
+    validation: ValidateParams = Field(ValidateParams(), alias="validate")
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
@@ -251,11 +252,7 @@ class Params(_Section):
     drift: DriftParams = DriftParams()
     serve: ServeParams = ServeParams()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @property
-    def validation(self) -> ValidateParams:
-        return self.validate_
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -267,11 +264,12 @@ class Params(_Section):
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
-    loc = ".".join("validate" if p == "validate_" else str(p) for p in err["loc"])
+    loc = ".".join(str(p) for p in err["loc"])  # pydantic names a section by its params.yaml key (the alias)
     kind = err["type"]
     if kind == "extra_forbidden":
         section = err["loc"][0] if len(err["loc"]) > 1 else None
-        model = Params if section is None else Params.model_fields[str(section)].annotation
+        sections = {f.alias or n: f for n, f in Params.model_fields.items()}
+        model = Params if section is None else sections[str(section)].annotation
         allowed = sorted(
             (f.alias or n) for n, f in getattr(model, "model_fields", {}).items()
         )

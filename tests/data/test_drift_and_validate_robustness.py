@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image, TiffTags
 
-from tests.conftest import make_folder_dataset, make_image
+from tests.helpers import make_folder_dataset, make_image
 from visionflow.config import Params, ValidateParams
 from visionflow.monitoring.drift import batch_features, check, extract, rules_for
 from visionflow.data.validate import read_manifest, validate

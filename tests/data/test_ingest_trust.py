@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_folder_dataset, run_cli
+from tests.helpers import make_folder_dataset, run_cli
 from visionflow.errors import DataError
 from visionflow.data import ingest as ingest_mod
 from visionflow.data.ingest import REVIEWED_PREFIX, ingest
@@ -98,7 +98,7 @@ def test_ingest_keeps_plain_unicode_class_names(tmp_path):
 
 
 def test_cli_ingest_refuses_an_unsafe_class_name_and_reports_what_it_left_out(tmp_path):
-    from tests.conftest import make_project
+    from tests.helpers import make_project
 
     src = make_folder_dataset(tmp_path / "images", classes=("cat", "dog"), per_class=2)
     (src / "<img src=x onerror=alert(1)>").mkdir()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import make_folder_dataset, png_header_only
+from tests.helpers import make_folder_dataset, png_header_only
 from visionflow.config import ValidateParams
 from visionflow.data.ingest import ingest
 from visionflow.data.split import split

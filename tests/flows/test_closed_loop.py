@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import make_project, run_cli
+from tests.helpers import make_project, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 

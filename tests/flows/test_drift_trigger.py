@@ -4,7 +4,6 @@ a real process, three drift checks raise three alarms, and the trigger starts ex
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_folder_dataset, make_project, prefect_pointed_at
+from tests.helpers import REPO, free_port, make_folder_dataset, make_project, prefect_pointed_at
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, timeout: float) -> None:
@@ -38,7 +31,7 @@ def _wait(url: str, timeout: float) -> None:
 
 @pytest.fixture
 def prefect_server(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK="1", PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
                PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port))

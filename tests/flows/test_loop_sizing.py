@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from bench.user_folder import make_user_folder
-from tests.conftest import make_project, register_champion
+from tests.helpers import make_project, register_champion
 from visionflow import stages
 from visionflow.monitoring import ledger as monitor
 from visionflow.config import load_params

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import make_folder_dataset, make_project
+from tests.helpers import make_folder_dataset, make_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
 
-from tests.conftest import REPO
+from tests.helpers import REPO, free_port
 
 VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -56,12 +55,6 @@ MLFLOW_WORKERS = 2
 
 class StartupError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 4000) -> str:

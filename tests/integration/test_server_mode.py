@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_folder_dataset, make_project, prefect_pointed_at
+from tests.helpers import REPO, make_folder_dataset, make_project, prefect_pointed_at
 from tests.integration.servers import start_worker, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from tests.integration.servers import PG_MAX_CONNECTIONS, server_env, start_worker, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -11,8 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import REPO
-from tests.model.test_training import tiny_project
+from tests.helpers import REPO, tiny_project
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.training.model import ImageClassifier

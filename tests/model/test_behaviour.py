@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.data.cache import build_cache

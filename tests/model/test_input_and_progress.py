@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from bench.user_folder import make_user_folder
-from tests.conftest import make_project
+from tests.helpers import make_project
 from visionflow import stages
 from visionflow.config import load_params
 

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.model.test_training import tiny_project
+from tests.helpers import tiny_project
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.data.cache import build_cache

@@ -14,28 +14,12 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_folder_dataset, make_project
+from tests.helpers import tiny_project
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.training.train import train
 
 pytestmark = pytest.mark.slow
-
-TINY_TRAIN = {"model": "test_resnet", "image_size": 16, "channels": 1, "batch_size": 16, "max_epochs": 3,
-              "num_workers": 0, "lr": 0.01, "early_stopping_patience": 10}
-
-
-def tiny_project(root: Path, **train_overrides) -> Path:
-    src = make_folder_dataset(root / "images", classes=("cat", "dog", "fox"), per_class=40, size=16)
-    proj = make_project(root / "proj", src, train={**TINY_TRAIN, **train_overrides},
-                        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
-                        evaluate={"robustness_images": 30, "severities": [1, 5]})
-    p = load_params(proj / "params.yaml")
-    stages.ingest_stage(p, proj)
-    stages.validate_stage(p, proj, None)
-    stages.split_stage(p, proj)
-    return proj
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visionflow.config import load_params, parse_params
+from visionflow.config import Params, load_params, parse_params
 from visionflow.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -15,6 +15,27 @@ def test_repo_params_load_and_digest_is_stable():
     assert a.digest() == b.digest()
     assert a.validation.max_pixels > 0
     assert a.train.augment.hflip == pytest.approx(0.5)
+
+
+def test_defaults_are_the_values_in_params_yaml():
+    """Params() defaults equal the repo's params.yaml field by field, so a key left out of a params file means what
+    the shipped file says (and the two cannot drift apart again)."""
+    shipped, defaults = load_params(REPO / "params.yaml").as_dict(), Params().as_dict()
+    differ = [f"{section}.{key}: params.yaml {value!r}, default {defaults[section][key]!r}"
+              for section, values in shipped.items() for key, value in values.items()
+              if defaults[section][key] != value]
+    assert differ == []
+
+
+def test_the_validate_section_has_one_name():
+    """`validate` in YAML, `.validation` in code; the attribute's name is not a second YAML key."""
+    p = parse_params({"validate": {"min_width": 9}})
+    assert p.validation.min_width == 9 and p.as_dict()["validate"]["min_width"] == 9
+    with pytest.raises(ConfigError, match="validation: unknown key; allowed keys here: .*validate"):
+        parse_params({"validation": {}})
+    # an unknown key inside the section is a clear error naming the section's keys (it was a KeyError)
+    with pytest.raises(ConfigError, match="validate.max_pixel: unknown key; allowed keys here: .*max_pixels"):
+        parse_params({"validate": {"max_pixel": 1}})
 
 
 def test_unknown_key_names_key_and_allowed(tmp_path):

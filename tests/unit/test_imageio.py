@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import png_header_only
+from tests.helpers import png_header_only
 from visionflow.data.imageio import DecodeRules, RejectedImage, image_properties, open_guarded, to_array
 
 RULES = DecodeRules(max_pixels=10_000_000, timeout_s=5)
@@ -77,10 +77,10 @@ def test_properties_track_brightness_and_blur():
 def test_exif_orientation_is_applied_and_a_corrupt_exif_is_ignored():
     """Every reader (validate, drift, training, serving) goes through to_array: a valid orientation turns the image
     upright; an EXIF block Pillow cannot parse (fuzzed: it raises struct.error, TypeError...) is ignored."""
-    from tests.test_serve import _exif_jpeg, corrupt_exif_jpegs
+    from tests.helpers import corrupt_exif_jpegs, exif_jpeg
     from visionflow.data.imageio import decode_for_model, decode_with_properties
 
-    assert to_array(open_guarded(_exif_jpeg(), RULES), channels=1).shape == (24, 20)  # 24 wide, turned
+    assert to_array(open_guarded(exif_jpeg(), RULES), channels=1).shape == (24, 20)  # 24 wide, turned
     for data in corrupt_exif_jpegs(5, seed=3):
         assert to_array(open_guarded(data, RULES), channels=3).shape[2] == 3
         assert decode_for_model(data, 16, 1, RULES).shape == (16, 16, 1)

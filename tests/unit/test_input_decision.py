@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from visionflow.config import load_params
 from visionflow.training.datamodule import decide_input
 from visionflow.data.validate import MANIFEST_COLUMNS

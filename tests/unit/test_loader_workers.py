@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tests.conftest import REPO, make_folder_dataset
+from tests.helpers import REPO, make_folder_dataset
 from visionflow.config import AugmentParams
 from visionflow.training.datamodule import ImageDataModule
 

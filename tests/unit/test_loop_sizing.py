@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tests.conftest import make_project
+from tests.helpers import make_project
 from visionflow.config import load_params
 from visionflow.monitoring.simulate import load_batch, loop_batch_size, simulate
 

@@ -12,7 +12,7 @@ import onnx
 from onnx import TensorProto, helper
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_serving_modules_decode_and_infer_without_importing_torch(tmp_path):

@@ -11,7 +11,6 @@ out of the split: a log line and a record in the cache folder, never a failed bu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from visionflow.errors import DataError
+from visionflow.locks import file_lock
 from visionflow.data.imageio import DecodeRules, RejectedImage, decode_for_model, open_checked, read_limited
 from visionflow.data.pools import default_workers, pool_worker_setup
 
@@ -394,19 +394,6 @@ def _records(partial: _Partial, chunks: list[_Chunk], target: _Target, decoder: 
         yield from _local_records(partial, chunks, target)
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One builder per cache folder at a time (two training processes on one machine): the second waits, then
-    finds the cache done. The kernel drops the lock of a killed process."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _finish(partial: _Partial, folder: Path, df, labels: np.ndarray, info: dict[str, Any], manifest: Path) -> None:
     """Move the finished build into place, the quarantined images' rows taken out."""
     quarantined = sorted((q for rec in partial.done.values() for q in rec["quarantined"]), key=lambda q: q["row"])
@@ -462,7 +449,9 @@ def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_s
     if (folder / "done").exists():
         return CachedSplit(folder)
     t0 = time.perf_counter()
-    with _locked(folder):
+    # one builder per cache folder at a time (two training processes on one machine): the second waits, then
+    # finds the cache done
+    with file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "done").exists():  # built by another process while this one waited
             return CachedSplit(folder)
         _build(manifest, folder, classes, _Target(image_size, channels, rules), workers or default_workers(),

@@ -8,8 +8,6 @@ agree on who got the claim.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from visionflow.errors import DataError
+from visionflow.locks import file_lock
 from visionflow.report import write_json_atomic
 
 LEDGER = Path("data/drift/retrain_ledger.json")
@@ -31,17 +30,6 @@ class Claim:
     claim_id: str | None
     last: dict[str, Any] | None
     next_allowed: float | None
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
@@ -57,7 +45,7 @@ def claim_retraining(path: Path, *, cooldown_s: float, trigger: str, detail: dic
                      now: float | None = None) -> Claim:
     """Atomically grant a retraining unless one was granted within the cool-down window."""
     now = time.time() if now is None else now
-    with _locked(path):
+    with file_lock(path.with_suffix(".lock")):
         entries = read_ledger(path)
         started = [e for e in entries if e.get("granted")]
         last = started[-1] if started else None
@@ -73,7 +61,7 @@ def claim_retraining(path: Path, *, cooldown_s: float, trigger: str, detail: dic
 
 
 def record_outcome(path: Path, claim_id: str, **outcome: Any) -> None:
-    with _locked(path):
+    with file_lock(path.with_suffix(".lock")):
         entries = read_ledger(path)
         for e in entries:
             if e.get("claim_id") == claim_id:

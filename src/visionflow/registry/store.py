@@ -19,6 +19,7 @@ import numpy as np
 
 from visionflow.config import RegistryParams
 from visionflow.errors import VisionflowError
+from visionflow.locks import file_lock
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 TAG = "visionflow."
@@ -149,15 +150,9 @@ def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> I
         with _prefect_lock(f"visionflow-promote-{model_name}", timeout_s):
             yield
         return
-    from filelock import FileLock, Timeout
-
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_dir / f"promote-{model_name}.lock"))
-    try:
-        with lock.acquire(timeout=timeout_s):
-            yield
-    except Timeout:
-        raise VisionflowError(f"another promotion of {model_name} held the lock for over {timeout_s}s") from None
+    with file_lock(lock_dir / f"promote-{model_name}.lock", timeout_s=timeout_s,
+                   holder=f"another promotion of {model_name}"):
+        yield
 
 
 @contextlib.contextmanager

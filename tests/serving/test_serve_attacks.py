@@ -28,19 +28,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import make_project, png_header_only, register_champion, run_cli
-from tests.test_serve import CLASSES, DV, corrupt_exif_jpegs, png
+from tests.helpers import (CLASSES, DV, corrupt_exif_jpegs, free_port, make_project, png, png_header_only,
+                           register_champion, run_cli)
 from visionflow.config import Params, load_params
 
 pytestmark = pytest.mark.slow  # starts a server process: ~30-60 s of setup on a small machine
 QUICK_S = 5.0  # "answered quickly": generous, the machine may be busy with other work
 GIB = 1 << 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

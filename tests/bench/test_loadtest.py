@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 from visionflow.tools.loadtest import LoadTestError, run_loadtest
 from visionflow.tools.loadtest.client import require_loopback
 from visionflow.tools.loadtest.phases import percentiles

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import make_folder_dataset, make_project, register_champion
+from tests.helpers import champion_project, make_folder_dataset, make_project
 from visionflow import stages
 from visionflow.config import load_params
 
@@ -22,26 +22,6 @@ CLASSES = ("cat", "dog", "fox")
 def _client(proj: Path) -> mlflow.MlflowClient:
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
     return mlflow.MlflowClient()
-
-
-def champion_project(root: Path) -> tuple[Path, str]:
-    """A validated, split project whose registry holds a champion (an untrained tiny ONNX net registered the
-    way register_stage does it), and a 40-image batch folder to check for drift. Returns (project, batch)."""
-    src = make_folder_dataset(root / "images", classes=CLASSES, per_class=30)
-    batch = root / "batch"  # a flat folder of unlabelled images, as production sends them
-    for i, img in enumerate(sorted(make_folder_dataset(root / "batch-src", classes=CLASSES, per_class=14,
-                                                       seed=7).rglob("*.png"))):
-        batch.mkdir(exist_ok=True)
-        img.rename(batch / f"{i:03d}.png")
-    proj = make_project(root / "proj", src, registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
-                        drift={"min_batch_size": 10})
-    p = load_params(proj / "params.yaml")
-    stages.ingest_stage(p, proj)
-    stages.validate_stage(p, proj, None)
-    stages.split_stage(p, proj)
-    register_champion(proj, p, list(CLASSES), tags={"visionflow.data_version": "dv-test"},
-                      metrics={"test_accuracy": 0.8733333333})
-    return proj, str(batch)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_mlflow_readability import champion_project
+from tests.helpers import REPO, champion_project
 from visionflow.cli import app, main
 
 # Each command with the arguments it needs to get as far as reading params.yaml.

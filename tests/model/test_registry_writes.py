@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from tests.helpers import make_read_only
 from visionflow.registry.store import CHALLENGER, CHAMPION, PREVIOUS, Gate, RegistryError, apply_promotion, rollback
 
 NAME = "m"
@@ -112,16 +113,6 @@ def test_rollback_refuses_a_no_op(store, previous):
     with pytest.raises(RegistryError, match="previous"):
         rollback(NAME)
     assert _state(store) == before
-
-
-def make_read_only(db: Path) -> None:
-    """Every write to every table fails as on a read-only database (chmod does not stop root, who runs CI here)."""
-    with sqlite3.connect(db) as con:
-        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for t in tables:
-            for op in ("INSERT", "UPDATE", "DELETE"):
-                con.execute(f"CREATE TRIGGER ro_{op}_{t} BEFORE {op} ON {t} "
-                            "BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END")
 
 
 def test_a_read_only_store_is_a_clear_error(store):

@@ -13,7 +13,6 @@ import json
 import os
 import sqlite3
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,19 +25,12 @@ import pytest
 
 import httpx
 
-from tests.conftest import make_folder_dataset, make_project, register_champion
-from tests.test_serve import CLASSES, DV, png
+from tests.helpers import CLASSES, DV, free_port, make_folder_dataset, make_project, png, register_champion
 from visionflow.config import load_params
 from visionflow.serving.review import ReviewQueue
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float = 60) -> bytes:
@@ -97,7 +89,7 @@ def _serving(p, proj):
 
     from visionflow.serving.app import create_app
 
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(p, proj, watch=False), host="127.0.0.1", port=port,
                                         log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -126,7 +118,7 @@ def server(tmp_path):
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed: `make test` installs it (apt-get install chromium)")
-    port = _free_port()
+    port = free_port()
     profile = tempfile.mkdtemp(prefix="vf-chromium-")
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import shutil
@@ -13,17 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import make_project, png_header_only, register_champion
+from tests.helpers import (CLASSES, DV, corrupt_exif_jpegs, exif_jpeg, make_project, png, png_header_only,
+                           register_champion)
 from visionflow.config import load_params
 from visionflow.registry.store import CHAMPION
 from visionflow.serving.app import create_app
 from visionflow.serving.champion import ChampionHolder
 from visionflow.serving.predictions import PredictionLog
 from visionflow.registry.tracking import setup_mlflow
-
-CLASSES = ["cat", "dog", "fox"]
-DV = {"visionflow.data_version": "dv"}
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
@@ -36,13 +32,6 @@ def served(tmp_path_factory):
     app = create_app(p, proj, holder=holder, watch=False)
     with TestClient(app) as client:
         yield proj, p, client, holder, version
-
-
-def png(seed: int = 0, size: int = 20) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def healthy(client) -> None:
@@ -254,49 +243,6 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
 # --- one bad upload among good ones, expensive images, auth that must not fail open, start-up -----------------
 
 
-def _exif_jpeg() -> bytes:
-    """A valid 24x20 JPEG with an EXIF block: orientation 6 (rotated), text, rationals, the Exif and GPS IFDs."""
-    from PIL import TiffImagePlugin
-
-    rational = TiffImagePlugin.IFDRational
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    exif[0x010F] = "camera maker"
-    exif[0x011A] = rational(72, 1)
-    exif[0x0131] = "software"
-    exif[0x8769] = {0x9003: "2020:01:01 00:00:00", 0x829A: rational(1, 250), 0x9286: b"ASCII\x00\x00\x00hello"}
-    exif[0x8825] = {1: "N", 2: (rational(1, 1),) * 3}
-    arr = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", exif=exif.tobytes())
-    return buf.getvalue()
-
-
-@functools.lru_cache
-def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> tuple[bytes, ...]:
-    """JPEGs whose EXIF bytes were fuzzed until Pillow's own EXIF handling raises on them (struct.error, TypeError,
-    AttributeError... while the pixels are intact): the first n such variants of a fixed seed."""
-    import warnings
-
-    from PIL import ImageOps
-
-    good = _exif_jpeg()
-    start = good.index(b"Exif\x00\x00") + 6 + 8  # past the TIFF header: the IFD entries and their values
-    end = start - 8 + int.from_bytes(good[start - 16:start - 14], "big") - 8
-    rng, found = np.random.default_rng(seed), []
-    while len(found) < n:
-        data = bytearray(good)
-        for _ in range(int(rng.integers(1, 4))):
-            data[int(rng.integers(start, end))] = int(rng.integers(0, 256))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ImageOps.exif_transpose(Image.open(io.BytesIO(bytes(data))))
-        except Exception:  # noqa: BLE001 - the point: any exception type
-            found.append(bytes(data))
-    return tuple(found)
-
-
 def multipart_body(content: bytes, boundary: bytes = b"vfboundary") -> tuple[bytes, str]:
     body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
             b"Content-Type: image/jpeg\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n")
@@ -305,7 +251,7 @@ def multipart_body(content: bytes, boundary: bytes = b"vfboundary") -> tuple[byt
 
 def test_corrupt_exif_variants_are_a_real_class_of_input():
     variants = corrupt_exif_jpegs()
-    assert len(set(variants)) == 5 and all(len(v) == len(_exif_jpeg()) for v in variants)
+    assert len(set(variants)) == 5 and all(len(v) == len(exif_jpeg()) for v in variants)
 
 
 def test_a_bad_upload_fails_only_its_own_request_in_a_batch(served):
@@ -443,7 +389,7 @@ def test_the_token_is_a_header_everywhere_but_on_pages(served, monkeypatch):
 
 
 def test_serve_without_a_champion_says_so_and_creates_no_registry(tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     store = tmp_path / "store" / "mlflow.db"
     proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{store}"})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, make_folder_dataset, make_project, run_cli
+from tests.helpers import REPO, make_folder_dataset, make_project, run_cli
 from visionflow.data.validate import read_manifest
 
 
@@ -227,7 +227,7 @@ def test_a_usage_error_exits_2(registry_project, capfd, monkeypatch):
 
 
 def test_a_read_only_or_empty_registry_exits_2(registry_project, capfd, monkeypatch):
-    from tests.unit.test_registry_writes import make_read_only
+    from tests.helpers import make_read_only
 
     proj, name = registry_project
     monkeypatch.chdir(proj)
