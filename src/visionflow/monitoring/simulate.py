@@ -17,24 +17,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from visionflow.data import corruptions
 from visionflow.errors import DataError
 
-# Severity 1..5 -> the shift's strength. Chosen so that severity 1 is barely visible and 5 is severe.
-SHIFTS: dict[str, tuple[float, ...]] = {
-    "none": (0, 0, 0, 0, 0),
-    "darker": (0.8, 0.65, 0.5, 0.4, 0.3),         # lighting: pixel values scaled down
-    "brighter": (0.1, 0.2, 0.3, 0.4, 0.5),        # lighting: blend towards white (over-exposure)
-    "blur": (0.6, 0.9, 1.2, 1.6, 2.2),            # focus / motion: Gaussian sigma in pixels at 28 px
-    "jpeg": (60, 40, 25, 15, 8),                  # compression: JPEG quality (files are written as JPEG)
-    "noise": (6, 10, 16, 24, 32),                 # sensor noise: Gaussian std in grey levels
-    "color_cast": (0.1, 0.2, 0.3, 0.45, 0.6),     # white balance: blend towards an orange tint (RGB files)
-    "resolution": (1.5, 2.0, 2.5, 3.0, 4.0),      # a new camera: upscaled by this factor, bicubic
-}
+SHIFTS = corruptions.SHIFTS  # severity 1..5 -> each shift's strength (see visionflow.data.corruptions)
 SHIFT_HELP = ", ".join(SHIFTS)
 
 
@@ -48,37 +38,14 @@ class Batch:
 
 def apply_shift(img: np.ndarray, shift: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Shift one uint8 image (HxW grey or HxWx3). Returns uint8; colour_cast returns HxWx3."""
-    if shift not in SHIFTS:
-        raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
-    if not 1 <= severity <= 5:
-        raise DataError(f"severity must be 1..5, got {severity}")
-    s = SHIFTS[shift][severity - 1]
-    f = img.astype(np.float32)
-    if shift == "none" or shift == "jpeg":  # jpeg happens when the file is written
-        out = f
-    elif shift == "darker":
-        out = f * s
-    elif shift == "brighter":
-        out = f + (255.0 - f) * s
-    elif shift == "blur":
-        out = cv2.GaussianBlur(f, (0, 0), sigmaX=s)
-    elif shift == "noise":
-        out = f + rng.normal(0, s, f.shape)
-    elif shift == "color_cast":
-        rgb = np.repeat(f[..., None], 3, axis=2) if f.ndim == 2 else f
-        tint = np.array([255.0, 160.0, 60.0], dtype=np.float32)
-        out = rgb * (1 - s) + (rgb / 255.0) * tint * s + tint * s * 0.15
-    elif shift == "resolution":
-        h, w = f.shape[:2]
-        out = cv2.resize(f, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
-    return np.clip(out, 0, 255).round().astype(np.uint8)
+    return corruptions.corrupter(SHIFTS, shift, severity, rng, kind="shift")(img)
 
 
 def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
     pil = Image.fromarray(img)
     buf = io.BytesIO()
     if shift == "jpeg":
-        pil.save(buf, "JPEG", quality=int(SHIFTS["jpeg"][severity - 1]))
+        pil.save(buf, "JPEG", quality=int(SHIFTS["jpeg"].severities[severity - 1]))
         return buf.getvalue(), "jpg"
     pil.save(buf, "PNG")
     return buf.getvalue(), "png"
