@@ -232,8 +232,7 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     n_requests = 40 if ctx.quick else 2000
     max_s = 15.0 if ctx.quick else 6.0
     session = ort_session(served)
-    rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=p.serve.max_pixels,
-                        max_bytes=int(p.serve.max_upload_mb * 1024 * 1024), timeout_s=p.serve.request_timeout_s)
+    rules = DecodeRules.from_params(p.validation, p.serve)
     n_local = 100 if ctx.quick else 2000
 
     url = f"http://127.0.0.1:{port}/predict"

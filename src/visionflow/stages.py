@@ -241,15 +241,13 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def labelled_batch(p: Params, folder: Path, image_size: int, channels: int,
                    classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
-    from visionflow.data.imageio import decode_for_model
-    from visionflow.monitoring.drift import rules_for
-    from visionflow.data.imageio import RejectedImage, read_limited
+    from visionflow.data.imageio import DecodeRules, RejectedImage, decode_for_model, read_limited
     from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(folder)
     if batch.labels is None:
         raise DataError(f"{folder} has no labels.csv: an evaluation batch needs reviewed labels")
-    rules = rules_for(p)
+    rules = DecodeRules.from_params(p.validation)
     images, labels = [], []
     for f, label in zip(batch.images, batch.labels):
         if label not in classes:

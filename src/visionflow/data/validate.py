@@ -21,7 +21,7 @@ import pandas as pd
 
 from visionflow.config import ValidateParams
 from visionflow.errors import DataError
-from visionflow.data.ingest import check_class_names
+from visionflow.data.folder_source import check_class_names
 from visionflow.data.imageio import (
     DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
 )
@@ -40,14 +40,6 @@ TEXT_COLUMNS = {c: str for c in ("path", "label", "sha256", "original_path", "qu
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest or reasons CSV written by this package, with text columns kept as text."""
     return pd.read_csv(path, dtype=TEXT_COLUMNS, keep_default_na=False, na_values={"detail": [""]})
-
-
-def decode_rules(cfg: ValidateParams) -> DecodeRules:
-    return DecodeRules(
-        allowed_formats=tuple(cfg.allowed_formats), max_pixels=cfg.max_pixels,
-        max_bytes=int(cfg.max_file_mb * 1024 * 1024), timeout_s=cfg.decode_timeout_s,
-        # Size bounds are judged by the expectation suite, so they are recorded here rather than rejected.
-    )
 
 
 def failure_detail(exc: BaseException) -> str:
@@ -248,7 +240,7 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
              data_version: str | None = None, workers: int | None = None,
              progress: Progress | None = None) -> ValidationResult:
     raw_dir = Path(raw_dir)
-    df = build_manifest(raw_dir, decode_rules(cfg), workers=workers, progress=progress)
+    df = build_manifest(raw_dir, DecodeRules.from_params(cfg), workers=workers, progress=progress)
     df["label_conflict"] = _label_conflicts(df)
     known = sorted(labels) if labels else sorted(df["label"].unique())
 

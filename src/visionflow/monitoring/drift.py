@@ -51,12 +51,6 @@ class Features:
     rejected: list[dict[str, str]] | None = None
 
 
-def rules_for(p: Params) -> DecodeRules:
-    v = p.validation
-    return DecodeRules(allowed_formats=tuple(v.allowed_formats), max_pixels=v.max_pixels,
-                       max_bytes=int(v.max_file_mb * 1024 * 1024), timeout_s=v.decode_timeout_s)
-
-
 def load_champion(p: Params, root: Path):
     """(version, ONNX Runtime session, model card) of the registry's champion."""
     from visionflow.onnxrt import ort_session
@@ -135,7 +129,7 @@ def reference_features(p: Params, root: Path, version: str, session, card) -> Fe
             frame["predicted_class"] = z["predicted_class"].astype(str)
             return Features(frame, z["embeddings"], labels=list(z["labels"].astype(str)))
     paths = [Path(x) if Path(x).is_absolute() else root / x for x in manifest["path"]]
-    feats = extract(paths, session, card, rules_for(p))
+    feats = extract(paths, session, card, DecodeRules.from_params(p.validation))
     if feats.rejected:
         raise DataError(f"{len(feats.rejected)} reference image(s) could not be read, e.g. {feats.rejected[0]}: "
                         "re-run `visionflow validate`")
@@ -253,7 +247,7 @@ def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[
     if not batch.images:
         raise DataError(f"batch {folder} holds no files: nothing to check (expected images, in {folder}/images/ "
                         "with labels.csv beside them, or one sub-folder per class)")
-    feats = extract(batch.images, session, card, rules_for(p))
+    feats = extract(batch.images, session, card, DecodeRules.from_params(p.validation))
     if batch.labels is not None:
         readable = {str(f) for f in batch.images} - {r["file"] for r in feats.rejected or []}
         feats.labels = [lab for f, lab in zip(batch.images, batch.labels) if str(f) in readable]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from visionflow.data import corruptions
 from visionflow.errors import DataError
+from visionflow.paths import ProjectPaths
 
 SHIFTS = corruptions.SHIFTS  # severity 1..5 -> each shift's strength (see visionflow.data.corruptions)
 SHIFT_HELP = ", ".join(SHIFTS)
@@ -53,25 +54,20 @@ def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
 
 def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | None, list[str], str]:
     """Images nobody trained on: (arrays or None, paths or None, labels, description)."""
-    from visionflow.data.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES, _IDX_FILES, _read_idx, balanced_indices
-    from visionflow.data.ingest import locate_fashion_mnist
+    from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES, not_ingested
 
+    paths = ProjectPaths.of(p, root)
     if p.data.source == FASHION_MNIST and p.data.max_images is not None:
-        idx_dir = locate_fashion_mnist(root / "data/external")
-        images = np.concatenate([_read_idx(idx_dir / _IDX_FILES[0]), _read_idx(idx_dir / _IDX_FILES[2])])
-        labels = np.concatenate([_read_idx(idx_dir / _IDX_FILES[1]), _read_idx(idx_dir / _IDX_FILES[3])])
-        used = np.zeros(len(labels), bool)
-        used[balanced_indices(labels, p.data.max_images, p.base.seed)] = True
-        keep = np.flatnonzero(~used)
-        return ([images[i] for i in keep], None, [FASHION_MNIST_CLASSES[int(labels[i])] for i in keep],
-                f"fashion-mnist images not ingested ({len(keep)})")
-    test = root / p.data.splits_dir / "test.csv"
+        images, labels = not_ingested(paths.external, p.data.max_images, p.base.seed)
+        return (list(images), None, [FASHION_MNIST_CLASSES[int(k)] for k in labels],
+                f"fashion-mnist images not ingested ({len(labels)})")
+    test = paths.splits / "test.csv"
     if not test.is_file():
         raise DataError(f"{test} not found: run `visionflow split` (or the pipeline) before simulating batches")
     from visionflow.data.validate import read_manifest
 
     m = read_manifest(test)
-    return None, [Path(x) if Path(x).is_absolute() else root / x for x in m["path"]], list(m["label"]), \
+    return None, [paths.resolve(x) for x in m["path"]], list(m["label"]), \
         f"test split ({len(m)})"
 
 
@@ -168,7 +164,7 @@ def load_batch(folder: Path) -> Batch:
         by_file = dict(zip(table["file"], table["label"]))
         labels = [by_file.get(f.name) for f in files]
     elif not files and images_dir == folder and any(p.is_dir() for p in folder.iterdir()):
-        from visionflow.data.ingest import scan_source  # the same walk, symlink and class-name rules as ingest
+        from visionflow.data.folder_source import scan_source  # the same walk, symlink and class-name rules as ingest
 
         scan = scan_source(folder.resolve())
         files, labels = [f.path for f in scan.files], [f.label for f in scan.files]

@@ -430,8 +430,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     holder = holder or ChampionHolder(p.registry.model_name, cache_dir=root / "models/serving")
     queue = ReviewQueue(root / cfg.review_dir, root / cfg.reviewed_dir)
     log = PredictionLog(root / cfg.prediction_log)
-    rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=cfg.max_pixels,
-                        max_bytes=int(cfg.max_upload_mb * 1024 * 1024), timeout_s=cfg.request_timeout_s)
+    rules = DecodeRules.from_params(p.validation, cfg)
     slots = asyncio.Semaphore(cfg.max_concurrency + cfg.queue_depth)
     registry = CollectorRegistry()
     latency = Histogram("visionflow_request_seconds", "request latency from the handler start (upload read included)", ["endpoint"], registry=registry,
