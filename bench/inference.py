@@ -95,7 +95,7 @@ def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
         from visionflow.data.validate import read_manifest
 
         df = read_manifest(REPO / "data/splits/test.csv")
-        path = Path(df["path"].iloc[0])
+        path = REPO / df["path"].iloc[0]  # stored relative to the project root
         if path.is_file():
             return path.read_bytes(), f"real test image {path.name}"
     return default_image(image_size, channels), "generated noise PNG"
