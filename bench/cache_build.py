@@ -37,7 +37,9 @@ def photo_set(ctx: Context, n: int) -> tuple[Path, list[str], str]:
 
     from visionflow.data import photos
     from visionflow.errors import DataError
-    from visionflow.data.ingest import FASHION_MNIST_CLASSES, balanced_indices, load_fashion_mnist, locate_fashion_mnist
+    from visionflow.data.fashion_mnist import (
+        FASHION_MNIST_CLASSES, balanced_indices, load_fashion_mnist, locate_fashion_mnist,
+    )
 
     store = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "visionflow-bench"
     root = (ctx.tmp("cache_build") if ctx.quick else store) / f"photos-v{photos.GENERATOR_VERSION}-{n}"
@@ -102,7 +104,7 @@ def build_run(ctx: Context, manifest: Path, classes: list[str], **kwargs: Any) -
 def decode_run(datas: list[bytes], draft: bool) -> Measurement:
     from visionflow.data.imageio import DecodeRules, decode_for_model
 
-    rules = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
+    rules = DecodeRules.accepted()
     t0 = time.perf_counter()
     for data in datas:
         decode_for_model(data, IMAGE_SIZE, 3, rules, draft=draft)
@@ -118,7 +120,7 @@ def _camera_1280(datas: list[bytes], k: int) -> list[bytes]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.data.cache import nvjpeg_available
+    from visionflow.data.cache_decode import nvjpeg_available
     from visionflow.data.pools import default_workers
 
     n = QUICK_PHOTOS if ctx.quick else FULL_PHOTOS

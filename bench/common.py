@@ -332,6 +332,7 @@ def make_splits(ctx: Context, name: str, counts: dict[str, int], *, use_whole_re
         for split, k in counts.items():
             df = read_manifest(real_dir / f"{split}.csv")
             df = df.sample(n=min(k, len(df)), random_state=0) if k < len(df) else df
+            df["path"] = [str(REPO / x) for x in df["path"]]  # stored relative to the project root
             df.to_csv(out / f"{split}.csv", index=False)
             got[split] = len(df)
         return SplitData(out, ctx.tmp(f"{name}/cache"), classes, "real subset of data/splits", got)

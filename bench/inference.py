@@ -96,7 +96,7 @@ def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
         from visionflow.data.validate import read_manifest
 
         df = read_manifest(REPO / "data/splits/test.csv")
-        path = Path(df["path"].iloc[0])
+        path = REPO / df["path"].iloc[0]  # stored relative to the project root
         if path.is_file():
             return path.read_bytes(), f"real test image {path.name}"
     return default_image(image_size, channels), "generated noise PNG"
@@ -288,8 +288,7 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     concurrency = p.serve.max_concurrency
     n_requests = 40 if ctx.quick else 2000
     max_s = 15.0 if ctx.quick else 6.0
-    rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=p.serve.max_pixels,
-                        max_bytes=int(p.serve.max_upload_mb * 1024 * 1024), timeout_s=p.serve.request_timeout_s)
+    rules = DecodeRules.from_params(p.validation, p.serve)
     errors: dict[str, int] = {}
     server_rate = partial(_server_rate, f"http://127.0.0.1:{port}/predict", body, ctype, concurrency, n_requests,
                           max_s, psutil.Process(proc.pid), errors)

@@ -18,6 +18,7 @@ import numpy as np
 from visionflow.data import versioning
 from visionflow.config import Params
 from visionflow.errors import DataError, VersioningError
+from visionflow.paths import ProjectPaths
 from visionflow.data.ingest import IngestResult, Progress, ingest
 from visionflow.report import write_json_atomic
 from visionflow.data.split import SplitResult, split
@@ -53,7 +54,8 @@ def validate_stage(p: Params, root: Path, data_version: str | None,
     cfg = p.validation.model_copy(update={"quarantine_dir": root / p.validation.quarantine_dir,
                                           "report_dir": root / p.validation.report_dir})
     return validate(raw_dir=root / p.data.raw_dir, cfg=cfg, manifest_path=root / p.data.manifest_path,
-                    labels=p.data.labels, data_version=data_version, progress=progress)
+                    labels=p.data.labels, data_version=data_version, progress=progress,
+                    project=ProjectPaths.of(p, root))
 
 
 def split_stage(p: Params, root: Path) -> SplitResult:
@@ -94,8 +96,9 @@ def evaluate_stage(p: Params, root: Path) -> dict[str, Any]:
     trained = json.loads(report.read_text())
     model = load_classifier(root / MODEL_CKPT)
     classes = list(model.hparams.classes)
-    test = build_cache(root / p.data.splits_dir / "test.csv", root / "data/cache", classes=classes,
-                       image_size=model.hparams.image_size, channels=model.hparams.channels)
+    paths = ProjectPaths.of(p, root)
+    test = build_cache(paths.splits / "test.csv", paths.cache, classes=classes, image_size=model.hparams.image_size,
+                       channels=model.hparams.channels, project=paths)
     setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     res = evaluate(net=model.net, images=test.images, labels=test.labels, classes=classes, cfg=p.evaluate,
                    seed=p.base.seed, report_dir=root / p.evaluate.report_dir,
@@ -114,8 +117,9 @@ REGISTRY_REPORT = Path("reports/registry.json")
 def _test_split(p: Params, root: Path, image_size: int, channels: int, classes: list[str]):
     from visionflow.data.cache import build_cache
 
-    return build_cache(root / p.data.splits_dir / "test.csv", root / "data/cache", classes=classes,
-                       image_size=image_size, channels=channels)
+    paths = ProjectPaths.of(p, root)
+    return build_cache(paths.splits / "test.csv", paths.cache, classes=classes, image_size=image_size,
+                       channels=channels, project=paths)
 
 
 def export_stage(p: Params, root: Path) -> dict[str, Any]:
@@ -241,15 +245,13 @@ def _correctness(session, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def labelled_batch(p: Params, folder: Path, image_size: int, channels: int,
                    classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
-    from visionflow.data.imageio import decode_for_model
-    from visionflow.monitoring.drift import rules_for
-    from visionflow.data.imageio import RejectedImage, read_limited
+    from visionflow.data.imageio import DecodeRules, RejectedImage, decode_for_model, read_limited
     from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(folder)
     if batch.labels is None:
         raise DataError(f"{folder} has no labels.csv: an evaluation batch needs reviewed labels")
-    rules = rules_for(p)
+    rules = DecodeRules.from_params(p.validation)
     images, labels = [], []
     for f, label in zip(batch.images, batch.labels):
         if label not in classes:

@@ -20,7 +20,8 @@ from PIL import Image, TiffTags
 
 from tests.helpers import make_folder_dataset, make_image
 from visionflow.config import Params, ValidateParams
-from visionflow.monitoring.drift import batch_features, check, extract, rules_for
+from visionflow.data.imageio import DecodeRules
+from visionflow.monitoring.drift import batch_features, check, extract
 from visionflow.data.validate import read_manifest, validate
 
 SIZE, CLASSES = 16, ["cat", "dog", "fox"]
@@ -134,7 +135,7 @@ def test_drift_extract_lists_corrupt_exif_images_instead_of_crashing(tmp_path, c
     for i, data in enumerate(corrupt_exif_jpegs(6, seed=7)):
         (good / f"exif_{i}.jpg").write_bytes(data)
         files.append(good / f"exif_{i}.jpg")
-    feats = extract(files, session, card, rules_for(_params()))
+    feats = extract(files, session, card, DecodeRules.from_params(_params().validation))
     assert len(feats.frame) + len(feats.rejected) == 12 and len(feats.frame) >= 6
     assert all(r["reason"] == "decode_failed" and r["detail"] for r in feats.rejected)
 

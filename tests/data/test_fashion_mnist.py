@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionflow.data.ingest import FASHION_MNIST_CLASSES, balanced_indices, ingest
+from visionflow.data.fashion_mnist import FASHION_MNIST_CLASSES, balanced_indices
+from visionflow.data.ingest import ingest
 
 
 def test_balanced_indices_even_and_deterministic():

@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import make_folder_dataset, run_cli
 from visionflow.errors import DataError
+from visionflow.data import folder_source
 from visionflow.data import ingest as ingest_mod
 from visionflow.data.ingest import REVIEWED_PREFIX, ingest
 
@@ -52,13 +53,13 @@ def _bad_names(n: int, seed: int) -> list[str]:
 
 
 def test_class_name_rule_accepts_plain_text_in_any_script():
-    assert [n for n in GOOD if ingest_mod.class_name_problem(n)] == []
+    assert [n for n in GOOD if folder_source.class_name_problem(n)] == []
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_class_name_rule_refuses_every_unsafe_name(seed):
     for name in _bad_names(40, seed):
-        problem = ingest_mod.class_name_problem(name)
+        problem = folder_source.class_name_problem(name)
         assert problem and "\n" not in problem, repr(name)
 
 
@@ -69,7 +70,7 @@ def test_class_name_rule_never_lets_markup_or_control_through():
     accepted = 0
     for _ in range(3000):
         name = "".join(r.choice(alphabet) for _ in range(r.randint(1, 8)))
-        if ingest_mod.class_name_problem(name) is None:
+        if folder_source.class_name_problem(name) is None:
             accepted += 1
             assert not set(name) & set(HOSTILE), repr(name)
             assert name[0] not in ". -_" and name[-1] not in ". "
@@ -252,7 +253,7 @@ def test_flat_names_are_unique_without_case_and_outside_the_reviewed_namespace(s
     r = random.Random(seed)
     parts = ["a", "A", "sub", "SUB", "a__b", "reviewed", "reviewed__a", "x~1", "b.png", "B.png", "a.png"]
     rels = sorted({tuple(r.choice(parts) for _ in range(r.randint(1, 3))) for _ in range(60)})
-    names = ingest_mod.flat_names(rels)
+    names = folder_source.flat_names(rels)
     assert len({n.casefold() for n in names}) == len(rels)
     assert not any(n.casefold().startswith(REVIEWED_PREFIX) for n in names)
-    assert names == ingest_mod.flat_names(rels)  # the same source always gets the same names
+    assert names == folder_source.flat_names(rels)  # the same source always gets the same names

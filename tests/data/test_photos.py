@@ -11,9 +11,10 @@ from PIL import Image
 
 from visionflow.data import photos
 from visionflow.data.imageio import DecodeRules, open_guarded, to_array
-from visionflow.data.ingest import FASHION_MNIST_CLASSES, ingest, load_fashion_mnist, locate_fashion_mnist
+from visionflow.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, locate_fashion_mnist
+from visionflow.data.ingest import ingest
 
-RULES = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
+RULES = DecodeRules.accepted()
 SMALL = (((1280, 960), 0.8), ((960, 1280), 0.2))  # camera-size, but the cheapest of them
 
 

@@ -17,14 +17,14 @@ import pandas as pd
 import pytest
 
 from visionflow.data import photos
-from visionflow.data.cache import (
-    TOLERANCE_MEAN, TOLERANCE_P99, TorchJpegDecoder, _Chunk, _Target, nvjpeg_available,
-)
 from visionflow.data.cache import build_cache
+from visionflow.data.cache_decode import (
+    TOLERANCE_MEAN, TOLERANCE_P99, Chunk, Target, TorchJpegDecoder, nvjpeg_available,
+)
 from visionflow.data.imageio import DecodeRules, decode_for_model
 
 CLASSES = ["bag", "coat", "shoe"]
-RULES = DecodeRules(max_pixels=200_000_000, max_bytes=1 << 30)
+RULES = DecodeRules.accepted()
 # (kind, width, height, orientation): mostly plain 1280x960 JPEGs, and every way a camera or an editor stores one
 LAYOUT = ([("jpeg", 1280, 960, 1)] * 12 + [("jpeg", 960, 1280, 1), ("jpeg", 1600, 1200, 1)]
           + [("exif", 1280, 960, o) for o in (3, 6, 8)] + [("cmyk", 1280, 960, 1)] * 2 + [("png16", 1280, 960, 1)] * 2)
@@ -76,7 +76,7 @@ def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 @pytest.mark.parametrize("channels", [3, 1])
 def test_decode_paths_give_the_same_pixels_within_the_stated_tolerance(camera, channels):
     datas = [Path(r["path"]).read_bytes() for r in camera["rows"]]
-    target = _Target(224, channels, RULES)
+    target = Target(224, channels, RULES)
     batched = TorchJpegDecoder(target, device="cpu")  # the nvJPEG path's code, on torchvision's CPU decoder
     taken = [batched._takes(d) for d in datas]
     assert sum(taken) == 14  # the plain JPEGs; EXIF-turned, CMYK and PNG go the CPU way
@@ -131,9 +131,9 @@ def test_a_truncated_and_a_30000_px_photo_are_quarantined_not_fatal(camera, tmp_
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("left out" in m for m in warned) == 3 and any("truncated.jpg (corrupt_data" in m for m in warned)
     # the batched (nvJPEG) path sends what it cannot trust to the CPU decoder, which gives the same reasons
-    batched = TorchJpegDecoder(_Target(224, 3, RULES), device="cpu")
+    batched = TorchJpegDecoder(Target(224, 3, RULES), device="cpu")
     out = np.zeros((17, 224, 224, 3), np.uint8)  # manifest rows 5-21: the three bad ones and reference rows 5-18
-    record = batched.decode_chunk(out, _Chunk(0, 0, tuple(r["path"] for r in rows[5:22])))
+    record = batched.decode_chunk(out, Chunk(0, 0, tuple(r["path"] for r in rows[5:22])))
     assert {Path(q["path"]).name: q["reason"] for q in record["quarantined"]} == reasons
     good = [r for r in range(len(out)) if r not in {q["row"] for q in record["quarantined"]}]
     assert len(good) == 14
@@ -146,13 +146,14 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import visionflow.data.cache as cache
+import visionflow.data.cache_decode as cache_decode
 
-real = cache.decode_chunk
+real = cache_decode.decode_chunk
 def slowed(*args, **kwargs):  # the real decode, slowed so the parent can kill the build half-way, mid-chunk
     out = real(*args, **kwargs)
     time.sleep(0.2)
     return out
-cache.decode_chunk = slowed
+cache_decode.decode_chunk = slowed
 cache.build_cache(Path(sys.argv[1]), Path(sys.argv[2]), classes={classes!r}, image_size=224, channels=3,
                   workers=1, chunk_size=2)
 """

@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 from tests.helpers import png_header_only
-from visionflow.data.imageio import DecodeRules, RejectedImage, image_properties, open_guarded, to_array
+from visionflow.data.imageio import (
+    DecodeRules, RejectedImage, image_properties, open_checked, open_guarded, to_array,
+)
 
 RULES = DecodeRules(max_pixels=10_000_000, timeout_s=5)
 
@@ -31,6 +33,21 @@ def test_rejections_have_reasons():
     assert reason(encode(Image.new("L", (32, 32)), "GIF")) == "format_not_allowed"
     assert reason(good, DecodeRules(min_width=64, min_height=64)) == "too_small"
     assert reason(good, DecodeRules(max_bytes=10)) == "file_too_large"
+
+
+def test_pillows_own_bomb_guard_is_left_on_and_ours_decides():
+    import subprocess
+    import sys
+
+    # in a fresh interpreter: importing the module changes nothing of Pillow's for the rest of the process
+    code = "import visionflow.data.imageio; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == 1024 * 1024 * 1024 // 4 // 3  # Pillow's default
+    limit = Image.MAX_IMAGE_PIXELS
+    header = png_header_only(15_000, 15_000)  # 225 MP: over twice Pillow's limit, where Pillow itself refuses
+    assert open_checked(header, DecodeRules(max_pixels=300_000_000)).size == (15_000, 15_000)
+    assert reason(header, DecodeRules(max_pixels=200_000_000)) == "too_many_pixels"
+    assert Image.MAX_IMAGE_PIXELS == limit
 
 
 def test_truncated_jpeg_is_rejected():

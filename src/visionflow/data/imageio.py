@@ -11,16 +11,18 @@ import contextlib
 import hashlib
 import io
 import signal
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Pillow's own bomb check is replaced by ours (per-call limit, a reason instead of a warning or an exception).
-Image.MAX_IMAGE_PIXELS = None
+if TYPE_CHECKING:
+    from visionflow.config import ServeParams, ValidateParams
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,23 @@ class DecodeRules:
     max_width: int = 65535
     max_height: int = 65535
     timeout_s: float = 10.0
+
+    @classmethod
+    def from_params(cls, validation: ValidateParams, serve: ServeParams | None = None) -> DecodeRules:
+        """The pipeline's rules (validation, the drift check) from the validate section; with `serve`, the server's:
+        the same formats, and the serve section's limits on pixels, upload size and time. Size bounds are judged by
+        validation's expectation suite, so they are recorded there rather than rejected here."""
+        if serve is not None:
+            return cls(allowed_formats=tuple(validation.allowed_formats), max_pixels=serve.max_pixels,
+                       max_bytes=int(serve.max_upload_mb * 1024 * 1024), timeout_s=serve.request_timeout_s)
+        return cls(allowed_formats=tuple(validation.allowed_formats), max_pixels=validation.max_pixels,
+                   max_bytes=int(validation.max_file_mb * 1024 * 1024), timeout_s=validation.decode_timeout_s)
+
+    @classmethod
+    def accepted(cls) -> DecodeRules:
+        """For images validation has already accepted (the training cache, benchmarks): generous limits, since the
+        pipeline's own were applied when they were accepted."""
+        return cls(max_pixels=200_000_000, max_bytes=1 << 30)
 
 
 class RejectedImage(Exception):
@@ -91,8 +110,8 @@ def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
         raise RejectedImage("file_too_large", f"{len(data)} bytes > limit {rules.max_bytes}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning: our limit, checked below, decides
+            img = _open(data)
     except UnidentifiedImageError:
         raise RejectedImage("not_an_image", "no known image format recognised in the bytes") from None
     except Exception as exc:  # Pillow raises many types for malformed headers
@@ -108,6 +127,27 @@ def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
     if width > rules.max_width or height > rules.max_height:
         raise RejectedImage("too_large", f"{width}x{height} above {rules.max_width}x{rules.max_height}")
     return img
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open, whose own bomb check refuses anything over twice Image.MAX_IMAGE_PIXELS (left as Pillow sets it:
+    the process's other Image.open calls keep their guard). Ours (rules.max_pixels, in open_checked) is the one that
+    decides, so an image Pillow refuses has its header read again by its format's plugin, which does not check."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        pass
+    Image.init()
+    fp = io.BytesIO(data)
+    for fmt in Image.ID:  # the order Image.open tries the formats in
+        factory, accept = Image.OPEN[fmt]
+        if accept is None or accept(data[:16]) is True:
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+                continue
+    raise UnidentifiedImageError("no plugin reads the header Pillow's bomb check refused")
 
 
 # Modes whose pixels Image.reduce averages as to_array reads them (16-bit modes are left at full size).

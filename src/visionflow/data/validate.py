@@ -21,7 +21,8 @@ import pandas as pd
 
 from visionflow.config import ValidateParams
 from visionflow.errors import DataError
-from visionflow.data.ingest import check_class_names
+from visionflow.paths import ProjectPaths
+from visionflow.data.folder_source import check_class_names
 from visionflow.data.imageio import (
     DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
 )
@@ -40,14 +41,6 @@ TEXT_COLUMNS = {c: str for c in ("path", "label", "sha256", "original_path", "qu
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest or reasons CSV written by this package, with text columns kept as text."""
     return pd.read_csv(path, dtype=TEXT_COLUMNS, keep_default_na=False, na_values={"detail": [""]})
-
-
-def decode_rules(cfg: ValidateParams) -> DecodeRules:
-    return DecodeRules(
-        allowed_formats=tuple(cfg.allowed_formats), max_pixels=cfg.max_pixels,
-        max_bytes=int(cfg.max_file_mb * 1024 * 1024), timeout_s=cfg.decode_timeout_s,
-        # Size bounds are judged by the expectation suite, so they are recorded here rather than rejected.
-    )
 
 
 def failure_detail(exc: BaseException) -> str:
@@ -149,11 +142,14 @@ class SuiteOutcome:
 
 
 def _gx_context():
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (
+        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+    )
 
-    ctx = gx.get_context(mode="ephemeral")
+    # analytics off in the context's own config: the GX_ANALYTICS_ENABLED variable is the entry point's to set
+    config = DataContextConfig(analytics_enabled=False, store_backend_defaults=InMemoryStoreBackendDefaults())
+    ctx = gx.get_context(mode="ephemeral", project_config=config)
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return gx, ctx
 
@@ -245,25 +241,21 @@ def _label_conflicts(df: pd.DataFrame) -> pd.Series:
 
 
 def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels: list[str] | None = None,
-             data_version: str | None = None, workers: int | None = None,
-             progress: Progress | None = None) -> ValidationResult:
+             data_version: str | None = None, workers: int | None = None, progress: Progress | None = None,
+             project: ProjectPaths | None = None) -> ValidationResult:
+    """project: the manifest, reasons.csv and the report store paths relative to its root (None: as listed)."""
     raw_dir = Path(raw_dir)
-    df = build_manifest(raw_dir, decode_rules(cfg), workers=workers, progress=progress)
+    df = build_manifest(raw_dir, DecodeRules.from_params(cfg), workers=workers, progress=progress)
+    if project is not None:
+        df["path"] = df["path"].map(project.relative)
     df["label_conflict"] = _label_conflicts(df)
     known = sorted(labels) if labels else sorted(df["label"].unique())
 
     images = run_suite("images", df, "path", image_checks(cfg, known))
-    reason_of: dict[str, str] = {}
-    for reason, paths in images.failing.items():
-        for p in paths:
-            reason_of.setdefault(p, reason)  # first failing expectation wins; the suite result keeps them all
-    df["quarantine_reason"] = df["path"].map(reason_of).astype(object)
-    undecodable = df["quarantine_reason"] == "undecodable"
-    df.loc[undecodable, "quarantine_reason"] = df.loc[undecodable, "decode_error"].fillna("undecodable")
-
+    df["quarantine_reason"] = _quarantine_reasons(df, images)
     accepted = df[df["quarantine_reason"].isna()].copy()
     rejected = df[df["quarantine_reason"].notna()].copy()
-    _write_quarantine(rejected, raw_dir, cfg.quarantine_dir)
+    _write_quarantine(rejected, Path(cfg.quarantine_dir), project)
 
     counts = accepted.groupby("label").size().reindex(known, fill_value=0)
     class_df = pd.DataFrame({"label": counts.index, "count": counts.values})
@@ -280,12 +272,9 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
 
     manifest_path = Path(manifest_path)
     manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    cols = [c for c in MANIFEST_COLUMNS if c not in ("decodable", "decode_error")]
-    accepted[cols].to_csv(manifest_path, index=False)
+    accepted[[c for c in MANIFEST_COLUMNS if c not in ("decodable", "decode_error")]].to_csv(manifest_path, index=False)
 
     by_reason = rejected["quarantine_reason"].value_counts().to_dict()
-    report_dir = Path(cfg.report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "success": not problems, "data_version": data_version, "n_images": len(df), "n_accepted": len(accepted),
         "n_quarantined": len(rejected), "quarantined_fraction": fraction, "quarantined_by_reason": by_reason,
@@ -294,30 +283,46 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
         .fillna("").to_dict(orient="records"),
         "suites": {"images": images.results, "classes": classes.results},
     }
-    (report_dir / "validation.json").write_text(json.dumps(summary, indent=2, default=str))
-    (report_dir / "great_expectations.json").write_text(
-        json.dumps({"images": images.raw, "classes": classes.raw}, indent=1, default=str))
-    (report_dir / "index.html").write_text(_render_html(summary))
-    result = ValidationResult(
-        n_images=len(df), n_accepted=len(accepted), n_quarantined=len(rejected),
-        quarantined_by_reason={str(k): int(v) for k, v in by_reason.items()},
-        class_counts=summary["class_counts"], manifest_path=str(manifest_path),
-        report_json=str(report_dir / "validation.json"), report_html=str(report_dir / "index.html"),
-        success=not problems,
-    )
+    report_dir = _write_reports(Path(cfg.report_dir), summary, images, classes)
     if problems:
         raise DataError("validation failed:\n  " + "\n  ".join(problems)
                         + f"\nQuarantined files are in {cfg.quarantine_dir}/ (reasons.csv says why); "
                         + f"the full report is {report_dir / 'index.html'}")
-    return result
+    return ValidationResult(
+        n_images=len(df), n_accepted=len(accepted), n_quarantined=len(rejected),
+        quarantined_by_reason={str(k): int(v) for k, v in by_reason.items()},
+        class_counts=summary["class_counts"], manifest_path=str(manifest_path),
+        report_json=str(report_dir / "validation.json"), report_html=str(report_dir / "index.html"), success=True,
+    )
 
 
-def _write_quarantine(rejected: pd.DataFrame, raw_dir: Path, qdir: Path) -> None:
-    qdir = Path(qdir)
+def _quarantine_reasons(df: pd.DataFrame, images: SuiteOutcome) -> pd.Series:
+    """Each row's quarantine reason (None: accepted): its first failing expectation (the suite result keeps them
+    all), and for an undecodable image the decoder's own reason."""
+    reason_of: dict[str, str] = {}
+    for reason, paths in images.failing.items():
+        for p in paths:
+            reason_of.setdefault(p, reason)
+    reasons = df["path"].map(reason_of).astype(object)
+    undecodable = reasons == "undecodable"
+    reasons[undecodable] = df.loc[undecodable, "decode_error"].fillna("undecodable")
+    return reasons
+
+
+def _write_reports(report_dir: Path, summary: dict[str, Any], images: SuiteOutcome, classes: SuiteOutcome) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "validation.json").write_text(json.dumps(summary, indent=2, default=str))
+    (report_dir / "great_expectations.json").write_text(
+        json.dumps({"images": images.raw, "classes": classes.raw}, indent=1, default=str))
+    (report_dir / "index.html").write_text(_render_html(summary))
+    return report_dir
+
+
+def _write_quarantine(rejected: pd.DataFrame, qdir: Path, project: ProjectPaths | None) -> None:
     shutil.rmtree(qdir, ignore_errors=True)  # derived from raw_dir, which still holds every original
     qdir.mkdir(parents=True, exist_ok=True)
     for row in rejected.itertuples():
-        src = Path(row.path)
+        src = project.resolve(row.path) if project else Path(row.path)
         dest = qdir / row.label / src.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -325,7 +330,8 @@ def _write_quarantine(rejected: pd.DataFrame, raw_dir: Path, qdir: Path) -> None
         except OSError:
             pass  # an unreadable file is still listed in reasons.csv
     out = rejected[["path", "label", "quarantine_reason", "decode_detail", "sha256", "file_size"]].copy()
-    out.insert(1, "quarantined_as", [str(qdir / r.label / Path(r.path).name) for r in rejected.itertuples()])
+    stored = [qdir / r.label / Path(r.path).name for r in rejected.itertuples()]
+    out.insert(1, "quarantined_as", [project.relative(q) if project else str(q) for q in stored])
     out.rename(columns={"path": "original_path", "quarantine_reason": "reason", "decode_detail": "detail"}) \
         .to_csv(qdir / "reasons.csv", index=False)
 

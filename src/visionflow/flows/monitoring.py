@@ -135,7 +135,7 @@ def drift_check_flow(params_path: str = "params.yaml", batch: str | None = None,
 
 @task
 def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, int]:
-    from visionflow.data.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES
+    from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
 
     classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
     counts = monitor.take_in_reviewed_batch(Path(batch), root / p.serve.reviewed_dir, classes)

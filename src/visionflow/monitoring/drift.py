@@ -31,13 +31,12 @@ import pandas as pd
 from visionflow.config import Params
 from visionflow.errors import DataError
 from visionflow.data.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, read_limited
+from visionflow.paths import ProjectPaths
 from visionflow.report import write_json_atomic
 from visionflow.data.validate import failure_detail
 
 # Tests that return a p-value (drift when below the threshold); every other method returns a distance.
 P_VALUE_METHODS = {"ks", "chisquare", "z", "t_test", "mannw", "anderson", "cramer_von_mises", "g_test"}
-DRIFT_DIR = Path("data/drift")
-REPORT_DIR = Path("reports/drift")
 VIEWS = ("properties", "embedding", "prediction")
 
 
@@ -51,12 +50,6 @@ class Features:
     rejected: list[dict[str, str]] | None = None
 
 
-def rules_for(p: Params) -> DecodeRules:
-    v = p.validation
-    return DecodeRules(allowed_formats=tuple(v.allowed_formats), max_pixels=v.max_pixels,
-                       max_bytes=int(v.max_file_mb * 1024 * 1024), timeout_s=v.decode_timeout_s)
-
-
 def load_champion(p: Params, root: Path):
     """(version, ONNX Runtime session, model card) of the registry's champion."""
     from visionflow.onnxrt import ort_session
@@ -68,7 +61,7 @@ def load_champion(p: Params, root: Path):
     if version is None:
         raise DataError(f"{p.registry.model_name} has no champion yet: run the training pipeline "
                         "(`make pipeline`) so there is a model to check drift against")
-    path, card = download_onnx(p.registry.model_name, version, dest=root / "models/drift" / f"v{version}")
+    path, card = download_onnx(p.registry.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}")
     return version, ort_session(path, accelerated=True), card
 
 
@@ -113,7 +106,8 @@ def reference_features(p: Params, root: Path, version: str, session, card) -> Fe
     """The champion's test split as the reference, cached per (champion version, test manifest, size cap)."""
     from visionflow.data.validate import read_manifest
 
-    test = root / p.data.splits_dir / "test.csv"
+    paths = ProjectPaths.of(p, root)
+    test = paths.splits / "test.csv"
     if not test.is_file():
         raise DataError(f"{test} not found: the reference is the test split; run the training pipeline first")
     manifest = read_manifest(test).sort_values("path").reset_index(drop=True)
@@ -121,14 +115,13 @@ def reference_features(p: Params, root: Path, version: str, session, card) -> Fe
         pick = np.sort(np.random.default_rng(p.base.seed).choice(len(manifest), p.drift.reference_size, replace=False))
         manifest = manifest.iloc[pick].reset_index(drop=True)
     key = hashlib.sha256(json.dumps([version, list(manifest["sha256"]), card.get("onnx_sha256")]).encode())
-    cache = root / DRIFT_DIR / f"reference-v{version}-{key.hexdigest()[:12]}.npz"
+    cache = paths.drift / f"reference-v{version}-{key.hexdigest()[:12]}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             frame = pd.DataFrame({c: z[c] for c in [*PROPERTY_NAMES, "confidence"]})
             frame["predicted_class"] = z["predicted_class"].astype(str)
             return Features(frame, z["embeddings"], labels=list(z["labels"].astype(str)))
-    paths = [Path(x) if Path(x).is_absolute() else root / x for x in manifest["path"]]
-    feats = extract(paths, session, card, rules_for(p))
+    feats = extract([paths.resolve(x) for x in manifest["path"]], session, card, DecodeRules.from_params(p.validation))
     if feats.rejected:
         raise DataError(f"{len(feats.rejected)} reference image(s) could not be read, e.g. {feats.rejected[0]}: "
                         "re-run `visionflow validate`")
@@ -246,7 +239,7 @@ def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[
     if not batch.images:
         raise DataError(f"batch {folder} holds no files: nothing to check (expected images, in {folder}/images/ "
                         "with labels.csv beside them, or one sub-folder per class)")
-    feats = extract(batch.images, session, card, rules_for(p))
+    feats = extract(batch.images, session, card, DecodeRules.from_params(p.validation))
     if batch.labels is not None:
         readable = {str(f) for f in batch.images} - {r["file"] for r in feats.rejected or []}
         feats.labels = [lab for f, lab in zip(batch.images, batch.labels) if str(f) in readable]
@@ -308,7 +301,7 @@ def check(p: Params, root: Path, *, batch: Path | None = None, log_path: Path | 
     t_extract = time.perf_counter() - start - t_ref
     rejected = cur.rejected or []
     n_ok = len(cur.frame)
-    out_dir = root / REPORT_DIR / name
+    out_dir = ProjectPaths.of(p, root).drift_reports / name
     base = {"batch": name, "source": source, "champion_version": version, "n_images": n_ok + len(rejected),
             "n_checked": n_ok, "n_unreadable": len(rejected), "unreadable": rejected[:100]}
     if n_ok < p.drift.min_batch_size:

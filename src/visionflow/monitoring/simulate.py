@@ -17,24 +17,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from visionflow.data import corruptions
 from visionflow.errors import DataError
+from visionflow.paths import ProjectPaths
 
-# Severity 1..5 -> the shift's strength. Chosen so that severity 1 is barely visible and 5 is severe.
-SHIFTS: dict[str, tuple[float, ...]] = {
-    "none": (0, 0, 0, 0, 0),
-    "darker": (0.8, 0.65, 0.5, 0.4, 0.3),         # lighting: pixel values scaled down
-    "brighter": (0.1, 0.2, 0.3, 0.4, 0.5),        # lighting: blend towards white (over-exposure)
-    "blur": (0.6, 0.9, 1.2, 1.6, 2.2),            # focus / motion: Gaussian sigma in pixels at 28 px
-    "jpeg": (60, 40, 25, 15, 8),                  # compression: JPEG quality (files are written as JPEG)
-    "noise": (6, 10, 16, 24, 32),                 # sensor noise: Gaussian std in grey levels
-    "color_cast": (0.1, 0.2, 0.3, 0.45, 0.6),     # white balance: blend towards an orange tint (RGB files)
-    "resolution": (1.5, 2.0, 2.5, 3.0, 4.0),      # a new camera: upscaled by this factor, bicubic
-}
+SHIFTS = corruptions.SHIFTS  # severity 1..5 -> each shift's strength (see visionflow.data.corruptions)
 SHIFT_HELP = ", ".join(SHIFTS)
 
 
@@ -48,37 +39,14 @@ class Batch:
 
 def apply_shift(img: np.ndarray, shift: str, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Shift one uint8 image (HxW grey or HxWx3). Returns uint8; colour_cast returns HxWx3."""
-    if shift not in SHIFTS:
-        raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
-    if not 1 <= severity <= 5:
-        raise DataError(f"severity must be 1..5, got {severity}")
-    s = SHIFTS[shift][severity - 1]
-    f = img.astype(np.float32)
-    if shift == "none" or shift == "jpeg":  # jpeg happens when the file is written
-        out = f
-    elif shift == "darker":
-        out = f * s
-    elif shift == "brighter":
-        out = f + (255.0 - f) * s
-    elif shift == "blur":
-        out = cv2.GaussianBlur(f, (0, 0), sigmaX=s)
-    elif shift == "noise":
-        out = f + rng.normal(0, s, f.shape)
-    elif shift == "color_cast":
-        rgb = np.repeat(f[..., None], 3, axis=2) if f.ndim == 2 else f
-        tint = np.array([255.0, 160.0, 60.0], dtype=np.float32)
-        out = rgb * (1 - s) + (rgb / 255.0) * tint * s + tint * s * 0.15
-    elif shift == "resolution":
-        h, w = f.shape[:2]
-        out = cv2.resize(f, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
-    return np.clip(out, 0, 255).round().astype(np.uint8)
+    return corruptions.corrupter(SHIFTS, shift, severity, rng, kind="shift")(img)
 
 
 def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
     pil = Image.fromarray(img)
     buf = io.BytesIO()
     if shift == "jpeg":
-        pil.save(buf, "JPEG", quality=int(SHIFTS["jpeg"][severity - 1]))
+        pil.save(buf, "JPEG", quality=int(SHIFTS["jpeg"].severities[severity - 1]))
         return buf.getvalue(), "jpg"
     pil.save(buf, "PNG")
     return buf.getvalue(), "png"
@@ -86,25 +54,20 @@ def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
 
 def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | None, list[str], str]:
     """Images nobody trained on: (arrays or None, paths or None, labels, description)."""
-    from visionflow.data.ingest import FASHION_MNIST, FASHION_MNIST_CLASSES, _IDX_FILES, _read_idx, balanced_indices
-    from visionflow.data.ingest import locate_fashion_mnist
+    from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES, not_ingested
 
+    paths = ProjectPaths.of(p, root)
     if p.data.source == FASHION_MNIST and p.data.max_images is not None:
-        idx_dir = locate_fashion_mnist(root / "data/external")
-        images = np.concatenate([_read_idx(idx_dir / _IDX_FILES[0]), _read_idx(idx_dir / _IDX_FILES[2])])
-        labels = np.concatenate([_read_idx(idx_dir / _IDX_FILES[1]), _read_idx(idx_dir / _IDX_FILES[3])])
-        used = np.zeros(len(labels), bool)
-        used[balanced_indices(labels, p.data.max_images, p.base.seed)] = True
-        keep = np.flatnonzero(~used)
-        return ([images[i] for i in keep], None, [FASHION_MNIST_CLASSES[int(labels[i])] for i in keep],
-                f"fashion-mnist images not ingested ({len(keep)})")
-    test = root / p.data.splits_dir / "test.csv"
+        images, labels = not_ingested(paths.external, p.data.max_images, p.base.seed)
+        return (list(images), None, [FASHION_MNIST_CLASSES[int(k)] for k in labels],
+                f"fashion-mnist images not ingested ({len(labels)})")
+    test = paths.splits / "test.csv"
     if not test.is_file():
         raise DataError(f"{test} not found: run `visionflow split` (or the pipeline) before simulating batches")
     from visionflow.data.validate import read_manifest
 
     m = read_manifest(test)
-    return None, [Path(x) if Path(x).is_absolute() else root / x for x in m["path"]], list(m["label"]), \
+    return None, [paths.resolve(x) for x in m["path"]], list(m["label"]), \
         f"test split ({len(m)})"
 
 
@@ -201,7 +164,7 @@ def load_batch(folder: Path) -> Batch:
         by_file = dict(zip(table["file"], table["label"]))
         labels = [by_file.get(f.name) for f in files]
     elif not files and images_dir == folder and any(p.is_dir() for p in folder.iterdir()):
-        from visionflow.data.ingest import scan_source  # the same walk, symlink and class-name rules as ingest
+        from visionflow.data.folder_source import scan_source  # the same walk, symlink and class-name rules as ingest
 
         scan = scan_source(folder.resolve())
         files, labels = [f.path for f in scan.files], [f.label for f in scan.files]

@@ -41,8 +41,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     holder = holder or ChampionHolder(p.registry.model_name, cache_dir=paths.serving_models)
     queue = ReviewQueue(paths.review, paths.reviewed)
     log = PredictionLog(paths.prediction_log)
-    rules = DecodeRules(allowed_formats=tuple(p.validation.allowed_formats), max_pixels=cfg.max_pixels,
-                        max_bytes=int(cfg.max_upload_mb * 1024 * 1024), timeout_s=cfg.request_timeout_s)
+    rules = DecodeRules.from_params(p.validation, cfg)
     metrics = ServingMetrics()
     require_token, require_token_page = token_dependencies(bearer_token(cfg.auth_token_env))
     batcher = Batcher(BatchInference(cfg, rules, queue, log), max_jobs=cfg.max_concurrency,

@@ -26,6 +26,7 @@ from visionflow.data.cache import CachedSplit, build_cache
 from visionflow.config import AugmentParams
 from visionflow.errors import DataError
 from visionflow.data.validate import read_manifest
+from visionflow.paths import ProjectPaths
 
 
 def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.Compose:
@@ -89,7 +90,8 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 class ImageDataModule(L.LightningDataModule):
     def __init__(self, *, splits_dir: Path, cache_dir: Path, classes: list[str], image_size: int, channels: int,
-                 batch_size: int, num_workers: int, augment: AugmentParams, seed: int):
+                 batch_size: int, num_workers: int, augment: AugmentParams, seed: int,
+                 project: ProjectPaths | None = None):
         super().__init__()
         self.splits_dir = Path(splits_dir)
         self.cache_dir = Path(cache_dir)
@@ -100,6 +102,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.augment = augment
         self.seed = seed
+        self.project = project  # the manifests' relative paths are resolved against its root
         self.splits: dict[str, CachedSplit] = {}
         self.loaders: dict[str, DataLoader] = {}
 
@@ -113,7 +116,8 @@ class ImageDataModule(L.LightningDataModule):
             if not manifest.is_file():
                 raise DataError(f"{manifest} not found: run `visionflow split` first")
             self.splits[name] = build_cache(manifest, self.cache_dir, classes=self.classes,
-                                            image_size=self.image_size, channels=self.channels)
+                                            image_size=self.image_size, channels=self.channels,
+                                            project=self.project)
         return self.splits[name]
 
     def setup(self, stage: str | None = None) -> None:

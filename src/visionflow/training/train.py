@@ -28,6 +28,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from visionflow.config import Params, TrainParams
 from visionflow.training.datamodule import ImageDataModule, class_names, decide_input
 from visionflow.training.model import ImageClassifier
+from visionflow.paths import ProjectPaths
 from visionflow.report import write_json_atomic
 from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name, setup_mlflow, tracking_uri
 
@@ -289,7 +290,8 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
 
     dm = ImageDataModule(splits_dir=splits_dir, cache_dir=cache_dir or root / "data/cache", classes=classes,
                          image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
-                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed)
+                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed,
+                         project=ProjectPaths.of(p, root))
     dm.prepare_data()  # the decode-once cache: built here, timed as the run's cache seconds
     cache_done = time.perf_counter()
     per_node = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
