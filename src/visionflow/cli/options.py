@@ -21,7 +21,7 @@ class Invocation:
     params_path: Path = Path("params.yaml")
     overrides: list[str] = field(default_factory=list)
     as_json: bool = False
-    mlflow_ready: bool = False
+    mlflow_ready: bool = field(default=False, init=False, repr=False)
 
     @property
     def root(self) -> Path:
