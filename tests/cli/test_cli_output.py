@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,79 @@ def test_every_command_documents_the_global_options(project, capsys):
         for opt in ("--set", "--params", "--json"):
             assert opt in text, f"`visionflow {name} --help` does not list {opt}"
 
+
+
+# --- stage results: a mapping or a frozen dataclass prints the same; MLflow set up by the command --------------
+
+
+@dataclass(frozen=True)
+class _Exported:  # the shape of a stage's typed result
+    onnx_path: str
+    passed: bool
+    max_abs_diff: float
+    top1_agreement: float
+    ort_ms_b1: float
+    torch_ms_b1: float
+    ort_ms_b32: float
+    torch_ms_b32: float
+    card: dict
+
+
+def test_a_stage_result_prints_the_same_as_a_mapping_or_a_dataclass(project, capsys, monkeypatch):
+    from visionflow import stages
+    from visionflow.config import load_params
+    from visionflow.registry import tracking
+
+    calls = []
+    monkeypatch.setattr(tracking, "setup_mlflow", lambda *args: calls.append(args))
+    fields = dict(onnx_path="models/onnx/model.onnx", passed=True, max_abs_diff=1.234567e-06, top1_agreement=1.0,
+                  ort_ms_b1=0.51234, torch_ms_b1=2.0, ort_ms_b32=3.0, torch_ms_b32=40.0, card={"classes": ["a"]})
+    printed = {}
+    for kind, result in (("mapping", fields), ("dataclass", _Exported(**fields))):
+        monkeypatch.setattr(stages, "export_stage", lambda p, root, result=result: result)
+        for argv in (["export"], ["export", "--json"]):
+            assert main(argv) == 0, capsys.readouterr().err
+            printed[kind, argv[-1]] = capsys.readouterr().out
+    assert printed["mapping", "export"] == printed["dataclass", "export"]
+    assert "1.235e-06" in printed["dataclass", "export"] and "card" not in printed["dataclass", "export"]
+    assert printed["mapping", "--json"] == printed["dataclass", "--json"]
+    assert json.loads(printed["dataclass", "--json"])["onnx_path"] == fields["onnx_path"]
+    # each command line sets MLflow up once, with the arguments the library used
+    p = load_params(project / "params.yaml")
+    assert calls == [(p.registry.tracking_uri, project.resolve(), p.base.project, p.registry.artifact_location)] * 4
+
+
+def test_a_promotion_decision_dataclass_prints_its_gates_and_exits_1_when_refused(project, capsys, monkeypatch):
+    from visionflow import stages
+    from visionflow.registry import tracking
+    from visionflow.registry.store import Decision, Gate
+
+    monkeypatch.setattr(tracking, "setup_mlflow", lambda *args: None)
+    decision = Decision(model="m", version="2", promoted=False, champion_before="1", champion_after="1",
+                        gates=[Gate("parity", True, "max |diff| 1e-06"), Gate("accuracy", False, "0.80 < 0.85")])
+    monkeypatch.setattr(stages, "promote_stage", lambda p, root, version: decision)
+    assert main(["promote"]) == 1
+    text = capsys.readouterr().out
+    assert "m v2: REFUSED" in text and "accuracy\tFAIL\t0.80 < 0.85" in text and "champion before: 1" in text
+    assert main(["promote", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["reasons"] == ["accuracy: 0.80 < 0.85"]  # Decision.as_dict's
+
+
+def test_an_interrupted_command_exits_130_with_a_hint(project, capsys, monkeypatch):
+    from visionflow import stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "split_stage", interrupted)
+    assert main(["split"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli(project):
+    proc = subprocess.run([sys.executable, "-m", "visionflow.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "check-params" in proc.stdout, proc.stderr
 
 # --- piped output, through the real command with stdout a pipe ---------------------------------------------
 
