@@ -254,3 +254,24 @@ def test_an_unexpected_failure_is_one_line_and_exit_2_not_1(registry_project, ca
 
     assert cli.main(["--params", str(proj / "params.yaml"), "lineage", f"{name}@champion"]) == 2
     assert "Traceback" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle, command", [
+    (["--bogus"], "No such option: --bogus", "visionflow"),
+    (["train", "--nope"], "No such option: --nope", "visionflow train"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'", "visionflow"),
+    (["lineage"], "Missing argument", "visionflow lineage"),
+    (["--set"], "requires an argument", "visionflow"),
+    (["drift", "--batch", "x"], "No such option: --batch", "visionflow drift"),
+    (["serve", "--port", "eighty"], "Invalid value for '--port'", "visionflow serve"),
+    (["--params"], "requires an argument", "visionflow"),
+])
+def test_a_mistyped_command_line_is_one_line_naming_the_help_to_read(capfd, args, needle, command):
+    from visionflow import cli
+
+    rc = cli.main(args)
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert f"`{command} --help`" in lines[0], err

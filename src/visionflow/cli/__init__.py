@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_env()  # before any command imports albumentations (here and in loader workers)
     try:
-        app(args=argv)  # standalone mode: prints usage errors, and ends every run with SystemExit
+        app(args=argv, prog_name="visionflow")  # standalone mode: prints usage errors, and ends every run with SystemExit
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

@@ -1,6 +1,7 @@
 """The Typer app and its group class: global options anywhere on the line, and every failure one line and exit 2.
 
-Typer's standalone mode does the rest (usage errors, exit codes, broken pipes). Exit 2, never 1, for any error,
+Typer's standalone mode does the rest (exit codes, help, broken pipes); a usage error is one line too, naming
+the command whose --help explains it. Exit 2, never 1, for any error,
 because exit 1 means "refused" to `promote` and "drifted" to `drift`.
 """
 
@@ -12,6 +13,11 @@ from typing import Any
 
 import typer
 from typer.core import TyperGroup
+
+try:  # typer raises the exceptions of the copy of click it vendors (typer._click), not click's own
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # typer releases that use click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from visionflow.cli.options import after_command, global_options
 from visionflow.cli.output import console, error_line
@@ -34,11 +40,19 @@ class VisionflowGroup(TyperGroup):
             taken = {opt for param in command.params for opt in param.opts}
             command.params.extend(after_command(param) for param in self.params if not taken & set(param.opts))
 
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:  # the options before the command are parsed here
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as exc:
+            raise typer.Exit(_usage(exc)) from None
+
     def invoke(self, ctx: Any) -> Any:
-        try:
+        try:  # the command's own options are parsed in here, then it runs
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, typer.TyperException):
-            raise  # exit codes and usage errors (typer.TyperException is click's ClickException): standalone mode
+        except UsageError as exc:
+            raise typer.Exit(_usage(exc)) from None
+        except (typer.Exit, typer.Abort, ClickException):
+            raise  # exit codes, Ctrl-D, other click errors: standalone mode
         except VisionflowError as exc:  # bad params, missing data, failed validation: the message says what to do
             error_line(str(exc))
             raise typer.Exit(2) from None
@@ -47,6 +61,17 @@ class VisionflowGroup(TyperGroup):
             raise typer.Exit(130) from None
         except Exception as exc:
             raise typer.Exit(_unexpected(exc)) from None
+
+
+def _usage(exc: UsageError) -> int:
+    """A mistyped command line: one line (click prints three, Typer a box) and click's exit code, 2. Without
+    arguments a group shows its help instead (click raises that as a usage error too)."""
+    if isinstance(exc, NoArgsIsHelpError):
+        exc.show()
+        return exc.exit_code
+    command = exc.ctx.command_path if exc.ctx else "visionflow"
+    error_line(f"{exc.format_message()} (see `{command} --help`)")
+    return exc.exit_code
 
 
 def _unexpected(exc: Exception) -> int:
