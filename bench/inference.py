@@ -49,7 +49,7 @@ def _classes() -> list[str]:
 def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels: int) -> list[dict[str, Any]]:
     import torch
 
-    from visionflow.registry.export import ort_session
+    from visionflow.onnxrt import ort_session
 
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
@@ -214,7 +214,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
     from visionflow.data.imageio import decode_for_model
-    from visionflow.registry.export import ort_session
+    from visionflow.onnxrt import ort_session
     from visionflow.data.imageio import DecodeRules
 
     proj, p = _project(ctx)
