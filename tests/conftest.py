@@ -130,3 +130,11 @@ def register_champion(proj: Path, p, classes: list[str], *, channels: int = 1, i
                             mlflow_run_id=run.info.run_id, tags=tags or {}, metrics=metrics or {})
     apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
     return version
+
+
+def use_mlflow(p, proj: Path) -> str:
+    """MLflow pointed at the project's store, as every entry point does once (stage functions assume it);
+    returns the experiment id."""
+    from visionflow.registry.tracking import setup_mlflow
+
+    return setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)
