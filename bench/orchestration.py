@@ -191,7 +191,8 @@ class CallTimer:
 
 @contextlib.contextmanager
 def timed_mlflow(timer: CallTimer):
-    """Time every MlflowClient method, the Lightning MLFlowLogger's methods and visionflow's setup_mlflow."""
+    """Time every MlflowClient method and the Lightning MLFlowLogger's methods (train() itself sets nothing up: the
+    store is set up once, before the timed runs)."""
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.tracking import MlflowClient
 
@@ -208,8 +209,7 @@ def timed_mlflow(timer: CallTimer):
         def experiment(self):
             return timer.wrap(MLFlowLogger.experiment.fget)(self)
 
-    patches = [mock.patch.object(vtrain, "MLFlowLogger", TimedMLFlowLogger),
-               mock.patch.object(vtrain, "setup_mlflow", timer.wrap(vtrain.setup_mlflow))]
+    patches = [mock.patch.object(vtrain, "MLFlowLogger", TimedMLFlowLogger)]
     for name in dir(MlflowClient):
         attr = inspect.getattr_static(MlflowClient, name)
         if not name.startswith("_") and inspect.isfunction(attr):  # plain methods (no static/class methods)
@@ -221,7 +221,7 @@ def timed_mlflow(timer: CallTimer):
 
 
 def null_logger_patches():
-    """visionflow.training.train with a no-op logger (and no MLflow set-up): the training run without MLflow."""
+    """visionflow.training.train with a no-op logger: the training run without MLflow."""
     from lightning.pytorch.loggers.logger import Logger
 
     import visionflow.training.train as vtrain
@@ -247,6 +247,10 @@ def null_logger_patches():
             return "bench-null-run"
 
         @property
+        def experiment_id(self) -> str:
+            return "0"
+
+        @property
         def experiment(self):
             return _NoClient()
 
@@ -256,8 +260,7 @@ def null_logger_patches():
         def log_hyperparams(self, params, *args, **kwargs) -> None:
             pass
 
-    return [mock.patch.object(vtrain, "MLFlowLogger", NullLogger),
-            mock.patch.object(vtrain, "setup_mlflow", lambda *a, **k: "0")]
+    return [mock.patch.object(vtrain, "MLFlowLogger", NullLogger)]
 
 
 def mlflow_row(ctx: Context) -> dict[str, Any]:
@@ -281,7 +284,8 @@ def mlflow_row(ctx: Context) -> dict[str, Any]:
         build_cache(data.splits_dir / f"{split}.csv", data.cache_dir, classes=data.classes,
                     image_size=cfg.image_size, channels=cfg.channels)
     with silenced(logs=True):
-        setup_mlflow(p.registry.tracking_uri, proj, p.base.project)  # creates the store (migrations) once
+        # the entry point's one set-up: creates the store (migrations) once, outside the timed runs
+        setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)
     steps_per_epoch = -(-data.counts["train"] // cfg.batch_size)
     max_steps = steps_per_epoch * 2
     counter = {"n": 0}

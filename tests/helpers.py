@@ -235,3 +235,11 @@ def champion_project(root: Path) -> tuple[Path, str]:
     register_champion(proj, p, list(CLASSES), tags={"visionflow.data_version": "dv-test"},
                       metrics={"test_accuracy": 0.8733333333})
     return proj, str(batch)
+
+
+def use_mlflow(p, proj: Path) -> str:
+    """MLflow pointed at the project's store, as every entry point does once (stage functions assume it);
+    returns the experiment id."""
+    from visionflow.registry.tracking import setup_mlflow
+
+    return setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from visionflow.config import Params
 
+MLRUNS = "mlruns"  # the local MLflow store (registry.tracking's default) and the promotion lock
+
 
 @dataclass(frozen=True)
 class ProjectPaths:
@@ -36,6 +38,7 @@ class ProjectPaths:
     registry_report: Path
     mlruns: Path  # the local MLflow store (SQLite + artifacts) and the promotion lock
     pipeline_report: Path
+    retrain_report: Path  # the retraining flow's pipeline report
     # serving
     serving_models: Path
     review: Path
@@ -62,8 +65,8 @@ class ProjectPaths:
             checkpoint=at("models/model.ckpt"), train_report=at("reports/train.json"),
             evaluation_reports=at(p.evaluate.report_dir), warm_start=at("models/warm_start"),
             onnx_dir=at("models/onnx"), export_report=at("reports/export.json"),
-            registry_report=at("reports/registry.json"), mlruns=at("mlruns"),
-            pipeline_report=at("reports/pipeline.json"),
+            registry_report=at("reports/registry.json"), mlruns=at(MLRUNS),
+            pipeline_report=at("reports/pipeline.json"), retrain_report=at("reports/retrain.json"),
             serving_models=at("models/serving"), review=at(p.serve.review_dir), reviewed=at(p.serve.reviewed_dir),
             prediction_log=at(p.serve.prediction_log), loadtest_report=at("reports/loadtest/loadtest.json"),
             batches=at(p.drift.batches_dir), drift=at("data/drift"), drift_models=at("models/drift"),

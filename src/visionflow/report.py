@@ -1,4 +1,5 @@
-"""reports/pipeline.json: the one machine-readable summary of a pipeline run; every stage adds its keys."""
+"""reports/pipeline.json (ProjectPaths.pipeline_report): the one machine-readable summary of a pipeline run; every
+stage adds its keys."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
-
-PIPELINE_REPORT = Path("reports/pipeline.json")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

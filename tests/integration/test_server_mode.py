@@ -180,14 +180,16 @@ PROMOTER = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from visionflow.config import load_params
+    from visionflow.registry.tracking import setup_mlflow
     from visionflow.stages import promote_stage, register_stage
     root = Path(sys.argv[1])
     p = load_params(root / "params.yaml")
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     registered = register_stage(p, root)
-    decision = promote_stage(p, root, registered["version"])
-    print(json.dumps({"version": registered["version"], "before": decision["champion_before"],
-                      "after": decision["champion_after"], "promoted": decision["promoted"],
-                      "reasons": decision["reasons"]}))
+    decision = promote_stage(p, root, registered.version)
+    print(json.dumps({"version": registered.version, "before": decision.champion_before,
+                      "after": decision.champion_after, "promoted": decision.promoted,
+                      "reasons": decision.reasons}))
 """)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import REPO, tiny_project
+from tests.helpers import REPO, tiny_project, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.training.model import ImageClassifier
@@ -80,8 +80,9 @@ def test_training_run_has_system_metrics_and_figures(tmp_path, workers):
     reports/train.json and as perf/ metrics (on CPU the busy basis says it is wall time inside steps)."""
     proj = tiny_project(tmp_path, num_workers=workers, max_epochs=2)
     p = load_params(proj / "params.yaml")
+    use_mlflow(p, proj)
     res = stages.train_stage(p, proj, "figures", progress=False)
-    run = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}").get_run(res["mlflow_run_id"])
+    run = mlflow.MlflowClient(f"sqlite:///{proj / 'mlflow.db'}").get_run(res.mlflow_run_id)
     metrics = run.data.metrics
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     figures = json.loads((proj / "reports/train.json").read_text())["figures"]
@@ -90,7 +91,7 @@ def test_training_run_has_system_metrics_and_figures(tmp_path, workers):
     assert 0 <= figures["cache_s"] < figures["time_to_first_step_s"]
     assert figures["time_to_first_step_after_cache_s"] == pytest.approx(
         figures["time_to_first_step_s"] - figures["cache_s"], abs=2e-3)
-    assert figures["steps"] == res["global_step"] and figures["images"] > figures["steps"]
+    assert figures["steps"] == res.global_step and figures["images"] > figures["steps"]
     for k in ("images_per_s", "busy_fraction", "time_to_first_step_s", "cache_s"):
         assert metrics[f"perf/{k}"] == pytest.approx(figures[k])
     assert run.data.tags["visionflow.perf.busy_basis"] == "cpu_wall_in_step"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.data.cache import build_cache
@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
     stages.split_stage(p, proj)
+    use_mlflow(p, proj)
     stages.train_stage(p, proj, None, progress=False)
     model = load_classifier(proj / "models/model.ckpt")
     test = build_cache(proj / "data/splits/test.csv", proj / "data/cache", classes=list(model.hparams.classes),

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from bench.user_folder import make_user_folder
-from tests.helpers import make_project
+from tests.helpers import make_project, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
 
@@ -45,9 +45,10 @@ def _no_env_tracking(monkeypatch):
 def test_rgb_folder_trains_in_colour_and_logs_every_epoch(tmp_path, caplog):
     proj = user_project(tmp_path)
     p = load_params(proj / "params.yaml")
+    use_mlflow(p, proj)
     with caplog.at_level(logging.INFO, logger="visionflow.training.train"):
         res = stages.train_stage(p, proj, "dv-rgb", progress=False)
-    assert res["channels"] == 3 and "auto -> 3" in res["input_decision"]
+    assert res.channels == 3 and "auto -> 3" in res.input_decision
     from visionflow.training.train import load_classifier
 
     assert load_classifier(proj / "models/model.ckpt").hparams.channels == 3
@@ -58,7 +59,7 @@ def test_rgb_folder_trains_in_colour_and_logs_every_epoch(tmp_path, caplog):
     assert [int(m[1]) for m in epochs] == [1, 2] and all(int(m[2]) == 2 for m in epochs), lines
 
     mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
-    params = mlflow.MlflowClient().get_run(res["mlflow_run_id"]).data.params
+    params = mlflow.MlflowClient().get_run(res.mlflow_run_id).data.params
     assert params["train.channels"] == "3" and "auto -> 3" in params["train.channels_decision"]
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import champion_project, make_folder_dataset, make_project
+from tests.helpers import champion_project, make_folder_dataset, make_project, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
+from visionflow.paths import ProjectPaths
 
 pytestmark = pytest.mark.slow  # a registry with a champion takes a while to build; training takes longer
 
@@ -63,6 +64,7 @@ def test_a_drift_check_keeps_its_html_report_local(champion):
 
     proj, batch = champion
     p = load_params(proj / "params.yaml")
+    use_mlflow(p, proj)
     verdict = check(p, proj, batch=Path(batch))
     html = proj / verdict["report_html"]
     assert html.stat().st_size > 1_000_000, "evidently's report is the multi-MB file this is about"
@@ -95,12 +97,13 @@ def test_training_runs_have_meaningful_names_and_curves_are_not_buried(tmp_path)
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
     stages.split_stage(p, proj)
+    use_mlflow(p, proj)
     runs = {}
     # Same seed, different params and data versions: MLflow's seeded random names used to repeat.
     for data_version, lr in (("a1b2c3d4e5f6", 0.01), ("a1b2c3d4e5f6", 0.02), ("0f9e8d7c6b5a", 0.01)):
         q = load_params(proj / "params.yaml", [f"train.lr={lr}"])
         res = stages.train_stage(q, proj, data_version, progress=False)
-        runs[res["mlflow_run_id"]] = (q, data_version)
+        runs[res.mlflow_run_id] = (q, data_version)
     client = _client(proj)
     names = {client.get_run(r).info.run_name for r in runs}
     assert len(names) == len(runs), names
@@ -110,7 +113,7 @@ def test_training_runs_have_meaningful_names_and_curves_are_not_buried(tmp_path)
 
     stages.evaluate_stage(q, proj)
     stages.export_stage(q, proj)
-    run_id = json.loads((proj / stages.TRAIN_REPORT).read_text())["mlflow_run_id"]
+    run_id = json.loads(ProjectPaths.of(q, proj).train_report.read_text())["mlflow_run_id"]
     run = client.get_run(run_id)
     # system/ metrics are sampled every train.system_metrics_interval_s: a run this short has one sample of each
     single = sorted(k for k in run.data.metrics

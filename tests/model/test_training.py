@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import tiny_project
+from tests.helpers import tiny_project, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.training.train import train
@@ -38,40 +38,43 @@ def _client(proj: Path) -> mlflow.MlflowClient:
 
 def test_training_logs_params_metrics_tags_and_reuses(project):
     p = load_params(project / "params.yaml")
+    use_mlflow(p, project)
     res = stages.train_stage(p, project, "abc123", flow_run_id="flow-1", progress=False)
-    assert res["global_step"] == res["max_steps"] > 0 and not res["resumed"] and not res["reused"]
+    assert res.global_step == res.max_steps > 0 and not res.resumed and not res.reused
     assert (project / "models/model.ckpt").is_file()
-    run = _client(project).get_run(res["mlflow_run_id"])
+    run = _client(project).get_run(res.mlflow_run_id)
     assert run.data.params["train.model"] == "test_resnet"
     assert run.data.tags["visionflow.data_version"] == "abc123"
     assert run.data.tags["visionflow.flow_run_id"] == "flow-1"
     assert run.data.tags["visionflow.params_hash"] == p.digest()
     assert run.data.tags["visionflow.git_commit"]
-    history = _client(project).get_metric_history(res["mlflow_run_id"], "val/acc")
-    assert len(history) == res["epochs_completed"] == 3
-    artifacts = {a.path for a in _client(project).list_artifacts(res["mlflow_run_id"])}
+    history = _client(project).get_metric_history(res.mlflow_run_id, "val/acc")
+    assert len(history) == res.epochs_completed == 3
+    artifacts = {a.path for a in _client(project).list_artifacts(res.mlflow_run_id)}
     assert {"params.resolved.yaml", "run_config.json"} <= artifacts
     again = stages.train_stage(p, project, "abc123", progress=False)
-    assert again["reused"] and again["mlflow_run_id"] == res["mlflow_run_id"]
+    assert again.reused and again.mlflow_run_id == res.mlflow_run_id
 
 
 def test_evaluate_writes_reports_and_logs_to_mlflow(project):
     p = load_params(project / "params.yaml")
+    use_mlflow(p, project)
     stages.train_stage(p, project, "abc123", progress=False)
     ev = stages.evaluate_stage(p, project)
-    assert 0 <= ev["test_accuracy"] <= 1 and 0 <= ev["robust_accuracy"] <= 1
-    assert set(ev["robustness"]) == set(p.evaluate.corruptions)
+    assert 0 <= ev.test_accuracy <= 1 and 0 <= ev.robust_accuracy <= 1
+    assert set(ev.robustness) == set(p.evaluate.corruptions)
     for f in ("confusion_matrix.png", "worst_errors.png", "robustness.png", "evaluation.json"):
         assert (project / "reports/evaluation" / f).stat().st_size > 0
-    run = _client(project).get_run(ev["mlflow_run_id"])
-    assert run.data.metrics["test/accuracy"] == pytest.approx(ev["test_accuracy"])
+    run = _client(project).get_run(ev.mlflow_run_id)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(ev.test_accuracy)
     assert "visionflow.eval.robust.noise.mean" in run.data.tags and "visionflow.eval.recall.cat" in run.data.tags
-    logged = {a.path for a in _client(project).list_artifacts(ev["mlflow_run_id"], "evaluation")}
+    logged = {a.path for a in _client(project).list_artifacts(ev.mlflow_run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in logged
 
 
 def test_same_params_and_seed_give_same_result(project, tmp_path):
     p = load_params(project / "params.yaml")
+    use_mlflow(p, project)
     a = train(p=p, root=project, data_version="x", runs_dir=tmp_path / "a", progress=False)
     b = train(p=p, root=project, data_version="x", runs_dir=tmp_path / "b", progress=False)
     assert a.mlflow_run_id != b.mlflow_run_id
@@ -110,8 +113,9 @@ def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
     proj = tiny_project(tmp_path, model="mobilenetv2_100", pretrained_weights="mobilenetv2_100.imagenet",
                         image_size=32, channels=3, max_epochs=1)
     p = load_params(proj / "params.yaml")
+    use_mlflow(p, proj)
     res = stages.train_stage(p, proj, None, progress=False)
-    assert res["global_step"] == res["max_steps"]
+    assert res.global_step == res.max_steps
     # The stem came from the ImageNet file, not from random initialisation.
     from visionflow.training.weights import read_state_dict, resolve
 

@@ -172,7 +172,7 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
 
     proj, p, base = server
     stages.ingest_stage(p, proj)
-    version_before = stages.version_stage(p, proj)["data_version"]
+    version_before = stages.version_stage(p, proj).data_version
     first = _post_image(base, png(11))
     second = _post_image(base, png(12))
     assert first["review_id"] and second["review_id"]
@@ -203,7 +203,7 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
     assert ingested.n_reviewed == 2
     raw = proj / p.data.raw_dir
     assert sorted(f.parent.name for f in raw.glob("*/reviewed__*")) == sorted(["dog", CLASSES[2]])
-    version_after = stages.version_stage(p, proj)["data_version"]
+    version_after = stages.version_stage(p, proj).data_version
     assert version_after != version_before
     validated = stages.validate_stage(p, proj, version_after)
     assert validated.n_accepted == 36 + 2

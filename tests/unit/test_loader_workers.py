@@ -93,7 +93,7 @@ class WorkerPids(L.Callback):
 def test_train_and_val_workers_start_once_per_run(tmp_path):
     """Three epochs with validation after each: the same worker processes serve every epoch, and the val
     workers are already started when the first epoch begins (not at the first validation)."""
-    from visionflow.training.train import StartValWorkers
+    from visionflow.training.callbacks import StartValWorkers
 
     dm = _datamodule(tmp_path, 1)
     spy = WorkerPids(dm)

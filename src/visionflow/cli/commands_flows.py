@@ -23,8 +23,7 @@ def pipeline(
     configure_prefect(run.root)
     from visionflow.flows.training import training_flow
 
-    p = run.params()  # fail on bad params before Prefect starts its server
-    run.setup_mlflow(p)
+    run.params()  # fail on bad params before Prefect starts its server; the flow sets MLflow up itself
     summary = training_flow(params_path=str(run.params_path), overrides=run.overrides)
     run.show("pipeline", summary)
     if loop:
@@ -43,12 +42,11 @@ def retrain(
     from visionflow.flows.runtime import configure_prefect
 
     run: Invocation = ctx.obj
-    p = run.params()  # bad params fail here, not inside the flow
+    run.params()  # bad params fail here, not inside the flow
     existing_folder(batch, "--batch")
     existing_folder(eval_batch, "--eval-batch")
 
-    configure_prefect(run.root)
-    run.setup_mlflow(p)
+    configure_prefect(run.root)  # the flow sets MLflow up itself, as a deployment's run does
     from visionflow.flows.monitoring import retraining_flow
 
     run.show("retraining", retraining_flow(params_path=str(run.params_path), batch=str(batch) if batch else None,

@@ -23,20 +23,24 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from visionflow.flows.training import training_flow
 from visionflow import stages
-from visionflow.monitoring import ledger as monitor
 from visionflow.config import Params, load_params
+from visionflow.flows.training import training_flow
+from visionflow.monitoring import ledger as monitor
+from visionflow.paths import ProjectPaths
 from visionflow.registry.store import prefect_api_url
-from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
+from visionflow.registry.tracking import setup_mlflow
+from visionflow.report import update_report, write_json_atomic
 
 DRIFT_EVENT = "visionflow.drift.detected"
 RETRAIN_DEPLOYMENT = "visionflow-retraining/retrain-on-drift"
-LOG_CURSOR = Path("data/drift/log_cursor.json")
 
 
 def _root_params(params_path: str, overrides: list[str] | None) -> tuple[Path, Params]:
-    return Path(params_path).resolve().parent, load_params(params_path, overrides)
+    """The project root and its params, with MLflow set up for the flow (each flow's first step)."""
+    root, p = Path(params_path).resolve().parent, load_params(params_path, overrides)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
+    return root, p
 
 
 @task
@@ -44,7 +48,7 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
     from visionflow.monitoring.drift import check
 
     if use_prediction_log:
-        cursor = root / LOG_CURSOR
+        cursor = ProjectPaths.of(p, root).log_cursor
         since = json.loads(cursor.read_text())["checked_until"] if cursor.is_file() else None
         until = time.time()
         verdict = check(p, root, log_path=root / p.serve.prediction_log, since=since)
@@ -65,7 +69,7 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
 
 @task
 def claim_cooldown(p: Params, root: Path, verdict: dict[str, Any], trigger: str) -> monitor.Claim:
-    claim = monitor.claim_retraining(root / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600,
+    claim = monitor.claim_retraining(ProjectPaths.of(p, root).retrain_ledger, cooldown_s=p.drift.cooldown_hours * 3600,
                                      trigger=trigger, detail={"batch": verdict["batch"],
                                                               "drift_share": verdict["drift_share"]})
     if not claim.granted:
@@ -156,12 +160,13 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
                     overrides: list[str] | None = None) -> dict[str, Any]:
     """Reviewed data in (new data version), warm-started training, and the promotion gate."""
     root, p = _root_params(params_path, overrides)
+    paths = ProjectPaths.of(p, root)
     # Event-templated parameters render a missing value as "None".
     batch, eval_batch, claim_id = (None if v in (None, "", "None") else v for v in (batch, eval_batch, claim_id))
     if reason == "drift" and claim_id is None:
         # Started by an event that did not come through the cool-down ledger: claim now, or stand down.
-        claim = monitor.claim_retraining(root / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600,
-                                         trigger="event")
+        claim = monitor.claim_retraining(paths.retrain_ledger,
+                                         cooldown_s=p.drift.cooldown_hours * 3600, trigger="event")
         if not claim.granted:
             return {"triggered": False, "reason": "cool-down", "suppressed_until": claim.next_allowed}
         claim_id = claim.claim_id
@@ -172,7 +177,7 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
     if weights:
         extra += [f"train.pretrained_weights={weights}", f"train.max_epochs={p.drift.warm_start_epochs}",
                   f"train.lr={p.drift.warm_start_lr}"]
-    summary = training_flow(params_path=params_path, overrides=extra, report_path="reports/retrain.json",
+    summary = training_flow(params_path=params_path, overrides=extra, report_path=str(paths.retrain_report),
                             eval_batch=eval_batch)
     reg = summary["registry"]
     result = {
@@ -184,7 +189,7 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
         "seconds": round(time.perf_counter() - start, 1),
     }
     if claim_id:
-        monitor.record_outcome(root / monitor.LEDGER, claim_id, new_version=reg["version"],
+        monitor.record_outcome(paths.retrain_ledger, claim_id, new_version=reg["version"],
                                promoted=reg["promoted"], flow_run_id=str(flow_run.id))
     return result
 
@@ -213,13 +218,14 @@ def size_loop(p: Params, root: Path) -> tuple[int, str]:
 
 @flow(name="visionflow-closed-loop", log_prints=True)
 def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                     report_path: str = str(PIPELINE_REPORT)) -> dict[str, Any]:
+                     report_path: str | None = None) -> dict[str, Any]:
     """A drifted production batch arrives; drift is detected; retraining; a better champion on the drifted data.
 
     On a small dataset the batches shrink to fit the held-out images, or the loop is skipped with a note.
+    report_path: where the loop's keys go (default reports/pipeline.json; relative to the project root).
     """
     root, p = _root_params(params_path, overrides)
-    report = root / report_path if not Path(report_path).is_absolute() else Path(report_path)
+    report = root / report_path if report_path else ProjectPaths.of(p, root).pipeline_report
     shift, sev = p.drift.default_shift, p.drift.default_severity
     n, note = size_loop(p, root)
     if n == 0:

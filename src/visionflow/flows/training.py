@@ -13,17 +13,26 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from visionflow.flows.runtime import offline_env
 from visionflow import stages
-from visionflow.data import versioning
 from visionflow.config import Params, load_params
+from visionflow.data import versioning
 from visionflow.data.ingest import MARKER
-from visionflow.report import PIPELINE_REPORT, update_report, write_json_atomic
+from visionflow.flows.runtime import offline_env
+from visionflow.paths import ProjectPaths
+from visionflow.registry.tracking import setup_mlflow
+from visionflow.report import update_report, write_json_atomic
+
+if TYPE_CHECKING:
+    from visionflow.registry.export import ExportResult
+    from visionflow.registry.promotion import PromoteResult
+    from visionflow.registry.register import RegisterResult
+    from visionflow.training.evaluate import EvalResult
+    from visionflow.training.train import TrainResult
 
 
 def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
@@ -49,8 +58,8 @@ def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
 @task(retries=3, retry_delay_seconds=[2, 5, 15])
 def version_data(p: Params, root: Path) -> tuple[str, float]:
     res, secs = _timed(stages.version_stage, p, root)
-    get_run_logger().info("data version %s pushed to %s", res["data_version"], res["remote"])
-    return res["data_version"], secs
+    get_run_logger().info("data version %s pushed to %s", res.data_version, res.remote)
+    return res.data_version, secs
 
 
 @task
@@ -68,48 +77,48 @@ def split_data(p: Params, root: Path) -> tuple[dict, float]:
 
 
 @task
-def train_model(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
+def train_model(p: Params, root: Path, data_version: str) -> tuple[TrainResult, float]:
     # Per-epoch lines go to the run logger (the flow run's logs in Prefect, and the console, piped or not); a
     # rich progress bar is added when a person is watching a terminal.
     log = get_run_logger()
     res, secs = _timed(stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id),
                        progress=sys.stderr.isatty(), log=log)
     log.info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
-             res["best_val_acc"], res["global_step"], res["max_steps"],
-             "reused" if res["reused"] else "resumed" if res["resumed"] else "fresh", res["mlflow_run_id"])
+             res.best_val_acc, res.global_step, res.max_steps,
+             "reused" if res.reused else "resumed" if res.resumed else "fresh", res.mlflow_run_id)
     return res, secs
 
 
 @task
-def evaluate_model(p: Params, root: Path) -> tuple[dict, float]:
+def evaluate_model(p: Params, root: Path) -> tuple[EvalResult, float]:
     res, secs = _timed(stages.evaluate_stage, p, root)
     get_run_logger().info("test accuracy %.4f, macro F1 %.4f, robust accuracy %.4f, ECE %.4f",
-                          res["test_accuracy"], res["macro_f1"], res["robust_accuracy"], res["ece"])
+                          res.test_accuracy, res.macro_f1, res.robust_accuracy, res.ece)
     return res, secs
 
 
 @task
-def export_model(p: Params, root: Path) -> tuple[dict, float]:
+def export_model(p: Params, root: Path) -> tuple[ExportResult, float]:
     res, secs = _timed(stages.export_stage, p, root)
     get_run_logger().info("ONNX parity passed: max |diff| %.2e, top-1 agreement %.4f; ORT %.2f ms vs torch %.2f ms "
-                          "at batch 1", res["max_abs_diff"], res["top1_agreement"], res["ort_ms_b1"],
-                          res["torch_ms_b1"])
+                          "at batch 1", res.max_abs_diff, res.top1_agreement, res.ort_ms_b1, res.torch_ms_b1)
     return res, secs
 
 
 @task(retries=2, retry_delay_seconds=[5, 15])
-def register_model(p: Params, root: Path) -> tuple[dict, float]:
+def register_model(p: Params, root: Path) -> tuple[RegisterResult, float]:
     return _timed(stages.register_stage, p, root, flow_run_id=str(flow_run.id))
 
 
 @task
-def promote_model(p: Params, root: Path, version: str, eval_batch: str | None = None) -> tuple[dict, float]:
+def promote_model(p: Params, root: Path, version: str,
+                  eval_batch: str | None = None) -> tuple[PromoteResult, float]:
     res, secs = _timed(stages.promote_stage, p, root, version, Path(eval_batch) if eval_batch else None)
     log = get_run_logger()
-    if res["promoted"]:
-        log.info("v%s promoted to champion (was %s)", version, res["champion_before"])
+    if res.promoted:
+        log.info("v%s promoted to champion (was %s)", version, res.champion_before)
     else:
-        log.warning("v%s refused: %s", version, "; ".join(res["reasons"]))
+        log.warning("v%s refused: %s", version, "; ".join(res.reasons))
     return res, secs
 
 
@@ -122,24 +131,35 @@ def record_stages(root: Path, names: list[str]) -> float:
 
 @flow(name="visionflow-training", log_prints=True)
 def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  report_path: str = str(PIPELINE_REPORT), train: bool = True,
-                  eval_batch: str | None = None) -> dict[str, Any]:
+                  report_path: str | None = None, eval_batch: str | None = None) -> dict[str, Any]:
     """Ingest -> version -> validate -> split -> train -> evaluate -> export -> register -> promote.
 
+    report_path: where the summary goes (default reports/pipeline.json; relative to the project root).
     eval_batch: a reviewed batch folder (images + labels.csv) added to the promotion comparison (retraining).
     """
     offline_env()  # a deployment's worker process starts here, not in the CLI
+    from visionflow.registry.export import PARITY_TAGS  # after offline_env: it imports albumentations
+
     start = time.perf_counter()
     root = Path(params_path).resolve().parent
     p = load_params(params_path, overrides)
-    report = root / report_path if not Path(report_path).is_absolute() else Path(report_path)
+    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
+    report = root / report_path if report_path else ProjectPaths.of(p, root).pipeline_report
     write_json_atomic(report, {"status": "running", "flow_run_id": str(flow_run.id), "params_digest": p.digest()})
 
     _, t_ingest = ingest_data(p, root)
     data_version, t_version = version_data(p, root)
     validated, t_validate = validate_data(p, root, data_version)
     splits, t_split = split_data(p, root)
-    seconds = {"ingest": t_ingest, "version": t_version, "validate": t_validate, "split": t_split}
+    trained, t_train = train_model(p, root, data_version)
+    evaluated, t_evaluate = evaluate_model(p, root)
+    exported, t_export = export_model(p, root)
+    registered, t_register = register_model(p, root)
+    decision, t_promote = promote_model(p, root, registered.version, eval_batch)
+    t_version += record_stages(root, ["validate", "split", "train", "evaluate", "export"])
+    seconds = {"ingest": t_ingest, "version": t_version, "validate": t_validate, "split": t_split,
+               "train": t_train, "evaluate": t_evaluate, "export": t_export, "register": t_register,
+               "promote": t_promote}
     summary: dict[str, Any] = {
         "data_version": data_version,
         "n_images": validated["n_images"],
@@ -147,30 +167,16 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         "n_quarantined": validated["n_quarantined"],
         "quarantined_by_reason": validated["quarantined_by_reason"],
         "splits": splits["counts"],
+        "onnx": {k: getattr(exported, k) for k in PARITY_TAGS},
+        "registry": {"model": registered.model, "version": registered.version, "promoted": decision.promoted,
+                     "reasons": decision.reasons, "champion": decision.champion_after,
+                     "champion_before": decision.champion_before, "clean_accuracy": decision.clean_accuracy,
+                     "eval_batch_accuracy": decision.eval_batch_accuracy},
+        "test_accuracy": evaluated.test_accuracy, "macro_f1": evaluated.macro_f1, "ece": evaluated.ece,
+        "robust_accuracy": evaluated.robust_accuracy, "mlflow_run_id": trained.mlflow_run_id,
+        "train": {k: getattr(trained, k) for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused",
+                                                   "seconds", "runtime")},
     }
-    recorded = ["validate", "split"]
-    if train:
-        trained, seconds["train"] = train_model(p, root, data_version)
-        evaluated, seconds["evaluate"] = evaluate_model(p, root)
-        exported, seconds["export"] = export_model(p, root)
-        registered, seconds["register"] = register_model(p, root)
-        decision, seconds["promote"] = promote_model(p, root, registered["version"], eval_batch)
-        recorded += ["train", "evaluate", "export"]
-        summary["onnx"] = {k: exported[k] for k in ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1",
-                                                    "ort_ms_b32", "torch_ms_b32")}
-        summary["registry"] = {"model": registered["model"], "version": registered["version"],
-                               "promoted": decision["promoted"], "reasons": decision["reasons"],
-                               "champion": decision["champion_after"],
-                               "champion_before": decision.get("champion_before"),
-                               "clean_accuracy": decision.get("clean_accuracy"),
-                               "eval_batch_accuracy": decision.get("eval_batch_accuracy")}
-        summary.update(
-            test_accuracy=evaluated["test_accuracy"], macro_f1=evaluated["macro_f1"], ece=evaluated["ece"],
-            robust_accuracy=evaluated["robust_accuracy"], mlflow_run_id=trained["mlflow_run_id"],
-            train={k: trained[k] for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused",
-                                           "seconds", "runtime")},
-        )
-    seconds["version"] += record_stages(root, recorded)
     summary.update(status="completed", stage_seconds={k: round(v, 3) for k, v in seconds.items()},
                    total_seconds=round(time.perf_counter() - start, 3))
     update_report(report, **summary)

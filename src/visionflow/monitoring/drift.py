@@ -54,9 +54,7 @@ def load_champion(p: Params, root: Path):
     """(version, ONNX Runtime session, model card) of the registry's champion."""
     from visionflow.onnxrt import ort_session
     from visionflow.registry.store import CHAMPION, alias_version, download_onnx
-    from visionflow.registry.tracking import setup_mlflow
 
-    setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
     version = alias_version(p.registry.model_name, CHAMPION)
     if version is None:
         raise DataError(f"{p.registry.model_name} has no champion yet: run the training pipeline "
@@ -333,9 +331,9 @@ def check(p: Params, root: Path, *, batch: Path | None = None, log_path: Path | 
 def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
     import mlflow
 
-    from visionflow.registry.tracking import setup_mlflow
+    from visionflow.registry.tracking import ensure_experiment
 
-    exp = setup_mlflow(p.registry.tracking_uri, root, f"{p.base.project}-drift", p.registry.artifact_location)
+    exp = ensure_experiment(f"{p.base.project}-drift", root, p.registry.artifact_location)
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{verdict['batch']}") as run:
         mlflow.set_tags({"visionflow.drifted": str(verdict["drifted"]).lower(),
                          "visionflow.champion_version": verdict["champion_version"],

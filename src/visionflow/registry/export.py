@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from visionflow.training.evaluate import predict_logits
 from visionflow.data.imageio import sha256_file
-from visionflow.onnxrt import ort_logits, ort_session  # noqa: F401  (re-exported)
+from visionflow.onnxrt import ort_logits, ort_session
 
 
 class _Exportable(nn.Module):
@@ -157,5 +157,22 @@ def parity_check(net: nn.Module, onnx_path: Path, images: np.ndarray, *, toleran
                         ort_ms_b32=ort_b32, torch_ms_b32=torch_b32, reasons=reasons)
 
 
-def parity_dict(r: ParityResult) -> dict[str, Any]:
-    return asdict(r)
+@dataclass(frozen=True)
+class ExportResult(ParityResult):
+    """The export stage's result (reports/export.json): the parity figures, where the model is, and its card."""
+
+    onnx_path: str  # relative to the project root
+    card: dict[str, Any]
+
+
+# The parity figures a training run carries as visionflow.onnx.* tags (registration reads them back from the report)
+PARITY_TAGS = ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")
+
+
+def log_parity(run_id: str, parity: ParityResult) -> None:
+    """The parity and latency figures as tags of the training run (one-off figures, not metric charts)."""
+    import mlflow
+
+    from visionflow.registry.tracking import detail_tags
+
+    mlflow.MlflowClient().log_batch(run_id, tags=detail_tags("onnx", {k: getattr(parity, k) for k in PARITY_TAGS}))

@@ -7,9 +7,11 @@ import subprocess
 from pathlib import Path
 
 from visionflow.errors import VisionflowError
+from visionflow.paths import MLRUNS
 
-LOCAL_DB = "mlruns/mlflow.db"
-LOCAL_ARTIFACTS = "mlruns/artifacts"
+# The local default store, inside the project's mlruns/ folder (ProjectPaths.mlruns)
+LOCAL_DB = f"{MLRUNS}/mlflow.db"
+LOCAL_ARTIFACTS = f"{MLRUNS}/artifacts"
 
 
 def tracking_uri(configured: str | None, root: Path) -> str:
@@ -27,8 +29,8 @@ def tracking_uri(configured: str | None, root: Path) -> str:
 def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_location: str | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns the experiment id.
 
-    artifact_location (registry.artifact_location) only applies to experiments created here; None keeps the
-    local store's mlruns/artifacts, or a tracking server's own default (its proxied artifact store).
+    MLflow's store is process-global: entry points (CLI commands, Prefect flows, bench scripts, test fixtures) call
+    this once; library code assumes it was called. artifact_location: see ensure_experiment.
     """
     import mlflow
 
@@ -39,6 +41,18 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_l
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    return ensure_experiment(experiment, root, artifact_location)
+
+
+def ensure_experiment(experiment: str, root: Path, artifact_location: str | None = None) -> str:
+    """The id of `experiment` in the store MLflow points at (setup_mlflow), created if missing.
+
+    artifact_location (registry.artifact_location) only applies to experiments created here; None keeps the
+    local store's mlruns/artifacts, or a tracking server's own default (its proxied artifact store).
+    """
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
     try:
         exp = mlflow.get_experiment_by_name(experiment)
         if exp is None:

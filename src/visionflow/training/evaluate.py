@@ -5,7 +5,6 @@ Everything is logged to the training run in MLflow and written to reports/evalua
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ import torch
 import torchmetrics.functional.classification as tmf
 
 from visionflow.config import EvaluateParams
+from visionflow.report import write_json_atomic
 from visionflow.training.robustness import corrupt_batch
 
 
@@ -32,6 +32,7 @@ class EvalResult:
     robustness: dict[str, dict[str, float]]
     n_test: int
     report_dir: str
+    mlflow_run_id: str | None = None  # the training run the evaluation was logged to
 
 
 LOG = logging.getLogger(__name__)
@@ -96,6 +97,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
                       for i, c in enumerate(classes)},
         "confusion": tmf.multiclass_confusion_matrix(preds, target, num_classes=n).numpy(),
     }
+
+
+def robustness_subset(n_images: int, max_images: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of the test images the corruption suite runs on: a seeded random sample (not stratified by
+    class) of at most max_images, so the suite stays affordable on CPU. Evaluation and promotion both use it, so a
+    model's robust accuracy and the promotion comparison see the same images."""
+    return np.sort(np.random.default_rng(seed).permutation(n_images)[:max_images])
 
 
 def robustness_suite(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: EvaluateParams,
@@ -189,20 +197,18 @@ def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cl
     device = device or inference_device()
     logits = predict_logits(net, images, device=device)
     m = classification_metrics(logits, labels, classes)
-    n_rob = min(len(labels), cfg.robustness_images)
-    # A fixed, class-stratified subset keeps the suite affordable on CPU and identical between models.
-    subset = np.sort(np.random.default_rng(seed).permutation(len(labels))[:n_rob])
+    subset = robustness_subset(len(labels), cfg.robustness_images, seed)
     rob = robustness_suite(net, np.asarray(images[subset]), labels[subset], cfg, seed, device=device)
     robust_accuracy = float(np.mean([per["mean"] for per in rob.values()]))
     result = EvalResult(test_accuracy=m["accuracy"], macro_f1=m["macro_f1"], ece=m["ece"],
                         robust_accuracy=robust_accuracy, per_class=m["per_class"], robustness=rob,
-                        n_test=len(labels), report_dir=str(report_dir))
+                        n_test=len(labels), report_dir=str(report_dir), mlflow_run_id=mlflow_run_id)
     _plot_confusion(m["confusion"], classes, report_dir / "confusion_matrix.png")
     _plot_worst(images, labels, logits, classes, report_dir / "worst_errors.png")
     _plot_robustness(rob, m["accuracy"], report_dir / "robustness.png")
     payload = {**asdict(result), "confusion_matrix": m["confusion"].tolist(), "classes": classes,
-               "robustness_images": n_rob, "device": device}
-    (report_dir / "evaluation.json").write_text(json.dumps(payload, indent=2))
+               "robustness_images": len(subset), "device": device}
+    write_json_atomic(report_dir / "evaluation.json", payload)
     if mlflow_run_id:
         _log_to_mlflow(mlflow_run_id, result, report_dir)
     return result

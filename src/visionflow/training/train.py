@@ -26,11 +26,12 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import MLFlowLogger
 
 from visionflow.config import Params, TrainParams
-from visionflow.training.datamodule import ImageDataModule, class_names, decide_input
-from visionflow.training.model import ImageClassifier
 from visionflow.paths import ProjectPaths
+from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name
 from visionflow.report import write_json_atomic
-from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name, setup_mlflow, tracking_uri
+from visionflow.training.callbacks import EpochLog, Log, RunFigures, StartValWorkers
+from visionflow.training.datamodule import ImageDataModule, InputDecision, class_names, decide_input
+from visionflow.training.model import ImageClassifier
 
 
 @dataclass(frozen=True)
@@ -102,151 +103,13 @@ class TrainResult:
     input_decision: str | None = None
     # RunFigures.figures() of the run's training process, plus cache_s (None in older states)
     figures: dict[str, Any] | None = None
+    data_version: str | None = None  # the data version trained on (the run's identity includes it)
+    # Where train_stage published best_checkpoint, relative to the project root (models/model.ckpt); None from
+    # train() itself
+    model_checkpoint: str | None = None
 
 
-Log = logging.Logger | logging.LoggerAdapter
 LOG = logging.getLogger(__name__)
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
-
-
-class EpochLog(L.Callback):
-    """One plain log line per epoch: loss, accuracy, images/s and the time left.
-
-    A logger, not a progress bar, so that progress reaches a piped log file and Prefect's flow-run logs (the
-    flow passes its run logger). Rates are timed from each epoch's first batch, so that starting the data
-    loader's worker processes does not count. The ETA is the run's wall time per step so far (validation and
-    loader start-ups included, which the images/s leave out) over the steps left in the budget (early stopping
-    can end the run sooner).
-    """
-
-    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int, timing: RunFigures):
-        # timing: the run's RunFigures, which already times each epoch's batches and counts its images
-        self.out, self.max_steps, self.steps_per_epoch, self.timing = log, max_steps, steps_per_epoch, timing
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.fit_start, self.fit_first_step = time.perf_counter(), trainer.global_step
-        self.loss_sum = 0.0  # a run resumed mid-epoch starts with that epoch's batches, without epoch start
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.loss_sum = 0.0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.loss_sum += float(outputs["loss"]) * len(batch[1])
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        t = self.timing
-        if t.epoch_first is None or t.epoch_last is None:  # resumed at an epoch's very end: nothing trained in it
-            return
-        now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
-        per_step = (now - self.fit_start) / max(step - self.fit_first_step, 1)
-        val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
-               if "val/acc" in m else "no validation")
-        self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
-                      trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
-                      self.max_steps, self.loss_sum / max(t.epoch_images, 1),
-                      f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
-                      t.epoch_images / max(t.epoch_last - t.epoch_first, 1e-9),
-                      _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
-
-
-class StartValWorkers(L.Callback):
-    """The validation loader's workers start with training, so they are ready at the end of the first epoch
-    instead of starting then with the GPU idle. Single-process runs only: a distributed strategy replaces the
-    loader with one that has a distributed sampler, whose workers would start at the first validation anyway."""
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
-        if trainer.world_size == 1 and isinstance(dm, ImageDataModule) and trainer.limit_val_batches != 0:
-            dm.start_workers("val")
-
-
-class RunFigures(L.Callback):
-    """How well the run used its accelerator: images/s, the busy fraction, and the time to the first step.
-
-    busy_fraction is busy seconds over the training stage's seconds after the cache (from the end of the cache
-    build to the end of fit). On CUDA the busy seconds are GPU time between CUDA events recorded at the start
-    and end of every training step (forward, backward, optimizer step); on CPU there is no accelerator, and they
-    are the wall time spent inside training steps (reported as busy_basis "cpu_wall_in_step"). images_per_s is
-    over the training epochs only, each from its first batch's start to its last step's end (loader waits inside
-    an epoch count, validation does not), the rate that compares with a plain training loop.
-    """
-
-    def __init__(self, stage_start: float, cache_done: float):
-        self.stage_start, self.cache_done = stage_start, cache_done
-        self.cuda = torch.cuda.is_available()
-        self.first_step: float | None = None
-        self.busy_s = self.epoch_s = 0.0
-        self.images = self.steps = 0
-        self.events: list[tuple[Any, Any]] = []
-        # set here too: a run resumed mid-epoch starts with that epoch's batches, without on_train_epoch_start
-        self.epoch_first: float | None = None
-        self.epoch_last: float | None = None
-        self.epoch_images = 0
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.epoch_first = self.epoch_last = None
-        self.epoch_images = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self.epoch_first is None:
-            self.epoch_first = now
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.events.append((start, None))
-        else:
-            self.step_start = now
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.events[-1] = (self.events[-1][0], end)
-        if self.first_step is None:
-            if self.cuda:
-                torch.cuda.synchronize()  # once: the first step's end is when the GPU finished it
-            self.first_step = time.perf_counter()
-        self.epoch_last = time.perf_counter()
-        if not self.cuda:
-            self.busy_s += self.epoch_last - self.step_start
-        self.images += len(batch[1])
-        self.epoch_images += len(batch[1])
-        self.steps += 1
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.epoch_first is not None and self.epoch_last is not None:
-            self.epoch_s += self.epoch_last - self.epoch_first
-        self._collect_events()
-
-    def _collect_events(self) -> None:
-        if self.cuda and self.events:
-            torch.cuda.synchronize()  # once per epoch, so that every recorded event has its time
-            self.busy_s += sum(a.elapsed_time(b) for a, b in self.events if b is not None) / 1000
-            self.events = []
-
-    def figures(self) -> dict[str, Any]:
-        self._collect_events()  # an epoch cut short by the step budget ends without on_train_epoch_end
-        end = time.perf_counter()
-        after_cache = max(end - self.cache_done, 1e-9)
-        return {
-            "images_per_s": round(self.images / self.epoch_s, 2) if self.epoch_s > 0 else None,
-            "busy_fraction": round(min(self.busy_s / after_cache, 1.0), 4),
-            "busy_basis": "cuda_events_in_step" if self.cuda else "cpu_wall_in_step",
-            "busy_s": round(self.busy_s, 3),
-            "time_to_first_step_s": (round(self.first_step - self.stage_start, 3)
-                                     if self.first_step is not None else None),
-            "time_to_first_step_after_cache_s": (round(self.first_step - self.cache_done, 3)
-                                                 if self.first_step is not None else None),
-            "cache_s": round(self.cache_done - self.stage_start, 3),
-            "stage_after_cache_s": round(after_cache, 3),
-            "images": self.images,
-            "steps": self.steps,
-        }
 
 
 def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
@@ -270,16 +133,27 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str | None = None,
-          runs_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
-          max_steps_override: int | None = None, log: Log | None = None) -> TrainResult:
-    """log: where the input decision and the per-epoch lines go (the flow passes Prefect's run logger)."""
-    start = time.perf_counter()
-    log = log or LOG
-    root = Path(root)
-    splits_dir = root / p.data.splits_dir if not Path(p.data.splits_dir).is_absolute() else p.data.splits_dir
-    classes = class_names(splits_dir)
-    decision = decide_input(splits_dir / "train.csv", p.train.channels, p.train.image_size)
+@dataclass(frozen=True)
+class _Plan:
+    """What a training run is: its inputs decided, its data ready, its step budget and its folder."""
+
+    cfg: TrainParams  # p.train with the decided channel count
+    decision: InputDecision
+    rt: Runtime
+    classes: list[str]
+    dm: ImageDataModule
+    cache_done: float  # perf_counter() when the decode-once cache was ready
+    steps_per_epoch: int
+    max_steps: int
+    key: str  # run_key: the run's identity
+    run_dir: Path
+
+
+def _plan(p: Params, root: Path, data_version: str | None, runs_dir: Path | None, cache_dir: Path | None,
+          max_steps_override: int | None, log: Log) -> _Plan:
+    paths = ProjectPaths.of(p, root)
+    classes = class_names(paths.splits)
+    decision = decide_input(paths.splits / "train.csv", p.train.channels, p.train.image_size)
     log.info(decision.note)
     if decision.hint:
         log.info("hint: %s", decision.hint)
@@ -287,88 +161,123 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     cfg = p.train.model_copy(update={"channels": decision.channels})
     L.seed_everything(p.base.seed, workers=True, verbose=False)
     rt = resolve_runtime(cfg)
-
-    dm = ImageDataModule(splits_dir=splits_dir, cache_dir=cache_dir or root / "data/cache", classes=classes,
+    dm = ImageDataModule(splits_dir=paths.splits, cache_dir=cache_dir or paths.cache, classes=classes,
                          image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
-                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed,
-                         project=ProjectPaths.of(p, root))
+                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed, project=paths)
     dm.prepare_data()  # the decode-once cache: built here, timed as the run's cache seconds
     cache_done = time.perf_counter()
-    per_node = rt.devices if isinstance(rt.devices, int) else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1
-    world = per_node * rt.num_nodes
-    steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * world))
-    max_steps = max_steps_override or steps_per_epoch * cfg.max_epochs
+    per_node = (rt.devices if isinstance(rt.devices, int)
+                else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1)
+    steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * per_node * rt.num_nodes))
+    key = run_key(p, data_version, paths.splits)
+    return _Plan(cfg=cfg, decision=decision, rt=rt, classes=classes, dm=dm, cache_done=cache_done,
+                 steps_per_epoch=steps_per_epoch, max_steps=max_steps_override or steps_per_epoch * cfg.max_epochs,
+                 key=key, run_dir=Path(runs_dir or root / "runs/train") / key)
 
-    key = run_key(p, data_version, splits_dir)
-    run_dir = Path(runs_dir or root / "runs/train") / key
-    ckpt_dir = run_dir / "checkpoints"
-    state_path = run_dir / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
-        return TrainResult(**{**state["result"], "reused": True, "seconds": time.perf_counter() - start})
 
-    experiment_id = setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
-    uri = tracking_uri(p.registry.tracking_uri, root)
-    logger = MLFlowLogger(experiment_name=p.base.project, tracking_uri=uri,
-                          run_id=state.get("mlflow_run_id"), log_model=False,
-                          run_name=run_name(model=cfg.model, data_version=data_version, params_digest=p.digest()),
-                          tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
-                                               flow_run_id=flow_run_id), "visionflow.run_key": key})
-    mlflow_run_id = logger.run_id
-    resume_from = ckpt_dir / "last.ckpt"
-    resumed = resume_from.is_file()
-    write_json_atomic(state_path, {"status": "running", "mlflow_run_id": mlflow_run_id, "experiment_id": experiment_id})
-    if not resumed:
-        client = logger.experiment
-        resolved = {**p.as_dict(), "train": cfg.model_dump(mode="json")}
-        params = {**_flatten(resolved), "train.channels_decision": decision.note,
-                  "train.image_size_hint": decision.hint or "none"}
-        from mlflow.entities import Param
+def _mlflow_logger(p: Params, root: Path, plan: _Plan, uri: str, data_version: str | None,
+                   flow_run_id: str | None, run_id: str | None) -> MLFlowLogger:
+    """The run's MLflow logger (resuming run_id when given)."""
+    return MLFlowLogger(experiment_name=p.base.project, tracking_uri=uri, run_id=run_id, log_model=False,
+                        run_name=run_name(model=plan.cfg.model, data_version=data_version, params_digest=p.digest()),
+                        tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
+                                             flow_run_id=flow_run_id), "visionflow.run_key": plan.key})
 
-        client.log_batch(mlflow_run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-        client.log_dict(mlflow_run_id, resolved, "params.resolved.yaml")
-        client.log_dict(mlflow_run_id, {"classes": classes, "runtime": asdict(rt), "max_steps": max_steps,
-                                        "steps_per_epoch": steps_per_epoch, "input": asdict(decision)},
-                        "run_config.json")
 
-    model = ImageClassifier(model_name=cfg.model, classes=classes, channels=cfg.channels,
-                            image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                            pretrained_weights=cfg.pretrained_weights, channels_last=rt.channels_last)
-    if rt.compile:
-        model.net.compile()  # in place: the state dict, checkpoints and export keep the plain module's keys
+def _log_run_config(client, run_id: str, p: Params, plan: _Plan) -> None:
+    """A fresh run's resolved params (flattened, searchable), and its classes, runtime and step budget."""
+    from mlflow.entities import Param
+
+    resolved = {**p.as_dict(), "train": plan.cfg.model_dump(mode="json")}
+    params = {**_flatten(resolved), "train.channels_decision": plan.decision.note,
+              "train.image_size_hint": plan.decision.hint or "none"}
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
+    client.log_dict(run_id, resolved, "params.resolved.yaml")
+    client.log_dict(run_id, {"classes": plan.classes, "runtime": asdict(plan.rt), "max_steps": plan.max_steps,
+                             "steps_per_epoch": plan.steps_per_epoch, "input": asdict(plan.decision)},
+                    "run_config.json")
+
+
+def _trainer(plan: _Plan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool,
+             log: Log) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The Lightning trainer with its callbacks; returns it and the best-checkpoint callback."""
+    cfg, ckpt_dir = plan.cfg, plan.run_dir / "checkpoints"
     best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
                               auto_insert_metric_name=False, enable_version_counter=False)
     # Mid-epoch checkpoints (about four per epoch) bound what a crash can lose.
     last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
-                              every_n_train_steps=max(1, steps_per_epoch // 4), enable_version_counter=False)
+                              every_n_train_steps=max(1, plan.steps_per_epoch // 4), enable_version_counter=False)
     callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
                             EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
-    figures_cb = RunFigures(start, cache_done)
     # EpochLog reads figures_cb's timing of the epoch at its end; neither resets it before the next epoch starts
-    callbacks += [figures_cb, EpochLog(log, max_steps, steps_per_epoch, figures_cb), StartValWorkers()]
+    callbacks += [figures_cb, EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb), StartValWorkers()]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
+    rt = plan.rt
     trainer = L.Trainer(
         accelerator=rt.accelerator, devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.strategy,
-        precision=rt.precision, max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
+        precision=rt.precision, max_steps=plan.max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], deterministic=not torch.cuda.is_available(),
-        log_every_n_steps=max(1, min(50, steps_per_epoch // 2)), enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=run_dir, num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, plan.steps_per_epoch // 2)), enable_progress_bar=progress,
+        enable_model_summary=False, default_root_dir=plan.run_dir, num_sanity_val_steps=0,
     )
-    with SystemMetrics(mlflow_run_id, uri, cfg.system_metrics_interval_s, resumed):
-        trainer.fit(model, datamodule=dm, ckpt_path=str(resume_from) if resumed else None)
+    return trainer, best_cb
+
+
+def _classifier(plan: _Plan) -> ImageClassifier:
+    cfg = plan.cfg
+    model = ImageClassifier(model_name=cfg.model, classes=plan.classes, channels=cfg.channels,
+                            image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            optimizer=cfg.optimizer, scheduler=cfg.scheduler,
+                            pretrained_weights=cfg.pretrained_weights, channels_last=plan.rt.channels_last)
+    if plan.rt.compile:
+        model.net.compile()  # in place: the state dict, checkpoints and export keep the plain module's keys
+    return model
+
+
+def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str | None = None,
+          runs_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
+          max_steps_override: int | None = None, log: Log | None = None) -> TrainResult:
+    """log: where the input decision and the per-epoch lines go (the flow passes Prefect's run logger).
+
+    MLflow must be set up (registry.tracking.setup_mlflow) by the entry point.
+    """
+    start = time.perf_counter()
+    log = log or LOG
+    root = Path(root)
+    plan = _plan(p, root, data_version, runs_dir, cache_dir, max_steps_override, log)
+    state_path = plan.run_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
+        return TrainResult(**{**state["result"], "data_version": data_version, "reused": True,
+                              "seconds": time.perf_counter() - start})
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()  # the store the entry point set up
+    logger = _mlflow_logger(p, root, plan, uri, data_version, flow_run_id, state.get("mlflow_run_id"))
+    mlflow_run_id = logger.run_id
+    resume_from = plan.run_dir / "checkpoints" / "last.ckpt"
+    resumed = resume_from.is_file()
+    write_json_atomic(state_path, {"status": "running", "mlflow_run_id": mlflow_run_id,
+                                   "experiment_id": logger.experiment_id})
+    if not resumed:
+        _log_run_config(logger.experiment, mlflow_run_id, p, plan)
+    figures_cb = RunFigures(start, plan.cache_done)
+    trainer, best_cb = _trainer(plan, logger, figures_cb, progress, log)
+    with SystemMetrics(mlflow_run_id, uri, plan.cfg.system_metrics_interval_s, resumed):
+        trainer.fit(_classifier(plan), datamodule=plan.dm, ckpt_path=str(resume_from) if resumed else None)
     figures = figures_cb.figures()
     log.info("training figures: %s", ", ".join(f"{k} {v}" for k, v in figures.items()))
 
     best = best_cb.best_model_path or str(resume_from)
     best_score = best_cb.best_model_score
     result = TrainResult(
-        run_dir=str(run_dir), best_checkpoint=best, mlflow_run_id=mlflow_run_id, classes=classes,
-        global_step=int(trainer.global_step), max_steps=max_steps, epochs_completed=int(trainer.current_epoch),
+        run_dir=str(plan.run_dir), best_checkpoint=best, mlflow_run_id=mlflow_run_id, classes=plan.classes,
+        global_step=int(trainer.global_step), max_steps=plan.max_steps, epochs_completed=int(trainer.current_epoch),
         best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
-        reused=False, seconds=time.perf_counter() - start, runtime=asdict(rt), channels=cfg.channels,
-        input_decision=decision.note, figures=figures,
+        reused=False, seconds=time.perf_counter() - start, runtime=asdict(plan.rt), channels=plan.cfg.channels,
+        input_decision=plan.decision.note, figures=figures, data_version=data_version,
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     _log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
