@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from visionflow.errors import VisionflowError
@@ -41,7 +44,23 @@ def setup_mlflow(configured: str | None, root: Path, experiment: str, artifact_l
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return ensure_experiment(experiment, root, artifact_location)
+    with _quiet_store_creation():
+        return ensure_experiment(experiment, root, artifact_location)
+
+
+@contextlib.contextmanager
+def _quiet_store_creation() -> Iterator[None]:
+    """MLflow logs "Creating initial MLflow database tables" (and alembic its migrations) at INFO when it makes a
+    new SQLite store: not news to a user, and printed before a command's own first line or error."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic.runtime.migration")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def ensure_experiment(experiment: str, root: Path, artifact_location: str | None = None) -> str:
