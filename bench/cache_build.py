@@ -36,10 +36,13 @@ def photo_set(ctx: Context, n: int) -> tuple[Path, list[str], str]:
     import pandas as pd
 
     from visionflow.data import photos
-    from visionflow.errors import DataError
     from visionflow.data.fashion_mnist import (
-        FASHION_MNIST_CLASSES, balanced_indices, load_fashion_mnist, locate_fashion_mnist,
+        FASHION_MNIST_CLASSES,
+        balanced_indices,
+        load_fashion_mnist,
+        locate_fashion_mnist,
     )
+    from visionflow.errors import DataError
 
     store = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "visionflow-bench"
     root = (ctx.tmp("cache_build") if ctx.quick else store) / f"photos-v{photos.GENERATOR_VERSION}-{n}"
@@ -64,11 +67,13 @@ def photo_set(ctx: Context, n: int) -> tuple[Path, list[str], str]:
         if done % 1000 < 16 or done == total:  # called every 16 photos
             ctx.log(f"[cache_build] {done}/{total} photos")
 
-    photos.write_photos(root / "raw", images, labels, chosen, classes, seed=0, sizes=SIZES, kinds=photos.JPEG_ONLY,
-                        progress=progress)
+    photos.write_photos(
+        root / "raw", images, labels, chosen, classes, seed=0, sizes=SIZES, kinds=photos.JPEG_ONLY, progress=progress
+    )
     files = sorted((root / "raw").glob("*/*.jpg"))
-    pd.DataFrame({"path": [str(f) for f in files], "label": [f.parent.name for f in files]}).to_csv(manifest,
-                                                                                                  index=False)
+    pd.DataFrame({"path": [str(f) for f in files], "label": [f.parent.name for f in files]}).to_csv(
+        manifest, index=False
+    )
     ctx.log(f"[cache_build] {len(files)} photos from {source} in {time.perf_counter() - t0:.0f} s")
     return manifest, classes, f"{n} photos generated from {source}"
 
@@ -95,8 +100,10 @@ def build_run(ctx: Context, manifest: Path, classes: list[str], **kwargs: Any) -
         cpu = _cpu_seconds()
         split = build_cache(manifest, out, classes=classes, image_size=IMAGE_SIZE, channels=3, **kwargs)
         n = len(split.labels) + len(split.quarantined)
-        return Measurement(n / split.build_seconds, {"seconds": split.build_seconds,
-                                                     "cores_busy": (_cpu_seconds() - cpu) / split.build_seconds})
+        return Measurement(
+            n / split.build_seconds,
+            {"seconds": split.build_seconds, "cores_busy": (_cpu_seconds() - cpu) / split.build_seconds},
+        )
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -131,29 +138,55 @@ def run(ctx: Context) -> dict[str, Any]:
     # a full build takes minutes on 2 cores: two pairs give the spread, more would not fit a few minutes
     pairs = min(ctx.repeats, 2)
     target = round(0.9 * cores, 2)
-    rows.append(compare(
-        ctx, f"build, {n} photos -> {IMAGE_SIZE} px: {cores} workers vs 1",
-        lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
-        lambda: build_run(ctx, manifest, classes, workers=1, decoder="pillow"), repeats=pairs, unit="images/s",
-        a_label=f"build_cache, pool of {cores}", b_label="build_cache, 1 process", higher_is_better=True,
-        the_goal=goal(f">= {target}x (0.9 x {cores} cores)", ">=", target),
-        notes=["wall time of build_cache, pool start-up included"]))
+    rows.append(
+        compare(
+            ctx,
+            f"build, {n} photos -> {IMAGE_SIZE} px: {cores} workers vs 1",
+            lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
+            lambda: build_run(ctx, manifest, classes, workers=1, decoder="pillow"),
+            repeats=pairs,
+            unit="images/s",
+            a_label=f"build_cache, pool of {cores}",
+            b_label="build_cache, 1 process",
+            higher_is_better=True,
+            the_goal=goal(f">= {target}x (0.9 x {cores} cores)", ">=", target),
+            notes=["wall time of build_cache, pool start-up included"],
+        )
+    )
     sample = _camera_1280(datas, QUICK_DRAFT_PHOTOS if ctx.quick else DRAFT_PHOTOS)
-    rows.append(compare(
-        ctx, f"decode 1280x960 -> {IMAGE_SIZE} px, {len(sample)} photos, one core",
-        lambda: decode_run(sample, draft=True), lambda: decode_run(sample, draft=False), unit="images/s",
-        a_label="decode_for_model (JPEG draft)", b_label="full decode (draft=False)", higher_is_better=True,
-        the_goal=goal(">= 3x", ">=", 3.0)))
+    rows.append(
+        compare(
+            ctx,
+            f"decode 1280x960 -> {IMAGE_SIZE} px, {len(sample)} photos, one core",
+            lambda: decode_run(sample, draft=True),
+            lambda: decode_run(sample, draft=False),
+            unit="images/s",
+            a_label="decode_for_model (JPEG draft)",
+            b_label="full decode (draft=False)",
+            higher_is_better=True,
+            the_goal=goal(">= 3x", ">=", 3.0),
+        )
+    )
     try:
         if not nvjpeg_available():
             raise Skip("no CUDA here: the nvJPEG row runs on a GPU machine")
-        rows.append(compare(
-            ctx, f"build, {n} photos: nvJPEG vs {cores} CPU workers",
-            lambda: build_run(ctx, manifest, classes, decoder="nvjpeg"),
-            lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"), repeats=pairs,
-            unit="images/s", a_label="build_cache, nvJPEG batches", b_label=f"build_cache, pool of {cores}",
-            higher_is_better=True))
+        rows.append(
+            compare(
+                ctx,
+                f"build, {n} photos: nvJPEG vs {cores} CPU workers",
+                lambda: build_run(ctx, manifest, classes, decoder="nvjpeg"),
+                lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
+                repeats=pairs,
+                unit="images/s",
+                a_label="build_cache, nvJPEG batches",
+                b_label=f"build_cache, pool of {cores}",
+                higher_is_better=True,
+            )
+        )
     except Skip as exc:
         notes.append(str(exc))
-    return {"rows": rows, "notes": notes, "config": {"photos": n, "image_size": IMAGE_SIZE, "cores": cores,
-                                                     "sizes": [list(s) for s in SIZES]}}
+    return {
+        "rows": rows,
+        "notes": notes,
+        "config": {"photos": n, "image_size": IMAGE_SIZE, "cores": cores, "sizes": [list(s) for s in SIZES]},
+    }

@@ -67,7 +67,7 @@ class Measurement:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-class Skip(Exception):  # noqa: N818 - a signal, not an error
+class Skip(Exception):  # a signal, not an error
     """Raised by a benchmark variant that cannot run here (no GPU, no dataset): becomes a note, not a failure."""
 
 
@@ -105,8 +105,15 @@ def _as_measurement(x: float | Measurement) -> Measurement:
     return x if isinstance(x, Measurement) else Measurement(float(x))
 
 
-def compare(ctx: Context, variant: str, run_a: Callable[[], float | Measurement],
-            run_b: Callable[[], float | Measurement], *, repeats: int | None = None, **row: Any) -> dict[str, Any]:
+def compare(
+    ctx: Context,
+    variant: str,
+    run_a: Callable[[], float | Measurement],
+    run_b: Callable[[], float | Measurement],
+    *,
+    repeats: int | None = None,
+    **row: Any,
+) -> dict[str, Any]:
     """Run A then B, `repeats` times (A, B, A, B, ...); the ratio is taken per pair, then summarised.
     Keyword arguments are paired_row's."""
     n = repeats or ctx.repeats
@@ -117,14 +124,26 @@ def compare(ctx: Context, variant: str, run_a: Callable[[], float | Measurement]
         b = _as_measurement(run_b())
         a_runs.append(a)
         b_runs.append(b)
-        ctx.log(f"  {variant}: repeat {r + 1}/{n}  A {a.value:.4g}  B {b.value:.4g} {row.get('unit', '')}"
-                f"  ratio {a.value / b.value if b.value else float('nan'):.3f}")
+        ctx.log(
+            f"  {variant}: repeat {r + 1}/{n}  A {a.value:.4g}  B {b.value:.4g} {row.get('unit', '')}"
+            f"  ratio {a.value / b.value if b.value else float('nan'):.3f}"
+        )
     return paired_row(variant, a_runs, b_runs, **row)
 
 
-def paired_row(variant: str, a_runs: list[Measurement], b_runs: list[Measurement], *, unit: str, a_label: str,
-               b_label: str, higher_is_better: bool, ratio_definition: str = "A / B",
-               the_goal: dict[str, Any] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+def paired_row(
+    variant: str,
+    a_runs: list[Measurement],
+    b_runs: list[Measurement],
+    *,
+    unit: str,
+    a_label: str,
+    b_label: str,
+    higher_is_better: bool,
+    ratio_definition: str = "A / B",
+    the_goal: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
     """The result row of interleaved pairs (a_runs[i], b_runs[i])."""
     ratios = [a.value / b.value if b.value else float("nan") for a, b in zip(a_runs, b_runs)]
     extra: dict[str, Any] = {}
@@ -133,20 +152,42 @@ def paired_row(variant: str, a_runs: list[Measurement], b_runs: list[Measurement
         for k in keys:
             extra[prefix + k] = summary([m.extra[k] for m in runs if k in m.extra])
     row = {
-        "variant": variant, "kind": "paired", "unit": unit, "higher_is_better": higher_is_better,
+        "variant": variant,
+        "kind": "paired",
+        "unit": unit,
+        "higher_is_better": higher_is_better,
         "a": {"label": a_label, **summary([m.value for m in a_runs])},
         "b": {"label": b_label, **summary([m.value for m in b_runs])},
         "ratio": {"definition": ratio_definition, **summary(ratios)},
-        "repeats": len(a_runs), "extra": extra, "goal": the_goal, "notes": list(notes or []),
+        "repeats": len(a_runs),
+        "extra": extra,
+        "goal": the_goal,
+        "notes": list(notes or []),
     }
     return judge(row)
 
 
-def single(variant: str, value: float | None, *, unit: str, label: str, the_goal: dict[str, Any] | None = None,
-           notes: list[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def single(
+    variant: str,
+    value: float | None,
+    *,
+    unit: str,
+    label: str,
+    the_goal: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A figure that is not an A/B pair (read from a report, or derived from other rows)."""
-    row = {"variant": variant, "kind": "single", "unit": unit, "label": label, "value": value,
-           "extra": dict(extra or {}), "goal": the_goal, "notes": list(notes or [])}
+    row = {
+        "variant": variant,
+        "kind": "single",
+        "unit": unit,
+        "label": label,
+        "value": value,
+        "extra": dict(extra or {}),
+        "goal": the_goal,
+        "notes": list(notes or []),
+    }
     return judge(row)
 
 
@@ -186,8 +227,14 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)
-            gpus.append({"name": prop.name, "memory_gib": round(prop.total_memory / 2**30, 1),
-                         "capability": f"{prop.major}.{prop.minor}", "multiprocessors": prop.multi_processor_count})
+            gpus.append(
+                {
+                    "name": prop.name,
+                    "memory_gib": round(prop.total_memory / 2**30, 1),
+                    "capability": f"{prop.major}.{prop.minor}",
+                    "multiprocessors": prop.multi_processor_count,
+                }
+            )
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -204,9 +251,24 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {d: _version(d) for d in ("torch", "onnxruntime", "lightning", "timm", "albumentations",
-                                              "mlflow", "prefect", "evidently", "dvc", "scipy", "fastapi",
-                                              "uvicorn", "numpy")},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "torch",
+                "onnxruntime",
+                "lightning",
+                "timm",
+                "albumentations",
+                "mlflow",
+                "prefect",
+                "evidently",
+                "dvc",
+                "scipy",
+                "fastapi",
+                "uvicorn",
+                "numpy",
+            )
+        },
         "git_commit": git_commit(),
     }
 
@@ -221,8 +283,17 @@ def quiet() -> None:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "mlflow", "alembic",
-                 "httpx", "evidently", "numexpr"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "pytorch_lightning",
+        "mlflow",
+        "alembic",
+        "httpx",
+        "evidently",
+        "numexpr",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -230,8 +301,13 @@ def quiet_lightning() -> None:
     """Lightning sets its loggers to INFO when imported: call after importing it."""
     import lightning  # noqa: F401
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -303,7 +379,7 @@ def synthetic_pngs(n: int, size: int = 28, seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
     out = []
-    for i in range(n):
+    for _ in range(n):
         cy, cx, r = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(size * 0.2, size * 0.45)]
         blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * rng.uniform(80, 220)
         arr = np.clip(blob + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
@@ -311,15 +387,16 @@ def synthetic_pngs(n: int, size: int = 28, seed: int = 0) -> list[bytes]:
     return out
 
 
-def make_splits(ctx: Context, name: str, counts: dict[str, int], *, use_whole_real_train: bool = False,
-                n_classes: int = 10) -> SplitData:
+def make_splits(
+    ctx: Context, name: str, counts: dict[str, int], *, use_whole_real_train: bool = False, n_classes: int = 10
+) -> SplitData:
     """Train/val/test manifests for a benchmark: the real splits (a seeded subset of each, or the whole real
     train split with the pipeline's own cache when use_whole_real_train) when data/splits and data/cache exist,
     else synthetic Fashion-MNIST-like PNGs written under the work folder."""
     import pandas as pd
 
-    from visionflow.training.datamodule import class_names
     from visionflow.data.validate import read_manifest
+    from visionflow.training.datamodule import class_names
 
     real_dir = REPO / "data/splits"
     if real_data_available():
@@ -350,8 +427,9 @@ def make_splits(ctx: Context, name: str, counts: dict[str, int], *, use_whole_re
             rows.append({"path": str(path), "label": label})
         pd.DataFrame(rows).to_csv(out / f"{split}.csv", index=False)
         seed += 1
-    return SplitData(out, ctx.tmp(f"{name}/cache"), classes, "synthetic PNGs (no data/splits + data/cache)",
-                     dict(counts))
+    return SplitData(
+        out, ctx.tmp(f"{name}/cache"), classes, "synthetic PNGs (no data/splits + data/cache)", dict(counts)
+    )
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -111,21 +111,31 @@ def run(ctx: Context) -> dict[str, Any]:
                     a = repo.op(op)
                     b = md5sum(repo.root / "data")
                     pairs[op].append((a, b))
-                    ctx.log(f"  dvc {op} ({n} files): repeat {r + 1}/{ctx.repeats}  dvc {a.value:.2f} s  "
-                            f"md5sum {b.value:.2f} s  ratio {a.value / b.value:.2f}")
+                    ctx.log(
+                        f"  dvc {op} ({n} files): repeat {r + 1}/{ctx.repeats}  dvc {a.value:.2f} s  "
+                        f"md5sum {b.value:.2f} s  ratio {a.value / b.value:.2f}"
+                    )
         finally:
             repo.close()
         for op in OPS:
-            rows.append(paired_row(
-                f"dvc {op}, {n // 1000}k files", [a for a, _ in pairs[op]], [b for _, b in pairs[op]], unit="s",
-                a_label=f"dvc {op}", b_label="md5sum (find | xargs)", higher_is_better=False,
-                ratio_definition="dvc seconds / md5sum seconds",
-                notes=["after deleting data/images, restore from the DVC cache"] if op == "checkout" else []))
+            rows.append(
+                paired_row(
+                    f"dvc {op}, {n // 1000}k files",
+                    [a for a, _ in pairs[op]],
+                    [b for _, b in pairs[op]],
+                    unit="s",
+                    a_label=f"dvc {op}",
+                    b_label="md5sum (find | xargs)",
+                    higher_is_better=False,
+                    ratio_definition="dvc seconds / md5sum seconds",
+                    notes=["after deleting data/images, restore from the DVC cache"] if op == "checkout" else [],
+                )
+            )
         del files
     notes = []
     if not ctx.quick and 70_000 not in sizes:
-        notes.append("70k files not run (it doubles the suite's time): `python -m bench --only dvc --dvc-files "
-                     "20000 70000` runs it")
-    return {"rows": rows, "notes": notes, "config": {"files": list(sizes), "file_bytes_approx": 900,
-                                                  "dvc": _dvc()[-1]}}
-
+        notes.append(
+            "70k files not run (it doubles the suite's time): `python -m bench --only dvc --dvc-files "
+            "20000 70000` runs it"
+        )
+    return {"rows": rows, "notes": notes, "config": {"files": list(sizes), "file_bytes_approx": 900, "dvc": _dvc()[-1]}}

@@ -47,11 +47,26 @@ def _cuda() -> bool:
 
 def _params_overrides(images: int, quick: bool) -> list[str]:
     gpu = _cuda()
-    model = ["train.model=resnet50", "train.image_size=224", "train.channels=3", "train.batch_size=256",
-             "train.num_workers=8"] if gpu else ["train.image_size=28", "train.batch_size=64", "train.num_workers=1"]
-    return [*model, f"data.max_images={images}", f"train.max_epochs={1 if quick else 2}",
-            "train.early_stopping_patience=10", "train.system_metrics_interval_s=2",
-            f"evaluate.robustness_images={100 if quick else 500}", "export.parity_images=100"]
+    model = (
+        [
+            "train.model=resnet50",
+            "train.image_size=224",
+            "train.channels=3",
+            "train.batch_size=256",
+            "train.num_workers=8",
+        ]
+        if gpu
+        else ["train.image_size=28", "train.batch_size=64", "train.num_workers=1"]
+    )
+    return [
+        *model,
+        f"data.max_images={images}",
+        f"train.max_epochs={1 if quick else 2}",
+        "train.early_stopping_patience=10",
+        "train.system_metrics_interval_s=2",
+        f"evaluate.robustness_images={100 if quick else 500}",
+        "export.parity_images=100",
+    ]
 
 
 def _project(work: Path) -> Path:
@@ -64,8 +79,12 @@ def step_env(args) -> dict[str, Any]:
 
     from bench.common import machine_info
 
-    out: dict[str, Any] = {"machine": machine_info(), "cuda": _cuda(), "torch": torch.__version__,
-                           "ort_providers": ort.get_available_providers()}
+    out: dict[str, Any] = {
+        "machine": machine_info(),
+        "cuda": _cuda(),
+        "torch": torch.__version__,
+        "ort_providers": ort.get_available_providers(),
+    }
     try:
         import pynvml  # noqa: F401  (nvidia-ml-py: what MLflow's GPU system metrics need)
 
@@ -90,9 +109,11 @@ def step_data(args) -> dict[str, Any]:
     (proj / "overrides.json").write_text(json.dumps(_params_overrides(args.images, args.quick)))
     p = load_params(proj / "params.yaml", _params_overrides(args.images, args.quick))
     t = {}
-    for name, fn in (("ingest", lambda: stages.ingest_stage(p, proj)),
-                     ("validate", lambda: stages.validate_stage(p, proj, None)),
-                     ("split", lambda: stages.split_stage(p, proj))):
+    for name, fn in (
+        ("ingest", lambda: stages.ingest_stage(p, proj)),
+        ("validate", lambda: stages.validate_stage(p, proj, None)),
+        ("split", lambda: stages.split_stage(p, proj)),
+    ):
         t0 = time.perf_counter()
         fn()
         t[f"{name}_s"] = round(time.perf_counter() - t0, 2)
@@ -102,8 +123,11 @@ def step_data(args) -> dict[str, Any]:
 def _cli(args, *command: str) -> None:
     proj = _project(args.work)
     sets = [x for o in json.loads((proj / "overrides.json").read_text()) for x in ("--set", o)]
-    subprocess.run([sys.executable, "-m", "visionflow.cli", "--params", str(proj / "params.yaml"), *sets,
-                    *command], check=True, cwd=proj)
+    subprocess.run(
+        [sys.executable, "-m", "visionflow.cli", "--params", str(proj / "params.yaml"), *sets, *command],
+        check=True,
+        cwd=proj,
+    )
 
 
 def step_train(args) -> dict[str, Any]:
@@ -116,12 +140,18 @@ def step_train(args) -> dict[str, Any]:
     run = mlflow.MlflowClient(f"sqlite:///{proj / 'mlruns/mlflow.db'}").get_run(report["mlflow_run_id"])
     system = {k: round(v, 2) for k, v in run.data.metrics.items() if k.startswith("system/")}
     f = report["figures"]
-    return {"wall_s": round(time.perf_counter() - t0, 2), "figures": f, "runtime": report["runtime"],
-            "system_metrics_last": system, "gpu_system_metrics": any("gpu" in k for k in system),
-            "goals": {"busy_fraction >= 0.85": (f["busy_fraction"] >= GOALS["busy_fraction"]) if _cuda()
-                      else "no CUDA",
-                      "time to first step (after the cache) <= 20 s":
-                          f["time_to_first_step_after_cache_s"] <= GOALS["time_to_first_step_after_cache_s"]}}
+    return {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "figures": f,
+        "runtime": report["runtime"],
+        "system_metrics_last": system,
+        "gpu_system_metrics": any("gpu" in k for k in system),
+        "goals": {
+            "busy_fraction >= 0.85": (f["busy_fraction"] >= GOALS["busy_fraction"]) if _cuda() else "no CUDA",
+            "time to first step (after the cache) <= 20 s": f["time_to_first_step_after_cache_s"]
+            <= GOALS["time_to_first_step_after_cache_s"],
+        },
+    }
 
 
 def _profile(args, compile_: bool, steps: int):
@@ -129,12 +159,25 @@ def _profile(args, compile_: bool, steps: int):
     from visionflow.config import load_params
     from visionflow.training.train import resolve_runtime
 
-    p = load_params(_project(args.work) / "params.yaml",
-                    json.loads((_project(args.work) / "overrides.json").read_text()))
+    p = load_params(
+        _project(args.work) / "params.yaml", json.loads((_project(args.work) / "overrides.json").read_text())
+    )
     rt = resolve_runtime(p.train.model_copy(update={"channels": 3 if _cuda() else 1}))
-    return Profile("gpu-check", p.train.model, p.train.image_size, 3 if _cuda() else 1, p.train.batch_size,
-                   rt.accelerator, rt.precision, rt.channels_last, warmup=10 if compile_ else 5, steps=steps,
-                   workers=p.train.num_workers, goal=0.95, compile=compile_), p
+    return Profile(
+        "gpu-check",
+        p.train.model,
+        p.train.image_size,
+        3 if _cuda() else 1,
+        p.train.batch_size,
+        rt.accelerator,
+        rt.precision,
+        rt.channels_last,
+        warmup=10 if compile_ else 5,
+        steps=steps,
+        workers=p.train.num_workers,
+        goal=0.95,
+        compile=compile_,
+    ), p
 
 
 def _ctx(args):
@@ -150,9 +193,17 @@ def step_plain(args) -> dict[str, Any]:
     prof, p = _profile(args, False, 10 if args.quick else 60)
     proj = _project(args.work)
     classes = class_names(proj / p.data.splits_dir)
-    dm = ImageDataModule(splits_dir=proj / p.data.splits_dir, cache_dir=proj / "data/cache", classes=classes,
-                         image_size=prof.image_size, channels=prof.channels, batch_size=prof.batch_size,
-                         num_workers=prof.workers, augment=p.train.augment, seed=p.base.seed)
+    dm = ImageDataModule(
+        splits_dir=proj / p.data.splits_dir,
+        cache_dir=proj / "data/cache",
+        classes=classes,
+        image_size=prof.image_size,
+        channels=prof.channels,
+        batch_size=prof.batch_size,
+        num_workers=prof.workers,
+        augment=p.train.augment,
+        seed=p.base.seed,
+    )
     loader = dm.train_dataloader()
     n = len(loader)
     if n < prof.total:
@@ -177,8 +228,9 @@ def step_compile(args) -> dict[str, Any]:
     for flag in (False, True):
         prof, _ = _profile(args, flag, 5 if args.quick else 40)
         data = synthetic_batches(prof, prof.total)
-        out["compiled" if flag else "eager"] = round(plain_run(_ctx(args), prof, data,
-                                                               [f"c{i}" for i in range(10)]).value, 1)
+        out["compiled" if flag else "eager"] = round(
+            plain_run(_ctx(args), prof, data, [f"c{i}" for i in range(10)]).value, 1
+        )
     out["ratio"] = round(out["compiled"] / out["eager"], 4)
     out["goal >= 1.3x"] = out["ratio"] >= GOALS["compile"] if _cuda() else "no CUDA (CPU dry run)"
     return out
@@ -196,15 +248,25 @@ def step_evaluate(args) -> dict[str, Any]:
     _cli(args, "evaluate")
     wall = time.perf_counter() - t0
     ev = json.loads((proj / "reports/evaluation/evaluation.json").read_text())
-    out: dict[str, Any] = {"wall_s": round(wall, 2), "device": ev["device"], "test_accuracy": ev["test_accuracy"],
-                           "robust_accuracy": ev["robust_accuracy"], "n_test": ev["n_test"]}
+    out: dict[str, Any] = {
+        "wall_s": round(wall, 2),
+        "device": ev["device"],
+        "test_accuracy": ev["test_accuracy"],
+        "robust_accuracy": ev["robust_accuracy"],
+        "n_test": ev["n_test"],
+    }
     if not _cuda():
         out["cpu_vs_gpu"] = "no CUDA"
         return out
     model = load_classifier(proj / "models/model.ckpt")
     hp = model.hparams
-    test = build_cache(proj / "data/splits/test.csv", proj / "data/cache", classes=list(hp.classes),
-                       image_size=hp.image_size, channels=hp.channels)
+    test = build_cache(
+        proj / "data/splits/test.csv",
+        proj / "data/cache",
+        classes=list(hp.classes),
+        image_size=hp.image_size,
+        channels=hp.channels,
+    )
     images = np.asarray(test.images[:1024])
     t0 = time.perf_counter()
     gpu = predict_logits(model.net, images, device="cuda")
@@ -213,11 +275,15 @@ def step_evaluate(args) -> dict[str, Any]:
     cpu = predict_logits(model.net, images, device="cpu")
     t_cpu = time.perf_counter() - t0
     diff = float(np.abs(gpu - cpu).max())
-    out["cpu_vs_gpu"] = {"images": len(images), "max_abs_logit_diff": diff, "tolerance": GPU_TOLERANCE,
-                         "within_tolerance": diff <= GPU_TOLERANCE,
-                         "top1_agreement": float((gpu.argmax(1) == cpu.argmax(1)).mean()),
-                         "gpu_images_per_s": round(len(images) / t_gpu, 1),
-                         "cpu_images_per_s": round(len(images) / t_cpu, 1)}
+    out["cpu_vs_gpu"] = {
+        "images": len(images),
+        "max_abs_logit_diff": diff,
+        "tolerance": GPU_TOLERANCE,
+        "within_tolerance": diff <= GPU_TOLERANCE,
+        "top1_agreement": float((gpu.argmax(1) == cpu.argmax(1)).mean()),
+        "gpu_images_per_s": round(len(images) / t_gpu, 1),
+        "cpu_images_per_s": round(len(images) / t_cpu, 1),
+    }
     return out
 
 
@@ -243,8 +309,18 @@ def _run_step(name: str, args, deadline: float, logs: Path) -> dict[str, Any]:
     if box < 5:
         return {"status": "skipped", "reason": "the overall budget is spent"}
     result = args.work / f"{name}.json"
-    cmd = [sys.executable, "-m", "bench.gpu_check", "--step", name, "--work", str(args.work),
-           "--images", str(args.images), *(["--quick"] if args.quick else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--step",
+        name,
+        "--work",
+        str(args.work),
+        "--images",
+        str(args.images),
+        *(["--quick"] if args.quick else []),
+    ]
     t0 = time.monotonic()
     with open(logs / f"{name}.log", "w") as log:
         # its own session: on time-out the step's loader workers and compile workers go with it
@@ -255,16 +331,19 @@ def _run_step(name: str, args, deadline: float, logs: Path) -> dict[str, Any]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return {"status": "timed out", "box_s": round(box), "seconds": round(time.monotonic() - t0, 1)}
-    entry = {"status": "ok" if rc == 0 and result.is_file() else f"failed (exit {rc})",
-             "seconds": round(time.monotonic() - t0, 1)}
+    entry = {
+        "status": "ok" if rc == 0 and result.is_file() else f"failed (exit {rc})",
+        "seconds": round(time.monotonic() - t0, 1),
+    }
     if result.is_file():
         entry.update(json.loads(result.read_text()))
     return entry
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench --gpu-check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench --gpu-check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gpu-check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help="work folder (default: a new one under /tmp)")
@@ -287,8 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.budget
-    results: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images": args.images,
-                               "quick": args.quick, "budget_s": args.budget, "goals": GOALS, "steps": {}}
+    results: dict[str, Any] = {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "images": args.images,
+        "quick": args.quick,
+        "budget_s": args.budget,
+        "goals": GOALS,
+        "steps": {},
+    }
     out = args.out or REPO / "bench/results" / f"gpu-check-{stamp}.json"
     for name in args.only or STEPS:
         print(f"{time.strftime('%H:%M:%S')} gpu-check: {name}", file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
 """inference: ONNX Runtime vs PyTorch eager on CPU, and the serving app vs in-process ONNX Runtime.
 
-1. A: ONNX Runtime (visionflow.registry.export.export_onnx of a freshly built net, ort_session on CPU) images/s at batch 1
-   and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at batch 1.
+1. A: ONNX Runtime (visionflow.registry.export.export_onnx of a freshly built net, ort_session on CPU) images/s at
+   batch 1 and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at
+   batch 1.
 2. A: requests/s of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1) with a champion
    registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency keep-alive clients
    (one connection each, each sending its next request when the last is answered); B: in-process single-image
@@ -55,20 +56,22 @@ def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels:
     session = ort_session(onnx_path)
     rng = np.random.default_rng(0)
     rows = []
-    for batch, iters, the_goal in ((1, 30 if ctx.quick else 300, goal(">= 1.5x", ">=", 1.5)),
-                                   (32, 4 if ctx.quick else 30, None)):
+    for batch, iters, the_goal in (
+        (1, 30 if ctx.quick else 300, goal(">= 1.5x", ">=", 1.5)),
+        (32, 4 if ctx.quick else 30, None),
+    ):
         x = np.ascontiguousarray(rng.integers(0, 256, (batch, channels, image_size, image_size), dtype=np.uint8))
         t = torch.from_numpy(x.copy())
         feed = {"image": x}
 
-        def ort_rate() -> Measurement:
+        def ort_rate(feed=feed, batch=batch, iters=iters) -> Measurement:  # bound: compare() calls it now
             session.run(["logits"], feed)
             start = time.perf_counter()
             for _ in range(iters):
                 session.run(["logits"], feed)
             return Measurement(batch * iters / (time.perf_counter() - start))
 
-        def torch_rate() -> Measurement:
+        def torch_rate(t=t, batch=batch, iters=iters) -> Measurement:
             with torch.inference_mode():
                 net(t)
                 start = time.perf_counter()
@@ -76,9 +79,20 @@ def onnx_vs_torch(ctx: Context, net, onnx_path: Path, image_size: int, channels:
                     net(t)
                 return Measurement(batch * iters / (time.perf_counter() - start))
 
-        rows.append(compare(ctx, f"onnx vs torch, batch {batch}", ort_rate, torch_rate, unit="images/s",
-                            a_label="ONNX Runtime (CPU)", b_label="PyTorch eager (CPU)", higher_is_better=True,
-                            the_goal=the_goal, notes=[f"{iters} calls per timed run, after one warm-up call"]))
+        rows.append(
+            compare(
+                ctx,
+                f"onnx vs torch, batch {batch}",
+                ort_rate,
+                torch_rate,
+                unit="images/s",
+                a_label="ONNX Runtime (CPU)",
+                b_label="PyTorch eager (CPU)",
+                higher_is_better=True,
+                the_goal=the_goal,
+                notes=[f"{iters} calls per timed run, after one warm-up call"],
+            )
+        )
     return rows
 
 
@@ -104,13 +118,16 @@ def _sample_image(image_size: int, channels: int) -> tuple[bytes, str]:
 
 def _multipart(data: bytes) -> tuple[bytes, str]:
     boundary = "visionflow-bench-boundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_requests: int,
-                      max_s: float) -> dict[str, Any]:
+async def closed_loop(
+    url: str, body: bytes, ctype: str, concurrency: int, max_requests: int, max_s: float
+) -> dict[str, Any]:
     """`concurrency` clients, each posting the same body again as soon as it has its answer; bounded in count and
     time. Loopback only: the URL is always the server this benchmark started on 127.0.0.1.
 
@@ -144,8 +161,13 @@ async def closed_loop(url: str, body: bytes, ctype: str, concurrency: int, max_r
     finally:
         client.close()
     seconds = time.perf_counter() - start
-    return {"ok": ok, "requests": issued, "seconds": seconds, "errors": errors,
-            "p50_ms": float(np.median(latencies) * 1000) if latencies else 0.0}
+    return {
+        "ok": ok,
+        "requests": issued,
+        "seconds": seconds,
+        "errors": errors,
+        "p50_ms": float(np.median(latencies) * 1000) if latencies else 0.0,
+    }
 
 
 def _project(ctx: Context) -> tuple[Path, Any]:
@@ -170,12 +192,24 @@ def _register(proj: Path, p, onnx_path: Path, image_size: int, channels: int, mo
     from visionflow.registry.store import Gate, apply_promotion, register_onnx
     from visionflow.registry.tracking import setup_mlflow
 
-    card = write_model_card(onnx_path, image_size=image_size, channels=channels, classes=_classes(),
-                            model_name=model_name, data_version="bench")
+    card = write_model_card(
+        onnx_path,
+        image_size=image_size,
+        channels=channels,
+        classes=_classes(),
+        model_name=model_name,
+        data_version="bench",
+    )
     with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
         pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags={"visionflow.data_version": "bench"}, metrics={})
+    version = register_onnx(
+        onnx_path=onnx_path,
+        card=card,
+        model_name=p.registry.model_name,
+        mlflow_run_id=run.info.run_id,
+        tags={"visionflow.data_version": "bench"},
+        metrics={},
+    )
     apply_promotion(p.registry.model_name, version, [Gate("bench", True, "registered by the benchmark")])
     return version
 
@@ -186,9 +220,13 @@ def _start_server(proj: Path, port: int, log: Path) -> tuple[subprocess.Popen, f
     exe = Path(sys.executable).with_name("visionflow")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "visionflow.cli"]
     with log.open("wb") as fh:
-        proc = subprocess.Popen([*cmd, "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
-                                cwd=proj, stdout=fh, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            [*cmd, "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
+            cwd=proj,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     start = time.perf_counter()
     while True:
         if proc.poll() is not None:
@@ -218,8 +256,16 @@ def _cpu_s(process: psutil.Process) -> float:
     return t.user + t.system
 
 
-def _server_rate(url: str, body: bytes, ctype: str, concurrency: int, n_requests: int, max_s: float,
-                 server: psutil.Process, errors: dict[str, int]) -> Measurement:
+def _server_rate(
+    url: str,
+    body: bytes,
+    ctype: str,
+    concurrency: int,
+    n_requests: int,
+    max_s: float,
+    server: psutil.Process,
+    errors: dict[str, int],
+) -> Measurement:
     """Predictions/s of the running server under a closed loop; non-200 answers are added to `errors`."""
     asyncio.run(closed_loop(url, body, ctype, concurrency, concurrency * 2, 5.0))  # warm-up requests
     server_cpu, client_cpu = _cpu_s(server), _cpu_s(psutil.Process())
@@ -230,10 +276,16 @@ def _server_rate(url: str, body: bytes, ctype: str, concurrency: int, n_requests
     done = max(res["requests"], 1)
     # CPU per request, so the serving path's own cost can be told apart from the load generator's: on 2
     # cores the load generator competes with the server for the same CPUs.
-    return Measurement(res["ok"] / res["seconds"], {"requests": res["requests"], "p50_ms": res["p50_ms"],
-                                                    "errors": sum(res["errors"].values()),
-                                                    "server_cpu_ms_per_request": 1000 * server_cpu / done,
-                                                    "client_cpu_ms_per_request": 1000 * client_cpu / done})
+    return Measurement(
+        res["ok"] / res["seconds"],
+        {
+            "requests": res["requests"],
+            "p50_ms": res["p50_ms"],
+            "errors": sum(res["errors"].values()),
+            "server_cpu_ms_per_request": 1000 * server_cpu / done,
+            "client_cpu_ms_per_request": 1000 * client_cpu / done,
+        },
+    )
 
 
 def _local_rate(data: bytes, session, rules, image_size: int, channels: int, n: int) -> Measurement:
@@ -265,8 +317,10 @@ def _add_cpu_figures(row: dict[str, Any], errors: dict[str, int], ready_s: float
     cpu_ratio = round(local_ms / server_ms, 3) if server_ms else None
     row["extra"]["cpu_ratio_local_over_server"] = cpu_ratio
     client_ms = row["extra"]["a_client_cpu_ms_per_request"]["median"]
-    row["notes"].append(f"CPU per request: server {server_ms:.2f} ms, client {client_ms:.2f} ms; "
-                        f"in-process {local_ms:.2f} ms per prediction (CPU ratio {cpu_ratio})")
+    row["notes"].append(
+        f"CPU per request: server {server_ms:.2f} ms, client {client_ms:.2f} ms; "
+        f"in-process {local_ms:.2f} ms per prediction (CPU ratio {cpu_ratio})"
+    )
     row["extra"]["server_ready_s"] = round(ready_s, 2)
 
 
@@ -290,18 +344,37 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     max_s = 15.0 if ctx.quick else 6.0
     rules = DecodeRules.from_params(p.validation, p.serve)
     errors: dict[str, int] = {}
-    server_rate = partial(_server_rate, f"http://127.0.0.1:{port}/predict", body, ctype, concurrency, n_requests,
-                          max_s, psutil.Process(proc.pid), errors)
-    local_rate = partial(_local_rate, data, ort_session(served), rules, image_size, channels,
-                         100 if ctx.quick else 2000)
+    server_rate = partial(
+        _server_rate,
+        f"http://127.0.0.1:{port}/predict",
+        body,
+        ctype,
+        concurrency,
+        n_requests,
+        max_s,
+        psutil.Process(proc.pid),
+        errors,
+    )
+    local_rate = partial(
+        _local_rate, data, ort_session(served), rules, image_size, channels, 100 if ctx.quick else 2000
+    )
     try:
-        row = compare(ctx, "serving vs in-process", server_rate, local_rate, unit="predictions/s",
-                      a_label=f"visionflow serve over HTTP ({concurrency} in flight)",
-                      b_label="in-process decode + ONNX Runtime", higher_is_better=True,
-                      the_goal=goal(">= 0.8x", ">=", 0.8),
-                      notes=[f"image: {image_source}, {len(data)} bytes; up to {n_requests} requests or {max_s:g} s "
-                             f"per timed run; server ready {ready_s:.1f} s after start; review queue off "
-                             "(serve.review_threshold=0), prediction log on; client and server share this machine"])
+        row = compare(
+            ctx,
+            "serving vs in-process",
+            server_rate,
+            local_rate,
+            unit="predictions/s",
+            a_label=f"visionflow serve over HTTP ({concurrency} in flight)",
+            b_label="in-process decode + ONNX Runtime",
+            higher_is_better=True,
+            the_goal=goal(">= 0.8x", ">=", 0.8),
+            notes=[
+                f"image: {image_source}, {len(data)} bytes; up to {n_requests} requests or {max_s:g} s "
+                f"per timed run; server ready {ready_s:.1f} s after start; review queue off "
+                "(serve.review_threshold=0), prediction log on; client and server share this machine"
+            ],
+        )
     finally:
         _stop(proc)
     _add_cpu_figures(row, errors, ready_s)
@@ -317,11 +390,14 @@ def run(ctx: Context) -> dict[str, Any]:
     cfg = ctx.params().train
     torch.manual_seed(0)
     net = build_net(cfg.model, N_CLASSES, cfg.channels).eval()
-    onnx_path = export_onnx(net, image_size=cfg.image_size, channels=cfg.channels,
-                            path=ctx.tmp("inference/export") / "model.onnx")
-    ctx.log(f"[inference] {cfg.model} at {cfg.image_size} px exported to ONNX; torch threads "
-            f"{torch.get_num_threads()}")
+    onnx_path = export_onnx(
+        net, image_size=cfg.image_size, channels=cfg.channels, path=ctx.tmp("inference/export") / "model.onnx"
+    )
+    ctx.log(f"[inference] {cfg.model} at {cfg.image_size} px exported to ONNX; torch threads {torch.get_num_threads()}")
     rows = onnx_vs_torch(ctx, net, onnx_path, cfg.image_size, cfg.channels)
     rows.append(serving(ctx, onnx_path, cfg.image_size, cfg.channels, cfg.model))
-    return {"rows": rows, "notes": [], "config": {"model": cfg.model, "image_size": cfg.image_size,
-                                                  "channels": cfg.channels, "device": "cpu"}}
+    return {
+        "rows": rows,
+        "notes": [],
+        "config": {"model": cfg.model, "image_size": cfg.image_size, "channels": cfg.channels, "device": "cpu"},
+    }

@@ -46,33 +46,60 @@ def run(ctx: Context) -> dict[str, Any]:
         n_batches = 6 if ctx.quick else (60 if prof.accelerator == "cpu" else 40)
         need = prof.batch_size * (n_batches + 2)
         whole = not ctx.quick and prof.accelerator == "cpu"
-        data = make_splits(ctx, f"input_pipeline/{prof.name}", {"train": need, "val": 1, "test": 1},
-                           use_whole_real_train=whole)
-        dm = ImageDataModule(splits_dir=data.splits_dir, cache_dir=data.cache_dir, classes=data.classes,
-                             image_size=prof.image_size, channels=prof.channels, batch_size=prof.batch_size,
-                             num_workers=prof.workers, augment=p.train.augment, seed=p.base.seed)
-        ctx.log(f"[input_pipeline] {prof.name}: caching {data.counts['train']} images ({data.source}) at "
-                f"{prof.image_size} px")
+        data = make_splits(
+            ctx, f"input_pipeline/{prof.name}", {"train": need, "val": 1, "test": 1}, use_whole_real_train=whole
+        )
+        dm = ImageDataModule(
+            splits_dir=data.splits_dir,
+            cache_dir=data.cache_dir,
+            classes=data.classes,
+            image_size=prof.image_size,
+            channels=prof.channels,
+            batch_size=prof.batch_size,
+            num_workers=prof.workers,
+            augment=p.train.augment,
+            seed=p.base.seed,
+        )
+        ctx.log(
+            f"[input_pipeline] {prof.name}: caching {data.counts['train']} images ({data.source}) at "
+            f"{prof.image_size} px"
+        )
         split = dm.load("train")
         n_batches = min(n_batches, len(split.labels) // prof.batch_size - 1)
         loader = dm.train_dataloader()
         loader_run(loader, prof, 1)  # starts the spawned workers outside the timed runs
         consume = synthetic_batches(prof, prof.total)
         classes = [f"class_{i}" for i in range(N_CLASSES)]
-        config[prof.name] = {**prof.describe(), "loader_batches_timed": n_batches, "data": data.source,
-                             "train_images": len(split.labels), "augment": p.train.augment.model_dump()}
+        config[prof.name] = {
+            **prof.describe(),
+            "loader_batches_timed": n_batches,
+            "data": data.source,
+            "train_images": len(split.labels),
+            "augment": p.train.augment.model_dump(),
+        }
         before = ctx.shared.get("train_step", {}).get(prof.name, {}).get("images_per_s")
-        row = compare(ctx, f"{prof.name} loader vs step", partial(loader_run, loader, prof, n_batches),
-                      partial(lightning_run, ctx, prof, consume, classes), unit="images/s",
-                      a_label="ImageDataModule train loader", b_label="training step (visionflow loop)",
-                      higher_is_better=True, the_goal=goal(f">= {GOAL}x: loader is not the bottleneck", ">=", GOAL),
-                      notes=[f"{data.source}, {len(split.labels)} images; {prof.workers} loader worker(s) "
-                             f"(train.num_workers), batch {prof.batch_size}"
-                             + (f"; train_step measured this loop at {before:.4g} images/s earlier in the run"
-                                if before else "")])
+        row = compare(
+            ctx,
+            f"{prof.name} loader vs step",
+            partial(loader_run, loader, prof, n_batches),
+            partial(lightning_run, ctx, prof, consume, classes),
+            unit="images/s",
+            a_label="ImageDataModule train loader",
+            b_label="training step (visionflow loop)",
+            higher_is_better=True,
+            the_goal=goal(f">= {GOAL}x: loader is not the bottleneck", ">=", GOAL),
+            notes=[
+                f"{data.source}, {len(split.labels)} images; {prof.workers} loader worker(s) "
+                f"(train.num_workers), batch {prof.batch_size}"
+                + (f"; train_step measured this loop at {before:.4g} images/s earlier in the run" if before else "")
+            ],
+        )
         r = row["ratio"]["median"]
-        row["verdict"] = ("loader is not the bottleneck" if r >= GOAL else
-                          "loader may limit training (ratio < 1.1): add train.num_workers or lighten augmentation")
+        row["verdict"] = (
+            "loader is not the bottleneck"
+            if r >= GOAL
+            else "loader may limit training (ratio < 1.1): add train.num_workers or lighten augmentation"
+        )
         row["notes"].append(row["verdict"])
         rows.append(row)
         loader = dm = None  # lets the spawned loader workers go

@@ -59,8 +59,9 @@ def prefect_rows(ctx: Context, n_tasks: int) -> tuple[dict[str, Any], list[str]]
     if not os.environ.get("PREFECT_API_URL"):
         home = ctx.tmp("orchestration/prefect-home")
         os.environ["PREFECT_HOME"] = str(home)  # bench flow runs stay out of the project's Prefect history
-        notes.append("Prefect: temporary local server with a fresh database (as `make pipeline` without "
-                     "PREFECT_API_URL)")
+        notes.append(
+            "Prefect: temporary local server with a fresh database (as `make pipeline` without PREFECT_API_URL)"
+        )
     else:
         notes.append(f"Prefect: the server at PREFECT_API_URL={os.environ['PREFECT_API_URL']}")
     from visionflow.flows.runtime import configure_prefect
@@ -90,8 +91,9 @@ def prefect_rows(ctx: Context, n_tasks: int) -> tuple[dict[str, Any], list[str]]
             t = time.perf_counter()
             inside = many(n_tasks)
             wall = time.perf_counter() - t
-        return Measurement(inside / n_tasks * 1000, {"flow_wall_ms": wall * 1000,
-                                                     "flow_outside_tasks_ms": (wall - inside) * 1000})
+        return Measurement(
+            inside / n_tasks * 1000, {"flow_wall_ms": wall * 1000, "flow_outside_tasks_ms": (wall - inside) * 1000}
+        )
 
     def direct_per_call() -> Measurement:
         t = time.perf_counter()
@@ -99,20 +101,32 @@ def prefect_rows(ctx: Context, n_tasks: int) -> tuple[dict[str, Any], list[str]]
             trivial(i)
         return Measurement((time.perf_counter() - t) / n_tasks * 1000)
 
-    row = compare(ctx, f"Prefect task vs direct call (N={n_tasks})", flow_per_task, direct_per_call,
-                  unit="ms per call", a_label="Prefect task in a flow", b_label="direct function call",
-                  higher_is_better=False,
-                  notes=[f"A = seconds of the {n_tasks} task calls timed inside the flow / {n_tasks}; the flow's own "
-                         "start and finish are extra.a_flow_outside_tasks_ms; Prefect start-up before the first "
-                         f"flow (temporary server): {start_s:.1f} s"])
+    row = compare(
+        ctx,
+        f"Prefect task vs direct call (N={n_tasks})",
+        flow_per_task,
+        direct_per_call,
+        unit="ms per call",
+        a_label="Prefect task in a flow",
+        b_label="direct function call",
+        higher_is_better=False,
+        notes=[
+            f"A = seconds of the {n_tasks} task calls timed inside the flow / {n_tasks}; the flow's own "
+            "start and finish are extra.a_flow_outside_tasks_ms; Prefect start-up before the first "
+            f"flow (temporary server): {start_s:.1f} s"
+        ],
+    )
     for handler, file in muted:
         handler.console.file = file
     over = summary([a - b for a, b in zip(row["a"]["values"], row["b"]["values"])])
     row["extra"]["per_task_overhead_ms"] = over
     row["extra"]["prefect_startup_s"] = round(start_s, 2)
-    row["notes"].insert(0, f"per-task overhead {over['median']:.2f} ms (median; min {over['min']:.2f}, max "
-                           f"{over['max']:.2f}); flow start + finish "
-                           f"{row['extra']['a_flow_outside_tasks_ms']['median']:.0f} ms")
+    row["notes"].insert(
+        0,
+        f"per-task overhead {over['median']:.2f} ms (median; min {over['min']:.2f}, max "
+        f"{over['max']:.2f}); flow start + finish "
+        f"{row['extra']['a_flow_outside_tasks_ms']['median']:.0f} ms",
+    )
     logging.getLogger("prefect").setLevel(logging.WARNING)  # no "stopping temporary server" line after the table
     return row, notes
 
@@ -122,9 +136,10 @@ def _mute_prefect_console() -> list[tuple[Any, Any]]:
     to the API as in a pipeline run (part of the cost measured), but not printed over the benchmark's output."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    devnull = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
-    loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    devnull = open(os.devnull, "w")  # lives as long as the process
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     muted = []
     for lg in loggers:
         for handler in lg.handlers:
@@ -145,17 +160,32 @@ def pipeline_row() -> dict[str, Any] | None:
     total = report.get("total_seconds")
     stages = report.get("stage_seconds") or {}
     if not total or not stages:
-        return single("pipeline overhead (reports/pipeline.json)", None, unit="fraction",
-                      label="flow time outside stages", notes=["reports/pipeline.json has no total/stage seconds "
-                                                               f"(status {report.get('status')!r})"])
+        return single(
+            "pipeline overhead (reports/pipeline.json)",
+            None,
+            unit="fraction",
+            label="flow time outside stages",
+            notes=[f"reports/pipeline.json has no total/stage seconds (status {report.get('status')!r})"],
+        )
     outside = total - sum(stages.values())
-    return single("pipeline overhead (reports/pipeline.json)", outside / total, unit="fraction",
-                  label="flow time outside stages / total", the_goal=goal("<= 3%", "<=", 0.03, on="value"),
-                  extra={"total_seconds": total, "sum_stage_seconds": round(sum(stages.values()), 3),
-                         "stage_seconds": stages, "status": report.get("status"),
-                         "report_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))},
-                  notes=[f"from the last pipeline run on this checkout: {outside:.2f} s of {total:.2f} s outside "
-                         f"the {len(stages)} timed stages ({', '.join(stages)})"])
+    return single(
+        "pipeline overhead (reports/pipeline.json)",
+        outside / total,
+        unit="fraction",
+        label="flow time outside stages / total",
+        the_goal=goal("<= 3%", "<=", 0.03, on="value"),
+        extra={
+            "total_seconds": total,
+            "sum_stage_seconds": round(sum(stages.values()), 3),
+            "stage_seconds": stages,
+            "status": report.get("status"),
+            "report_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime)),
+        },
+        notes=[
+            f"from the last pipeline run on this checkout: {outside:.2f} s of {total:.2f} s outside "
+            f"the {len(stages)} timed stages ({', '.join(stages)})"
+        ],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- MLflow
@@ -281,8 +311,13 @@ def mlflow_row(ctx: Context) -> dict[str, Any]:
     p = load_params(proj / "params.yaml")
     cfg = p.train
     for split in ("train", "val", "test"):  # decode once, outside the timed runs
-        build_cache(data.splits_dir / f"{split}.csv", data.cache_dir, classes=data.classes,
-                    image_size=cfg.image_size, channels=cfg.channels)
+        build_cache(
+            data.splits_dir / f"{split}.csv",
+            data.cache_dir,
+            classes=data.classes,
+            image_size=cfg.image_size,
+            channels=cfg.channels,
+        )
     with silenced(logs=True):
         # the entry point's one set-up: creates the store (migrations) once, outside the timed runs
         setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)
@@ -299,8 +334,15 @@ def mlflow_row(ctx: Context) -> dict[str, Any]:
             stack.enter_context(torch_state())
             stack.enter_context(silenced())
             start = time.perf_counter()
-            train(p=p, root=proj, data_version="bench", runs_dir=runs_dir, cache_dir=data.cache_dir,
-                  progress=False, max_steps_override=max_steps)
+            train(
+                p=p,
+                root=proj,
+                data_version="bench",
+                runs_dir=runs_dir,
+                cache_dir=data.cache_dir,
+                progress=False,
+                max_steps_override=max_steps,
+            )
             return time.perf_counter() - start
 
     def with_mlflow() -> Measurement:
@@ -308,44 +350,69 @@ def mlflow_row(ctx: Context) -> dict[str, Any]:
         with timed_mlflow(timer):
             seconds = one_run([])
         metrics_s = timer.by_name.get("log_metrics", 0.0)
-        return Measurement(seconds, {"mlflow_s": timer.seconds, "mlflow_calls": timer.calls,
-                                     "mlflow_fraction": timer.seconds / seconds,
-                                     "mlflow_metrics_s": metrics_s, "mlflow_fixed_s": timer.seconds - metrics_s})
+        return Measurement(
+            seconds,
+            {
+                "mlflow_s": timer.seconds,
+                "mlflow_calls": timer.calls,
+                "mlflow_fraction": timer.seconds / seconds,
+                "mlflow_metrics_s": metrics_s,
+                "mlflow_fixed_s": timer.seconds - metrics_s,
+            },
+        )
 
     def without_mlflow() -> Measurement:
         return Measurement(one_run(null_logger_patches()))
 
-    ctx.log(f"[orchestration] MLflow: {max_steps} training steps per run ({data.source}, "
-            f"{data.counts['train']} train images, 2 epochs with validation)")
-    row = compare(ctx, f"MLflow logging in train() ({max_steps} steps)", with_mlflow, without_mlflow, unit="s",
-                  a_label="train() with MLFlowLogger", b_label="train() with a no-op logger",
-                  higher_is_better=False, the_goal=goal("MLflow share of A <= 1%", "<=", 0.01,
-                                                        on="extra.a_mlflow_fraction"),
-                  notes=[f"goal judged on extra.a_mlflow_fraction (timed MLflow calls / run seconds); a short run "
-                         f"overstates it: its fixed costs (run creation, params, two artifacts) are spread over "
-                         f"{max_steps} steps, not a real run's thousands; log_every_n_steps="
-                         f"{max(1, min(50, steps_per_epoch // 2))} here"])
+    ctx.log(
+        f"[orchestration] MLflow: {max_steps} training steps per run ({data.source}, "
+        f"{data.counts['train']} train images, 2 epochs with validation)"
+    )
+    row = compare(
+        ctx,
+        f"MLflow logging in train() ({max_steps} steps)",
+        with_mlflow,
+        without_mlflow,
+        unit="s",
+        a_label="train() with MLFlowLogger",
+        b_label="train() with a no-op logger",
+        higher_is_better=False,
+        the_goal=goal("MLflow share of A <= 1%", "<=", 0.01, on="extra.a_mlflow_fraction"),
+        notes=[
+            f"goal judged on extra.a_mlflow_fraction (timed MLflow calls / run seconds); a short run "
+            f"overstates it: its fixed costs (run creation, params, two artifacts) are spread over "
+            f"{max_steps} steps, not a real run's thousands; log_every_n_steps="
+            f"{max(1, min(50, steps_per_epoch // 2))} here"
+        ],
+    )
     diff = summary([(a - b) / b for a, b in zip(row["a"]["values"], row["b"]["values"])])
     row["extra"]["differential_fraction"] = diff
     share = row["extra"]["a_mlflow_fraction"]
-    row["notes"].insert(0, f"MLflow share of A {share['median']:.2%} (min {share['min']:.2%}, max "
-                           f"{share['max']:.2%}; {row['extra']['a_mlflow_s']['median']:.2f} s in "
-                           f"{row['extra']['a_mlflow_calls']['median']:.0f} calls); (A - B) / B "
-                           f"{diff['median']:+.2%}")
+    row["notes"].insert(
+        0,
+        f"MLflow share of A {share['median']:.2%} (min {share['min']:.2%}, max "
+        f"{share['max']:.2%}; {row['extra']['a_mlflow_s']['median']:.2f} s in "
+        f"{row['extra']['a_mlflow_calls']['median']:.0f} calls); (A - B) / B "
+        f"{diff['median']:+.2%}",
+    )
     # The run is short to keep the suite within its budget, so the once-per-run MLflow calls (experiment and run
     # creation, params, two artifacts, finalize) weigh more than in a real run. Split them from the per-step
     # log_metrics and extrapolate to params.yaml's full run length (an estimate, not a measurement).
     fixed = row["extra"]["a_mlflow_fixed_s"]["median"]
     per_step = row["extra"]["a_mlflow_metrics_s"]["median"] / max_steps
     b_per_step = row["b"]["median"] / max_steps  # includes B's own start-up: the estimate leans low
-    train_rows = (round(p.data.max_images * (1 - p.data.val_fraction - p.data.test_fraction))
-                  if p.data.max_images else 52_500)
+    train_rows = (
+        round(p.data.max_images * (1 - p.data.val_fraction - p.data.test_fraction)) if p.data.max_images else 52_500
+    )
     full_steps = -(-train_rows // cfg.batch_size) * cfg.max_epochs
     projected = (fixed + per_step * full_steps) / (b_per_step * full_steps)
     row["extra"]["projected_full_run"] = {"steps": full_steps, "mlflow_fraction": projected}
-    row["notes"].insert(1, f"once-per-run MLflow calls {fixed:.2f} s, log_metrics {per_step * 1000:.2f} ms per "
-                           f"step; extrapolated to a {full_steps}-step run ({cfg.max_epochs} epochs of "
-                           f"{train_rows} images): MLflow share about {projected:.2%}")
+    row["notes"].insert(
+        1,
+        f"once-per-run MLflow calls {fixed:.2f} s, log_metrics {per_step * 1000:.2f} ms per "
+        f"step; extrapolated to a {full_steps}-step run ({cfg.max_epochs} epochs of "
+        f"{train_rows} images): MLflow share about {projected:.2%}",
+    )
     return row
 
 
@@ -362,4 +429,3 @@ def run(ctx: Context) -> dict[str, Any]:
         rows.append(pr)
     rows.append(mlflow_row(ctx))
     return {"rows": rows, "notes": notes, "config": {"prefect_tasks": n_tasks}}
-

@@ -1,6 +1,7 @@
 """train_step: images/s of visionflow's Lightning + timm training loop vs a hand-written PyTorch loop.
 
-A: visionflow.training.model.ImageClassifier inside a lightning Trainer configured as visionflow.training.train configures it
+A: visionflow.training.model.ImageClassifier inside a lightning Trainer configured as visionflow.training.train
+   configures it
    (accelerator, precision, deterministic flag, AtomicCheckpointIO plugin, no sanity steps, max_steps) but with no
    logger, checkpoints or progress bar, so that only the loop itself is timed.
 B: a plain loop over the same net (visionflow.training.model.build_net), optimizer (AdamW), OneCycle schedule, batch,
@@ -64,8 +65,22 @@ class Profile:
         return self.warmup + self.steps
 
     def describe(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("model", "image_size", "channels", "batch_size", "accelerator",
-                                              "precision", "channels_last", "warmup", "steps", "workers", "compile")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "model",
+                "image_size",
+                "channels",
+                "batch_size",
+                "accelerator",
+                "precision",
+                "channels_last",
+                "warmup",
+                "steps",
+                "workers",
+                "compile",
+            )
+        }
 
 
 def profiles(ctx: Context) -> list[Profile]:
@@ -76,15 +91,41 @@ def profiles(ctx: Context) -> list[Profile]:
 
     cfg = ctx.params().train
     cpu = resolve_runtime(cfg.model_copy(update={"accelerator": "cpu"}))
-    out = [Profile("cpu-default", cfg.model, cfg.image_size, cfg.channels, cfg.batch_size, "cpu", cpu.precision,
-                   cpu.channels_last, warmup=2 if ctx.quick else 5, steps=5 if ctx.quick else 40,
-                   workers=cfg.num_workers, goal=0.90)]
+    out = [
+        Profile(
+            "cpu-default",
+            cfg.model,
+            cfg.image_size,
+            cfg.channels,
+            cfg.batch_size,
+            "cpu",
+            cpu.precision,
+            cpu.channels_last,
+            warmup=2 if ctx.quick else 5,
+            steps=5 if ctx.quick else 40,
+            workers=cfg.num_workers,
+            goal=0.90,
+        )
+    ]
     if torch.cuda.is_available():
         gpu = resolve_runtime(cfg.model_copy(update={"accelerator": "gpu"}))
-        out.append(Profile("gpu-resnet50", "resnet50", 224, 3, 64 if ctx.quick else 256, "gpu", gpu.precision,
-                           gpu.channels_last, warmup=(5 if ctx.quick else 15) + (10 if ctx.compile else 0),
-                           steps=10 if ctx.quick else 60, workers=min(8, max(1, (torch.get_num_threads()))),
-                           goal=0.98, compile=ctx.compile))
+        out.append(
+            Profile(
+                "gpu-resnet50",
+                "resnet50",
+                224,
+                3,
+                64 if ctx.quick else 256,
+                "gpu",
+                gpu.precision,
+                gpu.channels_last,
+                warmup=(5 if ctx.quick else 15) + (10 if ctx.compile else 0),
+                steps=10 if ctx.quick else 60,
+                workers=min(8, max(1, (torch.get_num_threads()))),
+                goal=0.98,
+                compile=ctx.compile,
+            )
+        )
     return out
 
 
@@ -110,8 +151,9 @@ def synthetic_batches(prof: Profile, n: int, distinct: int = 4) -> CyclicBatches
     pin = prof.device == "cuda"
     batches = []
     for _ in range(distinct):
-        x = torch.randint(0, 256, (prof.batch_size, prof.channels, prof.image_size, prof.image_size),
-                          dtype=torch.uint8, generator=g)
+        x = torch.randint(
+            0, 256, (prof.batch_size, prof.channels, prof.image_size, prof.image_size), dtype=torch.uint8, generator=g
+        )
         y = torch.randint(0, N_CLASSES, (prof.batch_size,), generator=g)
         batches.append((x.pin_memory(), y.pin_memory()) if pin else (x, y))
     return CyclicBatches(batches, n)
@@ -175,19 +217,38 @@ def lightning_run(ctx: Context, prof: Profile, data, classes: list[str]) -> Meas
     clock = _clock_callback(prof)
     torch.manual_seed(0)
     with torch_state(), silenced():
-        model = ImageClassifier(model_name=prof.model, classes=classes, channels=prof.channels,
-                                image_size=prof.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                optimizer=cfg.optimizer, scheduler=cfg.scheduler, pretrained_weights=None,
-                                channels_last=prof.channels_last)
+        model = ImageClassifier(
+            model_name=prof.model,
+            classes=classes,
+            channels=prof.channels,
+            image_size=prof.image_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            optimizer=cfg.optimizer,
+            scheduler=cfg.scheduler,
+            pretrained_weights=None,
+            channels_last=prof.channels_last,
+        )
         if prof.compile:
             model.net = torch.compile(model.net)
         steps_per_epoch = len(data)
         trainer = L.Trainer(
-            accelerator=prof.accelerator, devices=1, strategy="auto", precision=prof.precision,
-            max_steps=prof.total, max_epochs=-1, logger=False, callbacks=[clock], plugins=[AtomicCheckpointIO()],
-            deterministic=not torch.cuda.is_available(), log_every_n_steps=max(1, min(50, steps_per_epoch // 2)),
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-            default_root_dir=str(ctx.tmp("train_step/lightning")), num_sanity_val_steps=0,
+            accelerator=prof.accelerator,
+            devices=1,
+            strategy="auto",
+            precision=prof.precision,
+            max_steps=prof.total,
+            max_epochs=-1,
+            logger=False,
+            callbacks=[clock],
+            plugins=[AtomicCheckpointIO()],
+            deterministic=not torch.cuda.is_available(),
+            log_every_n_steps=max(1, min(50, steps_per_epoch // 2)),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=str(ctx.tmp("train_step/lightning")),
+            num_sanity_val_steps=0,
         )
         start = time.perf_counter()
         trainer.fit(model, train_dataloaders=data)
@@ -214,8 +275,9 @@ def plain_run(ctx: Context, prof: Profile, data, classes: list[str]) -> Measurem
     opt = OPTIMIZERS[cfg.optimizer](net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = None
     if cfg.scheduler != "none":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=prof.total, pct_start=0.15,
-                                                    anneal_strategy="cos")
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=prof.total, pct_start=0.15, anneal_strategy="cos"
+        )
     model = torch.compile(net) if prof.compile else net
     loss_fn = nn.CrossEntropyLoss()
     amp = prof.precision.startswith("bf16") or prof.precision.startswith("16")
@@ -261,8 +323,7 @@ def flops_per_image(prof: Profile) -> float:
     net = build_net(prof.model, N_CLASSES, prof.channels).to(device)
     if prof.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    x = torch.randint(0, 256, (2, prof.channels, prof.image_size, prof.image_size), dtype=torch.uint8,
-                      device=device)
+    x = torch.randint(0, 256, (2, prof.channels, prof.image_size, prof.image_size), dtype=torch.uint8, device=device)
     if prof.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.zeros(2, dtype=torch.long, device=device)
@@ -289,12 +350,19 @@ def real_loader(ctx: Context, prof: Profile):
         raise Skip("no real dataset here (data/splits/train.csv + data/cache): run `make pipeline` first")
     need = prof.batch_size * (prof.total + 2)
     whole = not ctx.quick and prof.accelerator == "cpu"
-    data = make_splits(ctx, f"train_step/{prof.name}", {"train": need, "val": 1, "test": 1},
-                       use_whole_real_train=whole)
+    data = make_splits(ctx, f"train_step/{prof.name}", {"train": need, "val": 1, "test": 1}, use_whole_real_train=whole)
     cfg = ctx.params()
-    dm = ImageDataModule(splits_dir=data.splits_dir, cache_dir=data.cache_dir, classes=data.classes,
-                         image_size=prof.image_size, channels=prof.channels, batch_size=prof.batch_size,
-                         num_workers=prof.workers, augment=cfg.train.augment, seed=cfg.base.seed)
+    dm = ImageDataModule(
+        splits_dir=data.splits_dir,
+        cache_dir=data.cache_dir,
+        classes=data.classes,
+        image_size=prof.image_size,
+        channels=prof.channels,
+        batch_size=prof.batch_size,
+        num_workers=prof.workers,
+        augment=cfg.train.augment,
+        seed=cfg.base.seed,
+    )
     split = dm.load("train")
     if len(split.labels) < need - prof.batch_size:
         raise Skip(f"the real train split has {len(split.labels)} images, fewer than the {need} this run needs")
@@ -312,34 +380,51 @@ def run(ctx: Context) -> dict[str, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        notes.append("GPU profile (resnet50 at 224 px, bf16 + channels_last, goal >= 0.98x) skipped: CUDA is not "
-                     "available here")
+        notes.append(
+            "GPU profile (resnet50 at 224 px, bf16 + channels_last, goal >= 0.98x) skipped: CUDA is not available here"
+        )
     for prof in profiles(ctx):
         config[prof.name] = prof.describe()
         classes = [f"class_{i}" for i in range(N_CLASSES)]
-        ctx.log(f"[train_step] {prof.name}: {prof.model} at {prof.image_size} px, batch {prof.batch_size}, "
-                f"{prof.precision}, {prof.warmup} warm-up + {prof.steps} timed steps")
+        ctx.log(
+            f"[train_step] {prof.name}: {prof.model} at {prof.image_size} px, batch {prof.batch_size}, "
+            f"{prof.precision}, {prof.warmup} warm-up + {prof.steps} timed steps"
+        )
         try:
             fpi = flops_per_image(prof)
-        except Exception as exc:  # the count is a side figure; never lose the benchmark over it
+        except Exception as exc:  # noqa: BLE001 - the count is a side figure; never lose the benchmark over it
             fpi = None
             notes.append(f"{prof.name}: FLOP count failed ({type(exc).__name__}: {exc})")
         config[prof.name]["flops_per_image_fwd_bwd"] = fpi
         goal_text = f">= {prof.goal:.2f}x"
         data = synthetic_batches(prof, prof.total)
-        row = compare(ctx, f"{prof.name} synthetic", partial(lightning_run, ctx, prof, data, classes),
-                      partial(plain_run, ctx, prof, data, classes), unit="images/s", a_label="visionflow Lightning",
-                      b_label="plain PyTorch loop", higher_is_better=True,
-                      the_goal=goal(goal_text, ">=", prof.goal),
-                      notes=["A runs with visionflow's deterministic=True on CPU (as `visionflow train` does); B "
-                             "with PyTorch defaults"] if prof.accelerator == "cpu" else [])
+        row = compare(
+            ctx,
+            f"{prof.name} synthetic",
+            partial(lightning_run, ctx, prof, data, classes),
+            partial(plain_run, ctx, prof, data, classes),
+            unit="images/s",
+            a_label="visionflow Lightning",
+            b_label="plain PyTorch loop",
+            higher_is_better=True,
+            the_goal=goal(goal_text, ">=", prof.goal),
+            notes=[
+                "A runs with visionflow's deterministic=True on CPU (as `visionflow train` does); B "
+                "with PyTorch defaults"
+            ]
+            if prof.accelerator == "cpu"
+            else [],
+        )
         _add_flops(ctx, row, prof, fpi)
         rows.append(row)
         ctx.shared.setdefault(NAME, {})[prof.name] = {"images_per_s": row["a"]["median"], "profile": prof}
         # The real-data variant runs fewer steps on CPU: its ten runs each restart the loader's epoch (and on a busy
         # machine its worker competes with the step for the 2 cores); the synthetic variant keeps the longer count.
-        real_prof = prof if ctx.quick or prof.accelerator != "cpu" else replace(prof, warmup=REAL_CPU_WARMUP,
-                                                                                steps=REAL_CPU_STEPS)
+        real_prof = (
+            prof
+            if ctx.quick or prof.accelerator != "cpu"
+            else replace(prof, warmup=REAL_CPU_WARMUP, steps=REAL_CPU_STEPS)
+        )
         try:
             loader, split = real_loader(ctx, real_prof)
         except Skip as exc:
@@ -347,12 +432,21 @@ def run(ctx: Context) -> dict[str, Any]:
             continue
         real_classes = split.classes
         ctx.log(f"[train_step] {prof.name} real data: {real_prof.warmup} warm-up + {real_prof.steps} timed steps")
-        row = compare(ctx, f"{prof.name} real data", partial(lightning_run, ctx, real_prof, loader, real_classes),
-                      partial(plain_run, ctx, real_prof, loader, real_classes), unit="images/s",
-                      a_label="visionflow Lightning", b_label="plain PyTorch loop", higher_is_better=True,
-                      the_goal=goal(goal_text, ">=", prof.goal),
-                      notes=[f"both loops read ImageDataModule's train loader ({split.source}, "
-                             f"{split.counts['train']} images, {prof.workers} worker(s), augmentation on)"])
+        row = compare(
+            ctx,
+            f"{prof.name} real data",
+            partial(lightning_run, ctx, real_prof, loader, real_classes),
+            partial(plain_run, ctx, real_prof, loader, real_classes),
+            unit="images/s",
+            a_label="visionflow Lightning",
+            b_label="plain PyTorch loop",
+            higher_is_better=True,
+            the_goal=goal(goal_text, ">=", prof.goal),
+            notes=[
+                f"both loops read ImageDataModule's train loader ({split.source}, "
+                f"{split.counts['train']} images, {prof.workers} worker(s), augmentation on)"
+            ],
+        )
         row["extra"]["steps"] = {"warmup": real_prof.warmup, "timed": real_prof.steps}
         _add_flops(ctx, row, prof, fpi)
         rows.append(row)
@@ -370,6 +464,7 @@ def _add_flops(ctx: Context, row: dict[str, Any], prof: Profile, fpi: float | No
         if prof.accelerator == "gpu":
             row["extra"][f"{side}_mfu"] = round(achieved / ctx.peak_tflops, 4)
     if prof.accelerator == "gpu":
-        row["notes"].append(f"MFU = images/s x {fpi / 1e9:.2f} GFLOP/image (fwd+bwd, FlopCounterMode) / "
-                            f"--peak-tflops {ctx.peak_tflops:g}")
-
+        row["notes"].append(
+            f"MFU = images/s x {fpi / 1e9:.2f} GFLOP/image (fwd+bwd, FlopCounterMode) / "
+            f"--peak-tflops {ctx.peak_tflops:g}"
+        )

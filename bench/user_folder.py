@@ -49,9 +49,18 @@ def _save(img: Image.Image, path_stem: Path, rng: np.random.Generator) -> Path:
     return path
 
 
-def make_user_folder(root: Path, *, per_class: int = 180, n_classes: int = 10, min_side: int = 40,
-                     max_side: int = 160, grey_fraction: float = 0.02, debris: bool = True,
-                     symlinks: bool = True, seed: int = 0) -> Path:
+def make_user_folder(
+    root: Path,
+    *,
+    per_class: int = 180,
+    n_classes: int = 10,
+    min_side: int = 40,
+    max_side: int = 160,
+    grey_fraction: float = 0.02,
+    debris: bool = True,
+    symlinks: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write the folder under `root` (created) and return it; deterministic for a seed."""
     if not 1 <= n_classes <= len(CLASSES):
         raise ValueError(f"n_classes must be 1..{len(CLASSES)}")
@@ -82,8 +91,9 @@ def make_user_folder(root: Path, *, per_class: int = 180, n_classes: int = 10, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.user_folder", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.user_folder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("dir", type=Path, help="folder to write (created; must be empty or absent)")
     ap.add_argument("--per-class", type=int, default=180)
     ap.add_argument("--classes", type=int, default=10)
@@ -92,11 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.dir.exists() and any(args.dir.iterdir()):
         ap.error(f"{args.dir} is not empty")
-    make_user_folder(args.dir, per_class=args.per_class, n_classes=args.classes, seed=args.seed,
-                     symlinks=not args.no_symlinks)
+    make_user_folder(
+        args.dir, per_class=args.per_class, n_classes=args.classes, seed=args.seed, symlinks=not args.no_symlinks
+    )
     n = sum(1 for _ in args.dir.rglob("*") if not _.is_dir())
-    print(f"{args.dir}: {args.classes} classes, {n} files (good images, 3 broken files"
-          f"{', 3 symlinks' if not args.no_symlinks else ''})")
+    print(
+        f"{args.dir}: {args.classes} classes, {n} files (good images, 3 broken files"
+        f"{', 3 symlinks' if not args.no_symlinks else ''})"
+    )
     return 0
 
 

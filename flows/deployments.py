@@ -44,42 +44,74 @@ def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tup
     """
     from prefect.events import DeploymentEventTrigger
 
+    from visionflow.config import load_params
     from visionflow.flows.monitoring import DRIFT_EVENT, drift_check_flow, retraining_flow
     from visionflow.flows.training import training_flow
-    from visionflow.config import load_params
 
     p = load_params(params_path)
     params_path = str(Path(params_path).resolve()) if resolve else params_path
     return [
-        (drift_check_flow, dict(
-            name=DRIFT_DEPLOYMENT, cron=p.drift.schedule_cron, concurrency_limit=1,
-            parameters={"params_path": params_path, "use_prediction_log": True, "retrain": "event"},
-            description="Drift check of the predictions served since the last check; emits visionflow.drift.detected.",
-            tags=["visionflow", "drift"])),
-        (retraining_flow, dict(
-            name=NIGHTLY_DEPLOYMENT, cron=p.drift.retrain_cron, concurrency_limit=1,
-            parameters={"params_path": params_path, "reason": "scheduled"},
-            description="Nightly retraining on the current data (reviewed images included) with the promotion gate.",
-            tags=["visionflow", "retraining"])),
-        (retraining_flow, dict(
-            name=ON_DRIFT_DEPLOYMENT, concurrency_limit=1,
-            triggers=[DeploymentEventTrigger(
-                name="retrain on drift", expect={DRIFT_EVENT},
-                match={"visionflow.retrain": "requested"},
-                # threshold 1 within the cool-down: the server fires once, then ignores matching events until the
-                # window ends (a second guard behind the ledger's claim)
-                threshold=1, within=timedelta(hours=p.drift.cooldown_hours),
-                parameters={"params_path": params_path, "reason": "drift",
+        (
+            drift_check_flow,
+            dict(
+                name=DRIFT_DEPLOYMENT,
+                cron=p.drift.schedule_cron,
+                concurrency_limit=1,
+                parameters={"params_path": params_path, "use_prediction_log": True, "retrain": "event"},
+                description="Drift check of the predictions served since the last check; "
+                "emits visionflow.drift.detected.",
+                tags=["visionflow", "drift"],
+            ),
+        ),
+        (
+            retraining_flow,
+            dict(
+                name=NIGHTLY_DEPLOYMENT,
+                cron=p.drift.retrain_cron,
+                concurrency_limit=1,
+                parameters={"params_path": params_path, "reason": "scheduled"},
+                description="Nightly retraining on the current data (reviewed images included) "
+                "with the promotion gate.",
+                tags=["visionflow", "retraining"],
+            ),
+        ),
+        (
+            retraining_flow,
+            dict(
+                name=ON_DRIFT_DEPLOYMENT,
+                concurrency_limit=1,
+                triggers=[
+                    DeploymentEventTrigger(
+                        name="retrain on drift",
+                        expect={DRIFT_EVENT},
+                        match={"visionflow.retrain": "requested"},
+                        # threshold 1 within the cool-down: the server fires once, then ignores matching events
+                        # until the window ends (a second guard behind the ledger's claim)
+                        threshold=1,
+                        within=timedelta(hours=p.drift.cooldown_hours),
+                        parameters={
+                            "params_path": params_path,
+                            "reason": "drift",
                             "batch": "{{ event.payload.batch }}",
                             "eval_batch": "{{ event.payload.eval_batch }}",
-                            "claim_id": "{{ event.payload.claim_id }}"})],
-            description="Retraining started by a drift alarm that won the cool-down claim.",
-            tags=["visionflow", "retraining"])),
-        (training_flow, dict(
-            name=TRAIN_DEPLOYMENT, parameters={"params_path": params_path},
-            description="The whole training flow: ingest, version, validate, split, train, evaluate, export, "
-                        "register, promote.",
-            tags=["visionflow", "training"])),
+                            "claim_id": "{{ event.payload.claim_id }}",
+                        },
+                    )
+                ],
+                description="Retraining started by a drift alarm that won the cool-down claim.",
+                tags=["visionflow", "retraining"],
+            ),
+        ),
+        (
+            training_flow,
+            dict(
+                name=TRAIN_DEPLOYMENT,
+                parameters={"params_path": params_path},
+                description="The whole training flow: ingest, version, validate, split, train, evaluate, export, "
+                "register, promote.",
+                tags=["visionflow", "training"],
+            ),
+        ),
     ]
 
 
@@ -88,16 +120,23 @@ def build(params_path: str = "params.yaml") -> list[Any]:
     return [fl.to_deployment(**opts) for fl, opts in specs(params_path)]
 
 
-ENTRYPOINTS = {"visionflow-drift-check": "src/visionflow/flows/monitoring.py:drift_check_flow",
-               "visionflow-retraining": "src/visionflow/flows/monitoring.py:retraining_flow",
-               "visionflow-training": "src/visionflow/flows/training.py:training_flow"}
+ENTRYPOINTS = {
+    "visionflow-drift-check": "src/visionflow/flows/monitoring.py:drift_check_flow",
+    "visionflow-retraining": "src/visionflow/flows/monitoring.py:retraining_flow",
+    "visionflow-training": "src/visionflow/flows/training.py:training_flow",
+}
 
 
 DEPLOYMENT_NAMES = (DRIFT_DEPLOYMENT, NIGHTLY_DEPLOYMENT, ON_DRIFT_DEPLOYMENT, TRAIN_DEPLOYMENT)
 
 
-def deploy(params_path: str = "params.yaml", work_pool: str = DEFAULT_WORK_POOL, image: str | None = None,
-           job_variables: dict[str, Any] | None = None, only: list[str] | None = None) -> list[str]:
+def deploy(
+    params_path: str = "params.yaml",
+    work_pool: str = DEFAULT_WORK_POOL,
+    image: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+    only: list[str] | None = None,
+) -> list[str]:
     """Register the deployments (every one, or those named in `only`) on a work pool of the Prefect server at
     PREFECT_API_URL; returns their ids.
 
@@ -116,33 +155,62 @@ def deploy(params_path: str = "params.yaml", work_pool: str = DEFAULT_WORK_POOL,
             continue
         if image is None:
             fl = Flow.from_source(source=str(REPO), entrypoint=ENTRYPOINTS[fl.name])
-        ids.append(str(fl.deploy(**opts, work_pool_name=work_pool, image=image, build=False, push=False,
-                                 job_variables=job_variables or {}, print_next_steps=False)))
+        ids.append(
+            str(
+                fl.deploy(
+                    **opts,
+                    work_pool_name=work_pool,
+                    image=image,
+                    build=False,
+                    push=False,
+                    job_variables=job_variables or {},
+                    print_next_steps=False,
+                )
+            )
+        )
     return ids
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["serve", "deploy"],
-                        help="serve: run the deployments from this process; deploy: register them on a work pool")
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deployments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "action",
+        choices=["serve", "deploy"],
+        help="serve: run the deployments from this process; deploy: register them on a work pool",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file the runs read")
-    parser.add_argument("--work-pool", default=os.environ.get("VISIONFLOW_WORK_POOL", DEFAULT_WORK_POOL),
-                        help="work pool for `deploy` (default: $VISIONFLOW_WORK_POOL or %(default)s)")
-    parser.add_argument("--image", default=None,
-                        help="`deploy` for a docker or Kubernetes pool: the training image that holds the code")
-    parser.add_argument("--only", nargs="+", choices=DEPLOYMENT_NAMES, metavar="NAME",
-                        help=f"`deploy` only these deployments (of: {', '.join(DEPLOYMENT_NAMES)}); default all")
+    parser.add_argument(
+        "--work-pool",
+        default=os.environ.get("VISIONFLOW_WORK_POOL", DEFAULT_WORK_POOL),
+        help="work pool for `deploy` (default: $VISIONFLOW_WORK_POOL or %(default)s)",
+    )
+    parser.add_argument(
+        "--image", default=None, help="`deploy` for a docker or Kubernetes pool: the training image that holds the code"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=DEPLOYMENT_NAMES,
+        metavar="NAME",
+        help=f"`deploy` only these deployments (of: {', '.join(DEPLOYMENT_NAMES)}); default all",
+    )
     args = parser.parse_args(argv)
     if args.action == "deploy" and not os.environ.get("PREFECT_API_URL"):
-        parser.exit(2, "deploy needs a Prefect server: set PREFECT_API_URL (and PREFECT_API_AUTH_STRING when "
-                       "it has authentication), e.g. http://127.0.0.1:4200/api\n")
+        parser.exit(
+            2,
+            "deploy needs a Prefect server: set PREFECT_API_URL (and PREFECT_API_AUTH_STRING when "
+            "it has authentication), e.g. http://127.0.0.1:4200/api\n",
+        )
     configure_prefect(Path(args.params).resolve().parent)
     if args.action == "deploy":
         for dep_id in deploy(args.params, args.work_pool, args.image, only=args.only):
             print(dep_id)
-        print(f"registered on work pool {args.work_pool!r}; start a worker: prefect worker start --pool "
-              f"{args.work_pool}; run one: prefect deployment run 'visionflow-training/{TRAIN_DEPLOYMENT}'")
+        print(
+            f"registered on work pool {args.work_pool!r}; start a worker: prefect worker start --pool "
+            f"{args.work_pool}; run one: prefect deployment run 'visionflow-training/{TRAIN_DEPLOYMENT}'"
+        )
         return
     from prefect import serve
 

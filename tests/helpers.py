@@ -42,8 +42,14 @@ def make_image(rng: np.random.Generator, label_idx: int, size: int = 16, mode: s
     return img.convert(mode) if mode != "L" else img
 
 
-def make_folder_dataset(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 20,
-                        size: int = 16, seed: int = 0, fmt: str = "PNG") -> Path:
+def make_folder_dataset(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: int = 20,
+    size: int = 16,
+    seed: int = 0,
+    fmt: str = "PNG",
+) -> Path:
     rng = np.random.default_rng(seed)
     ext = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "WEBP": "webp"}[fmt]
     for i, name in enumerate(classes):
@@ -56,12 +62,14 @@ def make_folder_dataset(root: Path, classes: tuple[str, ...] = ("cat", "dog", "f
 
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR claiming width x height, with a tiny IDAT: a decompression-bomb header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @contextlib.contextmanager
@@ -108,27 +116,48 @@ def run_cli(cwd: Path, *args: str, check: bool = True, timeout: float = 600) -> 
     return proc
 
 
-def register_champion(proj: Path, p, classes: list[str], *, channels: int = 1, image_size: int = 16, seed: int = 0,
-                      tags: dict | None = None, metrics: dict | None = None) -> str:
+def register_champion(
+    proj: Path,
+    p,
+    classes: list[str],
+    *,
+    channels: int = 1,
+    image_size: int = 16,
+    seed: int = 0,
+    tags: dict | None = None,
+    metrics: dict | None = None,
+) -> str:
     """An untrained tiny ONNX net (seeded) registered the way register_stage does it and promoted to champion;
     returns its version. For tests that need a real registry with a champion but not a trained model."""
     import mlflow
     import torch
 
     from visionflow.registry.export import export_onnx, write_model_card
-    from visionflow.training.model import build_net
     from visionflow.registry.store import Gate, apply_promotion, register_onnx
     from visionflow.registry.tracking import setup_mlflow
+    from visionflow.training.model import build_net
 
     torch.manual_seed(seed)
     net = build_net("test_resnet", len(classes), channels).eval()
     onnx_path = export_onnx(net, image_size=image_size, channels=channels, path=proj / f"m{seed}" / "model.onnx")
-    card = write_model_card(onnx_path, image_size=image_size, channels=channels, classes=list(classes),
-                            model_name="test_resnet", data_version=(tags or {}).get("visionflow.data_version", "dv"))
+    card = write_model_card(
+        onnx_path,
+        image_size=image_size,
+        channels=channels,
+        classes=list(classes),
+        model_name="test_resnet",
+        data_version=(tags or {}).get("visionflow.data_version", "dv"),
+    )
     with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
         pass
-    version = register_onnx(onnx_path=onnx_path, card=card, model_name=p.registry.model_name,
-                            mlflow_run_id=run.info.run_id, tags=tags or {}, metrics=metrics or {})
+    version = register_onnx(
+        onnx_path=onnx_path,
+        card=card,
+        model_name=p.registry.model_name,
+        mlflow_run_id=run.info.run_id,
+        tags=tags or {},
+        metrics=metrics or {},
+    )
     apply_promotion(p.registry.model_name, version, [Gate("test", True, "set up by the test")])
     return version
 
@@ -169,7 +198,7 @@ def corrupt_exif_jpegs(n: int = 5, seed: int = 0) -> tuple[bytes, ...]:
 
     good = exif_jpeg()
     start = good.index(b"Exif\x00\x00") + 6 + 8  # past the TIFF header: the IFD entries and their values
-    end = start - 8 + int.from_bytes(good[start - 16:start - 14], "big") - 8
+    end = start - 8 + int.from_bytes(good[start - 16 : start - 14], "big") - 8
     rng, found = np.random.default_rng(seed), []
     while len(found) < n:
         data = bytearray(good)
@@ -190,12 +219,22 @@ def make_read_only(db: Path) -> None:
         tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         for t in tables:
             for op in ("INSERT", "UPDATE", "DELETE"):
-                con.execute(f"CREATE TRIGGER ro_{op}_{t} BEFORE {op} ON {t} "
-                            "BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END")
+                con.execute(
+                    f"CREATE TRIGGER ro_{op}_{t} BEFORE {op} ON {t} "
+                    "BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END"
+                )
 
 
-TINY_TRAIN = {"model": "test_resnet", "image_size": 16, "channels": 1, "batch_size": 16, "max_epochs": 3,
-              "num_workers": 0, "lr": 0.01, "early_stopping_patience": 10}
+TINY_TRAIN = {
+    "model": "test_resnet",
+    "image_size": 16,
+    "channels": 1,
+    "batch_size": 16,
+    "max_epochs": 3,
+    "num_workers": 0,
+    "lr": 0.01,
+    "early_stopping_patience": 10,
+}
 
 
 def tiny_project(root: Path, **train_overrides) -> Path:
@@ -204,9 +243,13 @@ def tiny_project(root: Path, **train_overrides) -> Path:
     from visionflow.config import load_params
 
     src = make_folder_dataset(root / "images", classes=("cat", "dog", "fox"), per_class=40, size=16)
-    proj = make_project(root / "proj", src, train={**TINY_TRAIN, **train_overrides},
-                        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
-                        evaluate={"robustness_images": 30, "severities": [1, 5]})
+    proj = make_project(
+        root / "proj",
+        src,
+        train={**TINY_TRAIN, **train_overrides},
+        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
+        evaluate={"robustness_images": 30, "severities": [1, 5]},
+    )
     p = load_params(proj / "params.yaml")
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
@@ -222,18 +265,24 @@ def champion_project(root: Path) -> tuple[Path, str]:
 
     src = make_folder_dataset(root / "images", classes=CLASSES, per_class=30)
     batch = root / "batch"  # a flat folder of unlabelled images, as production sends them
-    for i, img in enumerate(sorted(make_folder_dataset(root / "batch-src", classes=CLASSES, per_class=14,
-                                                       seed=7).rglob("*.png"))):
+    for i, img in enumerate(
+        sorted(make_folder_dataset(root / "batch-src", classes=CLASSES, per_class=14, seed=7).rglob("*.png"))
+    ):
         batch.mkdir(exist_ok=True)
         img.rename(batch / f"{i:03d}.png")
-    proj = make_project(root / "proj", src, registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
-                        drift={"min_batch_size": 10})
+    proj = make_project(
+        root / "proj",
+        src,
+        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"},
+        drift={"min_batch_size": 10},
+    )
     p = load_params(proj / "params.yaml")
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
     stages.split_stage(p, proj)
-    register_champion(proj, p, list(CLASSES), tags={"visionflow.data_version": "dv-test"},
-                      metrics={"test_accuracy": 0.8733333333})
+    register_champion(
+        proj, p, list(CLASSES), tags={"visionflow.data_version": "dv-test"}, metrics={"test_accuracy": 0.8733333333}
+    )
     return proj, str(batch)
 
 

@@ -15,7 +15,13 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 
 from visionflow.errors import ConfigError
@@ -61,8 +67,11 @@ class BaseParams(_Section):
 
 
 class DataParams(_Section):
-    source: str = Field("fashion-mnist", description="'fashion-mnist', 'fashion-mnist-photos' (camera-like "
-                        "JPEGs made from it, see visionflow.data.photos) or a folder with one sub-folder per class")
+    source: str = Field(
+        "fashion-mnist",
+        description="'fashion-mnist', 'fashion-mnist-photos' (camera-like "
+        "JPEGs made from it, see visionflow.data.photos) or a folder with one sub-folder per class",
+    )
     max_images: int | None = Field(30000, ge=10, le=10**9)
     raw_dir: Path = Path("data/raw")
     remote_url: str = ".dvc-remote"
@@ -178,8 +187,20 @@ class RegistryParams(_Section):
 
 
 # evidently stattest names (evidently.legacy.calculations.stattests); ed = energy distance.
-NumericDriftMethod = Literal["wasserstein", "ks", "psi", "kl_div", "jensenshannon", "hellinger", "ed",
-                             "empirical_mmd", "anderson", "cramer_von_mises", "mannw", "t_test"]
+NumericDriftMethod = Literal[
+    "wasserstein",
+    "ks",
+    "psi",
+    "kl_div",
+    "jensenshannon",
+    "hellinger",
+    "ed",
+    "empirical_mmd",
+    "anderson",
+    "cramer_von_mises",
+    "mannw",
+    "t_test",
+]
 CategoricalDriftMethod = Literal["jensenshannon", "chisquare", "psi", "kl_div", "hellinger", "z", "g_test"]
 Shift = Literal["none", "darker", "brighter", "blur", "jpeg", "noise", "color_cast", "resolution"]
 
@@ -270,9 +291,7 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         section = err["loc"][0] if len(err["loc"]) > 1 else None
         sections = {f.alias or n: f for n, f in Params.model_fields.items()}
         model = Params if section is None else sections[str(section)].annotation
-        allowed = sorted(
-            (f.alias or n) for n, f in getattr(model, "model_fields", {}).items()
-        )
+        allowed = sorted((f.alias or n) for n, f in getattr(model, "model_fields", {}).items())
         return f"{loc}: unknown key; allowed keys here: {', '.join(allowed)}"
     ctx = err.get("ctx") or {}
     got = repr(err.get("input"))
@@ -305,8 +324,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in params",
-                                              event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in params", event.start_mark
+            )
         return super().compose_node(parent, index)
 
 
@@ -314,12 +334,13 @@ class _NoAliasLoader(yaml.SafeLoader):
 _NoAliasLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def _parse_yaml(text: str, source: str) -> Any:
     try:
-        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -23,14 +23,17 @@ def ort_session(path: Path, threads: int | None = None, accelerated: bool = Fals
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
-def ort_outputs(session, images: np.ndarray, outputs: Sequence[str] = ("logits",),
-                batch_size: int | None = 256) -> list[np.ndarray]:
+def ort_outputs(
+    session, images: np.ndarray, outputs: Sequence[str] = ("logits",), batch_size: int | None = 256
+) -> list[np.ndarray]:
     """The named outputs for uint8 NHWC images (the graph takes NCHW), run `batch_size` images at a time (None:
     all in one call) and concatenated: one array per name, in the order given."""
     images = np.asarray(images)
     step = batch_size or max(len(images), 1)
-    runs = [session.run(list(outputs), {"image": np.ascontiguousarray(images[i:i + step].transpose(0, 3, 1, 2))})
-            for i in range(0, len(images), step)]
+    runs = [
+        session.run(list(outputs), {"image": np.ascontiguousarray(images[i : i + step].transpose(0, 3, 1, 2))})
+        for i in range(0, len(images), step)
+    ]
     return [np.concatenate([run[k] for run in runs]) for k in range(len(outputs))]
 
 

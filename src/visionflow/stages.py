@@ -33,8 +33,16 @@ if TYPE_CHECKING:  # the model stages import torch, MLflow and ONNX when they ru
 
 def ingest_stage(p: Params, root: Path, *, force: bool = False, progress: Progress | None = None) -> IngestResult:
     paths = ProjectPaths.of(p, root)
-    return ingest(source=p.data.source, raw_dir=paths.raw, max_images=p.data.max_images, seed=p.base.seed,
-                  cache_dir=paths.external, force=force, progress=progress, reviewed_dir=paths.reviewed)
+    return ingest(
+        source=p.data.source,
+        raw_dir=paths.raw,
+        max_images=p.data.max_images,
+        seed=p.base.seed,
+        cache_dir=paths.external,
+        force=force,
+        progress=progress,
+        reviewed_dir=paths.reviewed,
+    )
 
 
 @dataclass(frozen=True)
@@ -59,22 +67,36 @@ def current_data_version(p: Params, root: Path) -> str | None:
         return None
 
 
-def validate_stage(p: Params, root: Path, data_version: str | None,
-                   progress: Progress | None = None) -> ValidationResult:
+def validate_stage(
+    p: Params, root: Path, data_version: str | None, progress: Progress | None = None
+) -> ValidationResult:
     paths = ProjectPaths.of(p, root)
     cfg = p.validation.model_copy(update={"quarantine_dir": paths.quarantine, "report_dir": paths.validation_reports})
-    return validate(raw_dir=paths.raw, cfg=cfg, manifest_path=paths.manifest, labels=p.data.labels,
-                    data_version=data_version, progress=progress, project=paths)
+    return validate(
+        raw_dir=paths.raw,
+        cfg=cfg,
+        manifest_path=paths.manifest,
+        labels=p.data.labels,
+        data_version=data_version,
+        progress=progress,
+        project=paths,
+    )
 
 
 def split_stage(p: Params, root: Path) -> SplitResult:
     paths = ProjectPaths.of(p, root)
-    return split(manifest_path=paths.manifest, out_dir=paths.splits, val_fraction=p.data.val_fraction,
-                 test_fraction=p.data.test_fraction, seed=p.base.seed)
+    return split(
+        manifest_path=paths.manifest,
+        out_dir=paths.splits,
+        val_fraction=p.data.val_fraction,
+        test_fraction=p.data.test_fraction,
+        seed=p.base.seed,
+    )
 
 
-def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id: str | None = None,
-                progress: bool = True, log=None) -> TrainResult:
+def train_stage(
+    p: Params, root: Path, data_version: str | None, *, flow_run_id: str | None = None, progress: bool = True, log=None
+) -> TrainResult:
     """Train (or resume, or reuse) and publish the best checkpoint at models/model.ckpt.
 
     log: a logger for the input decision and the per-epoch lines (default: the visionflow.training.train logger).
@@ -95,8 +117,10 @@ def train_stage(p: Params, root: Path, data_version: str | None, *, flow_run_id:
 def _trained(paths: ProjectPaths) -> dict:
     """reports/train.json, or a DataError saying to train first when it or the checkpoint is missing."""
     if not paths.train_report.is_file() or not paths.checkpoint.is_file():
-        raise DataError(f"no trained model ({paths.relative(paths.checkpoint)}, {paths.relative(paths.train_report)})"
-                        ": run `visionflow train` first")
+        raise DataError(
+            f"no trained model ({paths.relative(paths.checkpoint)}, {paths.relative(paths.train_report)})"
+            ": run `visionflow train` first"
+        )
     return json.loads(paths.train_report.read_text())
 
 
@@ -109,10 +133,24 @@ def evaluate_stage(p: Params, root: Path) -> EvalResult:
     trained = _trained(paths)
     model = load_classifier(paths.checkpoint)
     hp = model.hparams
-    test = build_cache(paths.splits / "test.csv", paths.cache, classes=list(hp.classes), image_size=hp.image_size,
-                       channels=hp.channels, project=paths)
-    return evaluate(net=model.net, images=test.images, labels=test.labels, classes=list(hp.classes), cfg=p.evaluate,
-                    seed=p.base.seed, report_dir=paths.evaluation_reports, mlflow_run_id=trained["mlflow_run_id"])
+    test = build_cache(
+        paths.splits / "test.csv",
+        paths.cache,
+        classes=list(hp.classes),
+        image_size=hp.image_size,
+        channels=hp.channels,
+        project=paths,
+    )
+    return evaluate(
+        net=model.net,
+        images=test.images,
+        labels=test.labels,
+        classes=list(hp.classes),
+        cfg=p.evaluate,
+        seed=p.base.seed,
+        report_dir=paths.evaluation_reports,
+        mlflow_run_id=trained["mlflow_run_id"],
+    )
 
 
 class GateFailed(DataError):
@@ -133,15 +171,28 @@ def export_stage(p: Params, root: Path) -> ExportResult:
     model = load_classifier(paths.checkpoint)
     hp = model.hparams
     trained = json.loads(paths.train_report.read_text()) if paths.train_report.is_file() else {}
-    onnx_path = export_onnx(model.net, image_size=hp.image_size, channels=hp.channels,
-                            path=paths.onnx_dir / "model.onnx")
-    test = build_cache(paths.splits / "test.csv", paths.cache, classes=list(hp.classes), image_size=hp.image_size,
-                       channels=hp.channels, project=paths)
+    onnx_path = export_onnx(
+        model.net, image_size=hp.image_size, channels=hp.channels, path=paths.onnx_dir / "model.onnx"
+    )
+    test = build_cache(
+        paths.splits / "test.csv",
+        paths.cache,
+        classes=list(hp.classes),
+        image_size=hp.image_size,
+        channels=hp.channels,
+        project=paths,
+    )
     n = min(len(test.labels), max(p.export.parity_images, 1))
     parity = parity_check(model.net, onnx_path, np.asarray(test.images[:n]), tolerance=p.export.parity_tolerance)
-    card = write_model_card(onnx_path, image_size=hp.image_size, channels=hp.channels, classes=list(hp.classes),
-                            model_name=hp.model_name, data_version=trained.get("data_version"),
-                            extra={"mlflow_run_id": trained.get("mlflow_run_id")})
+    card = write_model_card(
+        onnx_path,
+        image_size=hp.image_size,
+        channels=hp.channels,
+        classes=list(hp.classes),
+        model_name=hp.model_name,
+        data_version=trained.get("data_version"),
+        extra={"mlflow_run_id": trained.get("mlflow_run_id")},
+    )
     res = ExportResult(**asdict(parity), onnx_path=paths.relative(onnx_path), card=card)
     write_json_atomic(paths.export_report, asdict(res))
     if trained.get("mlflow_run_id"):
@@ -165,13 +216,22 @@ def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> 
     ev_file = paths.evaluation_reports / "evaluation.json"
     evaluated = json.loads(ev_file.read_text()) if ev_file.is_file() else {}
     if evaluated.get("mlflow_run_id") != trained["mlflow_run_id"]:
-        raise DataError(f"{ev_file} does not describe the model in {paths.relative(paths.train_report)} (MLflow run "
-                        f"{trained['mlflow_run_id']}): run `visionflow evaluate` first")
-    lineage = lineage_tags(data_version=trained.get("data_version"), root=root, params_digest=p.digest(),
-                           flow_run_id=flow_run_id)
-    return register(model_name=p.registry.model_name, net=load_classifier(paths.checkpoint).net,
-                    onnx_path=paths.resolve(exported["onnx_path"]), exported=exported, evaluated=evaluated,
-                    mlflow_run_id=trained["mlflow_run_id"], lineage=lineage)
+        raise DataError(
+            f"{ev_file} does not describe the model in {paths.relative(paths.train_report)} (MLflow run "
+            f"{trained['mlflow_run_id']}): run `visionflow evaluate` first"
+        )
+    lineage = lineage_tags(
+        data_version=trained.get("data_version"), root=root, params_digest=p.digest(), flow_run_id=flow_run_id
+    )
+    return register(
+        model_name=p.registry.model_name,
+        net=load_classifier(paths.checkpoint).net,
+        onnx_path=paths.resolve(exported["onnx_path"]),
+        exported=exported,
+        evaluated=evaluated,
+        mlflow_run_id=trained["mlflow_run_id"],
+        lineage=lineage,
+    )
 
 
 def champion_weights(p: Params, root: Path) -> Path | None:
@@ -181,8 +241,7 @@ def champion_weights(p: Params, root: Path) -> Path | None:
     return download(p.registry.model_name, ProjectPaths.of(p, root).warm_start)
 
 
-def promote_stage(p: Params, root: Path, version: str | None = None,
-                  eval_batch: Path | None = None) -> PromoteResult:
+def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch: Path | None = None) -> PromoteResult:
     """Judge a registered version against every gate and the current champion; move aliases if it wins.
 
     eval_batch: a reviewed production batch (e.g. the drifted data that triggered retraining) added to the paired
@@ -192,9 +251,20 @@ def promote_stage(p: Params, root: Path, version: str | None = None,
     from visionflow.registry.promotion import ComparisonImages, promote
 
     paths = ProjectPaths.of(p, root)
-    images = ComparisonImages(paths=paths, cfg=p.evaluate, seed=p.base.seed, eval_batch=eval_batch,
-                              rules=DecodeRules.from_params(p.validation))
-    res = promote(model_name=p.registry.model_name, version=version, cfg=p.registry, seed=p.base.seed,
-                  lock_dir=paths.mlruns, images=images)
+    images = ComparisonImages(
+        paths=paths,
+        cfg=p.evaluate,
+        seed=p.base.seed,
+        eval_batch=eval_batch,
+        rules=DecodeRules.from_params(p.validation),
+    )
+    res = promote(
+        model_name=p.registry.model_name,
+        version=version,
+        cfg=p.registry,
+        seed=p.base.seed,
+        lock_dir=paths.mlruns,
+        images=images,
+    )
     write_json_atomic(paths.registry_report, asdict(res))
     return res

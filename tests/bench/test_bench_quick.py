@@ -18,17 +18,31 @@ CHEAP = ("drift", "dvc")
 
 def test_quick_bench_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", *CHEAP, "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, COLUMNS="200", DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", *CHEAP, "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, COLUMNS="200", DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1"),
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "visionflow benchmarks" in proc.stdout and str(out) in proc.stdout
 
     res = json.loads(out.read_text())
     assert res["schema"] == 1 and res["quick"] is True and res["repeats"] == 2
     machine = res["machine"]
-    for key in ("cpu_model", "cpu_logical_cores", "ram_gib", "gpu", "python", "git_commit", "versions",
-                "load_average_at_start", "load_average_at_end"):
+    for key in (
+        "cpu_model",
+        "cpu_logical_cores",
+        "ram_gib",
+        "gpu",
+        "python",
+        "git_commit",
+        "versions",
+        "load_average_at_start",
+        "load_average_at_end",
+    ):
         assert key in machine, key
     assert machine["versions"]["torch"] and machine["versions"]["onnxruntime"]
     assert machine["cpu_logical_cores"] >= 1 and machine["ram_gib"] > 0
@@ -59,9 +73,14 @@ def test_quick_bench_writes_its_json(tmp_path):
 
 def test_quick_cache_build_bench_on_generated_photos(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "cache_build", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, COLUMNS="200", NO_ALBUMENTATIONS_UPDATE="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "cache_build", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, COLUMNS="200", NO_ALBUMENTATIONS_UPDATE="1"),
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     bench = json.loads(out.read_text())["benchmarks"]["cache_build"]
     assert bench["status"] == "ok", bench.get("traceback")
@@ -74,6 +93,7 @@ def test_quick_cache_build_bench_on_generated_photos(tmp_path):
 
 
 def test_unknown_benchmark_is_refused():
-    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nonsense"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "nonsense"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

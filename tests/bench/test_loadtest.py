@@ -10,15 +10,25 @@ from visionflow.tools.loadtest.client import require_loopback
 from visionflow.tools.loadtest.phases import percentiles
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.9.9.9:1/", "http://[::1]:8000",
-                                 "http://localhost:8000"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "http://127.9.9.9:1/", "http://[::1]:8000", "http://localhost:8000"]
+)
 def test_loopback_targets_are_accepted(url):
     assert require_loopback(url) == url.rstrip("/")
 
 
-@pytest.mark.parametrize("url", ["http://8.8.8.8:8000", "http://0.0.0.0:8000", "http://10.0.0.1",
-                                 "http://[2001:db8::1]:80", "ftp://127.0.0.1", "127.0.0.1:8000",
-                                 "http://no-such-host.invalid"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://8.8.8.8:8000",
+        "http://0.0.0.0:8000",
+        "http://10.0.0.1",
+        "http://[2001:db8::1]:80",
+        "ftp://127.0.0.1",
+        "127.0.0.1:8000",
+        "http://no-such-host.invalid",
+    ],
+)
 def test_anything_else_is_refused(url):
     with pytest.raises(LoadTestError):
         require_loopback(url)
@@ -40,8 +50,9 @@ def test_percentiles_in_milliseconds():
 
 
 def test_cli_refuses_a_remote_target(tmp_path):
-    proc = run_cli(tmp_path, "--params", str(REPO / "params.yaml"), "loadtest", "--url", "http://8.8.8.8:8000",
-                   check=False)
+    proc = run_cli(
+        tmp_path, "--params", str(REPO / "params.yaml"), "loadtest", "--url", "http://8.8.8.8:8000", check=False
+    )
     assert proc.returncode == 2 and "loopback" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -50,8 +61,10 @@ def test_server_view_reads_the_phase_from_metric_differences():
 
     def snap(counts: list[float], busy_s: float, batches: float, reqs: float) -> dict:
         bounds = ["0.002", "0.005", "0.01", "+Inf"]
-        out = {("visionflow_request_seconds_bucket", (("endpoint", "predict"), ("le", le))): c
-               for le, c in zip(bounds, counts)}
+        out = {
+            ("visionflow_request_seconds_bucket", (("endpoint", "predict"), ("le", le))): c
+            for le, c in zip(bounds, counts)
+        }
         out[("visionflow_requests_total", (("endpoint", "predict"), ("status", "200")))] = counts[-1]
         out[("visionflow_inference_seconds_sum", ())] = busy_s
         out[("visionflow_inference_seconds_count", ())] = batches

@@ -20,8 +20,9 @@ def test_help_lists_every_stage(tmp_path):
         assert cmd in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [(["registry"], "No such command 'registry'"),
-                                           (["train", "--bogus"], "No such option: --bogus")])
+@pytest.mark.parametrize(
+    "args, message", [(["registry"], "No such command 'registry'"), (["train", "--bogus"], "No such option: --bogus")]
+)
 def test_a_mistyped_command_or_option_is_a_usage_error_not_a_traceback(tmp_path, args, message):
     proc = run_cli(tmp_path, *args, check=False)
     assert proc.returncode == 2 and message in proc.stderr
@@ -107,8 +108,9 @@ def test_class_expectations_fail_on_tiny_or_unbalanced_class(tmp_path):
 
 def test_unknown_label_is_quarantined(tmp_path):
     src = make_folder_dataset(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=20)
-    proj = make_project(tmp_path / "proj", src, data={"labels": ["cat", "dog"]},
-                        validate={"max_quarantine_fraction": 0.5})
+    proj = make_project(
+        tmp_path / "proj", src, data={"labels": ["cat", "dog"]}, validate={"max_quarantine_fraction": 0.5}
+    )
     run_cli(proj, "ingest")
     run_cli(proj, "validate")
     reasons = read_manifest(proj / "data/quarantine/reasons.csv")
@@ -133,12 +135,14 @@ def test_dvc_repro_runs_the_same_stages(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=proj, check=True, env=env)
     # The data stages only: the model stages behind them are covered by the model tier.
-    first = subprocess.run([sys.executable, "-m", "dvc", "repro", "split"], cwd=proj, capture_output=True, text=True,
-                           env=env)
+    first = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "split"], cwd=proj, capture_output=True, text=True, env=env
+    )
     assert first.returncode == 0, first.stderr
     assert (proj / "data/splits/test.csv").exists()
-    second = subprocess.run([sys.executable, "-m", "dvc", "repro", "split"], cwd=proj, capture_output=True, text=True,
-                            env=env)
+    second = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "split"], cwd=proj, capture_output=True, text=True, env=env
+    )
     assert second.returncode == 0 and "didn't change, skipping" in second.stdout
 
 
@@ -194,22 +198,25 @@ def _fails_with_one_line(capfd, proj, *args, needle):
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["promote", "--version", "99"], "has no version '99'"),
-    (["promote", "--version", "abc"], "has no version 'abc'"),
-    (["promote", "--version", "1"], "could not be fetched"),  # the champion's files are gone
-    (["promote"], "could not be fetched"),  # the challenger's too
-    (["rollback"], "nothing"),  # champion and previous are the same version
-    (["lineage", "visionflow-classifier/99"], "has no version"),
-    (["lineage", "nosuchmodel@champion"], "no alias"),
-    (["lineage", "garbage"], "MODEL@ALIAS"),
-    (["drift", "batch"], "could not be fetched"),
-    (["drift", "no-such-folder"], "no-such-folder"),
-    (["drift-eval", "--batches", "2"], "could not be fetched"),
-    (["retrain", "--batch", "no-such-folder"], "no-such-folder"),
-    (["retrain", "--eval-batch", "no-such-folder"], "no-such-folder"),
-    (["drift", "no-such-folder", "--retrain", "inline"], "no-such-folder"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["promote", "--version", "99"], "has no version '99'"),
+        (["promote", "--version", "abc"], "has no version 'abc'"),
+        (["promote", "--version", "1"], "could not be fetched"),  # the champion's files are gone
+        (["promote"], "could not be fetched"),  # the challenger's too
+        (["rollback"], "nothing"),  # champion and previous are the same version
+        (["lineage", "visionflow-classifier/99"], "has no version"),
+        (["lineage", "nosuchmodel@champion"], "no alias"),
+        (["lineage", "garbage"], "MODEL@ALIAS"),
+        (["drift", "batch"], "could not be fetched"),
+        (["drift", "no-such-folder"], "no-such-folder"),
+        (["drift-eval", "--batches", "2"], "could not be fetched"),
+        (["retrain", "--batch", "no-such-folder"], "no-such-folder"),
+        (["retrain", "--eval-batch", "no-such-folder"], "no-such-folder"),
+        (["drift", "no-such-folder", "--retrain", "inline"], "no-such-folder"),
+    ],
+)
 def test_registry_and_drift_errors_exit_2_with_one_line(registry_project, capfd, monkeypatch, args, needle):
     proj, _ = registry_project
     monkeypatch.chdir(proj)
@@ -256,16 +263,19 @@ def test_an_unexpected_failure_is_one_line_and_exit_2_not_1(registry_project, ca
     assert "Traceback" in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("args, needle, command", [
-    (["--bogus"], "No such option: --bogus", "visionflow"),
-    (["train", "--nope"], "No such option: --nope", "visionflow train"),
-    (["nosuchcmd"], "No such command 'nosuchcmd'", "visionflow"),
-    (["lineage"], "Missing argument", "visionflow lineage"),
-    (["--set"], "requires an argument", "visionflow"),
-    (["drift", "--batch", "x"], "No such option: --batch", "visionflow drift"),
-    (["serve", "--port", "eighty"], "Invalid value for '--port'", "visionflow serve"),
-    (["--params"], "requires an argument", "visionflow"),
-])
+@pytest.mark.parametrize(
+    "args, needle, command",
+    [
+        (["--bogus"], "No such option: --bogus", "visionflow"),
+        (["train", "--nope"], "No such option: --nope", "visionflow train"),
+        (["nosuchcmd"], "No such command 'nosuchcmd'", "visionflow"),
+        (["lineage"], "Missing argument", "visionflow lineage"),
+        (["--set"], "requires an argument", "visionflow"),
+        (["drift", "--batch", "x"], "No such option: --batch", "visionflow drift"),
+        (["serve", "--port", "eighty"], "Invalid value for '--port'", "visionflow serve"),
+        (["--params"], "requires an argument", "visionflow"),
+    ],
+)
 def test_a_mistyped_command_line_is_one_line_naming_the_help_to_read(capfd, args, needle, command):
     from visionflow import cli
 

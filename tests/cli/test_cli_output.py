@@ -19,9 +19,25 @@ from tests.helpers import REPO, champion_project
 from visionflow.cli import app, main
 
 # Each command with the arguments it needs to get as far as reading params.yaml.
-COMMANDS = [["ingest"], ["version"], ["validate"], ["split"], ["train"], ["evaluate"], ["export"], ["register"],
-            ["promote"], ["rollback"], ["lineage", "m@champion"], ["serve"], ["loadtest"], ["simulate"],
-            ["drift", "some-batch"], ["drift-eval"], ["check-params"]]
+COMMANDS = [
+    ["ingest"],
+    ["version"],
+    ["validate"],
+    ["split"],
+    ["train"],
+    ["evaluate"],
+    ["export"],
+    ["register"],
+    ["promote"],
+    ["rollback"],
+    ["lineage", "m@champion"],
+    ["serve"],
+    ["loadtest"],
+    ["simulate"],
+    ["drift", "some-batch"],
+    ["drift-eval"],
+    ["check-params"],
+]
 
 
 def _set_forms(rng: np.random.Generator, override: str) -> list[str]:
@@ -58,8 +74,9 @@ def test_overrides_before_and_after_the_command_combine_and_the_later_wins(proje
         assert main(list(argv)) == 0
         return json.loads(capsys.readouterr().out)
 
-    got = resolved("--set", "train.max_epochs=3", "check-params", "--json", "-s", "train.max_epochs=7",
-                   "--set=train.lr=0.5")
+    got = resolved(
+        "--set", "train.max_epochs=3", "check-params", "--json", "-s", "train.max_epochs=7", "--set=train.lr=0.5"
+    )
     assert got["params"]["train"]["max_epochs"] == 7 and got["params"]["train"]["lr"] == 0.5
     assert resolved("check-params", "-p", "alt.yaml", "--json")["params"]["base"]["seed"] == 7
     assert resolved("-p", "alt.yaml", "--json", "check-params")["params"]["base"]["seed"] == 7
@@ -77,7 +94,6 @@ def test_every_command_documents_the_global_options(project, capsys):
         text = capsys.readouterr().out
         for opt in ("--set", "--params", "--json"):
             assert opt in text, f"`visionflow {name} --help` does not list {opt}"
-
 
 
 # --- stage results: a mapping or a frozen dataclass prints the same; MLflow set up by the command --------------
@@ -103,8 +119,17 @@ def test_a_stage_result_prints_the_same_as_a_mapping_or_a_dataclass(project, cap
 
     calls = []
     monkeypatch.setattr(tracking, "setup_mlflow", lambda *args: calls.append(args))
-    fields = dict(onnx_path="models/onnx/model.onnx", passed=True, max_abs_diff=1.234567e-06, top1_agreement=1.0,
-                  ort_ms_b1=0.51234, torch_ms_b1=2.0, ort_ms_b32=3.0, torch_ms_b32=40.0, card={"classes": ["a"]})
+    fields = dict(
+        onnx_path="models/onnx/model.onnx",
+        passed=True,
+        max_abs_diff=1.234567e-06,
+        top1_agreement=1.0,
+        ort_ms_b1=0.51234,
+        torch_ms_b1=2.0,
+        ort_ms_b32=3.0,
+        torch_ms_b32=40.0,
+        card={"classes": ["a"]},
+    )
     printed = {}
     for kind, result in (("mapping", fields), ("dataclass", _Exported(**fields))):
         monkeypatch.setattr(stages, "export_stage", lambda p, root, result=result: result)
@@ -126,8 +151,14 @@ def test_a_promotion_decision_dataclass_prints_its_gates_and_exits_1_when_refuse
     from visionflow.registry.store import Decision, Gate
 
     monkeypatch.setattr(tracking, "setup_mlflow", lambda *args: None)
-    decision = Decision(model="m", version="2", promoted=False, champion_before="1", champion_after="1",
-                        gates=[Gate("parity", True, "max |diff| 1e-06"), Gate("accuracy", False, "0.80 < 0.85")])
+    decision = Decision(
+        model="m",
+        version="2",
+        promoted=False,
+        champion_before="1",
+        champion_after="1",
+        gates=[Gate("parity", True, "max |diff| 1e-06"), Gate("accuracy", False, "0.80 < 0.85")],
+    )
     monkeypatch.setattr(stages, "promote_stage", lambda p, root, version: decision)
     assert main(["promote"]) == 1
     text = capsys.readouterr().out
@@ -148,9 +179,11 @@ def test_an_interrupted_command_exits_130_with_a_hint(project, capsys, monkeypat
 
 
 def test_python_dash_m_runs_the_cli(project):
-    proc = subprocess.run([sys.executable, "-m", "visionflow.cli", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "visionflow.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "check-params" in proc.stdout, proc.stderr
+
 
 # --- piped output, through the real command with stdout a pipe ---------------------------------------------
 
@@ -162,8 +195,11 @@ def champion(tmp_path_factory):
 
 def _piped(proj: Path, *args: str) -> subprocess.CompletedProcess:
     """`visionflow ARGS` with stdout and stderr pipes and no COLUMNS: what `visionflow ... | grep` gets."""
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "MLFLOW_TRACKING_URI",
-                                                             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("COLUMNS", "LINES", "MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    }
     exe = Path(sys.executable).with_name("visionflow")
     return subprocess.run([str(exe), *args], cwd=proj, capture_output=True, text=True, timeout=300, env=env)
 

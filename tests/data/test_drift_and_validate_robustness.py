@@ -21,8 +21,8 @@ from PIL import Image, TiffTags
 from tests.helpers import make_folder_dataset, make_image
 from visionflow.config import Params, ValidateParams
 from visionflow.data.imageio import DecodeRules
-from visionflow.monitoring.drift import batch_features, check, extract
 from visionflow.data.validate import read_manifest, validate
+from visionflow.monitoring.drift import batch_features, check, extract
 
 SIZE, CLASSES = 16, ["cat", "dog", "fox"]
 # TIFF tags whose type is fixed to a number: an ASCII value filed under one of them cannot be written back.
@@ -44,7 +44,7 @@ def corrupt_exif_jpegs(n: int, seed: int) -> list[bytes]:
         img.save(buf, "JPEG", exif=exif.tobytes())
         data = bytearray(buf.getvalue())
         k = data.index(b"\x01\x0f\x00\x02")  # the Make tag (ASCII), big-endian as Pillow writes it
-        data[k:k + 2] = struct.pack(">H", r.choice(NUMERIC_TAGS))
+        data[k : k + 2] = struct.pack(">H", r.choice(NUMERIC_TAGS))
         out.append(bytes(data))
     return out
 
@@ -77,8 +77,13 @@ def test_validate_never_crashes_on_a_corrupt_exif_image(tmp_path, workers):
         path = raw / CLASSES[i % 3] / f"exif_{i}.jpg"
         path.write_bytes(data)
         bad[str(path)] = data
-    cfg = ValidateParams(quarantine_dir=tmp_path / "q", report_dir=tmp_path / "reports", max_quarantine_fraction=0.5,
-                         min_width=8, min_height=8)
+    cfg = ValidateParams(
+        quarantine_dir=tmp_path / "q",
+        report_dir=tmp_path / "reports",
+        max_quarantine_fraction=0.5,
+        min_width=8,
+        min_height=8,
+    )
     res = validate(raw_dir=raw, cfg=cfg, manifest_path=tmp_path / "manifest.csv", workers=workers)
     assert res.n_images == 36 + 8
     accepted = set(read_manifest(tmp_path / "manifest.csv")["path"])
@@ -112,10 +117,15 @@ def champion(tmp_path_factory):
         helper.make_node("MatMul", ["embedding", "w"], ["logits"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(CLASSES)]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6])],
-        initializer=[numpy_helper.from_array(w, "w")])
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(CLASSES)]),
+            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6]),
+        ],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     path = tmp_path_factory.mktemp("model") / "tiny.onnx"
     onnx.save(model, str(path))
@@ -151,10 +161,11 @@ def _batch_layouts(root: Path, rng: np.random.Generator) -> dict[str, tuple[Path
     layouts["per_class"] = (per_class, [c for c, _ in items])
     labelled = root / "labelled"
     (labelled / "images").mkdir(parents=True)
-    for k, (c, img) in enumerate(items):
+    for k, (_, img) in enumerate(items):
         img.save(labelled / "images" / f"{k}.png")
     pd.DataFrame({"file": [f"{k}.png" for k in range(len(items))], "label": [c for c, _ in items]}).to_csv(
-        labelled / "labels.csv", index=False)
+        labelled / "labels.csv", index=False
+    )
     layouts["labelled"] = (labelled, [c for c, _ in items])
     flat = root / "flat"
     flat.mkdir()
@@ -181,8 +192,7 @@ def test_drift_check_of_a_folder_per_class_batch_with_a_corrupt_image(tmp_path, 
     rows = [{"path": str(f), "label": f.parent.name, "sha256": f.name} for f in sorted(ref.rglob("*.jpg"))]
     (tmp_path / p.data.splits_dir).mkdir(parents=True)
     pd.DataFrame(rows).to_csv(tmp_path / p.data.splits_dir / "test.csv", index=False)
-    batch = make_folder_dataset(tmp_path / "batch", classes=tuple(CLASSES), per_class=8, size=SIZE, fmt="JPEG",
-                                seed=3)
+    batch = make_folder_dataset(tmp_path / "batch", classes=tuple(CLASSES), per_class=8, size=SIZE, fmt="JPEG", seed=3)
     (batch / "dog" / "broken_exif.jpg").write_bytes(corrupt_exif_jpegs(1, seed=11)[0])
     verdict = check(p, tmp_path, batch=batch, log_to_mlflow=False, html=False, champion=champion)
     assert verdict["status"] == "ok" and verdict["drifted"] in (True, False)
@@ -196,9 +206,14 @@ def test_validate_holds_a_raw_folder_to_the_class_name_rule(tmp_path):
     from visionflow.errors import DataError
 
     raw = make_folder_dataset(tmp_path / "raw", classes=("cat", "dog"), per_class=3, size=SIZE)
-    (raw / "cat").rename(raw / "cat\" onmouseover=\"alert(1)")
-    cfg = ValidateParams(quarantine_dir=tmp_path / "q", report_dir=tmp_path / "reports", min_images_per_class=1,
-                         min_width=8, min_height=8)
+    (raw / "cat").rename(raw / 'cat" onmouseover="alert(1)')
+    cfg = ValidateParams(
+        quarantine_dir=tmp_path / "q",
+        report_dir=tmp_path / "reports",
+        min_images_per_class=1,
+        min_width=8,
+        min_height=8,
+    )
     with pytest.raises(DataError, match="not allowed"):
         validate(raw_dir=raw, cfg=cfg, manifest_path=tmp_path / "manifest.csv", workers=1)
     assert not (tmp_path / "manifest.csv").exists()

@@ -19,12 +19,12 @@ def test_balanced_indices_even_and_deterministic():
 
 @pytest.mark.slow
 def test_ingest_real_fashion_mnist(tmp_path):
-    res = ingest(source="fashion-mnist", raw_dir=tmp_path / "raw", max_images=300, seed=0,
-                 cache_dir=tmp_path / "cache")
+    res = ingest(source="fashion-mnist", raw_dir=tmp_path / "raw", max_images=300, seed=0, cache_dir=tmp_path / "cache")
     assert res.n_images == 300 and set(res.classes) == set(FASHION_MNIST_CLASSES)
     assert set(res.classes.values()) == {30}
     img = Image.open(next((tmp_path / "raw" / "trouser").iterdir()))
     assert img.size == (28, 28) and img.mode == "L"
-    again = ingest(source="fashion-mnist", raw_dir=tmp_path / "raw", max_images=300, seed=0,
-                   cache_dir=tmp_path / "cache")
+    again = ingest(
+        source="fashion-mnist", raw_dir=tmp_path / "raw", max_images=300, seed=0, cache_dir=tmp_path / "cache"
+    )
     assert again.skipped

@@ -16,17 +16,61 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import make_folder_dataset, run_cli
-from visionflow.errors import DataError
 from visionflow.data import folder_source
 from visionflow.data import ingest as ingest_mod
 from visionflow.data.ingest import REVIEWED_PREFIX, ingest
+from visionflow.errors import DataError
 
 MAX_CLASS_NAME = 64  # the documented limit
 
-HOSTILE = ["<", ">", '"', "'", "&", "/", "\\", "\x00", "\x01", "\x1b", "\x7f", "\t", "\n", "\r", "\u202e", "\u200b",
-           "\u00a0", "`", "$", "{", "}", ";", "|", "*", "?", ":", "%", "=", "(", "#", "\u2028", "\ufeff"]
-GOOD = ["cat", "tshirt_top", "ankle-boot", "size 10", "v1.2", "Größe", "猫", "собака", "Cafe\u0301", "9lives", "A",
-        "x" * MAX_CLASS_NAME]
+HOSTILE = [
+    "<",
+    ">",
+    '"',
+    "'",
+    "&",
+    "/",
+    "\\",
+    "\x00",
+    "\x01",
+    "\x1b",
+    "\x7f",
+    "\t",
+    "\n",
+    "\r",
+    "\u202e",
+    "\u200b",
+    "\u00a0",
+    "`",
+    "$",
+    "{",
+    "}",
+    ";",
+    "|",
+    "*",
+    "?",
+    ":",
+    "%",
+    "=",
+    "(",
+    "#",
+    "\u2028",
+    "\ufeff",
+]
+GOOD = [
+    "cat",
+    "tshirt_top",
+    "ankle-boot",
+    "size 10",
+    "v1.2",
+    "Größe",
+    "猫",
+    "собака",
+    "Cafe\u0301",
+    "9lives",
+    "A",
+    "x" * MAX_CLASS_NAME,
+]
 
 
 def _ingest(src: Path, root: Path, **kw):
@@ -45,8 +89,21 @@ def _bad_names(n: int, seed: int) -> list[str]:
         base = r.choice(GOOD[:-1])
         k = r.randrange(len(base) + 1)
         names.append(base[:k] + r.choice(HOSTILE) + base[k:])
-    return names + ["", ".", "..", ".hidden", " lead", "trail ", "trail.", "-dash", "_under", "<script>alert(1)</script>",
-                    "x" * (MAX_CLASS_NAME + 1), "<img src=x onerror=alert(1)>", "a\u0301\u200d"]
+    return names + [
+        "",
+        ".",
+        "..",
+        ".hidden",
+        " lead",
+        "trail ",
+        "trail.",
+        "-dash",
+        "_under",
+        "<script>alert(1)</script>",
+        "x" * (MAX_CLASS_NAME + 1),
+        "<img src=x onerror=alert(1)>",
+        "a\u0301\u200d",
+    ]
 
 
 # --- item 2: class names ------------------------------------------------------------------------------------------
@@ -78,8 +135,11 @@ def test_class_name_rule_never_lets_markup_or_control_through():
 
 
 def test_ingest_refuses_unsafe_class_folders_in_one_line(tmp_path):
-    names = [n for n in _bad_names(12, seed=9) if n and "/" not in n and "\x00" not in n
-             and n not in (".", "..") and not n.startswith(".")]  # creatable, and not hidden (hidden is skipped)
+    names = [
+        n
+        for n in _bad_names(12, seed=9)
+        if n and "/" not in n and "\x00" not in n and n not in (".", "..") and not n.startswith(".")
+    ]  # creatable, and not hidden (hidden is skipped)
     for i, name in enumerate(names):
         src = make_folder_dataset(tmp_path / f"src{i}", classes=("cat", "dog"), per_class=2)
         (src / name).mkdir()
@@ -126,9 +186,26 @@ def test_reviewed_class_folders_are_checked_too(tmp_path):
 
 # --- item 8: nothing lost to a name ----------------------------------------------------------------------------------
 
-POOL = ["a.png", "sub/a.png", "sub__a.png", "sub/x/a.png", "sub__x__a.png", "sub/x__a.png", "sub__x/a.png",
-        "Sub/A.png", "SUB__A.png", "reviewed__a.png", "reviewed__sub__a.png", "reviewed/a.png", "x/y/z/w.png",
-        "x__y__z__w.png", "x__y/z__w.png", "b.png", "B.PNG", "sub/b.png"]
+POOL = [
+    "a.png",
+    "sub/a.png",
+    "sub__a.png",
+    "sub/x/a.png",
+    "sub__x__a.png",
+    "sub/x__a.png",
+    "sub__x/a.png",
+    "Sub/A.png",
+    "SUB__A.png",
+    "reviewed__a.png",
+    "reviewed__sub__a.png",
+    "reviewed/a.png",
+    "x/y/z/w.png",
+    "x__y__z__w.png",
+    "x__y/z__w.png",
+    "b.png",
+    "B.PNG",
+    "sub/b.png",
+]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -193,9 +270,14 @@ def test_symlinks_never_lead_out_of_the_source(tmp_path):
     raw = _contents(tmp_path / "raw")
     assert not raw & (_contents(outside) + Counter([hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()]))
     reasons = _reasons(res)
-    assert reasons == {"cat/passwd.png": "symlink_outside_source", "cat/secret.png": "symlink_outside_source",
-                       "cat/rel.png": "symlink_outside_source", "fox": "symlinked_folder",
-                       "dog/sub": "symlinked_folder", "dog/up": "symlinked_folder"}
+    assert reasons == {
+        "cat/passwd.png": "symlink_outside_source",
+        "cat/secret.png": "symlink_outside_source",
+        "cat/rel.png": "symlink_outside_source",
+        "fox": "symlinked_folder",
+        "dog/sub": "symlinked_folder",
+        "dog/up": "symlinked_folder",
+    }
 
 
 def test_dangling_and_looping_symlinks_and_odd_files_are_skipped_with_a_reason(tmp_path):
@@ -209,9 +291,14 @@ def test_dangling_and_looping_symlinks_and_odd_files_are_skipped_with_a_reason(t
     (src / "dog" / "folder.png").mkdir()  # a folder named like an image holds nothing to take
     res = _ingest(src, tmp_path)
     assert res.classes == {"cat": 3, "dog": 3}
-    assert _reasons(res) == {"cat/gone.png": "dangling_symlink", "cat/gone_rel.png": "dangling_symlink",
-                             "cat/loop1.png": "symlink_loop", "cat/loop2.png": "symlink_loop",
-                             "dog/self.png": "symlink_loop", "dog/pipe.png": "not_a_regular_file"}
+    assert _reasons(res) == {
+        "cat/gone.png": "dangling_symlink",
+        "cat/gone_rel.png": "dangling_symlink",
+        "cat/loop1.png": "symlink_loop",
+        "cat/loop2.png": "symlink_loop",
+        "dog/self.png": "symlink_loop",
+        "dog/pipe.png": "not_a_regular_file",
+    }
     assert not (tmp_path / "raw.partial").exists()
     again = _ingest(src, tmp_path)
     assert again.skipped and _reasons(again) == _reasons(res)  # the report survives an up-to-date run

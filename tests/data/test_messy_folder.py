@@ -50,8 +50,13 @@ def messy(tmp_path_factory):
     rgb.convert("RGBA").save(src / "bag" / "rgba.png")
     raw = root / "raw"
     res = ingest(source=str(src), raw_dir=raw, max_images=None, seed=0, cache_dir=root / "cache")
-    cfg = ValidateParams(quarantine_dir=root / "quarantine", report_dir=root / "reports",
-                         max_quarantine_fraction=0.05, min_width=8, min_height=8)
+    cfg = ValidateParams(
+        quarantine_dir=root / "quarantine",
+        report_dir=root / "reports",
+        max_quarantine_fraction=0.05,
+        min_width=8,
+        min_height=8,
+    )
     vres = validate(raw_dir=raw, cfg=cfg, manifest_path=root / "manifest.csv", workers=2)
     return root, res, vres
 
@@ -96,8 +101,9 @@ def test_report_written(messy):
 
 def test_split_of_accepted_images_is_leak_free(messy):
     root, _, vres = messy
-    res = split(manifest_path=root / "manifest.csv", out_dir=root / "splits", val_fraction=0.1,
-                test_fraction=0.2, seed=3)
+    res = split(
+        manifest_path=root / "manifest.csv", out_dir=root / "splits", val_fraction=0.1, test_fraction=0.2, seed=3
+    )
     assert sum(res.counts.values()) == vres.n_accepted
     shas = [set(read_manifest(p)["sha256"]) for p in res.paths.values()]
     assert not (shas[0] & shas[1] or shas[0] & shas[2] or shas[1] & shas[2])

@@ -22,9 +22,14 @@ CLASSES = ["cat", "dog", "fox"]
 
 def _data_files(proj):
     """Every data file that names images, with the text it stores."""
-    files = [proj / "data/validated/manifest.csv", proj / "data/quarantine/reasons.csv",
-             *sorted((proj / "data/splits").glob("*.csv")), *sorted((proj / "data/cache").glob("*/paths.json")),
-             *sorted((proj / "data/cache").glob("*/quarantine.json")), proj / "reports/validation/validation.json"]
+    files = [
+        proj / "data/validated/manifest.csv",
+        proj / "data/quarantine/reasons.csv",
+        *sorted((proj / "data/splits").glob("*.csv")),
+        *sorted((proj / "data/cache").glob("*/paths.json")),
+        *sorted((proj / "data/cache").glob("*/quarantine.json")),
+        proj / "reports/validation/validation.json",
+    ]
     return {f.relative_to(proj).as_posix(): f.read_text() for f in files}
 
 
@@ -35,14 +40,20 @@ def _pipeline(proj):
     validate_stage(p, proj, data_version=None)
     split_stage(p, proj)
     paths = ProjectPaths.of(p, proj)
-    cache = build_cache(paths.splits / "test.csv", paths.cache, classes=CLASSES, image_size=16, channels=1,
-                        project=paths)
+    cache = build_cache(
+        paths.splits / "test.csv", paths.cache, classes=CLASSES, image_size=16, channels=1, project=paths
+    )
     return p, cache
 
 
 def _dvc_status(proj) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "validate", "split"], cwd=proj,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json", "validate", "split"],
+        cwd=proj,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout or "{}")
 
 
@@ -52,8 +63,12 @@ def test_a_moved_project_keeps_its_data_files_dvc_hashes_cache_and_run_key(tmp_p
     proj = make_project(tmp_path / "a" / "proj", src, validate={"max_quarantine_fraction": 0.5})
     p, cache = _pipeline(proj)
     version_stage(p, proj, push=False)
-    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "validate", "split"], cwd=proj,
-                   capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "commit", "--force", "validate", "split"],
+        cwd=proj,
+        capture_output=True,
+        check=True,
+    )
     before = _data_files(proj)
     assert len(before) >= 7 and "broken.png" in before["data/quarantine/reasons.csv"]
     for name, text in before.items():

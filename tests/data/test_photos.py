@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from visionflow.data import photos
-from visionflow.data.imageio import DecodeRules, open_guarded, to_array
 from visionflow.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, locate_fashion_mnist
+from visionflow.data.imageio import DecodeRules, open_guarded, to_array
 from visionflow.data.ingest import ingest
 
 RULES = DecodeRules.accepted()
@@ -36,13 +36,15 @@ def test_specs_cover_every_kind_size_and_quality():
     assert specs != [photos.photo_spec(1, i, i % 10) for i in range(3000)]
 
 
-@pytest.mark.parametrize("kind,orientation", [("jpeg", 1), ("exif", 3), ("exif", 6), ("exif", 8), ("cmyk", 1),
-                                              ("png16", 1)])
+@pytest.mark.parametrize(
+    "kind,orientation", [("jpeg", 1), ("exif", 3), ("exif", 6), ("exif", 8), ("cmyk", 1), ("png16", 1)]
+)
 def test_each_kind_is_stored_as_a_camera_would_and_reads_back_upright(fmnist, kind, orientation):
     images, labels = fmnist
     item = 4321
-    spec = photos.PhotoSpec(item=item, label=int(labels[item]), width=1280, height=960, kind=kind, quality=80,
-                            orientation=orientation)
+    spec = photos.PhotoSpec(
+        item=item, label=int(labels[item]), width=1280, height=960, kind=kind, quality=80, orientation=orientation
+    )
     data = photos.make_photo(spec, images[item], seed=3)
     img = Image.open(io.BytesIO(data))
     turned = orientation in (6, 8)
@@ -63,8 +65,9 @@ def test_each_kind_is_stored_as_a_camera_would_and_reads_back_upright(fmnist, ki
 def test_photos_have_sensor_noise_and_uneven_light(fmnist):
     images, labels = fmnist
     for item in (0, 17, 30001, 69999):
-        spec = photos.PhotoSpec(item=item, label=int(labels[item]), width=1280, height=960, kind="jpeg",
-                                quality=90, orientation=1)
+        spec = photos.PhotoSpec(
+            item=item, label=int(labels[item]), width=1280, height=960, kind="jpeg", quality=90, orientation=1
+        )
         scene = photos.render_photo(spec, images[item], seed=0)
         grey = scene.mean(axis=2)
         # sensor noise: neighbouring pixels differ even where the scene is smooth
@@ -93,8 +96,9 @@ def test_generation_is_the_same_bytes_with_one_process_or_a_pool(fmnist, tmp_pat
 
 
 def test_ingest_makes_the_photo_source(tmp_path):
-    res = ingest(source=photos.PHOTOS_SOURCE, raw_dir=tmp_path / "raw", max_images=10, seed=0,
-                 cache_dir=tmp_path / "cache")
+    res = ingest(
+        source=photos.PHOTOS_SOURCE, raw_dir=tmp_path / "raw", max_images=10, seed=0, cache_dir=tmp_path / "cache"
+    )
     assert res.n_images == 10 and set(res.classes) == set(FASHION_MNIST_CLASSES)
     assert set(res.classes.values()) == {1}
     files = sorted(Path(tmp_path / "raw").rglob("photo_*"))
@@ -102,6 +106,7 @@ def test_ingest_makes_the_photo_source(tmp_path):
     for f in files:
         with Image.open(f) as im:
             assert im.format in ("JPEG", "PNG") and im.width * im.height >= 1280 * 960
-    again = ingest(source=photos.PHOTOS_SOURCE, raw_dir=tmp_path / "raw", max_images=10, seed=0,
-                   cache_dir=tmp_path / "cache")
+    again = ingest(
+        source=photos.PHOTOS_SOURCE, raw_dir=tmp_path / "raw", max_images=10, seed=0, cache_dir=tmp_path / "cache"
+    )
     assert again.skipped

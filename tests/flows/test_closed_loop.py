@@ -19,16 +19,18 @@ def loop_project(tmp_path_factory, harness):
     import os
 
     root = tmp_path_factory.mktemp("loop")
-    proj = make_project(root / "proj", root / "unused",
-                        data={"source": "fashion-mnist", "max_images": 4000},
-                        train={"max_epochs": 2, "num_workers": 0},
-                        evaluate={"robustness_images": 100, "severities": [3]},
-                        export={"parity_images": 100},
-                        registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "accuracy_floor": 0.3,
-                                  "bootstrap_samples": 200},
-                        # batch and reference as large as this small test split allows: the distance
-                        # thresholds are set for the default 500 vs 5,000, tiny samples are noisier
-                        drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1})
+    proj = make_project(
+        root / "proj",
+        root / "unused",
+        data={"source": "fashion-mnist", "max_images": 4000},
+        train={"max_epochs": 2, "num_workers": 0},
+        evaluate={"robustness_images": 100, "severities": [3]},
+        export={"parity_images": 100},
+        registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "accuracy_floor": 0.3, "bootstrap_samples": 200},
+        # batch and reference as large as this small test split allows: the distance
+        # thresholds are set for the default 500 vs 5,000, tiny samples are noisier
+        drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1},
+    )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from visionflow.flows.training import training_flow
 
@@ -45,8 +47,7 @@ def _versions(proj: Path) -> list[str]:
 def test_drift_cli_verdicts_and_bad_batches(loop_project):
     proj, _ = loop_project
     run_cli(proj, "simulate", "--shift", "none", "--seed", "3", "--out", "data/batches/ref")
-    run_cli(proj, "simulate", "--shift", "noise", "--severity", "5", "--seed", "4",
-            "--out", "data/batches/noisy")
+    run_cli(proj, "simulate", "--shift", "noise", "--severity", "5", "--seed", "4", "--out", "data/batches/noisy")
     clean = run_cli(proj, "drift", "data/batches/ref", "--json", check=False)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     noisy = run_cli(proj, "drift", "data/batches/noisy", "--json", check=False)
@@ -86,9 +87,9 @@ def test_drift_cli_verdicts_and_bad_batches(loop_project):
 
 
 def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
+    from visionflow.config import load_params
     from visionflow.flows.monitoring import drift_check_flow
     from visionflow.monitoring import ledger as monitor
-    from visionflow.config import load_params
     from visionflow.monitoring.simulate import simulate
 
     proj, first = loop_project
@@ -96,8 +97,12 @@ def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
     batch = simulate(p, proj, proj / "data/batches/prod", shift="noise", severity=5, n=150, seed=11).folder
     holdout = simulate(p, proj, proj / "data/batches/holdout", shift="noise", severity=5, n=150, seed=12).folder
     before = _versions(proj)
-    outcomes = [drift_check_flow(params_path=str(proj / "params.yaml"), batch=str(batch), eval_batch=str(holdout),
-                                 retrain="inline") for _ in range(3)]
+    outcomes = [
+        drift_check_flow(
+            params_path=str(proj / "params.yaml"), batch=str(batch), eval_batch=str(holdout), retrain="inline"
+        )
+        for _ in range(3)
+    ]
     assert all(o["drift"]["drifted"] for o in outcomes)
     assert [o["retrain"]["triggered"] for o in outcomes] == [True, False, False]
     assert all(o["retrain"]["event_id"] for o in outcomes)  # every alarm is an event, suppressed or not
@@ -125,8 +130,8 @@ def test_drift_check_reads_the_serving_prediction_log(loop_project):
     from fastapi.testclient import TestClient
 
     from visionflow.config import load_params
-    from visionflow.serving.app import create_app
     from visionflow.monitoring.simulate import simulate
+    from visionflow.serving.app import create_app
 
     proj, _ = loop_project
     p = load_params(proj / "params.yaml")

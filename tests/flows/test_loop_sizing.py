@@ -17,8 +17,8 @@ import pytest
 from bench.user_folder import make_user_folder
 from tests.helpers import make_project, register_champion
 from visionflow import stages
-from visionflow.monitoring import ledger as monitor
 from visionflow.config import load_params
+from visionflow.monitoring import ledger as monitor
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -30,9 +30,14 @@ def small_project(tmp_path_factory, harness):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     root = tmp_path_factory.mktemp("small")
     src = make_user_folder(root / "images", per_class=30, n_classes=4, min_side=20, max_side=40, symlinks=False)
-    proj = make_project(root / "proj", src, data={"test_fraction": 0.3},
-                        train={"image_size": 16}, drift={"reference_size": 200},
-                        registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
+    proj = make_project(
+        root / "proj",
+        src,
+        data={"test_fraction": 0.3},
+        train={"image_size": 16},
+        drift={"reference_size": 200},
+        registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+    )
     p = load_params(proj / "params.yaml")
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
@@ -52,8 +57,9 @@ def test_the_loop_sizes_its_batches_to_a_small_test_split(small_project):
     n = n_test // 2
     assert result["closed_loop"] == {"skipped": False, "batch_size": n, "note": result["closed_loop"]["note"]}
     assert "more than half" in result["closed_loop"]["note"]
-    production, holdout = (pd.read_csv(Path(b) / "labels.csv")
-                           for b in (result["drift"]["batch"], result["retrain"]["holdout_batch"]))
+    production, holdout = (
+        pd.read_csv(Path(b) / "labels.csv") for b in (result["drift"]["batch"], result["retrain"]["holdout_batch"])
+    )
     assert len(production) == len(holdout) == n
     assert result["drift"]["drifted"] is not None  # a verdict on the sized batch
     assert result["retrain"]["triggered"] is False
@@ -68,8 +74,9 @@ def test_a_test_split_too_small_for_a_verdict_skips_the_loop_with_a_note(small_p
 
     proj, n_test = small_project
     shutil.rmtree(proj / "data/batches", ignore_errors=True)
-    result = closed_loop_flow(params_path=str(proj / "params.yaml"),
-                              overrides=[f"drift.min_batch_size={n_test // 2 + 1}"])
+    result = closed_loop_flow(
+        params_path=str(proj / "params.yaml"), overrides=[f"drift.min_batch_size={n_test // 2 + 1}"]
+    )
     loop = result["closed_loop"]
     assert loop["skipped"] and "min_batch_size" in loop["note"] and str(n_test) in loop["note"]
     assert not (proj / "data/batches").exists()

@@ -30,9 +30,13 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
 
     src = make_folder_dataset(tmp_path / "images", per_class=25)
     (src / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    proj = make_project(tmp_path / "proj", src, validate={"max_quarantine_fraction": 0.1},
-                        train={"image_size": 16, "max_epochs": 3, "num_workers": 1},
-                        evaluate={"robustness_images": 20, "severities": [2]})
+    proj = make_project(
+        tmp_path / "proj",
+        src,
+        validate={"max_quarantine_fraction": 0.1},
+        train={"image_size": 16, "max_epochs": 3, "num_workers": 1},
+        evaluate={"robustness_images": 20, "severities": [2]},
+    )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(proj)
     summary = training_flow(params_path=str(proj / "params.yaml"))
@@ -40,8 +44,17 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
     assert report["status"] == "completed"
     assert report["n_images"] == 76 and report["n_quarantined"] == 1
     assert report["data_version"] == summary["data_version"] and len(report["data_version"]) == 32
-    assert set(report["stage_seconds"]) >= {"ingest", "version", "validate", "split", "train", "evaluate",
-                                            "export", "register", "promote"}
+    assert set(report["stage_seconds"]) >= {
+        "ingest",
+        "version",
+        "validate",
+        "split",
+        "train",
+        "evaluate",
+        "export",
+        "register",
+        "promote",
+    }
     assert 0 <= report["test_accuracy"] <= 1 and 0 <= report["robust_accuracy"] <= 1 and report["mlflow_run_id"]
     assert report["onnx"]["top1_agreement"] == 1.0 and report["onnx"]["ort_ms_b1"] > 0
     assert report["registry"]["version"] == "1" and isinstance(report["registry"]["promoted"], bool)

@@ -31,9 +31,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote
 
 from tests.helpers import REPO, free_port
@@ -78,8 +78,14 @@ def _fail(what: str, log: Path, why: str) -> StartupError:
     return StartupError(msg)
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
-              what: str = "server", headers: dict[str, str] | None = None) -> None:
+def wait_http(
+    url: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    what: str = "server",
+    headers: dict[str, str] | None = None,
+) -> None:
     """Poll `url` until it answers 2xx; fail early (with the log's tail) if `proc` exits."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -101,8 +107,9 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | str | None
     with log.open("ab") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 20) -> None:
@@ -141,6 +148,7 @@ def _retry_ports(start: Callable[[int], object], what: str, attempts: int = 3):
 
 # --------------------------------------------------------------------------------------------------- PostgreSQL
 
+
 @dataclass
 class Postgres:
     host: str
@@ -159,8 +167,15 @@ class Postgres:
     def connect(self, dbname: str = "postgres", **kw):
         import psycopg2
 
-        return psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                dbname=dbname, connect_timeout=10, **kw)
+        return psycopg2.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            dbname=dbname,
+            connect_timeout=10,
+            **kw,
+        )
 
     def stop(self) -> None:
         if self._stop:
@@ -180,8 +195,10 @@ def ensure_postgres_binaries() -> Path:
         return bindir
     cmd = "apt-get install -y -q postgresql"
     if os.geteuid() != 0:
-        raise StartupError(f"PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb) are missing and we are "
-                           f"not root: run `sudo apt-get update && sudo {cmd}`")
+        raise StartupError(
+            f"PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb) are missing and we are "
+            f"not root: run `sudo apt-get update && sudo {cmd}`"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "postgresql"]
     r = subprocess.run(install, env=env, capture_output=True, text=True)
@@ -194,8 +211,9 @@ def ensure_postgres_binaries() -> Path:
     return bindir
 
 
-def start_postgres(tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_auth", "prefect"),
-                   user: str = "visionflow") -> Postgres:
+def start_postgres(
+    tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_auth", "prefect"), user: str = "visionflow"
+) -> Postgres:
     t0 = time.monotonic()
     bindir = ensure_postgres_binaries()
     as_root = os.geteuid() == 0
@@ -206,8 +224,10 @@ def start_postgres(tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_au
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            raise StartupError("running as root but there is no `postgres` OS user to run the cluster as "
-                               "(reinstall Debian's postgresql-common)") from None
+            raise StartupError(
+                "running as root but there is no `postgres` OS user to run the cluster as "
+                "(reinstall Debian's postgresql-common)"
+            ) from None
         root = Path(tempfile.mkdtemp(prefix="visionflow-pg-"))
         os.chown(root, pw.pw_uid, pw.pw_gid)
         os.chmod(root, 0o700)
@@ -238,8 +258,19 @@ def start_postgres(tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_au
     if as_root:
         os.chown(pwfile, pw.pw_uid, pw.pw_gid)
         os.chmod(pwfile, 0o600)
-    r = as_pg(str(bindir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={pwfile}", "--auth=scram-sha-256",
-              "-E", "UTF8", "--locale=C", "--no-sync")
+    r = as_pg(
+        str(bindir / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        user,
+        f"--pwfile={pwfile}",
+        "--auth=scram-sha-256",
+        "-E",
+        "UTF8",
+        "--locale=C",
+        "--no-sync",
+    )
     pwfile.unlink()
     if r.returncode != 0:
         cleanup()
@@ -250,10 +281,12 @@ def start_postgres(tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_au
         sock.mkdir(mode=0o700)
 
     def start(port: int) -> Postgres:
-        conf = (f"\n# visionflow integration tests\nlisten_addresses = '{HOST}'\nport = {port}\n"
-                f"unix_socket_directories = '{sock}'\nmax_connections = {PG_MAX_CONNECTIONS}\n"
-                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n"
-                "password_encryption = 'scram-sha-256'\n")
+        conf = (
+            f"\n# visionflow integration tests\nlisten_addresses = '{HOST}'\nport = {port}\n"
+            f"unix_socket_directories = '{sock}'\nmax_connections = {PG_MAX_CONNECTIONS}\n"
+            "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n"
+            "password_encryption = 'scram-sha-256'\n"
+        )
         # postgresql.auto.conf is read last: a retry with another port just overwrites it
         r = as_pg("sh", "-c", f"cat > {data / 'postgresql.auto.conf'}", input=conf)
         if r.returncode != 0:
@@ -290,6 +323,7 @@ def start_postgres(tmp: Path, databases: tuple[str, ...] = ("mlflow", "mlflow_au
 
 # ----------------------------------------------------------------------------------------------------------- S3
 
+
 @dataclass
 class S3:
     endpoint_url: str
@@ -304,18 +338,30 @@ class S3:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.region)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
 
     def env(self) -> dict[str, str]:
         """What a process that talks to the bucket directly (DVC, mlflow server) needs."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": self.region, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-                "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url,
+        }
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.buckets.get(bucket, bucket),
-                                                                       Prefix=prefix)
+        pages = (
+            self.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.buckets.get(bucket, bucket), Prefix=prefix)
+        )
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self) -> None:
@@ -334,8 +380,14 @@ def start_s3(tmp: Path, buckets: tuple[str, ...] = ("mlflow", "dvc")) -> S3:
         except BaseException:
             stop(proc)
             raise
-        return S3(f"http://{HOST}:{port}", "AK" + secrets.token_hex(9).upper(), secrets.token_hex(20),
-                  {b: b for b in buckets}, log, proc)
+        return S3(
+            f"http://{HOST}:{port}",
+            "AK" + secrets.token_hex(9).upper(),
+            secrets.token_hex(20),
+            {b: b for b in buckets},
+            log,
+            proc,
+        )
 
     s3 = _retry_ports(start, "moto_server")
     try:
@@ -351,6 +403,7 @@ def start_s3(tmp: Path, buckets: tuple[str, ...] = ("mlflow", "dvc")) -> S3:
 
 # ------------------------------------------------------------------------------------------------------- MLflow
 
+
 @dataclass
 class MLflowServer:
     uri: str
@@ -361,8 +414,11 @@ class MLflowServer:
     startup_s: float = 0.0
 
     def env(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": self.username,
-                "MLFLOW_TRACKING_PASSWORD": self.password}
+        return {
+            "MLFLOW_TRACKING_URI": self.uri,
+            "MLFLOW_TRACKING_USERNAME": self.username,
+            "MLFLOW_TRACKING_PASSWORD": self.password,
+        }
 
     def auth_header(self) -> dict[str, str]:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
@@ -372,31 +428,51 @@ class MLflowServer:
         stop(self.proc)
 
 
-def start_mlflow(tmp: Path, pg: Postgres, s3: S3, bucket: str = "mlflow", workers: int = MLFLOW_WORKERS,
-                 timeout: float = 180) -> MLflowServer:
+def start_mlflow(
+    tmp: Path, pg: Postgres, s3: S3, bucket: str = "mlflow", workers: int = MLFLOW_WORKERS, timeout: float = 180
+) -> MLflowServer:
     t0 = time.monotonic()
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "mlflow.log"
     admin_password = secrets.token_urlsafe(18)
     auth_ini = tmp / "basic_auth.ini"
     # '%' must be doubled for configparser's interpolation
-    auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
-                        f"database_uri = {pg.url('mlflow_auth').replace('%', '%%')}\n"
-                        "admin_username = admin\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    auth_ini.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = {pg.url('mlflow_auth').replace('%', '%%')}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
     os.chmod(auth_ini, 0o600)
-    env = clean_env(**s3.env(), MLFLOW_AUTH_CONFIG_PATH=str(auth_ini), MLFLOW_AUTH_ADMIN_USERNAME="admin",
-                    MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-                    MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
-                    MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=str(MLFLOW_POOL_SIZE),
-                    MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=str(MLFLOW_MAX_OVERFLOW),
-                    # the GenAI job runner (7 huey consumer processes) is not used by the pipeline
-                    MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = clean_env(
+        **s3.env(),
+        MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+        MLFLOW_AUTH_ADMIN_USERNAME="admin",
+        MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(32),
+        MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=str(MLFLOW_POOL_SIZE),
+        MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=str(MLFLOW_MAX_OVERFLOW),
+        # the GenAI job runner (7 huey consumer processes) is not used by the pipeline
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    )
 
     def start(port: int) -> MLflowServer:
-        cmd = [str(VENV_BIN / "mlflow"), "server", "--host", HOST, "--port", str(port),
-               "--backend-store-uri", pg.url("mlflow"), "--artifacts-destination", f"s3://{bucket}/artifacts",
-               "--app-name", "basic-auth", "--workers", str(workers)]
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            pg.url("mlflow"),
+            "--artifacts-destination",
+            f"s3://{bucket}/artifacts",
+            "--app-name",
+            "basic-auth",
+            "--workers",
+            str(workers),
+        ]
         proc = spawn(cmd, env, log, cwd=tmp)
         try:
             wait_http(f"http://{HOST}:{port}/health", timeout, proc, log, "mlflow server")
@@ -412,6 +488,7 @@ def start_mlflow(tmp: Path, pg: Postgres, s3: S3, bucket: str = "mlflow", worker
 
 # ------------------------------------------------------------------------------------------------------ Prefect
 
+
 @dataclass
 class PrefectServer:
     api_url: str
@@ -422,9 +499,13 @@ class PrefectServer:
     startup_s: float = 0.0
 
     def env(self) -> dict[str, str]:
-        return {"PREFECT_API_URL": self.api_url, "PREFECT_API_AUTH_STRING": self.auth_string,
-                "PREFECT_HOME": str(self.client_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "DO_NOT_TRACK": "1"}
+        return {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_API_AUTH_STRING": self.auth_string,
+            "PREFECT_HOME": str(self.client_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+        }
 
     def auth_header(self) -> dict[str, str]:
         return {"Authorization": "Basic " + base64.b64encode(self.auth_string.encode()).decode()}
@@ -440,21 +521,40 @@ def start_prefect(tmp: Path, pg: Postgres, timeout: float = 180) -> PrefectServe
     auth_string = f"admin:{secrets.token_urlsafe(18)}"
     client_home = tmp / "client-home"
     client_home.mkdir(exist_ok=True)
-    env = clean_env(PREFECT_HOME=str(tmp / "server-home"),
-                    PREFECT_API_DATABASE_CONNECTION_URL=pg.url("prefect", "postgresql+asyncpg"),
-                    PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE=str(PREFECT_POOL_SIZE),
-                    PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW=str(PREFECT_MAX_OVERFLOW),
-                    PREFECT_SERVER_API_AUTH_STRING=auth_string, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                    PREFECT_UI_ENABLED="false")
-    r = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    env = clean_env(
+        PREFECT_HOME=str(tmp / "server-home"),
+        PREFECT_API_DATABASE_CONNECTION_URL=pg.url("prefect", "postgresql+asyncpg"),
+        PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE=str(PREFECT_POOL_SIZE),
+        PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW=str(PREFECT_MAX_OVERFLOW),
+        PREFECT_SERVER_API_AUTH_STRING=auth_string,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     log.write_text(f"$ prefect server database upgrade -y\n{r.stdout}{r.stderr}")
     if r.returncode != 0:
         raise _fail("prefect server (database upgrade)", log, f"exited {r.returncode}")
 
     def start(port: int) -> PrefectServer:
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port), "--no-ui",
-               "--analytics-off"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--no-ui",
+            "--analytics-off",
+        ]
         proc = spawn(cmd, env, log, cwd=tmp)
         srv = PrefectServer(f"http://{HOST}:{port}/api", auth_string, client_home, log, proc)
         try:
@@ -473,6 +573,7 @@ def start_prefect(tmp: Path, pg: Postgres, timeout: float = 180) -> PrefectServe
 
 # ------------------------------------------------------------------------------------------------------ clients
 
+
 def server_env(*servers: object, base: dict[str, str] | None = None) -> dict[str, str]:
     """A client environment: `base` (default: the scrubbed os.environ) plus each server's env()."""
     env = dict(clean_env() if base is None else base)
@@ -481,8 +582,9 @@ def server_env(*servers: object, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
-def start_worker(pool: str, env: dict[str, str], log_path: Path, limit: int | None = None,
-                 worker_type: str = "process") -> subprocess.Popen:
+def start_worker(
+    pool: str, env: dict[str, str], log_path: Path, limit: int | None = None, worker_type: str = "process"
+) -> subprocess.Popen:
     """`prefect worker start` for `pool` in the repo root (so flows/ and src/ import); stop it with stop()."""
     env = dict(env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "src"), env.get("PYTHONPATH")) if p)

@@ -29,35 +29,72 @@ PROJECTS: dict[str, Path] = {}  # filled by the first test, reused by the promot
 
 def _project(base: Path, name: str, source: Path, epochs: int = 2, patience: int = 3) -> Path:
     return make_project(
-        base / name, source,
-        train={"image_size": 16, "max_epochs": epochs, "num_workers": 0, "batch_size": 16,
-               "early_stopping_patience": patience},
-        evaluate={"robustness_images": 20, "severities": [2]}, export={"parity_images": 20},
+        base / name,
+        source,
+        train={
+            "image_size": 16,
+            "max_epochs": epochs,
+            "num_workers": 0,
+            "batch_size": 16,
+            "early_stopping_patience": patience,
+        },
+        evaluate={"robustness_images": 20, "severities": [2]},
+        export={"parity_images": 20},
         # every challenger passes (min_gain -1): each promotion moves the champion, so a race would show
-        registry={"tracking_uri": None, "model_name": MODEL, "accuracy_floor": 0.0, "min_gain": -1.0,
-                  "max_class_drop": 1.0, "bootstrap_samples": 200, "latency_budget_ms": 1000})
+        registry={
+            "tracking_uri": None,
+            "model_name": MODEL,
+            "accuracy_floor": 0.0,
+            "min_gain": -1.0,
+            "max_class_drop": 1.0,
+            "bootstrap_samples": 200,
+            "latency_budget_ms": 1000,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, s3, mlflow_server, prefect_server):
     """Client environment for the whole stack, the deployments registered on POOL, and a worker polling it."""
     base = tmp_path_factory.mktemp("server-mode")
-    env = {**os.environ, **mlflow_server.env(), **prefect_server.env(),
-           "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-           "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1",
-           "VISIONFLOW_DVC_REMOTE_URL": "s3://dvc/visionflow", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        **mlflow_server.env(),
+        **prefect_server.env(),
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "AWS_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "VISIONFLOW_DVC_REMOTE_URL": "s3://dvc/visionflow",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("MLFLOW_S3_ENDPOINT_URL", None)  # clients reach artifacts through the MLflow server only
-    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
-                   env=env, check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
     # the training deployment, registered the documented way; only it: the hourly drift check's schedule would
     # otherwise fire mid-test and run against the repository's own params.yaml
-    deploy = subprocess.run([sys.executable, "-m", "flows.deployments", "deploy", "--work-pool", POOL,
-                             "--only", "train"], env=env, capture_output=True, text=True, cwd=REPO)
+    deploy = subprocess.run(
+        [sys.executable, "-m", "flows.deployments", "deploy", "--work-pool", POOL, "--only", "train"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker = start_worker(POOL, env, base / "worker.log", limit=4)
     try:
-        yield {"env": env, "base": base, "worker": worker, "log": base / "worker.log",
-               "source": make_folder_dataset(base / "images", per_class=40, size=16)}
+        yield {
+            "env": env,
+            "base": base,
+            "worker": worker,
+            "log": base / "worker.log",
+            "source": make_folder_dataset(base / "images", per_class=40, size=16),
+        }
     finally:
         stop(worker)
 
@@ -67,8 +104,12 @@ def _on_server(stack):
     """This process's Prefect client pointed at the stack's server (see prefect_pointed_at)."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
-    with prefect_pointed_at({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"],
-                             PREFECT_API_AUTH_STRING: stack["env"]["PREFECT_API_AUTH_STRING"]}):
+    with prefect_pointed_at(
+        {
+            PREFECT_API_URL: stack["env"]["PREFECT_API_URL"],
+            PREFECT_API_AUTH_STRING: stack["env"]["PREFECT_API_AUTH_STRING"],
+        }
+    ):
         yield
 
 
@@ -94,8 +135,9 @@ def _wait_final(run_ids: list[str], stack, timeout: float) -> dict[str, object]:
         if all(run.state and run.state.is_final() for run in runs.values()):
             return runs
         if time.time() > deadline:
-            raise AssertionError(f"{[(r.name, r.state_name) for r in runs.values()]}\n"
-                                 + stack["log"].read_text()[-4000:])
+            raise AssertionError(
+                f"{[(r.name, r.state_name) for r in runs.values()]}\n" + stack["log"].read_text()[-4000:]
+            )
         time.sleep(2)
 
 
@@ -127,9 +169,13 @@ def test_four_training_runs_through_the_worker_all_complete(stack, monkeypatch):
     assert champion in {str(v) for v in versions}
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=stack["env"]["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=stack["env"]["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=stack["env"]["AWS_SECRET_ACCESS_KEY"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack["env"]["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=stack["env"]["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=stack["env"]["AWS_SECRET_ACCESS_KEY"],
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", MaxKeys=1000).get("Contents", [])]
     assert any(k.endswith(".onnx") for k in keys), keys[:20]
     # the data versions were pushed to the shared DVC remote on S3
@@ -199,9 +245,17 @@ def test_eight_concurrent_registrations_and_promotions_leave_one_champion(stack,
     registry = _registry(stack, monkeypatch)
     before = {int(v.version) for v in registry.search_model_versions(f"name='{MODEL}'")}
     champion_at_start = registry.get_model_version_by_alias(MODEL, "champion").version
-    procs = [subprocess.Popen([sys.executable, "-c", PROMOTER, str(pr)], env=client_env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for pr in list(PROJECTS.values()) * 2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PROMOTER, str(pr)],
+            env=client_env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for pr in list(PROJECTS.values()) * 2
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0] * 8, [err[-2000:] for _, err in outs]
     decisions = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]

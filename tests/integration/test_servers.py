@@ -37,8 +37,14 @@ def _status(url: str, headers: dict | None = None, data: bytes | None = None) ->
 
 def _run_client(script: str, env: dict, timeout: float = 180) -> dict:
     """Run `script` in a fresh interpreter with exactly `env`; it prints one JSON line last."""
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, f"client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -51,11 +57,18 @@ def test_postgres_refuses_a_wrong_password(postgres):
         assert cur.fetchone()[0] == postgres.user
     conn.close()
     with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
-        psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, password="wrong" + "x" * 8,
-                         dbname="postgres", connect_timeout=10)
+        psycopg2.connect(
+            host=postgres.host,
+            port=postgres.port,
+            user=postgres.user,
+            password="wrong" + "x" * 8,
+            dbname="postgres",
+            connect_timeout=10,
+        )
     with pytest.raises(psycopg2.OperationalError):  # no password at all: scram, not trust
-        psycopg2.connect(host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres",
-                         connect_timeout=10)
+        psycopg2.connect(
+            host=postgres.host, port=postgres.port, user=postgres.user, dbname="postgres", connect_timeout=10
+        )
 
 
 def test_mlflow_requires_auth_and_proxies_artifacts_to_s3(mlflow_server, postgres, s3):
@@ -67,7 +80,8 @@ def test_mlflow_requires_auth_and_proxies_artifacts_to_s3(mlflow_server, postgre
 
     env = server_env(mlflow_server)
     assert not any(k.startswith("AWS_") or k == "MLFLOW_S3_ENDPOINT_URL" for k in env)  # artifacts are proxied
-    out = _run_client("""
+    out = _run_client(
+        """
         import json, os, tempfile
         import mlflow
         mlflow.set_experiment("smoke")
@@ -84,7 +98,9 @@ def test_mlflow_requires_auth_and_proxies_artifacts_to_s3(mlflow_server, postgre
             text = open(local).read()
         print(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                           "artifact_uri": run.info.artifact_uri, "files": files, "text": text}))
-    """, env)
+    """,
+        env,
+    )
     assert out["artifact_uri"].startswith("mlflow-artifacts:"), out
     assert out["files"] == ["smoke/hello.txt"] and out["text"] == "hello s3"
 
@@ -117,11 +133,18 @@ def test_prefect_requires_auth_and_runs_flows_on_postgres(prefect_server, postgr
 
     env = server_env(prefect_server)
     pool = "smoke-pool"
-    r = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"], env=env,
-                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "process"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
-    out = _run_client("""
+    out = _run_client(
+        """
         import json
         from prefect import flow, task
 
@@ -135,22 +158,27 @@ def test_prefect_requires_auth_and_runs_flows_on_postgres(prefect_server, postgr
 
         state = smoke(return_state=True)
         print(json.dumps({"result": state.result(), "completed": state.is_completed()}))
-    """, env)
+    """,
+        env,
+    )
     assert out == {"result": 42, "completed": True}
 
     # a worker started with the helper polls the pool and runs a deployment from it
     flows_dir = integration_tmp / "smoke-flows"
     flows_dir.mkdir(exist_ok=True)
-    (flows_dir / "smoke_flow.py").write_text(textwrap.dedent("""
+    (flows_dir / "smoke_flow.py").write_text(
+        textwrap.dedent("""
         from prefect import flow
 
         @flow(name="smoke-deployed")
         def deployed(x: int = 1):
             return x + 1
-    """))
+    """)
+    )
     worker = start_worker(pool, env, integration_tmp / "worker.log", limit=2)
     try:
-        out = _run_client(f"""
+        out = _run_client(
+            f"""
             import json, time
             from prefect import flow
             from prefect.deployments import run_deployment
@@ -158,7 +186,10 @@ def test_prefect_requires_auth_and_runs_flows_on_postgres(prefect_server, postgr
                 name="smoke", work_pool_name={pool!r})
             run = run_deployment("smoke-deployed/smoke", parameters={{"x": 41}}, timeout=180)
             print(json.dumps({{"state": run.state_name}}))
-        """, env, timeout=300)
+        """,
+            env,
+            timeout=300,
+        )
         assert out == {"state": "Completed"}, (integration_tmp / "worker.log").read_text()[-3000:]
         assert worker.poll() is None, (integration_tmp / "worker.log").read_text()[-3000:]
     finally:
@@ -175,4 +206,3 @@ def test_prefect_requires_auth_and_runs_flows_on_postgres(prefect_server, postgr
         cur.execute("select count(*) from pg_stat_activity")
         print(f"\npostgres connections in use: {cur.fetchone()[0]} of {PG_MAX_CONNECTIONS}")
     conn.close()
-

@@ -43,14 +43,30 @@ def _loss_curve(compiled: bool, steps: int = 6) -> tuple[np.ndarray, list[str]]:
     # (AdamW's first steps are nearly sign(gradient), which turns a 1e-7 gradient difference into a whole step)
     y = torch.bucketize(x.float().mean((1, 2, 3)), x.float().mean((1, 2, 3)).quantile(torch.tensor([1 / 3, 2 / 3])))
     data = TensorDataset(x, y)
-    model = ImageClassifier(model_name="test_resnet", classes=["a", "b", "c"], channels=1, image_size=16, lr=0.01,
-                            weight_decay=1e-4, optimizer="sgd", scheduler="none")
+    model = ImageClassifier(
+        model_name="test_resnet",
+        classes=["a", "b", "c"],
+        channels=1,
+        image_size=16,
+        lr=0.01,
+        weight_decay=1e-4,
+        optimizer="sgd",
+        scheduler="none",
+    )
     if compiled:
         model.net.compile()
     losses = Losses()
-    L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, deterministic=True, callbacks=[losses],
-              limit_val_batches=0).fit(model, train_dataloaders=DataLoader(data, batch_size=8))
+    L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        callbacks=[losses],
+        limit_val_batches=0,
+    ).fit(model, train_dataloaders=DataLoader(data, batch_size=8))
     return np.array(losses.values), sorted(model.state_dict())
 
 
@@ -90,7 +106,8 @@ def test_training_run_has_system_metrics_and_figures(tmp_path, workers):
     assert 0 < figures["busy_fraction"] <= 1 and figures["images_per_s"] > 0
     assert 0 <= figures["cache_s"] < figures["time_to_first_step_s"]
     assert figures["time_to_first_step_after_cache_s"] == pytest.approx(
-        figures["time_to_first_step_s"] - figures["cache_s"], abs=2e-3)
+        figures["time_to_first_step_s"] - figures["cache_s"], abs=2e-3
+    )
     assert figures["steps"] == res.global_step and figures["images"] > figures["steps"]
     for k in ("images_per_s", "busy_fraction", "time_to_first_step_s", "cache_s"):
         assert metrics[f"perf/{k}"] == pytest.approx(figures[k])

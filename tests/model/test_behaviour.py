@@ -38,8 +38,13 @@ def trained(tmp_path_factory):
     use_mlflow(p, proj)
     stages.train_stage(p, proj, None, progress=False)
     model = load_classifier(proj / "models/model.ckpt")
-    test = build_cache(proj / "data/splits/test.csv", proj / "data/cache", classes=list(model.hparams.classes),
-                       image_size=model.hparams.image_size, channels=model.hparams.channels)
+    test = build_cache(
+        proj / "data/splits/test.csv",
+        proj / "data/cache",
+        classes=list(model.hparams.classes),
+        image_size=model.hparams.image_size,
+        channels=model.hparams.channels,
+    )
     return model, np.asarray(test.images), test.labels
 
 
@@ -67,6 +72,6 @@ def test_heavy_corruption_hurts_more_than_light(trained):
 
 def test_prediction_does_not_depend_on_batch_composition(trained):
     model, images, _ = trained
-    alone = np.concatenate([predict_logits(model.net, images[i:i + 1]) for i in range(20)])
+    alone = np.concatenate([predict_logits(model.net, images[i : i + 1]) for i in range(20)])
     together = predict_logits(model.net, images[:20])
     np.testing.assert_allclose(alone, together, rtol=1e-4, atol=1e-4)

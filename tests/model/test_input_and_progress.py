@@ -19,17 +19,21 @@ from visionflow.config import load_params
 
 pytestmark = pytest.mark.slow
 
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) \(step \d+/\d+\): train loss [\d.]+ acc [\d.]+, val loss [\d.]+ "
-                        r"acc [\d.]+, \d+ images/s, elapsed \d+m\d\ds, ETA \d+m\d\ds")
+EPOCH_LINE = re.compile(
+    r"epoch (\d+)/(\d+) \(step \d+/\d+\): train loss [\d.]+ acc [\d.]+, val loss [\d.]+ "
+    r"acc [\d.]+, \d+ images/s, elapsed \d+m\d\ds, ETA \d+m\d\ds"
+)
 TINY = {"model": "test_resnet", "image_size": 16, "batch_size": 16, "max_epochs": 2, "num_workers": 0}
 
 
 def user_project(root: Path, **folder) -> Path:
-    src = make_user_folder(root / "images", per_class=16, n_classes=3, min_side=20, max_side=48, debris=False,
-                           symlinks=False, **folder)
+    src = make_user_folder(
+        root / "images", per_class=16, n_classes=3, min_side=20, max_side=48, debris=False, symlinks=False, **folder
+    )
     # train.channels is not overridden: the repo's default applies
-    proj = make_project(root / "proj", src, train=TINY,
-                        registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"})
+    proj = make_project(
+        root / "proj", src, train=TINY, registry={"tracking_uri": f"sqlite:///{root / 'proj' / 'mlflow.db'}"}
+    )
     p = load_params(proj / "params.yaml")
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
@@ -67,8 +71,15 @@ def test_piped_cli_training_prints_the_decision_and_epoch_lines(tmp_path):
     """`visionflow train 2>&1 | cat`: no terminal, and still one line per epoch (a grey folder: auto -> 1)."""
     proj = user_project(tmp_path, grey_fraction=1.0)
     exe = Path(sys.executable).with_name("visionflow")
-    proc = subprocess.run(f"set -o pipefail; '{exe}' --set train.max_epochs=3 train 2>&1 | cat", shell=True,
-                          executable="/bin/bash", cwd=proj, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        f"set -o pipefail; '{exe}' --set train.max_epochs=3 train 2>&1 | cat",
+        shell=True,
+        executable="/bin/bash",
+        cwd=proj,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout
     assert "train.channels auto -> 1 (grey)" in proc.stdout, proc.stdout
     assert [int(m[1]) for m in EPOCH_LINE.finditer(proc.stdout)] == [1, 2, 3], proc.stdout

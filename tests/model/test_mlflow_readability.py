@@ -84,15 +84,27 @@ def test_a_drift_check_keeps_its_html_report_local(champion):
 
 # --- training runs: names and metric layout (trains a tiny model) ------------------------------------------
 
-TINY_TRAIN = {"model": "test_resnet", "image_size": 16, "channels": 1, "batch_size": 16, "max_epochs": 2,
-              "num_workers": 0, "lr": 0.01, "early_stopping_patience": 10}
+TINY_TRAIN = {
+    "model": "test_resnet",
+    "image_size": 16,
+    "channels": 1,
+    "batch_size": 16,
+    "max_epochs": 2,
+    "num_workers": 0,
+    "lr": 0.01,
+    "early_stopping_patience": 10,
+}
 
 
 def test_training_runs_have_meaningful_names_and_curves_are_not_buried(tmp_path):
     src = make_folder_dataset(tmp_path / "images", classes=CLASSES, per_class=20)
-    proj = make_project(tmp_path / "proj", src, train=TINY_TRAIN,
-                        registry={"tracking_uri": f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"},
-                        evaluate={"robustness_images": 15, "severities": [1, 5]})
+    proj = make_project(
+        tmp_path / "proj",
+        src,
+        train=TINY_TRAIN,
+        registry={"tracking_uri": f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"},
+        evaluate={"robustness_images": 15, "severities": [1, 5]},
+    )
     p = load_params(proj / "params.yaml")
     stages.ingest_stage(p, proj)
     stages.validate_stage(p, proj, None)
@@ -116,14 +128,23 @@ def test_training_runs_have_meaningful_names_and_curves_are_not_buried(tmp_path)
     run_id = json.loads(ProjectPaths.of(q, proj).train_report.read_text())["mlflow_run_id"]
     run = client.get_run(run_id)
     # system/ metrics are sampled every train.system_metrics_interval_s: a run this short has one sample of each
-    single = sorted(k for k in run.data.metrics
-                    if not k.startswith("system/") and len(client.get_metric_history(run_id, k)) == 1)
+    single = sorted(
+        k for k in run.data.metrics if not k.startswith("system/") and len(client.get_metric_history(run_id, k)) == 1
+    )
     curves = sorted(k for k in run.data.metrics if len(client.get_metric_history(run_id, k)) > 1)
     assert {"train/loss_epoch", "val/acc", "val/loss"} <= set(curves), curves
     # A handful of headline figures (comparable across runs in the table view), not dozens of one-point charts.
-    assert set(single) <= {"test/accuracy", "test/macro_f1", "test/ece", "robust/accuracy", "perf/images_per_s",
-                           "perf/busy_fraction", "perf/time_to_first_step_s", "perf/time_to_first_step_after_cache_s",
-                           "perf/cache_s"}, single
+    assert set(single) <= {
+        "test/accuracy",
+        "test/macro_f1",
+        "test/ece",
+        "robust/accuracy",
+        "perf/images_per_s",
+        "perf/busy_fraction",
+        "perf/time_to_first_step_s",
+        "perf/time_to_first_step_after_cache_s",
+        "perf/cache_s",
+    }, single
     assert run.data.metrics["test/accuracy"] >= 0
     # The detail moved, it was not dropped: per-class, per-corruption and ONNX figures are in params and tags.
     assert "evaluation/evaluation.json" in {a.path for a in client.list_artifacts(run_id, "evaluation")}

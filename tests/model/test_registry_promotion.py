@@ -70,21 +70,36 @@ def test_first_model_is_champion_and_serves_its_logged_accuracy(champion):
     name = first["p"].registry.model_name
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}"))
     sess = ort_session(next(local.rglob("*.onnx")))
-    test = build_cache(proj / "data/splits/test.csv", proj / "data/cache", classes=["cat", "dog", "fox"],
-                       image_size=16, channels=1)
+    test = build_cache(
+        proj / "data/splits/test.csv", proj / "data/cache", classes=["cat", "dog", "fox"], image_size=16, channels=1
+    )
     acc = float((ort_logits(sess, np.asarray(test.images)).argmax(1) == test.labels).mean())
     tags = mlflow.MlflowClient().get_model_version(name, d.champion_after).tags
     assert acc == pytest.approx(float(tags["visionflow.metric.test_accuracy"]), abs=1e-6)
-    for key in ("data_version", "git_commit", "params_hash", "flow_run_id", "mlflow_run_id", "onnx_sha256",
-                "parent_champion", "gate.parity", "gate.accuracy_floor"):
+    for key in (
+        "data_version",
+        "git_commit",
+        "params_hash",
+        "flow_run_id",
+        "mlflow_run_id",
+        "onnx_sha256",
+        "parent_champion",
+        "gate.parity",
+        "gate.accuracy_floor",
+    ):
         assert f"visionflow.{key}" in tags, key
 
 
 def test_lineage_command_answers_in_one_screen(champion):
     proj, first = champion
     exe = Path(sys.executable).with_name("visionflow")
-    out = subprocess.run([str(exe), "lineage", f"{first['p'].registry.model_name}@champion"], cwd=proj,
-                         capture_output=True, text=True, env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"})
+    out = subprocess.run(
+        [str(exe), "lineage", f"{first['p'].registry.model_name}@champion"],
+        cwd=proj,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert "dv-test" in out.stdout and "accuracy_floor" in out.stdout
     assert len(out.stdout.splitlines()) < 40
@@ -112,7 +127,7 @@ def test_failure_midway_leaves_the_champion_in_place(champion):
     # The challenger's files vanish from the artifact store between registration and promotion.
     artifacts = sorted((proj / "mlruns/artifacts").rglob("model.onnx"), key=lambda f: f.stat().st_mtime)[-1].parent
     shutil.rmtree(artifacts)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the failure, the point is that the aliases stay
         stages.promote_stage(p, proj, registered.version)
     assert alias_version(p.registry.model_name, CHAMPION) == before, source
 
@@ -138,8 +153,16 @@ def test_concurrent_promotions_end_with_exactly_one_champion(champion):
     sets = [f"registry.model_name={model}", "registry.accuracy_floor=0.0"]
     p = load_params(proj / "params.yaml", sets)
     versions = [stages.register_stage(p, proj).version for _ in range(4)]
-    procs = [subprocess.Popen([str(exe), "--set", sets[0], "--set", sets[1], "promote", "--version", v, "--json"], cwd=proj, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for v in versions]
+    procs = [
+        subprocess.Popen(
+            [str(exe), "--set", sets[0], "--set", sets[1], "promote", "--version", v, "--json"],
+            cwd=proj,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in versions
+    ]
     results = [(pr.wait(timeout=600), pr.stdout.read()) for pr in procs]
     assert all(rc in (0, 1) for rc, _ in results), [pr.stderr.read()[-2000:] for pr in procs]
     decisions = [json.loads(out) for _, out in results]

@@ -19,9 +19,15 @@ from visionflow.registry.store import CHALLENGER, CHAMPION, PREVIOUS, Gate, Regi
 NAME = "m"
 GATES = [Gate("parity", True, "ok"), Gate("accuracy_floor", True, "ok")]
 # Every write apply_promotion makes when it promotes v3 over champion v2 (previous v1), and rollback's writes.
-PROMOTION_WRITES = [("alias", CHALLENGER), ("tag", "visionflow.gate.parity"), ("tag", "visionflow.gate.accuracy_floor"),
-                    ("tag", "visionflow.parent_champion"), ("tag", "visionflow.promoted"), ("alias", PREVIOUS),
-                    ("alias", CHAMPION)]
+PROMOTION_WRITES = [
+    ("alias", CHALLENGER),
+    ("tag", "visionflow.gate.parity"),
+    ("tag", "visionflow.gate.accuracy_floor"),
+    ("tag", "visionflow.parent_champion"),
+    ("tag", "visionflow.promoted"),
+    ("alias", PREVIOUS),
+    ("alias", CHAMPION),
+]
 ROLLBACK_WRITES = [("tag", "visionflow.rolled_back"), ("alias", PREVIOUS), ("alias", CHAMPION)]
 
 
@@ -62,8 +68,10 @@ def _refuse(db: Path, kind: str, key: str) -> None:
     table, column = ("registered_model_aliases", "alias") if kind == "alias" else ("model_version_tags", "key")
     with sqlite3.connect(db) as con:
         for op in ("INSERT", "UPDATE"):
-            con.execute(f"CREATE TRIGGER fail_{op} BEFORE {op} ON {table} WHEN NEW.{column} = '{key}' "
-                        "BEGIN SELECT RAISE(ABORT, 'injected store failure'); END")
+            con.execute(
+                f"CREATE TRIGGER fail_{op} BEFORE {op} ON {table} WHEN NEW.{column} = '{key}' "
+                "BEGIN SELECT RAISE(ABORT, 'injected store failure'); END"
+            )
 
 
 def test_without_a_failure_the_writes_happen(store):

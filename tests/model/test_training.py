@@ -21,6 +21,7 @@ from visionflow.training.train import train
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     return tiny_project(tmp_path_factory.mktemp("train"))
@@ -110,8 +111,14 @@ def test_killed_training_resumes_to_the_same_step_count(tmp_path):
 
 
 def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
-    proj = tiny_project(tmp_path, model="mobilenetv2_100", pretrained_weights="mobilenetv2_100.imagenet",
-                        image_size=32, channels=3, max_epochs=1)
+    proj = tiny_project(
+        tmp_path,
+        model="mobilenetv2_100",
+        pretrained_weights="mobilenetv2_100.imagenet",
+        image_size=32,
+        channels=3,
+        max_epochs=1,
+    )
     p = load_params(proj / "params.yaml")
     use_mlflow(p, proj)
     res = stages.train_stage(p, proj, None, progress=False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -21,9 +21,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 import httpx
+import pytest
 
 from tests.helpers import CLASSES, DV, free_port, make_folder_dataset, make_project, png, register_champion
 from visionflow.config import load_params
@@ -90,8 +89,9 @@ def _serving(p, proj):
     from visionflow.serving.app import create_app
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(p, proj, watch=False), host="127.0.0.1", port=port,
-                                        log_level="warning"))
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(p, proj, watch=False), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -121,10 +121,24 @@ def browser():
     port = free_port()
     profile = tempfile.mkdtemp(prefix="vf-chromium-")
     proc = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1024,900",
-         f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1024,900",
+            f"--user-data-dir={profile}",
+            f"--remote-debugging-port={port}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         targets = json.loads(_wait_http(f"http://127.0.0.1:{port}/json/list"))
         page = next(t for t in targets if t["type"] == "page")
@@ -146,9 +160,11 @@ def _press(browser: DevTools, key: str) -> None:
 
 def _click(browser: DevTools, selector: str) -> None:
     """A real mouse click at the element's centre (scrolled into view first)."""
-    box = browser.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
-                     "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
-                     "return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    box = browser.js(
+        f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+        "e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect(); "
+        "return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+    )
     for kind in ("mousePressed", "mouseReleased"):
         browser.call("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
 
@@ -159,10 +175,20 @@ def _text(browser: DevTools, element_id: str) -> str:
 
 def _post_image(base: str, data: bytes) -> dict:
     boundary = "vfboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(f"{base}/predict", data=body, method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        f"{base}/predict",
+        data=body,
+        method="POST",
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -181,8 +207,9 @@ def test_person_labels_an_uncertain_image_in_the_browser(server, browser):
     browser.call("Page.navigate", url=f"{base}/review")
     browser.wait_js("document.querySelectorAll('#item button').length === 3")
     # The queued image really rendered in the page.
-    assert browser.wait_js("(() => { const i = document.getElementById('img'); "
-                           "return i && i.complete && i.naturalWidth > 0; })()")
+    assert browser.wait_js(
+        "(() => { const i = document.getElementById('img'); return i && i.complete && i.naturalWidth > 0; })()"
+    )
     shown = browser.js("document.getElementById('img').src")
     # A click on a class button...
     _click(browser, 'button[data-label="dog"]')
@@ -235,8 +262,12 @@ def test_a_cross_site_page_cannot_label(server, browser):
 
 # Scripts where the page shows data: in the token it is opened with, and in class names from a model card.
 TOKEN = '"><img src=x onerror="window.__xss=\'token\'"><script>window.__xss="token"</script>'
-EVIL_CLASSES = ['<img src=x onerror="window.__xss=\'class\'">', '"><svg onload="window.__xss=\'svg\'">',
-                '<button autofocus onfocus="window.__xss=\'focus\'">', "${window.__xss='template'}"]
+EVIL_CLASSES = [
+    "<img src=x onerror=\"window.__xss='class'\">",
+    '"><svg onload="window.__xss=\'svg\'">',
+    "<button autofocus onfocus=\"window.__xss='focus'\">",
+    "${window.__xss='template'}",
+]
 MANY = [*EVIL_CLASSES, "zebra", "apple", "mango", "kiwi", "fig", "lime", "date", "pear"]  # 12: keys 1-9, 0, a, b
 KEYS = "1234567890ab"
 INJECTED = "document.querySelectorAll('img[src=\"x\"], svg, script:not([src]), [onerror], [onload]').length"
@@ -246,8 +277,12 @@ INJECTED = "document.querySelectorAll('img[src=\"x\"], svg, script:not([src]), [
 def hostile(tmp_path_factory):
     """A server with auth on (the token itself a script) and a champion with 12 classes, 4 of them scripts."""
     root = tmp_path_factory.mktemp("hostile")
-    proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'db'}"},
-                        serve={"auth_token_env": "VF_REVIEW_TEST_TOKEN"})
+    proj = make_project(
+        root / "proj",
+        root,
+        registry={"tracking_uri": f"sqlite:///{root / 'db'}"},
+        serve={"auth_token_env": "VF_REVIEW_TEST_TOKEN"},
+    )
     p = load_params(proj / "params.yaml")
     # ingest would refuse such names today; a card from an older ingest or another tool can still carry them
     register_champion(proj, p, MANY)
@@ -264,8 +299,12 @@ def _fresh_queue(proj: Path, p, n: int, predicted: str = "zebra") -> list[str]:
     queue = ReviewQueue(proj / p.serve.review_dir, proj / p.serve.reviewed_dir)
     with contextlib.closing(sqlite3.connect(queue.db)) as c, c:
         c.execute("DELETE FROM items")
-    return [queue.add(png(1000 + i, size=16), model_version="1", predicted=predicted, confidence=0.1 + i / 1000,
-                      probabilities={}) for i in range(n)]
+    return [
+        queue.add(
+            png(1000 + i, size=16), model_version="1", predicted=predicted, confidence=0.1 + i / 1000, probabilities={}
+        )
+        for i in range(n)
+    ]
 
 
 def _open_review(browser: DevTools, base: str, n_buttons: int = len(MANY)) -> None:
@@ -283,8 +322,9 @@ def test_scripts_in_the_token_and_in_class_names_do_not_run(hostile, browser):
     proj, p, base = hostile
     _fresh_queue(proj, p, 2, predicted=EVIL_CLASSES[0])
     _open_review(browser, base)
-    browser.wait_js("(() => { const i = document.getElementById('img'); "
-                    "return i && i.complete && i.naturalWidth > 0; })()")  # the page works with that token
+    browser.wait_js(
+        "(() => { const i = document.getElementById('img'); return i && i.complete && i.naturalWidth > 0; })()"
+    )  # the page works with that token
     # Every name is shown as the text it is, on its button and as the model's guess.
     shown = browser.js("[...document.querySelectorAll('#buttons button')].map(b => b.textContent)")
     assert shown == [f"{k} {c}" for k, c in zip(KEYS, MANY)]
@@ -310,20 +350,24 @@ def test_page_headers_and_csrf_rules(hostile):
     item = _fresh_queue(*hostile[:2], 1)[0]
     url = f"{base}/review/{item}"
     body = json.dumps({"label": "zebra"})
-    for headers, status in [({"Content-Type": "text/plain"}, 415),
-                            ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
-                            ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
-                            ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
-                            ({"Content-Type": "application/json", "Origin": base.replace("127.0.0.1", "localhost")},
-                             403),
-                            ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
-                            ({"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, 403),
-                            ({"Content-Type": "application/json"}, 401)]:  # no token
+    for headers, status in [
+        ({"Content-Type": "text/plain"}, 415),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
+        ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403),
+        ({"Content-Type": "application/json", "Origin": base.replace("127.0.0.1", "localhost")}, 403),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, 403),
+        ({"Content-Type": "application/json"}, 401),
+    ]:  # no token
         extra = {} if status == 401 else auth
         assert httpx.post(url, content=body, headers={**headers, **extra}).status_code == status, headers
         assert item in _pending(base)
-    ok = httpx.post(url, content=body, headers={**auth, "Content-Type": "application/json", "Origin": base,
-                                                "Sec-Fetch-Site": "same-origin"})
+    ok = httpx.post(
+        url,
+        content=body,
+        headers={**auth, "Content-Type": "application/json", "Origin": base, "Sec-Fetch-Site": "same-origin"},
+    )
     assert ok.status_code == 200, ok.text
     undo = httpx.post(f"{url}/undo", content="{}", headers={**auth, "Content-Type": "application/json"})
     assert undo.status_code == 200 and item in _pending(base)
@@ -334,8 +378,7 @@ def test_each_buttons_key_labels_that_button_and_undo_puts_it_back(hostile, brow
     items = _fresh_queue(proj, p, len(MANY))
     _open_review(browser, base)
     reviewed = proj / p.serve.reviewed_dir
-    keys = browser.js("[...document.querySelectorAll('#buttons button')].map(b => b.querySelector('kbd')"
-                      ".textContent)")
+    keys = browser.js("[...document.querySelectorAll('#buttons button')].map(b => b.querySelector('kbd').textContent)")
     assert keys == list(KEYS), "the 10th class has key 0, the 11th and 12th letters"
     for n, (key, item) in enumerate(zip(KEYS, items)):
         assert _text(browser, "count") == f"{n + 1} of {len(items)}"
@@ -384,8 +427,10 @@ def test_docs_work_offline_behind_the_token(hostile, browser):
     # Swagger UI rendered the API from this server's own files: the machine running the tests has no internet.
     browser.wait_js("[...document.querySelectorAll('.opblock-summary-path')].some(e => e.textContent === '/predict')")
     assert browser.js("document.querySelector('.info .title').textContent").startswith("visionflow")
-    external = browser.js("[...document.querySelectorAll('script[src], link[href], img[src]')]"
-                          ".map(e => e.src || e.href).filter(u => !u.startsWith(location.origin) "
-                          "&& !u.startsWith('data:') && !u.startsWith('blob:'))")
+    external = browser.js(
+        "[...document.querySelectorAll('script[src], link[href], img[src]')]"
+        ".map(e => e.src || e.href).filter(u => !u.startsWith(location.origin) "
+        "&& !u.startsWith('data:') && !u.startsWith('blob:'))"
+    )
     assert external == []
     assert browser.js("window.__xss === undefined")

@@ -30,8 +30,9 @@ def _png(seed: int, size: int = 48) -> bytes:
 
 
 def _add(queue: ReviewQueue, seed: int, confidence: float = 0.4) -> str:
-    return queue.add(_png(seed), model_version="1", predicted="cat", confidence=confidence,
-                     probabilities={c: 1 / 3 for c in CLASSES})
+    return queue.add(
+        _png(seed), model_version="1", predicted="cat", confidence=confidence, probabilities={c: 1 / 3 for c in CLASSES}
+    )
 
 
 @pytest.fixture
@@ -97,8 +98,9 @@ def test_a_retry_with_another_label_leaves_one_image(tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by a crash")
     queue.review(item, "dog", CLASSES)
-    assert sorted(f.relative_to(tmp_path / "reviewed").as_posix() for f in (tmp_path / "reviewed").rglob("*.png")) \
-        == [f"dog/review_{item}.png"]
+    assert sorted(f.relative_to(tmp_path / "reviewed").as_posix() for f in (tmp_path / "reviewed").rglob("*.png")) == [
+        f"dog/review_{item}.png"
+    ]
 
 
 def test_undo_puts_the_item_back_and_removes_its_image(tmp_path):
@@ -134,8 +136,10 @@ def test_a_failed_undo_keeps_the_label_and_its_image(tmp_path):
 def test_the_whole_queue_is_reachable_and_counted(tmp_path, n):
     queue = ReviewQueue(tmp_path / "review", tmp_path / "reviewed")
     rng = np.random.default_rng(n)
-    ids = [queue.add(b"png", model_version="1", predicted="cat", confidence=float(c), probabilities={})
-           for c in rng.choice([0.2, 0.35, 0.5], size=n)]  # ties in confidence too
+    ids = [
+        queue.add(b"png", model_version="1", predicted="cat", confidence=float(c), probabilities={})
+        for c in rng.choice([0.2, 0.35, 0.5], size=n)
+    ]  # ties in confidence too
     assert queue.count() == n
     seen: list[str] = []
     while page := queue.pending(limit=50):  # what the page does: label what it has, then ask again

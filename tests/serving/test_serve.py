@@ -12,20 +12,33 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.helpers import (CLASSES, DV, corrupt_exif_jpegs, exif_jpeg, make_project, png, png_header_only,
-                           register_champion)
+from tests.helpers import (
+    CLASSES,
+    DV,
+    corrupt_exif_jpegs,
+    exif_jpeg,
+    make_project,
+    png,
+    png_header_only,
+    register_champion,
+)
 from visionflow.config import load_params
 from visionflow.registry.store import CHAMPION
+from visionflow.registry.tracking import setup_mlflow
 from visionflow.serving.app import create_app
 from visionflow.serving.champion import ChampionHolder
 from visionflow.serving.predictions import PredictionLog
-from visionflow.registry.tracking import setup_mlflow
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
-                        serve={"max_upload_mb": 1, "max_form_fields": 8, "max_batch": 4})
+    proj = make_project(
+        root / "proj",
+        root,
+        registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
+        serve={"max_upload_mb": 1, "max_form_fields": 8, "max_batch": 4},
+    )
     p = load_params(proj / "params.yaml")
     version = register_champion(proj, p, CLASSES, tags=DV, seed=0)
     holder = ChampionHolder(p.registry.model_name, cache_dir=proj / "models/serving")
@@ -60,8 +73,11 @@ def test_batch_and_info_endpoints(served):
     assert info["classes"] == CLASSES and info["lineage"]["visionflow.data_version"] == "dv"
     metrics = client.get("/metrics").text
     assert "visionflow_requests_total" in metrics and "visionflow_request_seconds_bucket" in metrics
-    for name in ("visionflow_inference_queue_seconds", "visionflow_inference_seconds",
-                 "visionflow_inference_batch_requests"):
+    for name in (
+        "visionflow_inference_queue_seconds",
+        "visionflow_inference_seconds",
+        "visionflow_inference_batch_requests",
+    ):
         assert f"{name}_count " in metrics and f"{name}_count 0.0" not in metrics, name
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
@@ -83,13 +99,16 @@ def test_low_confidence_goes_to_review_and_becomes_labelled_data(served):
     assert client.get("/review").status_code == 200
 
 
-@pytest.mark.parametrize("name,data,status", [
-    ("random.png", np.random.default_rng(0).bytes(3000), 415),
-    ("bomb.png", png_header_only(50_000, 50_000), 422),
-    ("empty.png", b"", 422),
-    ("../../../etc/passwd", png(3), 200),
-    ("nul\x00name.png", png(4), 200),
-])
+@pytest.mark.parametrize(
+    "name,data,status",
+    [
+        ("random.png", np.random.default_rng(0).bytes(3000), 415),
+        ("bomb.png", png_header_only(50_000, 50_000), 422),
+        ("empty.png", b"", 422),
+        ("../../../etc/passwd", png(3), 200),
+        ("nul\x00name.png", png(4), 200),
+    ],
+)
 def test_bad_uploads_get_clear_4xx_and_the_server_stays_up(served, name, data, status):
     _, _, client, _, _ = served
     r = client.post("/predict", files={"file": (name, data, "image/png")})
@@ -105,8 +124,9 @@ def test_oversized_body_and_too_many_parts_are_refused(served):
     many = [("f", (None, "x")) for _ in range(2000)]
     assert client.post("/predict", files=many).status_code == 400
     healthy(client)
-    assert client.post("/predict", content=b"not multipart",
-                       headers={"content-type": "multipart/form-data; boundary=zzz"}).status_code in (400, 422)
+    assert client.post(
+        "/predict", content=b"not multipart", headers={"content-type": "multipart/form-data; boundary=zzz"}
+    ).status_code in (400, 422)
     healthy(client)
 
 
@@ -120,8 +140,12 @@ def test_champion_swap_without_restart(served):
 
 def test_token_auth_when_configured(tmp_path, monkeypatch):
     monkeypatch.setenv("VF_TOKEN", "s3cret")
-    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
-                        serve={"auth_token_env": "VF_TOKEN"})
+    proj = make_project(
+        tmp_path / "proj",
+        tmp_path,
+        registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
+        serve={"auth_token_env": "VF_TOKEN"},
+    )
     p = load_params(proj / "params.yaml")
     register_champion(proj, p, CLASSES, tags=DV, seed=2)
     with TestClient(create_app(p, proj, watch=False)) as client:
@@ -218,16 +242,19 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
     import logging
     import time
 
-    proj = make_project(tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
-                        serve={"request_timeout_s": 0.0001})  # shorter than any inference
+    proj = make_project(
+        tmp_path / "proj",
+        tmp_path,
+        registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
+        serve={"request_timeout_s": 0.0001},
+    )  # shorter than any inference
     p = load_params(proj / "params.yaml")
     register_champion(proj, p, CLASSES, tags=DV, seed=3)
     log = proj / p.serve.prediction_log
     log.parent.mkdir(parents=True, exist_ok=True)
     log.mkdir()  # every prediction's work fails when it writes the log
     with caplog.at_level(logging.ERROR), TestClient(create_app(p, proj, watch=False)) as client:
-        codes = [client.post("/predict", files={"file": ("a.png", png(1), "image/png")}).status_code
-                 for _ in range(3)]
+        codes = [client.post("/predict", files={"file": ("a.png", png(1), "image/png")}).status_code for _ in range(3)]
         deadline = time.monotonic() + 10
         while sum("failed afterwards" in r.getMessage() for r in caplog.records) < 3 and time.monotonic() < deadline:
             client.get("/health")  # lets the event loop run the work's callbacks
@@ -244,8 +271,10 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
 
 
 def multipart_body(content: bytes, boundary: bytes = b"vfboundary") -> tuple[bytes, str]:
-    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
-            b"Content-Type: image/jpeg\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n")
+    body = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + content + b"\r\n--" + boundary + b"--\r\n"
+    )
     return body, "multipart/form-data; boundary=" + boundary.decode()
 
 
@@ -268,12 +297,17 @@ def test_a_bad_upload_fails_only_its_own_request_in_a_batch(served):
     app = create_app(p, proj, holder=holder, watch=False)
     images = proj / p.serve.review_dir / "images"
     exif_a, exif_b = corrupt_exif_jpegs(2, seed=1)
-    mates = {"good": multipart_body(png(11)), "exif a": multipart_body(exif_a),
-             "long boundary": multipart_body(png(12), boundary=b"b" * 300), "exif b": multipart_body(exif_b)}
+    mates = {
+        "good": multipart_body(png(11)),
+        "exif a": multipart_body(exif_a),
+        "long boundary": multipart_body(png(12), boundary=b"b" * 300),
+        "exif b": multipart_body(exif_b),
+    }
     assert len(mates) == p.serve.max_concurrency  # one batch holds them all
 
     async def main() -> dict[str, httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+
             def post(body_and_type):
                 body, ctype = body_and_type
                 return asyncio.ensure_future(client.post("/predict", content=body, headers={"content-type": ctype}))
@@ -304,9 +338,11 @@ def test_a_bad_upload_fails_only_its_own_request_in_a_batch(served):
     assert answers["long boundary"].status_code == 400, answers["long boundary"].text
     assert "boundary" in answers["long boundary"].json()["detail"]
     # ...and they really were one batch of four
-    buckets = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-               for line in answers["metrics"].text.splitlines()
-               if line.startswith("visionflow_inference_batch_requests_bucket")}
+    buckets = {
+        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in answers["metrics"].text.splitlines()
+        if line.startswith("visionflow_inference_batch_requests_bucket")
+    }
     assert buckets["4.0"] - buckets["2.0"] == 1, buckets
 
 

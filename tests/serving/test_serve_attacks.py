@@ -1,8 +1,9 @@
 """Malicious uploads against a real `visionflow serve` process on loopback.
 
 Every hostile upload must get a clear 4xx within a few seconds (a hostile file name on a valid image is simply
-ignored), nothing may be written outside the served folders, and /health must still answer afterwards. The server is a separate uvicorn process (the same command a user runs), so
-these tests see what a client on the network sees: real sockets, real HTTP parsing, real connection handling.
+ignored), nothing may be written outside the served folders, and /health must still answer afterwards. The server
+is a separate uvicorn process (the same command a user runs), so these tests see what a client on the network sees:
+real sockets, real HTTP parsing, real connection handling.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import (CLASSES, DV, corrupt_exif_jpegs, free_port, make_project, png, png_header_only,
-                           register_champion, run_cli)
+from tests.helpers import (
+    CLASSES,
+    DV,
+    corrupt_exif_jpegs,
+    free_port,
+    make_project,
+    png,
+    png_header_only,
+    register_champion,
+    run_cli,
+)
 from visionflow.config import Params, load_params
 
 pytestmark = pytest.mark.slow  # starts a server process: ~30-60 s of setup on a small machine
@@ -50,17 +60,22 @@ class Server:
 
 def start_server(root: Path, **serve: object) -> Server:
     """A throwaway project with a tiny registered champion, served by the real `visionflow serve` command."""
-    proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
-                        serve=dict(serve))
+    proj = make_project(
+        root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}, serve=dict(serve)
+    )
     p = load_params(proj / "params.yaml")
     register_champion(proj, p, CLASSES, tags=DV, seed=0)
     port = free_port()
     exe = Path(sys.executable).with_name("visionflow")
     log = root / "server.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([str(exe), "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
-                                cwd=proj, stdout=fh, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.Popen(
+            [str(exe), "--params", str(proj / "params.yaml"), "serve", "--port", str(port)],
+            cwd=proj,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -107,8 +122,7 @@ def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = 
     """A multipart body built byte by byte (name, filename or None, content): no client library sanitises it."""
     body = bytearray()
     for name, filename, content in parts:
-        disp = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename is not None
-                                                       else b"")
+        disp = b'form-data; name="' + name + b'"' + (b'; filename="' + filename + b'"' if filename is not None else b"")
         body += b"--" + boundary + b"\r\nContent-Disposition: " + disp + b"\r\n"
         if filename is not None:
             body += b"Content-Type: image/png\r\n"
@@ -119,8 +133,7 @@ def multipart(parts: list[tuple[bytes, bytes | None, bytes]], boundary: bytes = 
 
 def post(server: Server, body: bytes, content_type: str, path: str = "/predict") -> tuple[httpx.Response, float]:
     start = time.monotonic()
-    r = httpx.post(f"{server.base}{path}", content=body, headers={"content-type": content_type},
-                   timeout=QUICK_S * 4)
+    r = httpx.post(f"{server.base}{path}", content=body, headers={"content-type": content_type}, timeout=QUICK_S * 4)
     return r, time.monotonic() - start
 
 
@@ -148,12 +161,17 @@ def stream_huge_body(port: int, *, chunked: bool, total: int = GIB, limit_s: flo
     swallows the whole GiB (bad: a client could keep a worker busy reading garbage).
     """
     boundary = b"vfhuge"
-    head = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n' \
+    head = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="huge.png"\r\n'
         b"Content-Type: image/png\r\n\r\n"
+    )
     tail = b"\r\n--" + boundary + b"--\r\n"
     filler = total - len(head) - len(tail)
-    headers = ["POST /predict HTTP/1.1", f"Host: 127.0.0.1:{port}",
-               f"Content-Type: multipart/form-data; boundary={boundary.decode()}"]
+    headers = [
+        "POST /predict HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        f"Content-Type: multipart/form-data; boundary={boundary.decode()}",
+    ]
     headers.append("Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}")
     chunk = b"\x00" * (1 << 20)
 
@@ -250,15 +268,16 @@ def png_zlib_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
             done += n
         idat += comp.flush()
         ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-        _BOMBS[width, height] = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", bytes(idat)) \
-            + png_chunk(b"IEND", b"")
+        _BOMBS[width, height] = (
+            b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", bytes(idat)) + png_chunk(b"IEND", b"")
+        )
     return _BOMBS[width, height]
 
 
 def test_the_zlib_bomb_is_a_real_bomb():
     bomb = png_zlib_bomb()
     assert len(bomb) < 1 << 20
-    idat = bomb[bomb.index(b"IDAT") + 4:bomb.index(b"IEND") - 8]
+    idat = bomb[bomb.index(b"IDAT") + 4 : bomb.index(b"IEND") - 8]
     inflated = len(zlib.decompressobj().decompress(idat, 64 << 20))  # stop at 64 MiB: enough to prove the point
     assert inflated == 64 << 20 and inflated > 100 * len(bomb)
 
@@ -330,10 +349,16 @@ def test_hostile_filenames_write_nothing_outside_the_served_folders(server):
     passwd = Path("/etc/passwd")
     passwd_before = (passwd.stat().st_mtime_ns, passwd.read_bytes()) if passwd.exists() else None
     before = snapshot(server.root)
-    names = [b"../../etc/passwd", b"../../../../../../../../tmp/" + marker.encode() + b".png",
-             b"/tmp/" + marker.encode() + b"_abs.png", b"..\\..\\..\\" + marker.encode() + b"_win.png",
-             b"nul\x00name.png", b"../" + marker.encode() + b"\x00.png", b"%2e%2e%2f" + marker.encode() + b".png",
-             b"a" * 5000 + b".png"]
+    names = [
+        b"../../etc/passwd",
+        b"../../../../../../../../tmp/" + marker.encode() + b".png",
+        b"/tmp/" + marker.encode() + b"_abs.png",
+        b"..\\..\\..\\" + marker.encode() + b"_win.png",
+        b"nul\x00name.png",
+        b"../" + marker.encode() + b"\x00.png",
+        b"%2e%2e%2f" + marker.encode() + b".png",
+        b"a" * 5000 + b".png",
+    ]
     review_ids = []
     for i, name in enumerate(names):
         r, elapsed = upload(server, png(100 + i), filename=name)
@@ -353,8 +378,10 @@ def test_hostile_filenames_write_nothing_outside_the_served_folders(server):
         assert httpx.get(f"{server.base}/review/image/{bad}", timeout=QUICK_S).status_code in (404, 422)
         r = httpx.post(f"{server.base}/review/{bad}", json={"label": CLASSES[0]}, timeout=QUICK_S)
         assert r.status_code in (404, 405, 422), (bad, r.status_code)
-    assert httpx.post(f"{server.base}/review/{review_ids[0]}", json={"label": "../../x"},
-                      timeout=QUICK_S).status_code == 422
+    assert (
+        httpx.post(f"{server.base}/review/{review_ids[0]}", json={"label": "../../x"}, timeout=QUICK_S).status_code
+        == 422
+    )
     ok = httpx.post(f"{server.base}/review/{review_ids[0]}", json={"label": CLASSES[1]}, timeout=QUICK_S)
     assert ok.status_code == 200
 
@@ -363,13 +390,17 @@ def test_hostile_filenames_write_nothing_outside_the_served_folders(server):
     for folder in {server.root, server.proj.parent, Path("/tmp"), Path.cwd(), Path("/")}:
         assert not list(folder.glob(f"{marker}*")), f"a hostile name became a file in {folder}"
     new = snapshot(server.root) - before
-    outside = [f for f in new if not any(f.is_relative_to(server.proj / s) for s in SERVED)
-               and f != server.log]
+    outside = [f for f in new if not any(f.is_relative_to(server.proj / s) for s in SERVED) and f != server.log]
     assert not outside, f"files written outside the served folders: {outside}"
 
     review = server.proj / server.p.serve.review_dir
-    assert {f.name for f in review.iterdir()} <= {"images", "queue.db", "queue.db-journal", "queue.db-wal",
-                                                  "queue.db-shm"}
+    assert {f.name for f in review.iterdir()} <= {
+        "images",
+        "queue.db",
+        "queue.db-journal",
+        "queue.db-wal",
+        "queue.db-shm",
+    }
     images = [f.name for f in (review / "images").iterdir()]
     assert images and all(re.fullmatch(r"[0-9a-f]{32}\.png", n) for n in images), images
     reviewed = server.proj / server.p.serve.reviewed_dir
@@ -381,8 +412,11 @@ def test_hostile_filenames_write_nothing_outside_the_served_folders(server):
 # (f) thousands of form parts
 
 
-@pytest.mark.parametrize("path,file_parts", [("/predict", False), ("/predict", True), ("/predict/batch", True)],
-                         ids=["5000 fields", "5000 files", "5000 files batch"])
+@pytest.mark.parametrize(
+    "path,file_parts",
+    [("/predict", False), ("/predict", True), ("/predict/batch", True)],
+    ids=["5000 fields", "5000 files", "5000 files batch"],
+)
 def test_thousands_of_form_parts_get_a_quick_400(server, path, file_parts):
     tiny = png(0, 2)
     parts = [(b"f", b"p.png" if file_parts else None, tiny if file_parts else b"x") for _ in range(5000)]
@@ -419,10 +453,14 @@ def test_expensive_images_are_bounded_per_request_and_do_not_starve_others(serve
 def open_slow_clients(port: int, n: int) -> dict[str, list[socket.socket]]:
     """n connections, a third of each kind: idle (nothing sent), a request head never finished (slowloris), and a
     whole head with a body that never comes."""
-    heads = {"idle": b"",
-             "slow head": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a",
-             "slow body": (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
-                           b"Content-Type: multipart/form-data; boundary=vfslow\r\n\r\n--vfslow\r\n")}
+    heads = {
+        "idle": b"",
+        "slow head": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a",
+        "slow body": (
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+            b"Content-Type: multipart/form-data; boundary=vfslow\r\n\r\n--vfslow\r\n"
+        ),
+    }
     clients: dict[str, list[socket.socket]] = {kind: [] for kind in heads}
     for i in range(n):
         kind = list(heads)[i % 3]
@@ -493,8 +531,16 @@ def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
     assert set(phase["latency_ms"]) == {"p50", "p90", "p99", "mean", "min", "max"}
     assert report["single"]["ok"] == 5 and report["single"]["errors"] == {}
     summary = report["summary"]
-    assert {"single_ms_p50", "throughput_rps", "p50_ms", "p90_ms", "p99_ms", "p99_over_single", "errors",
-            "healthy_after"} <= set(summary)
+    assert {
+        "single_ms_p50",
+        "throughput_rps",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "p99_over_single",
+        "errors",
+        "healthy_after",
+    } <= set(summary)
     assert summary["n_errors"] == 0 and summary["healthy_after"] is True
     assert summary["dropped"] == 0 and isinstance(summary["kept_schedule"], bool)
     assert report["host"]["cpus"] >= 1 and len(report["host"]["loadavg_at_end"]) == 3
@@ -510,15 +556,29 @@ def test_loadtest_at_a_low_rate_has_no_errors(server, tmp_path):
 def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
     """The whole `full` mode through the real command, shrunk to a few seconds; structure only, no speed."""
     slots = server.p.serve.max_concurrency + server.p.serve.queue_depth
-    proc = run_cli(server.proj, "loadtest", "--url", server.base, "--duration", "3", "--step", "0.5",
-                   "--overload-s", "1", "--out", "lt.json", timeout=120)
+    proc = run_cli(
+        server.proj,
+        "loadtest",
+        "--url",
+        server.base,
+        "--duration",
+        "3",
+        "--step",
+        "0.5",
+        "--overload-s",
+        "1",
+        "--out",
+        "lt.json",
+        timeout=120,
+    )
     report = json.loads((server.proj / "lt.json").read_text())
     assert report["mode"] == "full" and report["ramp"][0]["concurrency"] == 1
     assert all(step["concurrency"] <= slots for step in report["ramp"])
     assert report["max_throughput_rps"] > 0
     sustained, overload = report["phases"]
     assert sustained["mode"] == "rate" and sustained["target_rate_rps"] == pytest.approx(
-        0.7 * report["max_throughput_rps"], rel=1e-3)
+        0.7 * report["max_throughput_rps"], rel=1e-3
+    )
     assert overload["concurrency"] == 3 * slots
     # Past the slots the server sheds load with 503s, never anything else, and stays up.
     assert set(overload["errors"]) <= {"503"}, overload["errors"]
@@ -533,14 +593,27 @@ def test_loadtest_sends_the_token_of_a_server_with_auth(tmp_path_factory, monkey
     monkeypatch.setenv("VF_LOADTEST_TOKEN", "s3cret-load")
     srv = start_server(tmp_path_factory.mktemp("authload"), auth_token_env="VF_LOADTEST_TOKEN")
     try:
-        proc = run_cli(srv.proj, "--json", "loadtest", "--url", srv.base, "--mode", "rate", "--rate", "5",
-                       "--duration", "1", check=False)
+        proc = run_cli(
+            srv.proj,
+            "--json",
+            "loadtest",
+            "--url",
+            srv.base,
+            "--mode",
+            "rate",
+            "--rate",
+            "5",
+            "--duration",
+            "1",
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert report["summary"]["n_errors"] == 0 and report["summary"]["ok_rps"] > 0
         monkeypatch.setenv("VF_LOADTEST_TOKEN", "wrong")
-        proc = run_cli(srv.proj, "loadtest", "--url", srv.base, "--mode", "rate", "--rate", "5", "--duration", "1",
-                       check=False)
+        proc = run_cli(
+            srv.proj, "loadtest", "--url", srv.base, "--mode", "rate", "--rate", "5", "--duration", "1", check=False
+        )
         assert proc.returncode == 2 and "401" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         stop_server(srv)

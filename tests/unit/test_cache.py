@@ -19,15 +19,25 @@ import pytest
 from visionflow.data import photos
 from visionflow.data.cache import build_cache
 from visionflow.data.cache_decode import (
-    TOLERANCE_MEAN, TOLERANCE_P99, Chunk, Target, TorchJpegDecoder, nvjpeg_available,
+    TOLERANCE_MEAN,
+    TOLERANCE_P99,
+    Chunk,
+    Target,
+    TorchJpegDecoder,
+    nvjpeg_available,
 )
 from visionflow.data.imageio import DecodeRules, decode_for_model
 
 CLASSES = ["bag", "coat", "shoe"]
 RULES = DecodeRules.accepted()
 # (kind, width, height, orientation): mostly plain 1280x960 JPEGs, and every way a camera or an editor stores one
-LAYOUT = ([("jpeg", 1280, 960, 1)] * 12 + [("jpeg", 960, 1280, 1), ("jpeg", 1600, 1200, 1)]
-          + [("exif", 1280, 960, o) for o in (3, 6, 8)] + [("cmyk", 1280, 960, 1)] * 2 + [("png16", 1280, 960, 1)] * 2)
+LAYOUT = (
+    [("jpeg", 1280, 960, 1)] * 12
+    + [("jpeg", 960, 1280, 1), ("jpeg", 1600, 1200, 1)]
+    + [("exif", 1280, 960, o) for o in (3, 6, 8)]
+    + [("cmyk", 1280, 960, 1)] * 2
+    + [("png16", 1280, 960, 1)] * 2
+)
 
 
 def _item(rng: np.random.Generator, label: int) -> np.ndarray:
@@ -44,8 +54,9 @@ def camera(tmp_path_factory) -> dict:
     rows = []
     for i, (kind, w, h, orientation) in enumerate(LAYOUT):
         label = i % len(CLASSES)
-        spec = photos.PhotoSpec(item=i, label=label, width=w, height=h, kind=kind, quality=75 + i % 21,
-                                orientation=orientation)
+        spec = photos.PhotoSpec(
+            item=i, label=label, width=w, height=h, kind=kind, quality=75 + i % 21, orientation=orientation
+        )
         path = root / CLASSES[label] / photos.photo_name(spec)
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(photos.make_photo(spec, _item(rng, label), seed=0))
@@ -64,7 +75,7 @@ def _bad_photos(camera: dict, folder: Path) -> dict[str, Path]:
     truncated.write_bytes(data[: len(data) // 2])
     sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
     huge = folder / "huge.jpg"
-    huge.write_bytes(data[:sof + 5] + (30000).to_bytes(2, "big") * 2 + data[sof + 9:])
+    huge.write_bytes(data[: sof + 5] + (30000).to_bytes(2, "big") * 2 + data[sof + 9 :])
     return {"truncated": truncated, "huge": huge}
 
 
@@ -93,8 +104,9 @@ def test_decode_paths_give_the_same_pixels_within_the_stated_tolerance(camera, c
 def test_a_pool_builds_the_same_cache_as_one_process_without_holding_it_in_ram(camera, tmp_path, caplog):
     ref = camera["reference"]
     with caplog.at_level(logging.INFO, logger="visionflow.data.cache"):
-        split = build_cache(camera["manifest"], tmp_path, classes=CLASSES, image_size=224, channels=3, workers=2,
-                            chunk_size=4)
+        split = build_cache(
+            camera["manifest"], tmp_path, classes=CLASSES, image_size=224, channels=3, workers=2, chunk_size=4
+        )
     assert isinstance(split.images, np.memmap) and split.images.shape == (len(LAYOUT), 224, 224, 3)
     assert np.array_equal(np.asarray(split.images), np.asarray(ref.images))
     assert split.labels.tolist() == ref.labels.tolist() and split.paths == ref.paths
@@ -118,8 +130,9 @@ def test_a_truncated_and_a_30000_px_photo_are_quarantined_not_fatal(camera, tmp_
     manifest = tmp_path / "train.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     with caplog.at_level(logging.INFO, logger="visionflow.data.cache"):
-        split = build_cache(manifest, tmp_path / "cache", classes=CLASSES, image_size=224, channels=3, workers=2,
-                            chunk_size=5)
+        split = build_cache(
+            manifest, tmp_path / "cache", classes=CLASSES, image_size=224, channels=3, workers=2, chunk_size=5
+        )
     reasons = {Path(q["path"]).name: q["reason"] for q in split.quarantined}
     assert reasons == {"truncated.jpg": "corrupt_data", "huge.jpg": "too_many_pixels", "gone.jpg": "unreadable_file"}
     assert all(q["detail"] and q["label"] for q in split.quarantined)
@@ -161,8 +174,10 @@ cache.build_cache(Path(sys.argv[1]), Path(sys.argv[2]), classes={classes!r}, ima
 
 def test_a_build_killed_half_way_continues_where_it_stopped(camera, tmp_path):
     cache_dir = tmp_path / "cache"
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHILD).format(classes=CLASSES),
-                              str(camera["manifest"]), str(cache_dir)], env=dict(os.environ))
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CHILD).format(classes=CLASSES), str(camera["manifest"]), str(cache_dir)],
+        env=dict(os.environ),
+    )
     n_chunks = len(LAYOUT) // 2
     deadline = time.monotonic() + 600  # a generous bound for a very busy machine; the build takes seconds
     written = 0
@@ -180,8 +195,9 @@ def test_a_build_killed_half_way_continues_where_it_stopped(camera, tmp_path):
     done_before = len((partial / "chunks.jsonl").read_text().splitlines())
     assert n_chunks // 2 <= done_before < n_chunks
 
-    split = build_cache(camera["manifest"], cache_dir, classes=CLASSES, image_size=224, channels=3, workers=1,
-                        chunk_size=2)
+    split = build_cache(
+        camera["manifest"], cache_dir, classes=CLASSES, image_size=224, channels=3, workers=1, chunk_size=2
+    )
     assert split.build_info["resumed_from"] >= 2 * done_before  # the chunks written before the kill were kept
     assert split.build_info["decoded"] == len(LAYOUT) - split.build_info["resumed_from"]
     assert np.array_equal(np.asarray(split.images), np.asarray(camera["reference"].images))
@@ -191,15 +207,33 @@ def test_a_build_killed_half_way_continues_where_it_stopped(camera, tmp_path):
 @pytest.mark.skipif(not nvjpeg_available(), reason="needs CUDA (nvJPEG)")
 def test_nvjpeg_build_matches_the_cpu_build(camera, tmp_path):
     bad = _bad_photos(camera, tmp_path / "bad")
-    rows = [*camera["rows"][:5], {"path": str(bad["truncated"]), "label": "coat"},
-            {"path": str(bad["huge"]), "label": "bag"}, *camera["rows"][5:]]
+    rows = [
+        *camera["rows"][:5],
+        {"path": str(bad["truncated"]), "label": "coat"},
+        {"path": str(bad["huge"]), "label": "bag"},
+        *camera["rows"][5:],
+    ]
     manifest = tmp_path / "train.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     for channels in (3, 1):
-        gpu = build_cache(manifest, tmp_path / f"gpu{channels}", classes=CLASSES, image_size=224, channels=channels,
-                          decoder="nvjpeg", chunk_size=8)
-        cpu = build_cache(manifest, tmp_path / f"cpu{channels}", classes=CLASSES, image_size=224, channels=channels,
-                          decoder="pillow", workers=1)
+        gpu = build_cache(
+            manifest,
+            tmp_path / f"gpu{channels}",
+            classes=CLASSES,
+            image_size=224,
+            channels=channels,
+            decoder="nvjpeg",
+            chunk_size=8,
+        )
+        cpu = build_cache(
+            manifest,
+            tmp_path / f"cpu{channels}",
+            classes=CLASSES,
+            image_size=224,
+            channels=channels,
+            decoder="pillow",
+            workers=1,
+        )
         assert gpu.build_info["decoder"] == "nvjpeg" and gpu.paths == cpu.paths
         assert [q["reason"] for q in gpu.quarantined] == [q["reason"] for q in cpu.quarantined]
         for a, b in zip(gpu.images, cpu.images):
@@ -214,7 +248,8 @@ def test_a_split_with_no_decodable_image_is_one_clear_error(camera, tmp_path):
 
     bad = _bad_photos(camera, tmp_path / "bad")
     manifest = tmp_path / "val.csv"
-    pd.DataFrame([{"path": str(bad["truncated"]), "label": "coat"},
-                  {"path": str(bad["huge"]), "label": "bag"}]).to_csv(manifest, index=False)
+    pd.DataFrame([{"path": str(bad["truncated"]), "label": "coat"}, {"path": str(bad["huge"]), "label": "bag"}]).to_csv(
+        manifest, index=False
+    )
     with pytest.raises(DataError, match="none of its 2 images can be decoded .*corrupt_data"):
         build_cache(manifest, tmp_path / "cache", classes=CLASSES, image_size=224, channels=3)

@@ -21,9 +21,12 @@ def test_defaults_are_the_values_in_params_yaml():
     """Params() defaults equal the repo's params.yaml field by field, so a key left out of a params file means what
     the shipped file says (and the two cannot drift apart again)."""
     shipped, defaults = load_params(REPO / "params.yaml").as_dict(), Params().as_dict()
-    differ = [f"{section}.{key}: params.yaml {value!r}, default {defaults[section][key]!r}"
-              for section, values in shipped.items() for key, value in values.items()
-              if defaults[section][key] != value]
+    differ = [
+        f"{section}.{key}: params.yaml {value!r}, default {defaults[section][key]!r}"
+        for section, values in shipped.items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    ]
     assert differ == []
 
 
@@ -105,9 +108,16 @@ def _alias_bomb(levels: int = 9, width: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("text", [_alias_bomb(), _alias_bomb(levels=3, width=2),
-                                  "base: &b {seed: 1}\ndata: *b\n", "x: &v 1\nbase:\n  seed: *v\n",
-                                  "m: &m {seed: 1}\nbase:\n  <<: *m\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        _alias_bomb(),
+        _alias_bomb(levels=3, width=2),
+        "base: &b {seed: 1}\ndata: *b\n",
+        "x: &v 1\nbase:\n  seed: *v\n",
+        "m: &m {seed: 1}\nbase:\n  <<: *m\n",
+    ],
+)
 def test_yaml_aliases_are_refused_before_they_expand(tmp_path, text):
     (tmp_path / "p.yaml").write_text(text)
     with pytest.raises(ConfigError, match="alias") as err:
@@ -117,8 +127,9 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path, text):
         load_params(REPO / "params.yaml", ["data.labels=[&x a, *x]"])
 
 
-@pytest.mark.parametrize("blob", ["base:\n  project: caf\xe9\n".encode("latin-1"), b"\xff\xfe\x00b\x00a",
-                                  b"base:\n  seed: 1\n\x80\x81\n"])
+@pytest.mark.parametrize(
+    "blob", ["base:\n  project: caf\xe9\n".encode("latin-1"), b"\xff\xfe\x00b\x00a", b"base:\n  seed: 1\n\x80\x81\n"]
+)
 def test_non_utf8_params_file(tmp_path, blob):
     (tmp_path / "p.yaml").write_bytes(blob)
     with pytest.raises(ConfigError, match="not UTF-8"):
@@ -138,8 +149,10 @@ def test_oversized_params_file_is_refused_unread(tmp_path):
         load_params(tmp_path / "p.yaml")
 
 
-@pytest.mark.parametrize("override", ["train.lr=[", "train.lr={", "train.lr='", "train.lr=: :", "train.lr=@x",
-                                      "train.lr=\t- a\n-", "train.lr=%TAG"])
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=[", "train.lr={", "train.lr='", "train.lr=: :", "train.lr=@x", "train.lr=\t- a\n-", "train.lr=%TAG"],
+)
 def test_malformed_yaml_in_an_override_is_a_clear_error(override):
     with pytest.raises(ConfigError, match=r"--set train\.lr") as err:
         load_params(REPO / "params.yaml", [override])

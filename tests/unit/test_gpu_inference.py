@@ -16,11 +16,13 @@ from visionflow.training.model import build_net
 
 def _limited(limit: int, calls: list[int]):
     """A batch function that fails like a GPU out of memory above `limit` images."""
+
     def fn(i: int, j: int) -> np.ndarray:
         calls.append(j - i)
         if j - i > limit:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory: tried a batch of {j - i}")
         return np.arange(i, j)
+
     return fn
 
 
@@ -36,7 +38,7 @@ def test_out_of_memory_falls_back_to_smaller_batches(n, batch, limit, caplog):
     if halvings:
         assert "retrying with batches of" in halvings[-1].getMessage()
         # the smaller size is kept: after the last halving no batch is tried above the limit again
-        assert max(calls[calls.index(max(c for c in calls if c <= limit)):]) <= limit
+        assert max(calls[calls.index(max(c for c in calls if c <= limit)) :]) <= limit
 
 
 def test_out_of_memory_with_one_image_is_raised():
@@ -58,8 +60,7 @@ def test_evaluation_runs_on_the_inference_device_and_says_so(tmp_path):
     images = rng.integers(0, 256, (24, 16, 16, 1), dtype=np.uint8)
     labels = rng.integers(0, 3, 24)
     cfg = EvaluateParams(severities=[1], corruptions=["noise", "blur"], robustness_images=12)
-    res = evaluate(net=net, images=images, labels=labels, classes=["a", "b", "c"], cfg=cfg, seed=0,
-                   report_dir=tmp_path)
+    res = evaluate(net=net, images=images, labels=labels, classes=["a", "b", "c"], cfg=cfg, seed=0, report_dir=tmp_path)
     payload = json.loads((tmp_path / "evaluation.json").read_text())
     assert payload["device"] == inference_device() == ("cuda" if torch.cuda.is_available() else "cpu")
     expected = (predict_logits(net, images, device="cpu").argmax(1) == labels).mean()

@@ -6,7 +6,12 @@ from PIL import Image
 
 from tests.helpers import png_header_only
 from visionflow.data.imageio import (
-    DecodeRules, RejectedImage, image_properties, open_checked, open_guarded, to_array,
+    DecodeRules,
+    RejectedImage,
+    image_properties,
+    open_checked,
+    open_guarded,
+    to_array,
 )
 
 RULES = DecodeRules(max_pixels=10_000_000, timeout_s=5)
@@ -104,8 +109,15 @@ def test_exif_orientation_is_applied_and_a_corrupt_exif_is_ignored():
         assert decode_with_properties(data, 16, 3, RULES)[1]["width"] == 24
 
 
-@pytest.mark.parametrize("fmt,mode,decoded", [("JPEG", "RGB", (500, 375)), ("PNG", "RGB", (4000, 3000)),
-                                               ("PNG", "P", (4000, 3000)), ("WEBP", "RGB", (4000, 3000))])
+@pytest.mark.parametrize(
+    "fmt,mode,decoded",
+    [
+        ("JPEG", "RGB", (500, 375)),
+        ("PNG", "RGB", (4000, 3000)),
+        ("PNG", "P", (4000, 3000)),
+        ("WEBP", "RGB", (4000, 3000)),
+    ],
+)
 def test_large_images_are_decoded_small_and_counted_against_the_budget(fmt, mode, decoded):
     """A JPEG is decoded at the smallest DCT scale still at least the model's size; every format is then
     reduced before conversion; the budget is charged what was decoded, and refuses what it cannot pay."""

@@ -10,8 +10,8 @@ import pytest
 
 from tests.helpers import REPO
 from visionflow.config import load_params
-from visionflow.training.datamodule import decide_input
 from visionflow.data.validate import MANIFEST_COLUMNS
+from visionflow.training.datamodule import decide_input
 
 GREY = ["L", "1", "LA", "I;16", "I", "F"]
 COLOUR = ["RGB", "RGBA", "P", "CMYK", "YCbCr"]
@@ -19,9 +19,10 @@ COLOUR = ["RGB", "RGBA", "P", "CMYK", "YCbCr"]
 
 def manifest(tmp_path: Path, modes: list[str], sizes: list[tuple[int, int]] | None = None) -> Path:
     sizes = sizes or [(28, 28)] * len(modes)
-    rows = [dict.fromkeys(MANIFEST_COLUMNS, "") | {"path": f"x/{i}.png", "label": "a", "mode": m, "width": w,
-                                                   "height": h}
-            for i, (m, (w, h)) in enumerate(zip(modes, sizes))]
+    rows = [
+        dict.fromkeys(MANIFEST_COLUMNS, "") | {"path": f"x/{i}.png", "label": "a", "mode": m, "width": w, "height": h}
+        for i, (m, (w, h)) in enumerate(zip(modes, sizes))
+    ]
     path = tmp_path / "train.csv"
     pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(path, index=False)
     return path
@@ -55,8 +56,10 @@ def test_the_bundled_default_stays_grey_28_px(tmp_path):
     assert (d.channels, d.image_size, d.hint) == (1, 28, None)
 
 
-@pytest.mark.parametrize(("side", "image_size", "suggested"), [
-    (100, 28, 96), (64, 28, 64), (500, 28, 224), (56, 28, 48), (300, 64, 224), (130, 64, 128)])
+@pytest.mark.parametrize(
+    ("side", "image_size", "suggested"),
+    [(100, 28, 96), (64, 28, 64), (500, 28, 224), (56, 28, 48), (300, 64, 224), (130, 64, 128)],
+)
 def test_large_images_get_a_size_hint(tmp_path, side, image_size, suggested):
     rng = np.random.default_rng(side)
     sizes = [(int(side + rng.integers(0, 40)), side) for _ in range(31)]

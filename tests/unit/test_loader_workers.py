@@ -37,10 +37,19 @@ def _datamodule(tmp_path, workers: int) -> ImageDataModule:
     files = sorted(src.rglob("*.png"))
     for name in ("train", "val", "test"):
         pd.DataFrame({"path": [str(f) for f in files], "label": [f.parent.name for f in files]}).to_csv(
-            splits / f"{name}.csv", index=False)
-    return ImageDataModule(splits_dir=splits, cache_dir=tmp_path / "cache", classes=["cat", "dog", "fox"],
-                           image_size=12, channels=1, batch_size=4, num_workers=workers, augment=AugmentParams(),
-                           seed=0)
+            splits / f"{name}.csv", index=False
+        )
+    return ImageDataModule(
+        splits_dir=splits,
+        cache_dir=tmp_path / "cache",
+        classes=["cat", "dog", "fox"],
+        image_size=12,
+        channels=1,
+        batch_size=4,
+        num_workers=workers,
+        augment=AugmentParams(),
+        seed=0,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -48,8 +57,13 @@ def test_loader_workers_run_opencv_single_threaded_without_update_checks(tmp_pat
     """The train loader's own worker set-up and start method, on a probe dataset."""
     monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")  # as the entry points set it
     real = _datamodule(tmp_path, workers).train_dataloader()
-    probe = DataLoader(Probe(), batch_size=1, num_workers=workers, worker_init_fn=real.worker_init_fn,
-                       multiprocessing_context=real.multiprocessing_context)
+    probe = DataLoader(
+        Probe(),
+        batch_size=1,
+        num_workers=workers,
+        worker_init_fn=real.worker_init_fn,
+        multiprocessing_context=real.multiprocessing_context,
+    )
     seen = [(int(t), flag[0], int(pid)) for t, flag, pid in probe]
     assert {t for t, _, _ in seen} == {1}
     assert {flag for _, flag, _ in seen} == {"1"}
@@ -82,8 +96,9 @@ class WorkerPids(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if self.pids["val_ready_at_epoch0"] is None:
-            self.pids["val_ready_at_epoch0"] = self.dm.loaders.get("val") is not None and \
-                self.dm.loaders["val"]._iterator is not None
+            self.pids["val_ready_at_epoch0"] = (
+                self.dm.loaders.get("val") is not None and self.dm.loaders["val"]._iterator is not None
+            )
         self.pids["train"].append(self._pids("train"))
 
     def on_validation_epoch_start(self, trainer, pl_module):
@@ -97,9 +112,16 @@ def test_train_and_val_workers_start_once_per_run(tmp_path):
 
     dm = _datamodule(tmp_path, 1)
     spy = WorkerPids(dm)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[spy, StartValWorkers()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[spy, StartValWorkers()],
+    )
     trainer.fit(Tiny(), datamodule=dm)
     assert len(spy.pids["train"]) == 3 and len(set(spy.pids["train"])) == 1
     assert len(spy.pids["val"]) == 3 and len(set(spy.pids["val"])) == 1
@@ -112,8 +134,11 @@ def test_cli_entry_point_turns_the_update_check_off_unless_set(preset):
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     if preset is not None:
         env["NO_ALBUMENTATIONS_UPDATE"] = preset
-    code = ("import os, sys; from visionflow.cli import main; main(['--help']); "
-            "print('SEEN', os.environ.get('NO_ALBUMENTATIONS_UPDATE'), 'albumentations' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=120).stdout
+    code = (
+        "import os, sys; from visionflow.cli import main; main(['--help']); "
+        "print('SEEN', os.environ.get('NO_ALBUMENTATIONS_UPDATE'), 'albumentations' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    ).stdout
     assert f"SEEN {preset or '1'} False" in out

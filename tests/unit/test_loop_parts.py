@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from visionflow.monitoring import ledger as monitor
-from visionflow.errors import DataError
 from visionflow.data.imageio import visual_properties
 from visionflow.data.ingest import REVIEWED_PREFIX, sync_reviewed
-from visionflow.monitoring.simulate import SHIFTS, apply_shift
 from visionflow.data.split import assign_splits
+from visionflow.errors import DataError
+from visionflow.monitoring import ledger as monitor
+from visionflow.monitoring.simulate import SHIFTS, apply_shift
 
 
 def _img() -> np.ndarray:
@@ -39,8 +39,11 @@ def test_shifts_are_deterministic_and_grow_with_severity(shift):
     elif shift == "color_cast":
         from PIL import Image
 
-        assert visual_properties(Image.fromarray(severe))["colorfulness"] > \
-            visual_properties(Image.fromarray(mild))["colorfulness"] > 0
+        assert (
+            visual_properties(Image.fromarray(severe))["colorfulness"]
+            > visual_properties(Image.fromarray(mild))["colorfulness"]
+            > 0
+        )
     else:
         diff = lambda x: np.abs(x.astype(float) - img).mean()  # noqa: E731
         assert diff(severe) > diff(mild) >= 0, (shift, d1)
@@ -55,8 +58,7 @@ def test_unknown_shift_and_severity_are_refused():
 
 def test_cooldown_grants_one_retraining_per_window(tmp_path):
     ledger = tmp_path / "ledger.json"
-    claims = [monitor.claim_retraining(ledger, cooldown_s=3600, trigger=f"alarm{i}", now=1000.0 + i)
-              for i in range(3)]
+    claims = [monitor.claim_retraining(ledger, cooldown_s=3600, trigger=f"alarm{i}", now=1000.0 + i) for i in range(3)]
     assert [c.granted for c in claims] == [True, False, False]
     assert claims[1].next_allowed == 1000.0 + 3600
     later = monitor.claim_retraining(ledger, cooldown_s=3600, trigger="later", now=1000.0 + 3601)
@@ -85,8 +87,11 @@ def test_damaged_ledger_is_reported_not_overwritten(tmp_path):
 
 
 def _manifest(n_per_class: int, offset: int = 0) -> pd.DataFrame:
-    rows = [{"sha256": f"{label}{i + offset:05d}", "label": label, "path": f"{label}/{i + offset}.png"}
-            for label in ("a", "b") for i in range(n_per_class)]
+    rows = [
+        {"sha256": f"{label}{i + offset:05d}", "label": label, "path": f"{label}/{i + offset}.png"}
+        for label in ("a", "b")
+        for i in range(n_per_class)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -96,12 +101,12 @@ def test_pinned_split_keeps_old_images_in_place_and_assigns_new_ones():
     pinned = dict(zip(old["sha256"], first))
     grown = pd.concat([old, _manifest(50, offset=100)], ignore_index=True)
     second = assign_splits(grown, val_fraction=0.1, test_fraction=0.2, seed=0, pinned=pinned)
-    assert (second[:len(old)].to_numpy() == first.to_numpy()).all()
-    new = second[len(old):]
+    assert (second[: len(old)].to_numpy() == first.to_numpy()).all()
+    new = second[len(old) :]
     assert (new == "test").sum() == 20 and (new == "val").sum() == 10  # 20% and 10% of 2 x 50
     # From scratch the same rows would be split differently, which is what pinning prevents.
     scratch = assign_splits(grown, val_fraction=0.1, test_fraction=0.2, seed=0)
-    assert (scratch[:len(old)].to_numpy() != first.to_numpy()).any()
+    assert (scratch[: len(old)].to_numpy() != first.to_numpy()).any()
 
 
 def test_reviewed_images_join_and_leave_the_raw_folder(tmp_path):

@@ -30,8 +30,10 @@ def project_with_test_split(tmp_path: Path, n_test: int, mode: str = "RGB") -> P
     return proj
 
 
-@pytest.mark.parametrize(("pool", "batch_size", "min_batch"), [
-    (270, 500, 30), (271, 500, 30), (60, 500, 30), (2000, 500, 30), (1000, 500, 30), (40, 10, 5), (33, 100, 16)])
+@pytest.mark.parametrize(
+    ("pool", "batch_size", "min_batch"),
+    [(270, 500, 30), (271, 500, 30), (60, 500, 30), (2000, 500, 30), (1000, 500, 30), (40, 10, 5), (33, 100, 16)],
+)
 def test_batches_fit_the_pool_and_never_overlap(tmp_path, pool, batch_size, min_batch):
     proj = project_with_test_split(tmp_path, pool)
     p = load_params(proj / "params.yaml", [f"drift.batch_size={batch_size}", f"drift.min_batch_size={min_batch}"])

@@ -79,8 +79,7 @@ BAD = {
 
 CASES = [(".".join(key), value) for key, ann in _leaves(Params) for value in BAD[_kind(ann)]]
 # through the CLI: one bad value per field (each field a different one of its kind's list), to keep it seconds
-CLI_CASES = [(".".join(key), BAD[_kind(ann)][i % len(BAD[_kind(ann)])])
-             for i, (key, ann) in enumerate(_leaves(Params))]
+CLI_CASES = [(".".join(key), BAD[_kind(ann)][i % len(BAD[_kind(ann)])]) for i, (key, ann) in enumerate(_leaves(Params))]
 
 
 def _nested(dotted: str, value: object) -> dict:
@@ -121,16 +120,19 @@ def test_cli_answers_each_bad_value_with_exit_2_and_one_line(capsys, tmp_path):
     assert not failures, failures[:10]
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("base:\n  seed: -1\n", "base.seed"),
-    ("serve:\n  max_upload_mb: .inf\n", "serve.max_upload_mb"),
-    ("serve:\n  max_upload_mb: 1e308\n", "serve.max_upload_mb"),
-    ("validate:\n  decode_timeout_s: .inf\n", "validate.decode_timeout_s"),
-    ("train:\n  max_epochs: true\n", "train.max_epochs"),
-    ("train:\n  channels: true\n", "train.channels"),
-    ("train:\n  lr: .nan\n", "train.lr"),
-    ("drift:\n  batch_size: 1e3\n", "drift.batch_size"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("base:\n  seed: -1\n", "base.seed"),
+        ("serve:\n  max_upload_mb: .inf\n", "serve.max_upload_mb"),
+        ("serve:\n  max_upload_mb: 1e308\n", "serve.max_upload_mb"),
+        ("validate:\n  decode_timeout_s: .inf\n", "validate.decode_timeout_s"),
+        ("train:\n  max_epochs: true\n", "train.max_epochs"),
+        ("train:\n  channels: true\n", "train.channels"),
+        ("train:\n  lr: .nan\n", "train.lr"),
+        ("drift:\n  batch_size: 1e3\n", "drift.batch_size"),
+    ],
+)
 def test_issue_examples_in_the_file(tmp_path, text, needle):
     (tmp_path / "p.yaml").write_text(text)
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

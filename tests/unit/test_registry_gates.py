@@ -4,8 +4,14 @@ import pytest
 from visionflow.config import RegistryParams
 from visionflow.registry.store import gate_decision, paired_bootstrap_lower, per_class_recall
 
-CFG = RegistryParams(accuracy_floor=0.8, min_gain=0.0, max_class_drop=0.05, latency_budget_ms=10,
-                     bootstrap_samples=2000, bootstrap_alpha=0.05)
+CFG = RegistryParams(
+    accuracy_floor=0.8,
+    min_gain=0.0,
+    max_class_drop=0.05,
+    latency_budget_ms=10,
+    bootstrap_samples=2000,
+    bootstrap_alpha=0.05,
+)
 CLASSES = ["a", "b"]
 
 
@@ -29,9 +35,20 @@ def test_identical_models_do_not_beat_each_other():
 
 def _gates(new, old=None, labels=None, latency=1.0, parity=True):
     labels = labels if labels is not None else np.arange(len(new)) % 2
-    return {g.name: g for g in gate_decision(cfg=CFG, parity_passed=parity, parity_detail="", latency_ms=latency,
-                                              clean_new=new, labels=labels, classes=CLASSES, seed=0,
-                                              clean_old=old)}
+    return {
+        g.name: g
+        for g in gate_decision(
+            cfg=CFG,
+            parity_passed=parity,
+            parity_detail="",
+            latency_ms=latency,
+            clean_new=new,
+            labels=labels,
+            classes=CLASSES,
+            seed=0,
+            clean_old=old,
+        )
+    }
 
 
 def test_first_model_needs_only_floor_latency_and_parity():

@@ -10,8 +10,9 @@ def images():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:28, 0:28]
     base = (np.sin(xx / 3) * 60 + 128 + np.cos(yy / 4) * 40).astype(np.float64)
-    return np.stack([np.clip(base + rng.normal(0, 5, base.shape), 0, 255).astype(np.uint8)[..., None]
-                     for _ in range(8)])
+    return np.stack(
+        [np.clip(base + rng.normal(0, 5, base.shape), 0, 255).astype(np.uint8)[..., None] for _ in range(8)]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))

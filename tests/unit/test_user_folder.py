@@ -17,8 +17,16 @@ def _kinds(root: Path) -> Counter:
     for f in sorted(root.rglob("*")):
         if f.is_symlink():
             target = Path(os.path.realpath(f))
-            kinds["link-" + ("dangling" if not target.exists() else
-                             "inside" if target.is_relative_to(root.resolve()) else "outside")] += 1
+            kinds[
+                "link-"
+                + (
+                    "dangling"
+                    if not target.exists()
+                    else "inside"
+                    if target.is_relative_to(root.resolve())
+                    else "outside"
+                )
+            ] += 1
         elif f.is_file():
             try:
                 with Image.open(f) as im:

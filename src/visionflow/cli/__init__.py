@@ -18,11 +18,24 @@ from visionflow.cli.app import app
 
 # In the order `visionflow --help` lists them: the pipeline's order, then the tools.
 for _command in (
-    commands_data.ingest, commands_data.version, commands_data.validate, commands_data.split,
-    commands_model.train, commands_model.evaluate, commands_model.export, commands_model.register,
-    commands_model.promote, commands_model.rollback, commands_model.lineage,
-    commands_serving.serve, commands_serving.loadtest, commands_flows.pipeline,
-    commands_monitoring.simulate, commands_monitoring.drift, commands_monitoring.drift_eval, commands_flows.retrain,
+    commands_data.ingest,
+    commands_data.version,
+    commands_data.validate,
+    commands_data.split,
+    commands_model.train,
+    commands_model.evaluate,
+    commands_model.export,
+    commands_model.register,
+    commands_model.promote,
+    commands_model.rollback,
+    commands_model.lineage,
+    commands_serving.serve,
+    commands_serving.loadtest,
+    commands_flows.pipeline,
+    commands_monitoring.simulate,
+    commands_monitoring.drift,
+    commands_monitoring.drift_eval,
+    commands_flows.retrain,
     commands_data.check_params,
 ):
     app.command()(_command)  # named after the function, underscores as dashes (drift-eval, check-params)
@@ -34,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_env()  # before any command imports albumentations (here and in loader workers)
     try:
-        app(args=argv, prog_name="visionflow")  # standalone mode: prints usage errors, and ends every run with SystemExit
+        app(
+            args=argv, prog_name="visionflow"
+        )  # standalone mode: prints usage errors, and ends every run with SystemExit
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0

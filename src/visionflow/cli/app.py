@@ -59,7 +59,7 @@ class VisionflowGroup(TyperGroup):
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: finished stages are kept; run the same command again to go on")
             raise typer.Exit(130) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the unforeseen: one line and exit 2, never a traceback
             raise typer.Exit(_unexpected(exc)) from None
 
 
@@ -80,8 +80,9 @@ def _unexpected(exc: Exception) -> int:
         traceback.print_exception(exc)
     detail = " ".join(str(exc).split())
     detail = detail if len(detail) <= 300 else detail[:297] + "..."
-    error_line(f"unexpected {type(exc).__name__}: {detail or 'no message'} (rerun with {DEBUG_ENV}=1 for the "
-               "traceback)")
+    error_line(
+        f"unexpected {type(exc).__name__}: {detail or 'no message'} (rerun with {DEBUG_ENV}=1 for the traceback)"
+    )
     return 2
 
 

@@ -14,8 +14,9 @@ from visionflow.cli.output import console, out, print_json, progress_bar
 from visionflow.config import Params
 
 
-def ingest(ctx: typer.Context,
-           force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False) -> None:
+def ingest(
+    ctx: typer.Context, force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False
+) -> None:
     """Bring the dataset (data.source: 'fashion-mnist', 'fashion-mnist-photos' or a folder per class) into
     data/raw/<class>/."""
     run: Invocation = ctx.obj
@@ -25,13 +26,21 @@ def ingest(ctx: typer.Context,
     from visionflow.data.ingest import MARKER
 
     left_out = Counter(s["reason"] for s in res.skipped_files)  # each file and its reason: in the MARKER file
-    run.show("ingest" + (" (up to date, skipped)" if res.skipped else ""),
-             {"source": res.source, "raw_dir": res.raw_dir, "images": res.n_images, "classes": res.classes,
-              **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {})})
+    run.show(
+        "ingest" + (" (up to date, skipped)" if res.skipped else ""),
+        {
+            "source": res.source,
+            "raw_dir": res.raw_dir,
+            "images": res.n_images,
+            "classes": res.classes,
+            **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {}),
+        },
+    )
 
 
-def version(ctx: typer.Context,
-            push: Annotated[bool, typer.Option(help="push the data to the DVC remote.")] = True) -> None:
+def version(
+    ctx: typer.Context, push: Annotated[bool, typer.Option(help="push the data to the DVC remote.")] = True
+) -> None:
     """Version data/raw with DVC (init when needed), push it to the remote and print the data version."""
     run: Invocation = ctx.obj
     run.show("data version", stages.version_stage(run.params(), run.root, push=push))
@@ -40,8 +49,10 @@ def version(ctx: typer.Context,
 def data_version_or_warn(p: Params, root: Path) -> str | None:
     dv = stages.current_data_version(p, root)
     if dv is None:
-        console.print("[yellow]warning:[/] data/raw is not versioned yet (run `visionflow version`); "
-                      "results will say data_version=unversioned")
+        console.print(
+            "[yellow]warning:[/] data/raw is not versioned yet (run `visionflow version`); "
+            "results will say data_version=unversioned"
+        )
     return dv
 
 
@@ -52,9 +63,17 @@ def validate(ctx: typer.Context) -> None:
     dv = data_version_or_warn(p, run.root)
     with progress_bar("validate") as update:
         res = stages.validate_stage(p, run.root, dv, progress=update)
-    run.show("validation", {
-        "data_version": dv, "images": res.n_images, "accepted": res.n_accepted,
-        "quarantined": res.n_quarantined, "by_reason": res.quarantined_by_reason, "report": res.report_html})
+    run.show(
+        "validation",
+        {
+            "data_version": dv,
+            "images": res.n_images,
+            "accepted": res.n_accepted,
+            "quarantined": res.n_quarantined,
+            "by_reason": res.quarantined_by_reason,
+            "report": res.report_html,
+        },
+    )
 
 
 def split(ctx: typer.Context) -> None:

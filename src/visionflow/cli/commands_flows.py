@@ -13,8 +13,13 @@ from visionflow.cli.options import Invocation
 
 def pipeline(
     ctx: typer.Context,
-    loop: Annotated[bool, typer.Option(help="after the first champion, demonstrate the closed loop: a drifted "
-                                            "batch, drift detected, retraining, a new champion.")] = True,
+    loop: Annotated[
+        bool,
+        typer.Option(
+            help="after the first champion, demonstrate the closed loop: a drifted "
+            "batch, drift detected, retraining, a new champion."
+        ),
+    ] = True,
 ) -> None:
     """Run the whole pipeline as Prefect flows (a temporary local Prefect server starts when none is set)."""
     from visionflow.flows.runtime import configure_prefect
@@ -34,8 +39,9 @@ def pipeline(
 
 def retrain(
     ctx: typer.Context,
-    batch: Annotated[Path | None, typer.Option(
-        help="reviewed batch (images + labels.csv) to add as training data.")] = None,
+    batch: Annotated[
+        Path | None, typer.Option(help="reviewed batch (images + labels.csv) to add as training data.")
+    ] = None,
     eval_batch: Annotated[Path | None, typer.Option(help="reviewed batch to judge challenger and champion on.")] = None,
 ) -> None:
     """Run the retraining flow now: reviewed data in (new data version), warm start, gates, promotion."""
@@ -49,6 +55,13 @@ def retrain(
     configure_prefect(run.root)  # the flow sets MLflow up itself, as a deployment's run does
     from visionflow.flows.monitoring import retraining_flow
 
-    run.show("retraining", retraining_flow(params_path=str(run.params_path), batch=str(batch) if batch else None,
-                                           eval_batch=str(eval_batch) if eval_batch else None, reason="manual",
-                                           overrides=run.overrides))
+    run.show(
+        "retraining",
+        retraining_flow(
+            params_path=str(run.params_path),
+            batch=str(batch) if batch else None,
+            eval_batch=str(eval_batch) if eval_batch else None,
+            reason="manual",
+            overrides=run.overrides,
+        ),
+    )

@@ -30,8 +30,23 @@ def train(ctx: typer.Context) -> None:
     dv = data_version_or_warn(p, run.root)
     run.setup_mlflow(p)
     res = stages.train_stage(p, run.root, dv, progress=console.is_terminal)
-    run.show("train", _picked(res, ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "mlflow_run_id",
-                                    "model_checkpoint", "seconds", "runtime")))
+    run.show(
+        "train",
+        _picked(
+            res,
+            (
+                "best_val_acc",
+                "global_step",
+                "max_steps",
+                "resumed",
+                "reused",
+                "mlflow_run_id",
+                "model_checkpoint",
+                "seconds",
+                "runtime",
+            ),
+        ),
+    )
 
 
 def evaluate(ctx: typer.Context) -> None:
@@ -40,8 +55,9 @@ def evaluate(ctx: typer.Context) -> None:
     p = run.params()
     run.setup_mlflow(p)
     res = stages.evaluate_stage(p, run.root)
-    run.show("evaluate", _picked(res, ("test_accuracy", "macro_f1", "ece", "robust_accuracy", "report_dir",
-                                       "mlflow_run_id")))
+    run.show(
+        "evaluate", _picked(res, ("test_accuracy", "macro_f1", "ece", "robust_accuracy", "report_dir", "mlflow_run_id"))
+    )
 
 
 def export(ctx: typer.Context) -> None:
@@ -50,8 +66,22 @@ def export(ctx: typer.Context) -> None:
     p = run.params()
     run.setup_mlflow(p)  # the parity and latency figures go to the training run as tags
     res = stages.export_stage(p, run.root)
-    run.show("export", _picked(res, ("onnx_path", "passed", "max_abs_diff", "top1_agreement", "ort_ms_b1",
-                                     "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")))
+    run.show(
+        "export",
+        _picked(
+            res,
+            (
+                "onnx_path",
+                "passed",
+                "max_abs_diff",
+                "top1_agreement",
+                "ort_ms_b1",
+                "torch_ms_b1",
+                "ort_ms_b32",
+                "torch_ms_b32",
+            ),
+        ),
+    )
 
 
 def register(ctx: typer.Context) -> None:
@@ -77,10 +107,15 @@ def promote(
     if run.as_json:
         print_json(decision)
     else:
-        print_rows(f"{decision['model']} v{decision['version']}: "
-                   + ("PROMOTED to champion" if decision["promoted"] else "REFUSED"), ["gate", "result", "detail"],
-                   [[g["name"], Text("pass", "green") if g["passed"] else Text("FAIL", "red"), g["detail"]]
-                    for g in decision["gates"]])
+        print_rows(
+            f"{decision['model']} v{decision['version']}: "
+            + ("PROMOTED to champion" if decision["promoted"] else "REFUSED"),
+            ["gate", "result", "detail"],
+            [
+                [g["name"], Text("pass", "green") if g["passed"] else Text("FAIL", "red"), g["detail"]]
+                for g in decision["gates"]
+            ],
+        )
         out.print(f"champion before: {decision['champion_before']}  after: {decision['champion_after']}")
     if not decision["promoted"]:
         raise typer.Exit(1)
@@ -100,20 +135,32 @@ def rollback(ctx: typer.Context) -> None:
         out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
 
 
-def lineage(ctx: typer.Context, ref: Annotated[str, typer.Argument(
-        help="MODEL@ALIAS or MODEL/VERSION, e.g. visionflow-classifier@champion")]) -> None:
+def lineage(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(help="MODEL@ALIAS or MODEL/VERSION, e.g. visionflow-classifier@champion")],
+) -> None:
     """Why is this model in production: data, code, params, runs, parent champion, gates and metrics."""
     from visionflow.registry.lineage import lineage as read_lineage
 
     run: Invocation = ctx.obj
     run.setup_mlflow(run.params())
     li = read_lineage(ref)
-    run.show(f"lineage of {ref}", {
-        "model": f"{li.model} v{li.version}", "aliases": ", ".join(li.aliases) or "-",
-        "data version": li.data_version, "git commit": li.git_commit, "params hash": li.params_hash,
-        "Prefect flow run": li.flow_run_id, "MLflow run": li.mlflow_run_id,
-        "parent champion": "-" if li.parent_champion is None else li.parent_champion,
-        "promoted": "not judged yet" if li.promoted is None else li.promoted,
-        "gates": li.gates, "metrics": li.metrics, "ONNX sha256": li.onnx_sha256,
-        "parity max |diff|": li.parity_max_abs_diff, "ORT latency b1 (ms)": li.ort_latency_ms_b1,
-    })
+    run.show(
+        f"lineage of {ref}",
+        {
+            "model": f"{li.model} v{li.version}",
+            "aliases": ", ".join(li.aliases) or "-",
+            "data version": li.data_version,
+            "git commit": li.git_commit,
+            "params hash": li.params_hash,
+            "Prefect flow run": li.flow_run_id,
+            "MLflow run": li.mlflow_run_id,
+            "parent champion": "-" if li.parent_champion is None else li.parent_champion,
+            "promoted": "not judged yet" if li.promoted is None else li.promoted,
+            "gates": li.gates,
+            "metrics": li.metrics,
+            "ONNX sha256": li.onnx_sha256,
+            "parity max |diff|": li.parity_max_abs_diff,
+            "ORT latency b1 (ms)": li.ort_latency_ms_b1,
+        },
+    )

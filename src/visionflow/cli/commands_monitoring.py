@@ -23,14 +23,20 @@ def existing_folder(folder: Path | None, what: str) -> None:
 
 def simulate(
     ctx: typer.Context,
-    shift: Annotated[str | None, typer.Option(help="none, darker, brighter, blur, jpeg, noise, color_cast or "
-                                                   "resolution (default drift.default_shift).")] = None,
-    severity: Annotated[int | None, typer.Option(min=1, max=5, help="1 (barely visible) to 5 (severe); default "
-                                                                   "drift.default_severity.")] = None,
+    shift: Annotated[
+        str | None,
+        typer.Option(
+            help="none, darker, brighter, blur, jpeg, noise, color_cast or resolution (default drift.default_shift)."
+        ),
+    ] = None,
+    severity: Annotated[
+        int | None, typer.Option(min=1, max=5, help="1 (barely visible) to 5 (severe); default drift.default_severity.")
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", help="images in the batch (default drift.batch_size).")] = None,
     seed: Annotated[int, typer.Option(help="which held-out images are drawn.")] = 0,
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="batch folder (default data/batches/<shift><sev>-<seed>).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="batch folder (default data/batches/<shift><sev>-<seed>).")
+    ] = None,
 ) -> None:
     """Write a production-like batch of held-out images under a named shift; true labels go to labels.csv."""
     from visionflow.monitoring.simulate import simulate as write_batch
@@ -46,14 +52,17 @@ def simulate(
 
 def drift(
     ctx: typer.Context,
-    batch: Annotated[Path | None, typer.Argument(
-        help="a folder of images: flat, images/ + labels.csv, or one sub-folder per class.")] = None,
+    batch: Annotated[
+        Path | None, typer.Argument(help="a folder of images: flat, images/ + labels.csv, or one sub-folder per class.")
+    ] = None,
     log: Annotated[bool, typer.Option("--log", help="check the serving prediction log instead of a folder.")] = False,
     since_hours: Annotated[float | None, typer.Option(help="with --log: only predictions of the last N hours.")] = None,
-    retrain: Annotated[str, typer.Option(help="on drift: auto (event if deployments are served, else inline), "
-                                              "event, inline or off.")] = "off",
-    eval_batch: Annotated[Path | None, typer.Option(
-        help="reviewed drifted batch to judge a retrained model on.")] = None,
+    retrain: Annotated[
+        str, typer.Option(help="on drift: auto (event if deployments are served, else inline), event, inline or off.")
+    ] = "off",
+    eval_batch: Annotated[
+        Path | None, typer.Option(help="reviewed drifted batch to judge a retrained model on.")
+    ] = None,
 ) -> None:
     """Check a production batch for drift against the champion's test split (evidently; report in reports/drift/).
 
@@ -78,9 +87,14 @@ def drift(
         configure_prefect(run.root)
         from visionflow.flows.monitoring import drift_check_flow
 
-        outcome = drift_check_flow(params_path=str(run.params_path), batch=str(batch) if batch else None,
-                                   use_prediction_log=log, eval_batch=str(eval_batch) if eval_batch else None,
-                                   retrain=retrain, overrides=run.overrides)
+        outcome = drift_check_flow(
+            params_path=str(run.params_path),
+            batch=str(batch) if batch else None,
+            use_prediction_log=log,
+            eval_batch=str(eval_batch) if eval_batch else None,
+            retrain=retrain,
+            overrides=run.overrides,
+        )
         verdict = outcome["drift"]
     if run.as_json:
         print_json(outcome)
@@ -95,14 +109,28 @@ def _print_drift(v: dict[str, Any]) -> None:
     if v.get("drifted") is None:
         console.print(f"[yellow]no verdict[/]: {v['message']}")
         return
-    print_rows(f"drift check of {v['batch']} ({v['n_checked']} images, champion v{v['champion_version']})",
-               ["feature", "view", "method", "score", "threshold", "reference mean", "current mean", "drifted"],
-               [[name, f["view"], f["method"], f"{f['score']:.4f}", fmt(f["threshold"]),
-                 fmt(f.get("reference_mean", "")), fmt(f.get("current_mean", f.get("largest_class_shift", ""))),
-                 Text("yes", "red") if f["drifted"] else "no"] for name, f in v["features"].items()])
+    print_rows(
+        f"drift check of {v['batch']} ({v['n_checked']} images, champion v{v['champion_version']})",
+        ["feature", "view", "method", "score", "threshold", "reference mean", "current mean", "drifted"],
+        [
+            [
+                name,
+                f["view"],
+                f["method"],
+                f"{f['score']:.4f}",
+                fmt(f["threshold"]),
+                fmt(f.get("reference_mean", "")),
+                fmt(f.get("current_mean", f.get("largest_class_shift", ""))),
+                Text("yes", "red") if f["drifted"] else "no",
+            ]
+            for name, f in v["features"].items()
+        ],
+    )
     verdict = "[bold red]DRIFTED[/]" if v["drifted"] else "[green]no drift[/]"
-    out.print(f"{verdict}: {v['n_drifted_features']}/{v['n_features']} features drifted (share {v['drift_share']:.2f}, "
-              f"threshold {v['threshold']}); report {v['report_html']}")
+    out.print(
+        f"{verdict}: {v['n_drifted_features']}/{v['n_features']} features drifted (share {v['drift_share']:.2f}, "
+        f"threshold {v['threshold']}); report {v['report_html']}"
+    )
     if v.get("accuracy") is not None:
         out.print(f"champion accuracy on this batch (reviewed labels): {v['accuracy']:.4f}")
     if v["n_unreadable"]:
@@ -112,8 +140,9 @@ def _print_drift(v: dict[str, Any]) -> None:
 def drift_eval(
     ctx: typer.Context,
     batches: Annotated[int, typer.Option(min=1, help="batches per condition.")] = 20,
-    shift: Annotated[str | None, typer.Option(
-        help="shift for the drifted batches (default drift.default_shift).")] = None,
+    shift: Annotated[
+        str | None, typer.Option(help="shift for the drifted batches (default drift.default_shift).")
+    ] = None,
     severity: Annotated[int | None, typer.Option(min=1, max=5, help="default drift.default_severity.")] = None,
 ) -> None:
     """False alarms and detections: N batches from the reference distribution and N under the shift, at the
@@ -130,7 +159,9 @@ def drift_eval(
     if run.as_json:
         print_json(asdict(res))
         return
-    out.print(f"reference batches: {res.false_alarms}/{batches} false alarms (max share "
-              f"{max(res.reference_shares):.3f}); {shift} severity {severity}: {res.detections}/{batches} detected "
-              f"(min share {min(res.shifted_shares):.3f}); threshold {p.drift.drift_share}, "
-              f"{p.drift.batch_size} images per batch")
+    out.print(
+        f"reference batches: {res.false_alarms}/{batches} false alarms (max share "
+        f"{max(res.reference_shares):.3f}); {shift} severity {severity}: {res.detections}/{batches} detected "
+        f"(min share {min(res.shifted_shares):.3f}); threshold {p.drift.drift_share}, "
+        f"{p.drift.batch_size} images per batch"
+    )

@@ -23,32 +23,49 @@ def serve(
     # No Invocation.setup_mlflow: serving only reads the registry, and refuses a missing one rather than create it
     run: Invocation = ctx.obj
     p = run.params()
-    serve_champion(p, run.root, host=host or p.serve.host, port=port or p.serve.port,
-                   say=lambda line: out.print(line, highlight=False, soft_wrap=True))
+    serve_champion(
+        p,
+        run.root,
+        host=host or p.serve.host,
+        port=port or p.serve.port,
+        say=lambda line: out.print(line, highlight=False, soft_wrap=True),
+    )
 
 
 def loadtest(
     ctx: typer.Context,
-    url: Annotated[str | None, typer.Option(
-        help="server to load; loopback only (default http://serve.host:serve.port).")] = None,
-    mode: Annotated[str, typer.Option(help="full: sequential baseline, ramp concurrency to the maximum throughput, "
-                                           "--duration s at --fraction of it (constant arrival rate), then overload "
-                                           "past the server's slots. concurrency / rate: one fixed phase.")] = "full",
+    url: Annotated[
+        str | None, typer.Option(help="server to load; loopback only (default http://serve.host:serve.port).")
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="full: sequential baseline, ramp concurrency to the maximum throughput, "
+            "--duration s at --fraction of it (constant arrival rate), then overload "
+            "past the server's slots. concurrency / rate: one fixed phase."
+        ),
+    ] = "full",
     duration: Annotated[float, typer.Option(help="seconds of the sustained (full) or fixed phase.")] = 60,
     concurrency: Annotated[int, typer.Option(help="--mode concurrency: requests kept in flight.")] = 4,
     rate: Annotated[float | None, typer.Option(help="--mode rate: arrivals per second.")] = None,
     fraction: Annotated[float, typer.Option(help="full: sustained rate as a fraction of the maximum.")] = 0.7,
     step: Annotated[float, typer.Option(help="full: seconds per ramp step.")] = 5,
-    overload_concurrency: Annotated[int | None, typer.Option(
-        help="full: concurrency of the overload phase (default 3 x (serve.max_concurrency + serve.queue_depth)).")
+    overload_concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="full: concurrency of the overload phase (default 3 x (serve.max_concurrency + serve.queue_depth))."
+        ),
     ] = None,
     overload_s: Annotated[float, typer.Option(help="full: seconds of the overload phase.")] = 10,
-    max_requests: Annotated[int, typer.Option(
-        help="cap on requests per phase (each phase also stops at its duration).")] = 100_000,
-    image: Annotated[Path | None, typer.Option(
-        help="image to send (default: generated noise at the model's input size).")] = None,
-    out_file: Annotated[Path | None, typer.Option(
-        "--out", help="JSON report (default reports/loadtest/loadtest.json).")] = None,
+    max_requests: Annotated[
+        int, typer.Option(help="cap on requests per phase (each phase also stops at its duration).")
+    ] = 100_000,
+    image: Annotated[
+        Path | None, typer.Option(help="image to send (default: generated noise at the model's input size).")
+    ] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="JSON report (default reports/loadtest/loadtest.json).")
+    ] = None,
 ) -> None:
     """Load-test a running `visionflow serve` on loopback: req/s, p50/p90/p99 latency, errors by status.
 
@@ -61,20 +78,32 @@ def loadtest(
     run: Invocation = ctx.obj
     p = run.params()
     slots = p.serve.max_concurrency + p.serve.queue_depth
-    report = run_loadtest(url or f"http://{p.serve.host}:{p.serve.port}", mode=mode, duration_s=duration,
-                          concurrency=concurrency, rate=rate, fraction=fraction, step_s=step, ramp_max=slots,
-                          overload_concurrency=overload_concurrency or 3 * slots, overload_s=overload_s,
-                          max_requests=max_requests, image=image,
-                          token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
-                          out=out_file or run.paths(p).loadtest_report,
-                          progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    report = run_loadtest(
+        url or f"http://{p.serve.host}:{p.serve.port}",
+        mode=mode,
+        duration_s=duration,
+        concurrency=concurrency,
+        rate=rate,
+        fraction=fraction,
+        step_s=step,
+        ramp_max=slots,
+        overload_concurrency=overload_concurrency or 3 * slots,
+        overload_s=overload_s,
+        max_requests=max_requests,
+        image=image,
+        token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
+        out=out_file or run.paths(p).loadtest_report,
+        progress=lambda msg: console.print(f"[dim]{msg}[/]"),
+    )
     if run.as_json:
         print_json(report)
     else:
         out.print(render(report))
     if report["summary"].get("kept_schedule") is False:
-        console.print("[yellow]warning:[/] the client fell behind its arrival schedule (late starts or dropped "
-                      "arrivals): the machine is too busy, or the rate is past what the server takes")
+        console.print(
+            "[yellow]warning:[/] the client fell behind its arrival schedule (late starts or dropped "
+            "arrivals): the machine is too busy, or the rate is past what the server takes"
+        )
     if not report["healthy_after"]:
         console.print("[bold red]the server was not healthy after the load test[/]")
         raise typer.Exit(1)

@@ -54,9 +54,15 @@ class Invocation:
 def global_options(
     ctx: typer.Context,
     params: Annotated[Path, typer.Option("--params", "-p", help="params file to read.")] = Path("params.yaml"),
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", "-s", metavar="SECTION.KEY=VALUE",
-        help="override a param, e.g. --set train.max_epochs=3 (repeatable).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="SECTION.KEY=VALUE",
+            help="override a param, e.g. --set train.max_epochs=3 (repeatable).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON (for scripts and CI).")] = False,
 ) -> None:
     # The root callback (no docstring: it would replace the app's help): runs before the command's own options,

@@ -37,9 +37,15 @@ def as_mapping(result: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def progress_bar(description: str) -> Iterator[Any]:
     """A rich progress bar driven by a callback(done, total); quiet when stderr is not a terminal."""
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=console, transient=False,
-                  disable=not console.is_terminal) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=not console.is_terminal,
+    ) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:
@@ -82,8 +88,11 @@ def print_rows(title: str, columns: list[str], rows: list[list[str | Text]]) -> 
             table.add_row(*row)
         out.print(table)
         return
-    lines = [title, *(["\t".join(columns)] if columns else []),
-             *("\t".join(cell.plain if isinstance(cell, Text) else cell for cell in row) for row in rows)]
+    lines = [
+        title,
+        *(["\t".join(columns)] if columns else []),
+        *("\t".join(cell.plain if isinstance(cell, Text) else cell for cell in row) for row in rows),
+    ]
     sys.stdout.write("\n".join(lines) + "\n")
 
 

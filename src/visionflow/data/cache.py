@@ -85,8 +85,11 @@ class _Partial:
         self.file = path / "decoded.npy"
         self.log = path / "chunks.jsonl"
         meta = {"version": CACHE_VERSION, "shape": list(shape), "chunk_size": chunk_size}
-        if not (path / "meta.json").is_file() or json.loads((path / "meta.json").read_text()) != meta \
-                or not self.file.is_file():
+        if (
+            not (path / "meta.json").is_file()
+            or json.loads((path / "meta.json").read_text()) != meta
+            or not self.file.is_file()
+        ):
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
             # a sparse file: rows take disk (and page cache) as they are written, never RAM as a whole
@@ -119,11 +122,22 @@ def _progress(name: str, total: int, done: int, log: logging.Logger) -> Iterator
     if sys.stderr.isatty():
         from rich.console import Console
         from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
-        with Progress(TextColumn("[bold]cache[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        with Progress(
+            TextColumn("[bold]cache[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bar:
             task = bar.add_task(name, total=total, completed=done)
             yield lambda n: bar.advance(task, n)
         return
@@ -149,15 +163,17 @@ def _finish(partial: _Partial, folder: Path, df, labels: np.ndarray, info: dict[
     partial.close()
     if len(keep) == 0:
         reasons = "; ".join(f"{q['path']}: {q['reason']}" for q in quarantined[:3])
-        raise DataError(f"{manifest}: none of its {len(df)} images can be decoded ({reasons}...); "
-                        "run `visionflow validate` again")
+        raise DataError(
+            f"{manifest}: none of its {len(df)} images can be decoded ({reasons}...); run `visionflow validate` again"
+        )
     if quarantined:
         decoded = np.load(partial.file, mmap_mode="r")
-        images = np.lib.format.open_memmap(partial.path / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(keep), *decoded.shape[1:]))
+        images = np.lib.format.open_memmap(
+            partial.path / "images.npy", mode="w+", dtype=np.uint8, shape=(len(keep), *decoded.shape[1:])
+        )
         block = max(1, (64 << 20) // decoded[0].nbytes)  # 64 MB at a time: the cache is never in RAM whole
         for k in range(0, len(keep), block):
-            images[k:k + block] = decoded[keep[k:k + block]]
+            images[k : k + block] = decoded[keep[k : k + block]]
         images.flush()
         del images, decoded
         partial.file.unlink()
@@ -168,19 +184,31 @@ def _finish(partial: _Partial, folder: Path, df, labels: np.ndarray, info: dict[
         q["label"], q["path"] = label_of[q["row"]], stored[q["row"]]  # the decoder saw the resolved path
     np.save(partial.path / "labels.npy", labels[keep])
     (partial.path / "paths.json").write_text(json.dumps(df["path"].iloc[keep].tolist()))
-    (partial.path / "quarantine.json").write_text(json.dumps(
-        [{k: q[k] for k in ("path", "label", "reason", "detail")} for q in quarantined], indent=1))
-    (partial.path / "build.json").write_text(json.dumps({**info, "images": int(len(keep)),
-                                                         "quarantined": len(quarantined)}, indent=1))
+    (partial.path / "quarantine.json").write_text(
+        json.dumps([{k: q[k] for k in ("path", "label", "reason", "detail")} for q in quarantined], indent=1)
+    )
+    (partial.path / "build.json").write_text(
+        json.dumps({**info, "images": int(len(keep)), "quarantined": len(quarantined)}, indent=1)
+    )
     (partial.path / "done").write_text("ok")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial.path, folder)
 
 
-def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_size: int, channels: int,
-                rules: DecodeRules | None = None, workers: int | None = None, decoder: str = "auto",
-                chunk_size: int = CHUNK, log: logging.Logger | None = None,
-                project: ProjectPaths | None = None) -> CachedSplit:
+def build_cache(
+    manifest: Path,
+    cache_root: Path,
+    *,
+    classes: list[str],
+    image_size: int,
+    channels: int,
+    rules: DecodeRules | None = None,
+    workers: int | None = None,
+    decoder: str = "auto",
+    chunk_size: int = CHUNK,
+    log: logging.Logger | None = None,
+    project: ProjectPaths | None = None,
+) -> CachedSplit:
     """Decode every image of a split manifest once into cache_root/<manifest stem>-<key>/ (reused while the
     manifest, the size, the channels and the classes are the same), with every core (`workers`, default all
     this process may use) or the GPU. decoder: "auto", "pillow" (CPU) or "nvjpeg" (needs CUDA); chunk_size: images
@@ -203,13 +231,31 @@ def build_cache(manifest: Path, cache_root: Path, *, classes: list[str], image_s
     with file_lock(folder.with_name(folder.name + ".lock")):
         if (folder / "done").exists():  # built by another process while this one waited
             return CachedSplit(folder)
-        _build(manifest, folder, classes, Target(image_size, channels, rules), workers or default_workers(),
-               decoder, chunk_size, log, project)
+        _build(
+            manifest,
+            folder,
+            classes,
+            Target(image_size, channels, rules),
+            workers or default_workers(),
+            decoder,
+            chunk_size,
+            log,
+            project,
+        )
     return CachedSplit(folder, build_seconds=round(time.perf_counter() - t0, 3))
 
 
-def _build(manifest: Path, folder: Path, classes: list[str], target: Target, workers: int, decoder: str,
-           chunk_size: int, log: logging.Logger, project: ProjectPaths | None) -> None:
+def _build(
+    manifest: Path,
+    folder: Path,
+    classes: list[str],
+    target: Target,
+    workers: int,
+    decoder: str,
+    chunk_size: int,
+    log: logging.Logger,
+    project: ProjectPaths | None,
+) -> None:
     # here, not at the top: the pool's workers import this module, and pandas would add half a second to each start
     from visionflow.data.validate import read_manifest
 
@@ -222,13 +268,19 @@ def _build(manifest: Path, folder: Path, classes: list[str], target: Target, wor
     paths = [str(project.resolve(x)) if project else x for x in df["path"]]
     n, size = len(paths), target.image_size
     partial = _Partial(folder.with_name(folder.name + ".partial"), (n, size, size, target.channels), chunk_size)
-    chunks = [Chunk(k, s, tuple(paths[s:s + chunk_size])) for k, s in enumerate(range(0, n, chunk_size))]
+    chunks = [Chunk(k, s, tuple(paths[s : s + chunk_size])) for k, s in enumerate(range(0, n, chunk_size))]
     todo = [c for c in chunks if c.index not in partial.done]
     already = sum(len(c.paths) for c in chunks if c.index in partial.done)
     name = Path(manifest).name
-    log.info("cache %s: decoding %d images at %d px (%d core(s)%s)%s", name, n - already, size, workers,
-             ", or the GPU if faster" if decoder == "auto" and nvjpeg_available() else "",
-             f"; resuming a build stopped after {already} of {n}" if already else "")
+    log.info(
+        "cache %s: decoding %d images at %d px (%d core(s)%s)%s",
+        name,
+        n - already,
+        size,
+        workers,
+        ", or the GPU if faster" if decoder == "auto" and nvjpeg_available() else "",
+        f"; resuming a build stopped after {already} of {n}" if already else "",
+    )
     t0 = time.perf_counter()
     choice: dict[str, Any] = {}
     with _progress(name, n, already, log) as advance:
@@ -236,16 +288,29 @@ def _build(manifest: Path, folder: Path, classes: list[str], target: Target, wor
             partial.record(rec)
             advance(len(chunks[rec["chunk"]].paths))
     seconds = time.perf_counter() - t0
-    info = {"seconds": round(seconds, 3), "decoded": n - already, "resumed_from": already,
-            "images_per_s": round((n - already) / seconds, 1) if seconds > 0 else None,
-            "image_size": size, "channels": target.channels, **choice}
+    info = {
+        "seconds": round(seconds, 3),
+        "decoded": n - already,
+        "resumed_from": already,
+        "images_per_s": round((n - already) / seconds, 1) if seconds > 0 else None,
+        "image_size": size,
+        "channels": target.channels,
+        **choice,
+    }
     _finish(partial, folder, df, labels, info, manifest)
     quarantined = json.loads((folder / "quarantine.json").read_text())
     for q in quarantined[:20]:
         log.warning("cache %s: left out %s (%s: %s)", name, q["path"], q["reason"], q["detail"])
     if len(quarantined) > 20:
-        log.warning("cache %s: ... and %d more left out (all in %s)", name, len(quarantined) - 20,
-                    folder / "quarantine.json")
-    log.info("cache %s: %d images in %.1f s (%s images/s, %s)%s", name, n - already, seconds,
-             info["images_per_s"], info["decoder"],
-             f"; {len(quarantined)} quarantined and left out of the split" if quarantined else "")
+        log.warning(
+            "cache %s: ... and %d more left out (all in %s)", name, len(quarantined) - 20, folder / "quarantine.json"
+        )
+    log.info(
+        "cache %s: %d images in %.1f s (%s images/s, %s)%s",
+        name,
+        n - already,
+        seconds,
+        info["images_per_s"],
+        info["decoder"],
+        f"; {len(quarantined)} quarantined and left out of the split" if quarantined else "",
+    )

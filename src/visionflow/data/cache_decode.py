@@ -127,8 +127,12 @@ class TorchJpegDecoder:
         x = batch.float()
         if x.shape[-2:] != (size, size):
             shrink = x.shape[-2] > size or x.shape[-1] > size
-            x = self.torch.nn.functional.interpolate(x, size=(size, size), mode="area" if shrink else "bilinear",
-                                                     **({} if shrink else {"align_corners": False}))
+            x = self.torch.nn.functional.interpolate(
+                x,
+                size=(size, size),
+                mode="area" if shrink else "bilinear",
+                **({} if shrink else {"align_corners": False}),
+            )
         return x.round_().clamp_(0, 255).to(self.torch.uint8).permute(0, 2, 3, 1)
 
     def _on_cpu(self, data: bytes) -> np.ndarray | RejectedImage:
@@ -156,8 +160,9 @@ class TorchJpegDecoder:
             return out  # type: ignore[return-value]
         mode = self.tvio.ImageReadMode.GRAY if self.target.channels == 1 else self.tvio.ImageReadMode.RGB
         try:
-            decoded = self.tvio.decode_jpeg([torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8)
-                                             for i in batch], mode=mode, device=self.device)
+            decoded = self.tvio.decode_jpeg(
+                [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in batch], mode=mode, device=self.device
+            )
         except RuntimeError:  # a JPEG nvJPEG refuses (or the GPU's memory) fails the batch: the CPU takes it
             for i in batch:
                 out[i] = self._on_cpu(datas[i])
@@ -193,8 +198,7 @@ class TorchJpegDecoder:
 
 def _pool_records(file: Path, chunks: list[Chunk], target: Target, workers: int) -> Iterator[dict]:
     # spawn: a pool forked inside a flow run inherits the orchestrator's threads and locks (see datamodule._loader)
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_open_rows,
-                               initargs=(str(file),))
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_open_rows, initargs=(str(file),))
     try:
         pending = {pool.submit(_decode_in_worker, c, target) for c in chunks}
         while pending:
@@ -224,8 +228,7 @@ def _gpu_records(file: Path, chunks: list[Chunk], gpu: TorchJpegDecoder) -> Iter
         yield gpu.decode_chunk(images, c)
 
 
-def _calibrate(file: Path, first: list[Chunk], target: Target,
-               workers: int) -> tuple[list[dict], str, dict[str, Any]]:
+def _calibrate(file: Path, first: list[Chunk], target: Target, workers: int) -> tuple[list[dict], str, dict[str, Any]]:
     """Decode one chunk with nvJPEG and one on a CPU core (both written, not wasted): the faster of nvJPEG and the
     pool of `workers` cores, with the rates it was chosen on."""
     images = np.load(file, mmap_mode="r+")
@@ -234,20 +237,30 @@ def _calibrate(file: Path, first: list[Chunk], target: Target,
         warm = [d for d in (_read(p, target.rules) for p in first[0].paths[:2]) if isinstance(d, bytes)]
         gpu.decode(warm)  # CUDA and nvJPEG start-up, once per process: not what the rate should compare
         records, rates = [], {}
-        for chunk, (name, run) in zip(first, (("nvjpeg", lambda c: gpu.decode_chunk(images, c)),
-                                              ("pillow", lambda c: decode_chunk(images, c, target)))):
+        for chunk, (name, run) in zip(
+            first,
+            (("nvjpeg", lambda c: gpu.decode_chunk(images, c)), ("pillow", lambda c: decode_chunk(images, c, target))),
+        ):
             t0 = time.perf_counter()
             records.append(run(chunk))
             rates[name] = len(chunk.paths) / (time.perf_counter() - t0)
     finally:
         gpu.close()
     chosen = "nvjpeg" if rates["nvjpeg"] > rates["pillow"] * workers else "pillow"
-    return records, chosen, {"nvjpeg_images_per_s": round(rates["nvjpeg"], 1),
-                             "pillow_images_per_s_per_core": round(rates["pillow"], 1), "workers": workers}
+    return (
+        records,
+        chosen,
+        {
+            "nvjpeg_images_per_s": round(rates["nvjpeg"], 1),
+            "pillow_images_per_s_per_core": round(rates["pillow"], 1),
+            "workers": workers,
+        },
+    )
 
 
-def decode_records(file: Path, chunks: list[Chunk], target: Target, decoder: str, workers: int,
-             choice: dict[str, Any]) -> Iterator[dict]:
+def decode_records(
+    file: Path, chunks: list[Chunk], target: Target, decoder: str, workers: int, choice: dict[str, Any]
+) -> Iterator[dict]:
     """Records of the chunks written, by the decoder asked for; "auto" measures nvJPEG (when CUDA is present) and
     one CPU core on a chunk each, and goes on with the faster of nvJPEG and the pool of `workers` cores."""
     if decoder == "auto":

@@ -31,8 +31,9 @@ class Corruption:
     make: Callable[[float, np.random.Generator], ImageFn]  # (parameter, randomness) -> one image's corruption
 
 
-def corrupter(suite: dict[str, Corruption], name: str, severity: int, rng: np.random.Generator,
-              kind: str = "corruption") -> ImageFn:
+def corrupter(
+    suite: dict[str, Corruption], name: str, severity: int, rng: np.random.Generator, kind: str = "corruption"
+) -> ImageFn:
     """The function that applies `name` at `severity` to one image; `kind` is what the suite's user calls one."""
     if name not in suite:
         raise DataError(f"unknown {kind} {name!r}: choose one of {', '.join(suite)}")
@@ -52,39 +53,47 @@ def _albumentation(build: Callable[[float], object]) -> Callable[[float, np.rand
         # Compose(seed=s) is default_rng(s) for the pixels' randomness; the Python generator only decides p=1 draws.
         tf.set_random_state(rng, random.Random(0))
         return lambda img: tf(image=img)["image"]
+
     return make
 
 
 def _brightness(v: float):
     import albumentations as A
+
     return A.RandomBrightnessContrast(brightness_limit=(v, v), contrast_limit=(0, 0), p=1)
 
 
 def _contrast(v: float):
     import albumentations as A
+
     return A.RandomBrightnessContrast(brightness_limit=(0, 0), contrast_limit=(v, v), p=1)
 
 
 def _gaussian_blur(sigma: float):
     import albumentations as A
+
     k = max(3, int(2 * round(3 * sigma) + 1))
     return A.GaussianBlur(blur_limit=(k, k), sigma_limit=(sigma, sigma), p=1)
 
 
 def _gauss_noise(std: float):
     import albumentations as A
+
     return A.GaussNoise(std_range=(std, std), mean_range=(0, 0), p=1)
 
 
 def _compression(quality: float):
     import albumentations as A
+
     return A.ImageCompression(quality_range=(int(quality), int(quality)), p=1)
 
 
 def _pixelate(scale: float):
     import albumentations as A
-    return A.Downscale(scale_range=(scale, scale),
-                       interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_NEAREST}, p=1)
+
+    return A.Downscale(
+        scale_range=(scale, scale), interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_NEAREST}, p=1
+    )
 
 
 ROBUSTNESS: dict[str, Corruption] = {
@@ -105,6 +114,7 @@ PixelOp = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 def _pixels(op: PixelOp) -> Callable[[float, np.random.Generator], ImageFn]:
     def make(value: float, rng: np.random.Generator) -> ImageFn:
         return lambda img: np.clip(op(img.astype(np.float32), value, rng), 0, 255).round().astype(np.uint8)
+
     return make
 
 

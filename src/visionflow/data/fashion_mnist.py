@@ -22,11 +22,24 @@ from visionflow.errors import DataError
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = (
-    "tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
 )
 _SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+_IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def _has_idx(folder: Path) -> bool:
@@ -73,7 +86,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = fh.read()
     magic = int.from_bytes(data[:4], "big")
     ndim = magic & 0xFF
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -110,8 +123,9 @@ def load_fashion_mnist(idx_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def export_fashion_mnist(idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int,
-                         progress: Progress | None = None) -> dict[str, int]:
+def export_fashion_mnist(
+    idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int, progress: Progress | None = None
+) -> dict[str, int]:
     images, labels = load_fashion_mnist(idx_dir)
     chosen = balanced_indices(labels, max_images, seed)
     counts: dict[str, int] = {}
@@ -127,8 +141,9 @@ def export_fashion_mnist(idx_dir: Path, raw_dir: Path, max_images: int | None, s
     return counts
 
 
-def export_photos(idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int,
-                  progress: Progress | None = None) -> dict[str, int]:
+def export_photos(
+    idx_dir: Path, raw_dir: Path, max_images: int | None, seed: int, progress: Progress | None = None
+) -> dict[str, int]:
     """One camera-like photo per chosen Fashion-MNIST item (the same items `fashion-mnist` would choose), made by a
     process pool on every core."""
     images, labels = load_fashion_mnist(idx_dir)

@@ -25,8 +25,10 @@ REVIEWED_PREFIX = "reviewed__"  # reviewed production images in raw_dir/<class>/
 
 # Class names flow into file paths, the model card, HTML pages and log lines: only plain text is allowed.
 MAX_CLASS_NAME = 64
-CLASS_NAME_RULE = (f"class names may use letters and digits (any script), space, _ - and . (at most {MAX_CLASS_NAME} "
-                   "characters, starting with a letter or digit, not ending with a space or a dot)")
+CLASS_NAME_RULE = (
+    f"class names may use letters and digits (any script), space, _ - and . (at most {MAX_CLASS_NAME} "
+    "characters, starting with a letter or digit, not ending with a space or a dot)"
+)
 
 
 def class_name_problem(name: str) -> str | None:
@@ -50,14 +52,15 @@ def check_class_names(names: list[str], where: str) -> None:
     """Raise a one-line DataError naming every unsafe class folder name (repr shows control characters)."""
     bad = [f"{n!r} ({problem})" for n in names if (problem := class_name_problem(n))]
     if bad:
-        raise DataError(f"{where}: class folder name(s) not allowed: {', '.join(bad)}; {CLASS_NAME_RULE}. "
-                        "Rename the folder(s).")
+        raise DataError(
+            f"{where}: class folder name(s) not allowed: {', '.join(bad)}; {CLASS_NAME_RULE}. Rename the folder(s)."
+        )
 
 
 @dataclass(frozen=True)
 class SourceFile:
     label: str
-    path: Path          # what is read: the file itself, or the target of a symlink that stays inside the source
+    path: Path  # what is read: the file itself, or the target of a symlink that stays inside the source
     rel: tuple[str, ...]  # its place inside the class folder
     st: os.stat_result
 
@@ -142,8 +145,10 @@ def scan_source(source: Path) -> SourceScan:
     """Every file a folder-per-class source offers, and every entry left out with its reason. Raises DataError
     for a source that cannot be used (missing, a file, no classes, an empty class, an unsafe class name)."""
     if not source.exists():
-        raise DataError(f"data source {source} does not exist: set data.source in params.yaml to a folder "
-                        f"with one sub-folder per class, or to one of {sorted(GENERATED_SOURCES)}")
+        raise DataError(
+            f"data source {source} does not exist: set data.source in params.yaml to a folder "
+            f"with one sub-folder per class, or to one of {sorted(GENERATED_SOURCES)}"
+        )
     if not source.is_dir():
         raise DataError(f"data source {source} is a file; it must be a folder with one sub-folder per class")
     scan = SourceScan(source)
@@ -161,8 +166,10 @@ def scan_source(source: Path) -> SourceScan:
     unreadable = {s["path"] for s in scan.skipped if s["reason"] == "unreadable_folder"}
     empty = [name for name, n in taken.items() if n == 0 and name not in unreadable]
     if empty:
-        raise DataError(f"data source {source}: class folder(s) with no files: {', '.join(empty)}. "
-                        "Add images or remove the empty folder(s).")
+        raise DataError(
+            f"data source {source}: class folder(s) with no files: {', '.join(empty)}. "
+            "Add images or remove the empty folder(s)."
+        )
     return scan
 
 
@@ -201,8 +208,9 @@ def _open_regular(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def copy_folder_dataset(scan: SourceScan, raw_dir: Path, max_images: int | None, seed: int,
-                        progress: Progress | None = None) -> dict[str, int]:
+def copy_folder_dataset(
+    scan: SourceScan, raw_dir: Path, max_images: int | None, seed: int, progress: Progress | None = None
+) -> dict[str, int]:
     by_label: dict[str, list[int]] = {}
     for i, f in enumerate(scan.files):
         by_label.setdefault(f.label, []).append(i)

@@ -42,10 +42,18 @@ class DecodeRules:
         the same formats, and the serve section's limits on pixels, upload size and time. Size bounds are judged by
         validation's expectation suite, so they are recorded there rather than rejected here."""
         if serve is not None:
-            return cls(allowed_formats=tuple(validation.allowed_formats), max_pixels=serve.max_pixels,
-                       max_bytes=int(serve.max_upload_mb * 1024 * 1024), timeout_s=serve.request_timeout_s)
-        return cls(allowed_formats=tuple(validation.allowed_formats), max_pixels=validation.max_pixels,
-                   max_bytes=int(validation.max_file_mb * 1024 * 1024), timeout_s=validation.decode_timeout_s)
+            return cls(
+                allowed_formats=tuple(validation.allowed_formats),
+                max_pixels=serve.max_pixels,
+                max_bytes=int(serve.max_upload_mb * 1024 * 1024),
+                timeout_s=serve.request_timeout_s,
+            )
+        return cls(
+            allowed_formats=tuple(validation.allowed_formats),
+            max_pixels=validation.max_pixels,
+            max_bytes=int(validation.max_file_mb * 1024 * 1024),
+            timeout_s=validation.decode_timeout_s,
+        )
 
     @classmethod
     def accepted(cls) -> DecodeRules:
@@ -75,7 +83,7 @@ def _time_limit(seconds: float):
         yield
         return
 
-    def _raise(signum, frame):  # noqa: ARG001
+    def _raise(signum, frame):
         raise _DecodeTimeout()
 
     previous = signal.signal(signal.SIGALRM, _raise)
@@ -96,8 +104,10 @@ class PixelBudget:
 
     def spend(self, pixels: int) -> None:
         if pixels > self.left:
-            raise RejectedImage("over_pixel_budget", f"{pixels} pixels to decode, {self.left} left of this "
-                                "request's budget (serve.max_request_pixels)")
+            raise RejectedImage(
+                "over_pixel_budget",
+                f"{pixels} pixels to decode, {self.left} left of this request's budget (serve.max_request_pixels)",
+            )
         self.left -= pixels
 
 
@@ -114,7 +124,7 @@ def open_checked(data: bytes, rules: DecodeRules) -> Image.Image:
             img = _open(data)
     except UnidentifiedImageError:
         raise RejectedImage("not_an_image", "no known image format recognised in the bytes") from None
-    except Exception as exc:  # Pillow raises many types for malformed headers
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for malformed headers
         raise RejectedImage("unreadable_header", f"{type(exc).__name__}: {exc}") from None
     fmt = (img.format or "").upper()
     if fmt not in rules.allowed_formats:
@@ -178,7 +188,7 @@ def _loaded(img: Image.Image, rules: DecodeRules, fit: int | None, budget: Pixel
                 img = _reduced(img, factor)
     except _DecodeTimeout:
         raise RejectedImage("decode_timeout", f"decoding took longer than {rules.timeout_s}s") from None
-    except Exception as exc:  # truncated data, bad CRC, broken palette...
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad CRC, broken palette...
         raise RejectedImage("corrupt_data", f"{type(exc).__name__}: {exc}") from None
     return img
 
@@ -189,9 +199,15 @@ def open_guarded(data: bytes, rules: DecodeRules) -> Image.Image:
 
 
 # EXIF orientation -> the transpose that makes the image upright (Pillow's own table, ImageOps.exif_transpose)
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _upright(img: Image.Image) -> Image.Image:
@@ -289,16 +305,24 @@ def _to_model_size(arr: np.ndarray, image_size: int, channels: int) -> np.ndarra
     return arr.reshape(image_size, image_size, channels)
 
 
-def decode_for_model(data: bytes, image_size: int, channels: int, rules: DecodeRules,
-                     budget: PixelBudget | None = None, *, draft: bool = True) -> np.ndarray:
+def decode_for_model(
+    data: bytes,
+    image_size: int,
+    channels: int,
+    rules: DecodeRules,
+    budget: PixelBudget | None = None,
+    *,
+    draft: bool = True,
+) -> np.ndarray:
     """Bytes to the model's input: (H, W, C) uint8 at image_size. The one resize used by training and serving.
     draft=False decodes every pixel first (the reference the reduced decode is measured and tested against)."""
     img = _loaded(open_checked(data, rules), rules, fit=image_size if draft else None, budget=budget)
     return _to_model_size(to_array(img, channels), image_size, channels)
 
 
-def decode_with_properties(data: bytes, image_size: int, channels: int, rules: DecodeRules,
-                           budget: PixelBudget | None = None) -> tuple[np.ndarray, dict[str, float]]:
+def decode_with_properties(
+    data: bytes, image_size: int, channels: int, rules: DecodeRules, budget: PixelBudget | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
     """decode_for_model plus the image's visual properties, from one decode (serving and the drift check).
     Width and height are the image's as received; the others are measured on the decoded pixels, which for an
     image at least twice the model's size are a reduced copy (the same for the reference and the live images)."""

@@ -46,14 +46,18 @@ def _check_copied(raw_dir: Path, counts: dict[str, int]) -> None:
         if have != n:
             wrong.append(f"{label}: {have} file(s) written for {n} copied")
     if wrong:
-        raise DataError(f"ingest lost files, so {raw_dir} was not used: {'; '.join(wrong)}. Report this with the "
-                        "source folder's layout; the previous data is unchanged.")
+        raise DataError(
+            f"ingest lost files, so {raw_dir} was not used: {'; '.join(wrong)}. Report this with the "
+            "source folder's layout; the previous data is unchanged."
+        )
 
 
 def _listing_ok(raw_dir: Path, counts: dict[str, int]) -> bool:
     try:
-        return all(sum(1 for f in (raw_dir / c).iterdir() if f.is_file() and not f.name.startswith(REVIEWED_PREFIX))
-                   == n for c, n in counts.items())
+        return all(
+            sum(1 for f in (raw_dir / c).iterdir() if f.is_file() and not f.name.startswith(REVIEWED_PREFIX)) == n
+            for c, n in counts.items()
+        )
     except FileNotFoundError:
         return False
 
@@ -93,26 +97,51 @@ def sync_reviewed(reviewed_dir: Path | None, raw_dir: Path) -> dict[str, int]:
     return counts
 
 
-def ingest(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cache_dir: Path,
-           force: bool = False, progress: Progress | None = None, reviewed_dir: Path | None = None) -> IngestResult:
+def ingest(
+    *,
+    source: str,
+    raw_dir: Path,
+    max_images: int | None,
+    seed: int,
+    cache_dir: Path,
+    force: bool = False,
+    progress: Progress | None = None,
+    reviewed_dir: Path | None = None,
+) -> IngestResult:
     """Write the dataset to raw_dir (skipped when raw_dir already holds exactly this source and selection), then
     add the reviewed production images from reviewed_dir."""
     raw_dir = Path(raw_dir)
     check_class_names([d.name for d in _reviewed_classes(reviewed_dir)], f"reviewed images {reviewed_dir}")
-    res = _ingest_source(source=source, raw_dir=raw_dir, max_images=max_images, seed=seed, cache_dir=cache_dir,
-                         force=force, progress=progress)
+    res = _ingest_source(
+        source=source,
+        raw_dir=raw_dir,
+        max_images=max_images,
+        seed=seed,
+        cache_dir=cache_dir,
+        force=force,
+        progress=progress,
+    )
     reviewed = sync_reviewed(reviewed_dir, raw_dir)
     if not reviewed:
         return res
     classes = dict(res.classes)
     for c, n in reviewed.items():
         classes[c] = classes.get(c, 0) + n
-    return IngestResult(res.raw_dir, res.source, sum(classes.values()), classes, res.skipped, sum(reviewed.values()),
-                        res.skipped_files)
+    return IngestResult(
+        res.raw_dir, res.source, sum(classes.values()), classes, res.skipped, sum(reviewed.values()), res.skipped_files
+    )
 
 
-def _ingest_source(*, source: str, raw_dir: Path, max_images: int | None, seed: int, cache_dir: Path,
-                   force: bool, progress: Progress | None) -> IngestResult:
+def _ingest_source(
+    *,
+    source: str,
+    raw_dir: Path,
+    max_images: int | None,
+    seed: int,
+    cache_dir: Path,
+    force: bool,
+    progress: Progress | None,
+) -> IngestResult:
     spec = {"source": source, "max_images": max_images, "seed": seed}
     if source == photos.PHOTOS_SOURCE:
         spec["generator"] = photos.GENERATOR_VERSION  # a changed generator makes different photos: ingest again
@@ -126,8 +155,14 @@ def _ingest_source(*, source: str, raw_dir: Path, max_images: int | None, seed: 
     if not force and marker.is_file():
         previous = json.loads(marker.read_text())
         if previous.get("spec") == spec and _listing_ok(raw_dir, previous["classes"]):
-            return IngestResult(str(raw_dir), source, sum(previous["classes"].values()), previous["classes"], True,
-                                skipped_files=tuple(previous.get("skipped_files", ())))
+            return IngestResult(
+                str(raw_dir),
+                source,
+                sum(previous["classes"].values()),
+                previous["classes"],
+                True,
+                skipped_files=tuple(previous.get("skipped_files", ())),
+            )
 
     staging = raw_dir.with_name(raw_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

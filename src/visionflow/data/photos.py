@@ -29,7 +29,11 @@ Progress = Callable[[int, int], None]
 
 # (width, height) and how often: most photos 1280x960, some portrait, some larger
 SIZES: tuple[tuple[tuple[int, int], float], ...] = (
-    ((1280, 960), 0.6), ((960, 1280), 0.1), ((1600, 1200), 0.15), ((2048, 1536), 0.12), ((4000, 3000), 0.03),
+    ((1280, 960), 0.6),
+    ((960, 1280), 0.1),
+    ((1600, 1200), 0.15),
+    ((2048, 1536), 0.12),
+    ((4000, 3000), 0.03),
 )
 # how a photo is stored, and how often
 KINDS: tuple[tuple[str, float], ...] = (("jpeg", 0.8), ("exif", 0.1), ("cmyk", 0.05), ("png16", 0.05))
@@ -45,6 +49,7 @@ PNG16_MAX_PIXELS = 2_000_000  # rows, columns of the shared unit-noise field eac
 @dataclass(frozen=True)
 class PhotoSpec:
     """What photo number `item` looks like and how it is stored: drawn from (seed, item) only."""
+
     item: int
     label: int
     width: int
@@ -71,8 +76,15 @@ def photo_spec(seed: int, item: int, label: int, sizes=SIZES, kinds=KINDS) -> Ph
         # sensor noise leaves a 16-bit PNG at ~6 bytes a pixel: 4000x3000 would be 60 MB, over validate.max_file_mb
         width, height = (1280, 960) if width >= height else (960, 1280)
     orientation = int(rng.choice(list(_STORED))) if kind == "exif" else 1
-    return PhotoSpec(item=item, label=label, width=int(width), height=int(height), kind=str(kind),
-                     quality=int(rng.integers(75, 96)), orientation=orientation)
+    return PhotoSpec(
+        item=item,
+        label=label,
+        width=int(width),
+        height=int(height),
+        kind=str(kind),
+        quality=int(rng.integers(75, 96)),
+        orientation=orientation,
+    )
 
 
 _bank: np.ndarray | None = None
@@ -114,7 +126,7 @@ def _lighting(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     yy, xx = yy / lh - 0.5, xx / lw - 0.5
     angle = rng.uniform(0, 2 * np.pi)
     ramp = 1 + rng.uniform(0.2, 0.6) * (xx * np.cos(angle) + yy * np.sin(angle))
-    vignette = 1 - rng.uniform(0.15, 0.45) * (xx ** 2 + yy ** 2) * 2
+    vignette = 1 - rng.uniform(0.15, 0.45) * (xx**2 + yy**2) * 2
     light = (ramp * vignette * rng.uniform(0.75, 1.15)).astype(np.float32)
     return cv2.resize(light, (w, h), interpolation=cv2.INTER_LINEAR)[..., None]
 
@@ -128,9 +140,9 @@ def _item_layer(rng: np.random.Generator, item: np.ndarray, w: int, h: int) -> t
     x0 = int(rng.integers(0, w - side + 1))
     y0 = int(rng.integers(0, h - side + 1))
     alpha = np.zeros((h, w), np.float32)
-    alpha[y0:y0 + side, x0:x0 + side] = np.clip(tile * 2.5, 0, 1)  # the item's dim edges are still cloth
+    alpha[y0 : y0 + side, x0 : x0 + side] = np.clip(tile * 2.5, 0, 1)  # the item's dim edges are still cloth
     shade = np.zeros((h, w), np.float32)
-    shade[y0:y0 + side, x0:x0 + side] = tile
+    shade[y0 : y0 + side, x0 : x0 + side] = tile
     colour = rng.uniform(0.1, 0.95, 3).astype(np.float32)
     return (0.25 + 0.75 * shade)[..., None] * colour, alpha[..., None]
 
@@ -139,7 +151,7 @@ def _noise_window(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     bank = _noise_bank()
     if h <= bank.shape[0] and w <= bank.shape[1]:  # the usual case: a view, no copy
         y0, x0 = (int(rng.integers(0, n - m + 1)) for n, m in zip(bank.shape, (h, w)))
-        return bank[y0:y0 + h, x0:x0 + w]
+        return bank[y0 : y0 + h, x0 : x0 + w]
     rows = (int(rng.integers(0, bank.shape[0])) + np.arange(h)) % bank.shape[0]
     cols = (int(rng.integers(0, bank.shape[1])) + np.arange(w)) % bank.shape[1]
     return bank[rows[:, None], cols[None, :]]
@@ -214,16 +226,28 @@ def _write_chunk(args: tuple[Path, int, list[PhotoSpec], list[str], np.ndarray])
     return len(specs)
 
 
-def write_photos(out_dir: Path, images: np.ndarray, labels: np.ndarray, chosen: Iterable[int], class_names: list[str],
-                 seed: int, *, sizes=SIZES, kinds=KINDS, workers: int | None = None,
-                 progress: Progress | None = None) -> dict[str, int]:
+def write_photos(
+    out_dir: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    chosen: Iterable[int],
+    class_names: list[str],
+    seed: int,
+    *,
+    sizes=SIZES,
+    kinds=KINDS,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, int]:
     """One photo per chosen item into out_dir/<class>/, made by a process pool; returns the count per class."""
     specs = [photo_spec(seed, int(i), int(labels[i]), sizes, kinds) for i in chosen]
     for name in class_names:
         (Path(out_dir) / name).mkdir(parents=True, exist_ok=True)
     chunk = 16
-    tasks = [(Path(out_dir), seed, specs[k:k + chunk], list(class_names),
-              images[[s.item for s in specs[k:k + chunk]]]) for k in range(0, len(specs), chunk)]
+    tasks = [
+        (Path(out_dir), seed, specs[k : k + chunk], list(class_names), images[[s.item for s in specs[k : k + chunk]]])
+        for k in range(0, len(specs), chunk)
+    ]
     workers = min(workers or default_workers(), len(tasks)) or 1
     done = 0
     if workers == 1:

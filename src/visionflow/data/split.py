@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from visionflow.errors import DataError
 from visionflow.data.validate import Check, read_manifest, run_suite
+from visionflow.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -27,8 +27,14 @@ class SplitResult:
     n_pinned: int = 0
 
 
-def assign_splits(manifest: pd.DataFrame, *, val_fraction: float, test_fraction: float, seed: int,
-                  pinned: dict[str, str] | None = None) -> pd.Series:
+def assign_splits(
+    manifest: pd.DataFrame,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    pinned: dict[str, str] | None = None,
+) -> pd.Series:
     """Split name per row: stratified by label, grouped by sha256, same answer for the same seed and rows.
 
     `pinned` (sha256 -> split, from the previous data version) keeps every image where it was: when new images
@@ -66,13 +72,22 @@ def leakage_check(frames: dict[str, pd.DataFrame]):
     both = pd.concat([f.assign(split=name) for name, f in frames.items()], ignore_index=True)
     per_sha = both.drop_duplicates(["sha256", "split"]).reset_index(drop=True)
     return run_suite(
-        "leakage", per_sha, "sha256",
+        "leakage",
+        per_sha,
+        "sha256",
         lambda E: [Check(E.ExpectColumnValuesToBeUnique(column="sha256"), "sha256_in_two_splits")],
     )
 
 
-def split(*, manifest_path: Path, out_dir: Path, val_fraction: float, test_fraction: float,
-          seed: int, keep_previous: bool = True) -> SplitResult:
+def split(
+    *,
+    manifest_path: Path,
+    out_dir: Path,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    keep_previous: bool = True,
+) -> SplitResult:
     manifest_path = Path(manifest_path)
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path} not found: run `visionflow validate` first")
@@ -81,8 +96,9 @@ def split(*, manifest_path: Path, out_dir: Path, val_fraction: float, test_fract
         raise DataError(f"{manifest_path} lists no accepted images: see reports/validation/index.html")
     manifest = manifest.sort_values("path").reset_index(drop=True)
     pinned = previous_assignment(out_dir) if keep_previous else {}
-    manifest["split"] = assign_splits(manifest, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                                      pinned=pinned)
+    manifest["split"] = assign_splits(
+        manifest, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, pinned=pinned
+    )
     frames = {name: manifest[manifest["split"] == name].drop(columns="split") for name in SPLITS}
     outcome = leakage_check(frames)
     if not outcome.success:

@@ -20,22 +20,40 @@ from typing import Any
 import pandas as pd
 
 from visionflow.config import ValidateParams
-from visionflow.errors import DataError
-from visionflow.paths import ProjectPaths
 from visionflow.data.folder_source import check_class_names
 from visionflow.data.imageio import (
-    DecodeRules, RejectedImage, image_properties, open_guarded, sha256_bytes, sha256_file, to_array,
+    DecodeRules,
+    RejectedImage,
+    image_properties,
+    open_guarded,
+    sha256_bytes,
+    sha256_file,
+    to_array,
 )
+from visionflow.errors import DataError
+from visionflow.paths import ProjectPaths
 
 MANIFEST_COLUMNS = [
-    "path", "label", "sha256", "file_size", "decodable", "decode_error", "format", "mode", "width", "height",
-    "brightness", "contrast", "blur",
+    "path",
+    "label",
+    "sha256",
+    "file_size",
+    "decodable",
+    "decode_error",
+    "format",
+    "mode",
+    "width",
+    "height",
+    "brightness",
+    "contrast",
+    "blur",
 ]
 Progress = Callable[[int, int], None]
 # pandas' C parser crashes the interpreter (segfault, pandas 2.3.3) when it tries to infer a number from some
 # sha256 strings such as "4e2768937653187fab...": text columns are always read as text.
-TEXT_COLUMNS = {c: str for c in ("path", "label", "sha256", "original_path", "quarantined_as", "reason",
-                                 "detail", "format", "mode")}
+TEXT_COLUMNS = {
+    c: str for c in ("path", "label", "sha256", "original_path", "quarantined_as", "reason", "detail", "format", "mode")
+}
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
@@ -71,7 +89,7 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     except OSError as exc:
         row["decode_error"] = "unreadable_file"
         row["decode_detail"] = str(exc)
-    except Exception as exc:  # Pillow raises many types past the guard, e.g. for EXIF it cannot re-serialise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types past the guard, e.g. for EXIF it cannot re-serialise
         row["decode_error"] = "decode_failed"
         row["decode_detail"] = failure_detail(exc)
     return row
@@ -95,12 +113,13 @@ def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
     return items
 
 
-def build_manifest(raw_dir: Path, rules: DecodeRules, workers: int | None = None,
-                   progress: Progress | None = None) -> pd.DataFrame:
+def build_manifest(
+    raw_dir: Path, rules: DecodeRules, workers: int | None = None, progress: Progress | None = None
+) -> pd.DataFrame:
     items = list_raw(raw_dir)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     chunk = 512
-    chunks = [(items[i:i + chunk], rules) for i in range(0, len(items), chunk)]
+    chunks = [(items[i : i + chunk], rules) for i in range(0, len(items), chunk)]
     rows: list[dict[str, Any]] = []
     if workers <= 1 or len(chunks) == 1:
         results: Iterable[list[dict[str, Any]]] = map(_inspect_chunk, chunks)
@@ -144,7 +163,9 @@ class SuiteOutcome:
 def _gx_context():
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
-        DataContextConfig, InMemoryStoreBackendDefaults, ProgressBarsConfig,
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
     )
 
     # analytics off in the context's own config: the GX_ANALYTICS_ENABLED variable is the entry point's to set
@@ -180,11 +201,17 @@ def run_suite(name: str, df: pd.DataFrame, key: str, checks: Callable[[Any], lis
             bad = ["<dataset>"]
         if bad:
             failing.setdefault(reason, []).extend(bad)
-        summary.append({
-            "expectation": cfg.type, "column": cfg.kwargs.get("column"), "reason": reason, "success": r.success,
-            "unexpected_count": r.result.get("unexpected_count"), "element_count": r.result.get("element_count"),
-            "kwargs": {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")},
-        })
+        summary.append(
+            {
+                "expectation": cfg.type,
+                "column": cfg.kwargs.get("column"),
+                "reason": reason,
+                "success": r.success,
+                "unexpected_count": r.result.get("unexpected_count"),
+                "element_count": r.result.get("element_count"),
+                "kwargs": {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")},
+            }
+        )
     return SuiteOutcome(name, bool(res.success), summary, failing, res.to_json_dict())
 
 
@@ -192,27 +219,38 @@ def image_checks(cfg: ValidateParams, labels: list[str]) -> Callable[[Any], list
     def build(E) -> list[Check]:
         return [
             Check(E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]), "undecodable"),
-            Check(E.ExpectColumnValuesToBeInSet(column="format", value_set=list(cfg.allowed_formats)),
-                  "format_not_allowed"),
-            Check(E.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_width,
-                                                  max_value=cfg.max_width), "width_out_of_bounds"),
-            Check(E.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_height,
-                                                  max_value=cfg.max_height), "height_out_of_bounds"),
+            Check(
+                E.ExpectColumnValuesToBeInSet(column="format", value_set=list(cfg.allowed_formats)),
+                "format_not_allowed",
+            ),
+            Check(
+                E.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_width, max_value=cfg.max_width),
+                "width_out_of_bounds",
+            ),
+            Check(
+                E.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_height, max_value=cfg.max_height),
+                "height_out_of_bounds",
+            ),
             Check(E.ExpectColumnValuesToBeInSet(column="label", value_set=labels), "unknown_label"),
             Check(E.ExpectColumnValuesToBeInSet(column="label_conflict", value_set=[False]), "label_conflict"),
             Check(E.ExpectColumnValuesToNotBeNull(column="sha256"), "unreadable_file"),
         ]
+
     return build
 
 
 def class_checks(cfg: ValidateParams) -> Callable[[Any], list[Check]]:
     def build(E) -> list[Check]:
         return [
-            Check(E.ExpectColumnValuesToBeBetween(column="count", min_value=cfg.min_images_per_class),
-                  "too_few_images_in_class"),
-            Check(E.ExpectColumnValuesToBeBetween(column="balance", min_value=cfg.min_class_balance),
-                  "class_imbalance"),
+            Check(
+                E.ExpectColumnValuesToBeBetween(column="count", min_value=cfg.min_images_per_class),
+                "too_few_images_in_class",
+            ),
+            Check(
+                E.ExpectColumnValuesToBeBetween(column="balance", min_value=cfg.min_class_balance), "class_imbalance"
+            ),
         ]
+
     return build
 
 
@@ -240,9 +278,17 @@ def _label_conflicts(df: pd.DataFrame) -> pd.Series:
     return df["sha256"].isin(conflicted)
 
 
-def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels: list[str] | None = None,
-             data_version: str | None = None, workers: int | None = None, progress: Progress | None = None,
-             project: ProjectPaths | None = None) -> ValidationResult:
+def validate(
+    *,
+    raw_dir: Path,
+    cfg: ValidateParams,
+    manifest_path: Path,
+    labels: list[str] | None = None,
+    data_version: str | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    project: ProjectPaths | None = None,
+) -> ValidationResult:
     """project: the manifest, reasons.csv and the report store paths relative to its root (None: as listed)."""
     raw_dir = Path(raw_dir)
     df = build_manifest(raw_dir, DecodeRules.from_params(cfg), workers=workers, progress=progress)
@@ -265,8 +311,10 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
     fraction = len(rejected) / max(len(df), 1)
     problems: list[str] = []
     if fraction > cfg.max_quarantine_fraction:
-        problems.append(f"{len(rejected)} of {len(df)} images quarantined ({fraction:.1%}), over the "
-                        f"validate.max_quarantine_fraction limit of {cfg.max_quarantine_fraction:.1%}")
+        problems.append(
+            f"{len(rejected)} of {len(df)} images quarantined ({fraction:.1%}), over the "
+            f"validate.max_quarantine_fraction limit of {cfg.max_quarantine_fraction:.1%}"
+        )
     for reason, keys in classes.failing.items():
         problems.append(f"{reason}: {', '.join(sorted(set(keys)))}")
 
@@ -276,23 +324,38 @@ def validate(*, raw_dir: Path, cfg: ValidateParams, manifest_path: Path, labels:
 
     by_reason = rejected["quarantine_reason"].value_counts().to_dict()
     summary = {
-        "success": not problems, "data_version": data_version, "n_images": len(df), "n_accepted": len(accepted),
-        "n_quarantined": len(rejected), "quarantined_fraction": fraction, "quarantined_by_reason": by_reason,
-        "class_counts": {k: int(v) for k, v in counts.items()}, "problems": problems,
+        "success": not problems,
+        "data_version": data_version,
+        "n_images": len(df),
+        "n_accepted": len(accepted),
+        "n_quarantined": len(rejected),
+        "quarantined_fraction": fraction,
+        "quarantined_by_reason": by_reason,
+        "class_counts": {k: int(v) for k, v in counts.items()},
+        "problems": problems,
         "quarantined": rejected[["path", "label", "quarantine_reason", "decode_detail"]]
-        .fillna("").to_dict(orient="records"),
+        .fillna("")
+        .to_dict(orient="records"),
         "suites": {"images": images.results, "classes": classes.results},
     }
     report_dir = _write_reports(Path(cfg.report_dir), summary, images, classes)
     if problems:
-        raise DataError("validation failed:\n  " + "\n  ".join(problems)
-                        + f"\nQuarantined files are in {cfg.quarantine_dir}/ (reasons.csv says why); "
-                        + f"the full report is {report_dir / 'index.html'}")
+        raise DataError(
+            "validation failed:\n  "
+            + "\n  ".join(problems)
+            + f"\nQuarantined files are in {cfg.quarantine_dir}/ (reasons.csv says why); "
+            + f"the full report is {report_dir / 'index.html'}"
+        )
     return ValidationResult(
-        n_images=len(df), n_accepted=len(accepted), n_quarantined=len(rejected),
+        n_images=len(df),
+        n_accepted=len(accepted),
+        n_quarantined=len(rejected),
         quarantined_by_reason={str(k): int(v) for k, v in by_reason.items()},
-        class_counts=summary["class_counts"], manifest_path=str(manifest_path),
-        report_json=str(report_dir / "validation.json"), report_html=str(report_dir / "index.html"), success=True,
+        class_counts=summary["class_counts"],
+        manifest_path=str(manifest_path),
+        report_json=str(report_dir / "validation.json"),
+        report_html=str(report_dir / "index.html"),
+        success=True,
     )
 
 
@@ -313,7 +376,8 @@ def _write_reports(report_dir: Path, summary: dict[str, Any], images: SuiteOutco
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "validation.json").write_text(json.dumps(summary, indent=2, default=str))
     (report_dir / "great_expectations.json").write_text(
-        json.dumps({"images": images.raw, "classes": classes.raw}, indent=1, default=str))
+        json.dumps({"images": images.raw, "classes": classes.raw}, indent=1, default=str)
+    )
     (report_dir / "index.html").write_text(_render_html(summary))
     return report_dir
 
@@ -332,23 +396,28 @@ def _write_quarantine(rejected: pd.DataFrame, qdir: Path, project: ProjectPaths 
     out = rejected[["path", "label", "quarantine_reason", "decode_detail", "sha256", "file_size"]].copy()
     stored = [qdir / r.label / Path(r.path).name for r in rejected.itertuples()]
     out.insert(1, "quarantined_as", [project.relative(q) if project else str(q) for q in stored])
-    out.rename(columns={"path": "original_path", "quarantine_reason": "reason", "decode_detail": "detail"}) \
-        .to_csv(qdir / "reasons.csv", index=False)
+    out.rename(columns={"path": "original_path", "quarantine_reason": "reason", "decode_detail": "detail"}).to_csv(
+        qdir / "reasons.csv", index=False
+    )
 
 
 def _render_html(summary: dict[str, Any]) -> str:
     def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows)
+            "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>" for r in rows
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     status = "PASSED" if summary["success"] else "FAILED"
     suites = "".join(
-        f"<h3>{name}</h3>" + table(
+        f"<h3>{name}</h3>"
+        + table(
             [dict(r, success="yes" if r["success"] else "NO") for r in rows],
-            ["expectation", "column", "reason", "success", "unexpected_count", "element_count"])
-        for name, rows in summary["suites"].items())
+            ["expectation", "column", "reason", "success", "unexpected_count", "element_count"],
+        )
+        for name, rows in summary["suites"].items()
+    )
     classes = table([{"label": k, "count": v} for k, v in summary["class_counts"].items()], ["label", "count"])
     quarantined = table(summary["quarantined"][:500], ["path", "label", "quarantine_reason", "decode_detail"])
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary["problems"]) or "<li>none</li>"
@@ -356,8 +425,8 @@ def _render_html(summary: dict[str, Any]) -> str:
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}} .PASSED{{color:#070}} .FAILED{{color:#b00}}</style>
 </head><body><h1>Data validation: <span class="{status}">{status}</span></h1>
-<p>data version {html.escape(str(summary['data_version']))}: {summary['n_images']} images,
-{summary['n_accepted']} accepted, {summary['n_quarantined']} quarantined
-({summary['quarantined_fraction']:.2%})</p><h2>Problems</h2><ul>{problems}</ul>
+<p>data version {html.escape(str(summary["data_version"]))}: {summary["n_images"]} images,
+{summary["n_accepted"]} accepted, {summary["n_quarantined"]} quarantined
+({summary["quarantined_fraction"]:.2%})</p><h2>Problems</h2><ul>{problems}</ul>
 <h2>Expectation suites (great-expectations)</h2>{suites}<h2>Accepted images per class</h2>{classes}
 <h2>Quarantined files (first 500)</h2>{quarantined}</body></html>"""

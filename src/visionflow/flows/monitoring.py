@@ -59,9 +59,15 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
     if verdict.get("drifted") is None:
         log.warning("no drift verdict: %s", verdict.get("message"))
     else:
-        log.info("%s: drift share %.2f (threshold %.2f) -> %s; moved: %s; report %s", verdict["batch"],
-                 verdict["drift_share"], verdict["threshold"], "DRIFTED" if verdict["drifted"] else "no drift",
-                 ", ".join(verdict["moved"][:8]) or "nothing", verdict["report_html"])
+        log.info(
+            "%s: drift share %.2f (threshold %.2f) -> %s; moved: %s; report %s",
+            verdict["batch"],
+            verdict["drift_share"],
+            verdict["threshold"],
+            "DRIFTED" if verdict["drifted"] else "no drift",
+            ", ".join(verdict["moved"][:8]) or "nothing",
+            verdict["report_html"],
+        )
     if verdict["n_unreadable"]:
         log.warning("%d unreadable image(s) left in place and listed in the verdict", verdict["n_unreadable"])
     return verdict
@@ -69,29 +75,42 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
 
 @task
 def claim_cooldown(p: Params, root: Path, verdict: dict[str, Any], trigger: str) -> monitor.Claim:
-    claim = monitor.claim_retraining(ProjectPaths.of(p, root).retrain_ledger, cooldown_s=p.drift.cooldown_hours * 3600,
-                                     trigger=trigger, detail={"batch": verdict["batch"],
-                                                              "drift_share": verdict["drift_share"]})
+    claim = monitor.claim_retraining(
+        ProjectPaths.of(p, root).retrain_ledger,
+        cooldown_s=p.drift.cooldown_hours * 3600,
+        trigger=trigger,
+        detail={"batch": verdict["batch"], "drift_share": verdict["drift_share"]},
+    )
     if not claim.granted:
-        get_run_logger().info("retraining suppressed: one started at %s is within the %.1f h cool-down",
-                              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.last["time"])),
-                              p.drift.cooldown_hours)
+        get_run_logger().info(
+            "retraining suppressed: one started at %s is within the %.1f h cool-down",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(claim.last["time"])),
+            p.drift.cooldown_hours,
+        )
     return claim
 
 
 @task
-def emit_drift_event(p: Params, verdict: dict[str, Any], claim: monitor.Claim, batch: str | None,
-                     eval_batch: str | None) -> str | None:
+def emit_drift_event(
+    p: Params, verdict: dict[str, Any], claim: monitor.Claim, batch: str | None, eval_batch: str | None
+) -> str | None:
     from prefect.events import emit_event
 
     event = emit_event(
         event=DRIFT_EVENT,
-        resource={"prefect.resource.id": f"visionflow.model.{p.registry.model_name}",
-                  "prefect.resource.name": p.registry.model_name,
-                  "visionflow.retrain": "requested" if claim.granted else "suppressed"},
-        payload={"batch": batch, "eval_batch": eval_batch, "claim_id": claim.claim_id,
-                 "drift_share": verdict["drift_share"], "moved": verdict["moved"][:20],
-                 "champion_version": verdict["champion_version"]},
+        resource={
+            "prefect.resource.id": f"visionflow.model.{p.registry.model_name}",
+            "prefect.resource.name": p.registry.model_name,
+            "visionflow.retrain": "requested" if claim.granted else "suppressed",
+        },
+        payload={
+            "batch": batch,
+            "eval_batch": eval_batch,
+            "claim_id": claim.claim_id,
+            "drift_share": verdict["drift_share"],
+            "moved": verdict["moved"][:20],
+            "champion_version": verdict["champion_version"],
+        },
     )
     return str(event.id) if event is not None else None
 
@@ -114,9 +133,14 @@ def _retrain_mode(requested: str) -> str:
 
 
 @flow(name="visionflow-drift-check", log_prints=True)
-def drift_check_flow(params_path: str = "params.yaml", batch: str | None = None, use_prediction_log: bool = False,
-                     eval_batch: str | None = None, retrain: Literal["auto", "event", "inline", "off"] = "auto",
-                     overrides: list[str] | None = None) -> dict[str, Any]:
+def drift_check_flow(
+    params_path: str = "params.yaml",
+    batch: str | None = None,
+    use_prediction_log: bool = False,
+    eval_batch: str | None = None,
+    retrain: Literal["auto", "event", "inline", "off"] = "auto",
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Check a batch folder (or the prediction log since the last check) for drift; retrain on drift."""
     root, p = _root_params(params_path, overrides)
     if batch is None and not use_prediction_log:
@@ -128,12 +152,24 @@ def drift_check_flow(params_path: str = "params.yaml", batch: str | None = None,
     mode = _retrain_mode(retrain)
     claim = claim_cooldown(p, root, verdict, trigger=f"drift:{verdict['batch']}")
     event_id = emit_drift_event(p, verdict, claim, batch, eval_batch)
-    outcome["retrain"] = {"triggered": claim.granted, "mode": mode, "event_id": event_id,
-                          "claim_id": claim.claim_id,
-                          "suppressed_until": claim.next_allowed if not claim.granted else None}
+    outcome["retrain"] = {
+        "triggered": claim.granted,
+        "mode": mode,
+        "event_id": event_id,
+        "claim_id": claim.claim_id,
+        "suppressed_until": claim.next_allowed if not claim.granted else None,
+    }
     if claim.granted and mode == "inline":
-        outcome["retrain"].update(retraining_flow(params_path=params_path, batch=batch, eval_batch=eval_batch,
-                                                  reason="drift", claim_id=claim.claim_id, overrides=overrides))
+        outcome["retrain"].update(
+            retraining_flow(
+                params_path=params_path,
+                batch=batch,
+                eval_batch=eval_batch,
+                reason="drift",
+                claim_id=claim.claim_id,
+                overrides=overrides,
+            )
+        )
     return outcome
 
 
@@ -155,9 +191,14 @@ def warm_start_weights(p: Params, root: Path) -> str | None:
 
 
 @flow(name="visionflow-retraining", log_prints=True)
-def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, eval_batch: str | None = None,
-                    reason: str = "scheduled", claim_id: str | None = None,
-                    overrides: list[str] | None = None) -> dict[str, Any]:
+def retraining_flow(
+    params_path: str = "params.yaml",
+    batch: str | None = None,
+    eval_batch: str | None = None,
+    reason: str = "scheduled",
+    claim_id: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Reviewed data in (new data version), warm-started training, and the promotion gate."""
     root, p = _root_params(params_path, overrides)
     paths = ProjectPaths.of(p, root)
@@ -165,8 +206,9 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
     batch, eval_batch, claim_id = (None if v in (None, "", "None") else v for v in (batch, eval_batch, claim_id))
     if reason == "drift" and claim_id is None:
         # Started by an event that did not come through the cool-down ledger: claim now, or stand down.
-        claim = monitor.claim_retraining(paths.retrain_ledger,
-                                         cooldown_s=p.drift.cooldown_hours * 3600, trigger="event")
+        claim = monitor.claim_retraining(
+            paths.retrain_ledger, cooldown_s=p.drift.cooldown_hours * 3600, trigger="event"
+        )
         if not claim.granted:
             return {"triggered": False, "reason": "cool-down", "suppressed_until": claim.next_allowed}
         claim_id = claim.claim_id
@@ -175,32 +217,49 @@ def retraining_flow(params_path: str = "params.yaml", batch: str | None = None, 
     extra = list(overrides or [])
     weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
     if weights:
-        extra += [f"train.pretrained_weights={weights}", f"train.max_epochs={p.drift.warm_start_epochs}",
-                  f"train.lr={p.drift.warm_start_lr}"]
-    summary = training_flow(params_path=params_path, overrides=extra, report_path=str(paths.retrain_report),
-                            eval_batch=eval_batch)
+        extra += [
+            f"train.pretrained_weights={weights}",
+            f"train.max_epochs={p.drift.warm_start_epochs}",
+            f"train.lr={p.drift.warm_start_lr}",
+        ]
+    summary = training_flow(
+        params_path=params_path, overrides=extra, report_path=str(paths.retrain_report), eval_batch=eval_batch
+    )
     reg = summary["registry"]
     result = {
-        "triggered": True, "reason": reason, "flow_run_id": str(flow_run.id), "reviewed_images_added": taken,
-        "new_data_version": summary["data_version"], "warm_start": bool(weights),
-        "new_version": reg["version"], "promoted": reg["promoted"], "gate_reasons": reg["reasons"],
-        "champion_before": reg["champion_before"], "champion_after": reg["champion"],
-        "clean_accuracy": reg["clean_accuracy"], "eval_batch_accuracy": reg["eval_batch_accuracy"],
+        "triggered": True,
+        "reason": reason,
+        "flow_run_id": str(flow_run.id),
+        "reviewed_images_added": taken,
+        "new_data_version": summary["data_version"],
+        "warm_start": bool(weights),
+        "new_version": reg["version"],
+        "promoted": reg["promoted"],
+        "gate_reasons": reg["reasons"],
+        "champion_before": reg["champion_before"],
+        "champion_after": reg["champion"],
+        "clean_accuracy": reg["clean_accuracy"],
+        "eval_batch_accuracy": reg["eval_batch_accuracy"],
         "seconds": round(time.perf_counter() - start, 1),
     }
     if claim_id:
-        monitor.record_outcome(paths.retrain_ledger, claim_id, new_version=reg["version"],
-                               promoted=reg["promoted"], flow_run_id=str(flow_run.id))
+        monitor.record_outcome(
+            paths.retrain_ledger,
+            claim_id,
+            new_version=reg["version"],
+            promoted=reg["promoted"],
+            flow_run_id=str(flow_run.id),
+        )
     return result
 
 
 @task
-def simulate_batch(p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int,
-                   skip: int = 0) -> str:
+def simulate_batch(
+    p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int, skip: int = 0
+) -> str:
     from visionflow.monitoring.simulate import simulate
 
-    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed,
-                 skip=skip)
+    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed, skip=skip)
     get_run_logger().info("simulated %s: %d held-out images, shift %s at severity %d", b.folder, n, shift, severity)
     return str(b.folder)
 
@@ -217,8 +276,9 @@ def size_loop(p: Params, root: Path) -> tuple[int, str]:
 
 
 @flow(name="visionflow-closed-loop", log_prints=True)
-def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                     report_path: str | None = None) -> dict[str, Any]:
+def closed_loop_flow(
+    params_path: str = "params.yaml", overrides: list[str] | None = None, report_path: str | None = None
+) -> dict[str, Any]:
     """A drifted production batch arrives; drift is detected; retraining; a better champion on the drifted data.
 
     On a small dataset the batches shrink to fit the held-out images, or the loop is skipped with a note.
@@ -236,15 +296,36 @@ def closed_loop_flow(params_path: str = "params.yaml", overrides: list[str] | No
     # judging the retrained model on drifted data it never saw: one seeded draw, split in two, so they are disjoint.
     production = simulate_batch(p, root, f"production-{shift}{sev}", shift, sev, n, p.base.seed + 1)
     holdout = simulate_batch(p, root, f"holdout-{shift}{sev}", shift, sev, n, p.base.seed + 1, skip=n)
-    outcome = drift_check_flow(params_path=params_path, batch=production, eval_batch=holdout, retrain="inline",
-                               overrides=overrides)
+    outcome = drift_check_flow(
+        params_path=params_path, batch=production, eval_batch=holdout, retrain="inline", overrides=overrides
+    )
     v, r = outcome["drift"], outcome["retrain"]
-    drift = {"batch": production, "drifted": v.get("drifted"), "drift_share": v.get("drift_share"),
-             "features": v.get("moved"), "views": v.get("views"), "report_html": v.get("report_html"),
-             "champion_accuracy_on_batch": v.get("accuracy")}
-    retrain = {k: r.get(k) for k in ("triggered", "reason", "new_data_version", "new_version", "promoted",
-                                     "gate_reasons", "champion_before", "champion_after", "clean_accuracy",
-                                     "eval_batch_accuracy", "seconds", "suppressed_until")}
+    drift = {
+        "batch": production,
+        "drifted": v.get("drifted"),
+        "drift_share": v.get("drift_share"),
+        "features": v.get("moved"),
+        "views": v.get("views"),
+        "report_html": v.get("report_html"),
+        "champion_accuracy_on_batch": v.get("accuracy"),
+    }
+    retrain = {
+        k: r.get(k)
+        for k in (
+            "triggered",
+            "reason",
+            "new_data_version",
+            "new_version",
+            "promoted",
+            "gate_reasons",
+            "champion_before",
+            "champion_after",
+            "clean_accuracy",
+            "eval_batch_accuracy",
+            "seconds",
+            "suppressed_until",
+        )
+    }
     ev = r.get("eval_batch_accuracy") or {}
     retrain["drifted_accuracy_before"] = ev.get("champion")
     # After: the champion's accuracy once the gate has decided (the challenger if promoted).

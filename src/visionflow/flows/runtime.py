@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 # Set by entry points (CLI, flows, bench) before albumentations is imported, never at library import; loader
 # workers inherit it. albumentations otherwise checks PyPI for a newer version on import, in every worker, and
 # warns on an offline machine.
@@ -47,7 +46,11 @@ def _migrate_local_db(home: Path) -> None:
     if db.exists():
         return
     home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
-                          capture_output=True, text=True, env=os.environ.copy())
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
     if proc.returncode != 0:
         sys.stderr.write(f"warning: could not pre-create the Prefect database ({proc.stderr.strip()[-300:]})\n")

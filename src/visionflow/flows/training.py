@@ -44,14 +44,21 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 @task(retries=2, retry_delay_seconds=[5, 15])
 def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
     res, secs = _timed(stages.ingest_stage, p, root)
-    get_run_logger().info("ingested %d images in %d classes%s%s", res.n_images, len(res.classes),
-                          " (source unchanged, not rewritten)" if res.skipped else "",
-                          f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "")
+    get_run_logger().info(
+        "ingested %d images in %d classes%s%s",
+        res.n_images,
+        len(res.classes),
+        " (source unchanged, not rewritten)" if res.skipped else "",
+        f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "",
+    )
     if res.skipped_files:  # symlinks out of the source, unreadable files...: said, not silently dropped
         reasons = Counter(f["reason"] for f in res.skipped_files)
-        get_run_logger().warning("left out %d source entries (%s); each with its reason in %s",
-                                 len(res.skipped_files), ", ".join(f"{r} {n}" for r, n in reasons.items()),
-                                 Path(res.raw_dir).parent / MARKER)
+        get_run_logger().warning(
+            "left out %d source entries (%s); each with its reason in %s",
+            len(res.skipped_files),
+            ", ".join(f"{r} {n}" for r, n in reasons.items()),
+            Path(res.raw_dir).parent / MARKER,
+        )
     return asdict(res), secs
 
 
@@ -65,8 +72,13 @@ def version_data(p: Params, root: Path) -> tuple[str, float]:
 @task
 def validate_data(p: Params, root: Path, data_version: str) -> tuple[dict, float]:
     res, secs = _timed(stages.validate_stage, p, root, data_version)
-    get_run_logger().info("%d accepted, %d quarantined %s; report %s", res.n_accepted, res.n_quarantined,
-                          res.quarantined_by_reason, res.report_html)
+    get_run_logger().info(
+        "%d accepted, %d quarantined %s; report %s",
+        res.n_accepted,
+        res.n_quarantined,
+        res.quarantined_by_reason,
+        res.report_html,
+    )
     return asdict(res), secs
 
 
@@ -81,27 +93,44 @@ def train_model(p: Params, root: Path, data_version: str) -> tuple[TrainResult, 
     # Per-epoch lines go to the run logger (the flow run's logs in Prefect, and the console, piped or not); a
     # rich progress bar is added when a person is watching a terminal.
     log = get_run_logger()
-    res, secs = _timed(stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id),
-                       progress=sys.stderr.isatty(), log=log)
-    log.info("trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s", p.train.model,
-             res.best_val_acc, res.global_step, res.max_steps,
-             "reused" if res.reused else "resumed" if res.resumed else "fresh", res.mlflow_run_id)
+    res, secs = _timed(
+        stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), log=log
+    )
+    log.info(
+        "trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s",
+        p.train.model,
+        res.best_val_acc,
+        res.global_step,
+        res.max_steps,
+        "reused" if res.reused else "resumed" if res.resumed else "fresh",
+        res.mlflow_run_id,
+    )
     return res, secs
 
 
 @task
 def evaluate_model(p: Params, root: Path) -> tuple[EvalResult, float]:
     res, secs = _timed(stages.evaluate_stage, p, root)
-    get_run_logger().info("test accuracy %.4f, macro F1 %.4f, robust accuracy %.4f, ECE %.4f",
-                          res.test_accuracy, res.macro_f1, res.robust_accuracy, res.ece)
+    get_run_logger().info(
+        "test accuracy %.4f, macro F1 %.4f, robust accuracy %.4f, ECE %.4f",
+        res.test_accuracy,
+        res.macro_f1,
+        res.robust_accuracy,
+        res.ece,
+    )
     return res, secs
 
 
 @task
 def export_model(p: Params, root: Path) -> tuple[ExportResult, float]:
     res, secs = _timed(stages.export_stage, p, root)
-    get_run_logger().info("ONNX parity passed: max |diff| %.2e, top-1 agreement %.4f; ORT %.2f ms vs torch %.2f ms "
-                          "at batch 1", res.max_abs_diff, res.top1_agreement, res.ort_ms_b1, res.torch_ms_b1)
+    get_run_logger().info(
+        "ONNX parity passed: max |diff| %.2e, top-1 agreement %.4f; ORT %.2f ms vs torch %.2f ms at batch 1",
+        res.max_abs_diff,
+        res.top1_agreement,
+        res.ort_ms_b1,
+        res.torch_ms_b1,
+    )
     return res, secs
 
 
@@ -111,8 +140,7 @@ def register_model(p: Params, root: Path) -> tuple[RegisterResult, float]:
 
 
 @task
-def promote_model(p: Params, root: Path, version: str,
-                  eval_batch: str | None = None) -> tuple[PromoteResult, float]:
+def promote_model(p: Params, root: Path, version: str, eval_batch: str | None = None) -> tuple[PromoteResult, float]:
     res, secs = _timed(stages.promote_stage, p, root, version, Path(eval_batch) if eval_batch else None)
     log = get_run_logger()
     if res.promoted:
@@ -130,8 +158,12 @@ def record_stages(root: Path, names: list[str]) -> float:
 
 
 @flow(name="visionflow-training", log_prints=True)
-def training_flow(params_path: str = "params.yaml", overrides: list[str] | None = None,
-                  report_path: str | None = None, eval_batch: str | None = None) -> dict[str, Any]:
+def training_flow(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    report_path: str | None = None,
+    eval_batch: str | None = None,
+) -> dict[str, Any]:
     """Ingest -> version -> validate -> split -> train -> evaluate -> export -> register -> promote.
 
     report_path: where the summary goes (default reports/pipeline.json; relative to the project root).
@@ -157,9 +189,17 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
     registered, t_register = register_model(p, root)
     decision, t_promote = promote_model(p, root, registered.version, eval_batch)
     t_version += record_stages(root, ["validate", "split", "train", "evaluate", "export"])
-    seconds = {"ingest": t_ingest, "version": t_version, "validate": t_validate, "split": t_split,
-               "train": t_train, "evaluate": t_evaluate, "export": t_export, "register": t_register,
-               "promote": t_promote}
+    seconds = {
+        "ingest": t_ingest,
+        "version": t_version,
+        "validate": t_validate,
+        "split": t_split,
+        "train": t_train,
+        "evaluate": t_evaluate,
+        "export": t_export,
+        "register": t_register,
+        "promote": t_promote,
+    }
     summary: dict[str, Any] = {
         "data_version": data_version,
         "n_images": validated["n_images"],
@@ -168,16 +208,30 @@ def training_flow(params_path: str = "params.yaml", overrides: list[str] | None 
         "quarantined_by_reason": validated["quarantined_by_reason"],
         "splits": splits["counts"],
         "onnx": {k: getattr(exported, k) for k in PARITY_TAGS},
-        "registry": {"model": registered.model, "version": registered.version, "promoted": decision.promoted,
-                     "reasons": decision.reasons, "champion": decision.champion_after,
-                     "champion_before": decision.champion_before, "clean_accuracy": decision.clean_accuracy,
-                     "eval_batch_accuracy": decision.eval_batch_accuracy},
-        "test_accuracy": evaluated.test_accuracy, "macro_f1": evaluated.macro_f1, "ece": evaluated.ece,
-        "robust_accuracy": evaluated.robust_accuracy, "mlflow_run_id": trained.mlflow_run_id,
-        "train": {k: getattr(trained, k) for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused",
-                                                   "seconds", "runtime")},
+        "registry": {
+            "model": registered.model,
+            "version": registered.version,
+            "promoted": decision.promoted,
+            "reasons": decision.reasons,
+            "champion": decision.champion_after,
+            "champion_before": decision.champion_before,
+            "clean_accuracy": decision.clean_accuracy,
+            "eval_batch_accuracy": decision.eval_batch_accuracy,
+        },
+        "test_accuracy": evaluated.test_accuracy,
+        "macro_f1": evaluated.macro_f1,
+        "ece": evaluated.ece,
+        "robust_accuracy": evaluated.robust_accuracy,
+        "mlflow_run_id": trained.mlflow_run_id,
+        "train": {
+            k: getattr(trained, k)
+            for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "seconds", "runtime")
+        },
     }
-    summary.update(status="completed", stage_seconds={k: round(v, 3) for k, v in seconds.items()},
-                   total_seconds=round(time.perf_counter() - start, 3))
+    summary.update(
+        status="completed",
+        stage_seconds={k: round(v, 3) for k, v in seconds.items()},
+        total_seconds=round(time.perf_counter() - start, 3),
+    )
     update_report(report, **summary)
     return summary

@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 
 from visionflow.config import Params
-from visionflow.errors import DataError
 from visionflow.data.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, read_limited
+from visionflow.data.validate import failure_detail
+from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
 from visionflow.report import write_json_atomic
-from visionflow.data.validate import failure_detail
 
 # Tests that return a p-value (drift when below the threshold); every other method returns a distance.
 P_VALUE_METHODS = {"ks", "chisquare", "z", "t_test", "mannw", "anderson", "cramer_von_mises", "g_test"}
@@ -44,8 +44,8 @@ VIEWS = ("properties", "embedding", "prediction")
 class Features:
     """Per-image drift features (one row per image) plus the raw embeddings and the true labels if known."""
 
-    frame: pd.DataFrame          # PROPERTY_NAMES + confidence + predicted_class
-    embeddings: np.ndarray       # (n, d) float32
+    frame: pd.DataFrame  # PROPERTY_NAMES + confidence + predicted_class
+    embeddings: np.ndarray  # (n, d) float32
     labels: list[str | None] | None = None
     rejected: list[dict[str, str]] | None = None
 
@@ -57,14 +57,19 @@ def load_champion(p: Params, root: Path):
 
     version = alias_version(p.registry.model_name, CHAMPION)
     if version is None:
-        raise DataError(f"{p.registry.model_name} has no champion yet: run the training pipeline "
-                        "(`make pipeline`) so there is a model to check drift against")
-    path, card = download_onnx(p.registry.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}")
+        raise DataError(
+            f"{p.registry.model_name} has no champion yet: run the training pipeline "
+            "(`make pipeline`) so there is a model to check drift against"
+        )
+    path, card = download_onnx(
+        p.registry.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}"
+    )
     return version, ort_session(path, accelerated=True), card
 
 
-def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256,
-            progress=None) -> Features:
+def extract(
+    files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256, progress=None
+) -> Features:
     """Decode each file once (guarded), measure its properties, and run the champion on it."""
     from visionflow.data.imageio import decode_with_properties
     from visionflow.onnxrt import ort_outputs, softmax
@@ -80,7 +85,7 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
         except OSError as exc:
             rejected.append({"file": str(f), "reason": "unreadable_file", "detail": str(exc)})
             continue
-        except Exception as exc:  # one image Pillow cannot handle (e.g. broken EXIF) is listed, never a crash
+        except Exception as exc:  # noqa: BLE001 - one image Pillow cannot handle (e.g. broken EXIF) is listed, never a crash
             rejected.append({"file": str(f), "reason": "decode_failed", "detail": failure_detail(exc)})
             continue
         arrays.append(arr)
@@ -89,8 +94,11 @@ def extract(files: list[Path], session, card: dict[str, Any], rules: DecodeRules
         if progress and (i + 1) % 500 == 0:
             progress(i + 1, len(files))
     if not arrays:
-        return Features(pd.DataFrame(columns=[*PROPERTY_NAMES, "confidence", "predicted_class"]),
-                        np.zeros((0, 0), np.float32), rejected=rejected)
+        return Features(
+            pd.DataFrame(columns=[*PROPERTY_NAMES, "confidence", "predicted_class"]),
+            np.zeros((0, 0), np.float32),
+            rejected=rejected,
+        )
     logits, embeddings = ort_outputs(session, np.stack(arrays), ("logits", "embedding"), batch_size)
     probs = softmax(logits)
     frame = pd.DataFrame(props)
@@ -121,14 +129,20 @@ def reference_features(p: Params, root: Path, version: str, session, card) -> Fe
             return Features(frame, z["embeddings"], labels=list(z["labels"].astype(str)))
     feats = extract([paths.resolve(x) for x in manifest["path"]], session, card, DecodeRules.from_params(p.validation))
     if feats.rejected:
-        raise DataError(f"{len(feats.rejected)} reference image(s) could not be read, e.g. {feats.rejected[0]}: "
-                        "re-run `visionflow validate`")
+        raise DataError(
+            f"{len(feats.rejected)} reference image(s) could not be read, e.g. {feats.rejected[0]}: "
+            "re-run `visionflow validate`"
+        )
     feats.labels = list(manifest["label"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + ".partial.npz")
-    np.savez(tmp, embeddings=feats.embeddings, labels=np.array(feats.labels),
-             predicted_class=feats.frame["predicted_class"].to_numpy(dtype=str),
-             **{c: feats.frame[c].to_numpy(dtype=np.float64) for c in [*PROPERTY_NAMES, "confidence"]})
+    np.savez(
+        tmp,
+        embeddings=feats.embeddings,
+        labels=np.array(feats.labels),
+        predicted_class=feats.frame["predicted_class"].to_numpy(dtype=str),
+        **{c: feats.frame[c].to_numpy(dtype=np.float64) for c in [*PROPERTY_NAMES, "confidence"]},
+    )
     tmp.replace(cache)
     return feats
 
@@ -165,14 +179,20 @@ def run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, p: Params, html: Path | 
     cfg = p.drift
     numeric = [c for c in ref.columns if c != "predicted_class"]
     definition = DataDefinition(numerical_columns=numeric, categorical_columns=["predicted_class"])
-    preset = DataDriftPreset(num_method=cfg.numeric_method, num_threshold=cfg.numeric_threshold,
-                             cat_method=cfg.categorical_method, cat_threshold=cfg.categorical_threshold,
-                             drift_share=cfg.drift_share)
+    preset = DataDriftPreset(
+        num_method=cfg.numeric_method,
+        num_threshold=cfg.numeric_threshold,
+        cat_method=cfg.categorical_method,
+        cat_threshold=cfg.categorical_threshold,
+        drift_share=cfg.drift_share,
+    )
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # Constant columns (every image 28 px wide) make evidently's correlation plots divide by zero: harmless.
         warnings.simplefilter("ignore", RuntimeWarning)
-        snapshot = Report([preset]).run(current_data=Dataset.from_pandas(cur, data_definition=definition),
-                                        reference_data=Dataset.from_pandas(ref, data_definition=definition))
+        snapshot = Report([preset]).run(
+            current_data=Dataset.from_pandas(cur, data_definition=definition),
+            reference_data=Dataset.from_pandas(ref, data_definition=definition),
+        )
     if html is not None:
         html.parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(html))
@@ -188,8 +208,13 @@ def run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, p: Params, html: Path | 
             threshold = cfg.categorical_threshold if col == "predicted_class" else cfg.numeric_threshold
             score = float(m["value"])
             drifted = score < threshold if method in P_VALUE_METHODS else score >= threshold
-            columns[col] = {"score": score, "method": method, "threshold": threshold, "drifted": bool(drifted),
-                            "p_value" if method in P_VALUE_METHODS else "distance": score}
+            columns[col] = {
+                "score": score,
+                "method": method,
+                "threshold": threshold,
+                "drifted": bool(drifted),
+                "p_value" if method in P_VALUE_METHODS else "distance": score,
+            }
     if count is None:
         raise DataError("evidently returned no drift summary (DriftedColumnsCount); check the evidently version")
     return {"columns": columns, "count": count, "share": share}
@@ -202,25 +227,40 @@ def summarise(ref: pd.DataFrame, cur: pd.DataFrame, result: dict[str, Any], p: P
         if col == "predicted_class":
             rf = ref[col].value_counts(normalize=True)
             cf = cur[col].value_counts(normalize=True)
-            delta = (cf.reindex(rf.index.union(cf.index), fill_value=0)
-                     - rf.reindex(rf.index.union(cf.index), fill_value=0))
-            entry["largest_class_shift"] = {str(k): round(float(v), 4)
-                                            for k, v in delta.sort_values(key=abs, ascending=False).head(3).items()}
+            delta = cf.reindex(rf.index.union(cf.index), fill_value=0) - rf.reindex(
+                rf.index.union(cf.index), fill_value=0
+            )
+            entry["largest_class_shift"] = {
+                str(k): round(float(v), 4) for k, v in delta.sort_values(key=abs, ascending=False).head(3).items()
+            }
         else:
-            entry.update(reference_mean=round(float(ref[col].mean()), 4), current_mean=round(float(cur[col].mean()), 4),
-                         reference_std=round(float(ref[col].std()), 4))
+            entry.update(
+                reference_mean=round(float(ref[col].mean()), 4),
+                current_mean=round(float(cur[col].mean()), 4),
+                reference_std=round(float(ref[col].std()), 4),
+            )
         features[col] = entry
-    moved = sorted((c for c, f in features.items() if f["drifted"]),
-                   key=lambda c: -abs(features[c]["score"]) if features[c]["method"] not in P_VALUE_METHODS
-                   else features[c]["score"])
+    moved = sorted(
+        (c for c, f in features.items() if f["drifted"]),
+        key=lambda c: (
+            -abs(features[c]["score"]) if features[c]["method"] not in P_VALUE_METHODS else features[c]["score"]
+        ),
+    )
     views = {}
     for v in VIEWS:
         cols = [c for c, f in features.items() if f["view"] == v]
         hit = [c for c in cols if features[c]["drifted"]]
         views[v] = {"drift_share": round(len(hit) / max(len(cols), 1), 4), "drifted_features": hit}
-    return {"drifted": result["share"] >= p.drift.drift_share, "drift_share": round(result["share"], 4),
-            "n_drifted_features": result["count"], "n_features": len(features), "threshold": p.drift.drift_share,
-            "moved": moved, "views": views, "features": features}
+    return {
+        "drifted": result["share"] >= p.drift.drift_share,
+        "drift_share": round(result["share"], 4),
+        "n_drifted_features": result["count"],
+        "n_features": len(features),
+        "threshold": p.drift.drift_share,
+        "moved": moved,
+        "views": views,
+        "features": features,
+    }
 
 
 def batch_accuracy(feats: Features) -> float | None:
@@ -235,8 +275,10 @@ def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[
 
     batch = load_batch(folder)
     if not batch.images:
-        raise DataError(f"batch {folder} holds no files: nothing to check (expected images, in {folder}/images/ "
-                        "with labels.csv beside them, or one sub-folder per class)")
+        raise DataError(
+            f"batch {folder} holds no files: nothing to check (expected images, in {folder}/images/ "
+            "with labels.csv beside them, or one sub-folder per class)"
+        )
     feats = extract(batch.images, session, card, DecodeRules.from_params(p.validation))
     if batch.labels is not None:
         readable = {str(f) for f in batch.images} - {r["file"] for r in feats.rejected or []}
@@ -244,12 +286,15 @@ def batch_features(p: Params, root: Path, folder: Path, session, card) -> tuple[
     return feats, {"kind": "folder", "path": str(folder), "meta": batch.meta}
 
 
-def log_features(p: Params, root: Path, log_path: Path, version: str,
-                 since: float | None) -> tuple[Features, dict[str, Any]]:
+def log_features(
+    p: Params, root: Path, log_path: Path, version: str, since: float | None
+) -> tuple[Features, dict[str, Any]]:
     """Records of the serving prediction log newer than `since` (epoch seconds) made by the champion version."""
     if not log_path.is_file():
-        raise DataError(f"prediction log {log_path} not found: serve the model (`visionflow serve`) first, or "
-                        "check a folder batch instead")
+        raise DataError(
+            f"prediction log {log_path} not found: serve the model (`visionflow serve`) first, or "
+            "check a folder batch instead"
+        )
     rows, other_versions, malformed = [], 0, 0
     with log_path.open() as fh:
         for line in fh:
@@ -265,24 +310,40 @@ def log_features(p: Params, root: Path, log_path: Path, version: str,
                 continue
             rows.append(rec)
     if not rows:
-        raise DataError(f"no predictions by champion v{version} in {log_path}"
-                        + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
-                        + (f" ({other_versions} by other versions)" if other_versions else ""))
+        raise DataError(
+            f"no predictions by champion v{version} in {log_path}"
+            + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else "")
+            + (f" ({other_versions} by other versions)" if other_versions else "")
+        )
     missing = [k for k in (*PROPERTY_NAMES, "embedding", "confidence", "label") if k not in rows[0]]
     if missing:
-        raise DataError(f"prediction log records lack {missing}: it was written by an older server; check a "
-                        "folder batch instead")
+        raise DataError(
+            f"prediction log records lack {missing}: it was written by an older server; check a folder batch instead"
+        )
     frame = pd.DataFrame({k: [r[k] for r in rows] for k in (*PROPERTY_NAMES, "confidence")})
     frame["predicted_class"] = [r["label"] for r in rows]
     emb = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
-    return Features(frame, emb, rejected=[]), {"kind": "prediction_log", "path": str(log_path), "since": since,
-                                               "skipped_other_versions": other_versions,
-                                               "skipped_malformed_lines": malformed}
+    return Features(frame, emb, rejected=[]), {
+        "kind": "prediction_log",
+        "path": str(log_path),
+        "since": since,
+        "skipped_other_versions": other_versions,
+        "skipped_malformed_lines": malformed,
+    }
 
 
-def check(p: Params, root: Path, *, batch: Path | None = None, log_path: Path | None = None,
-          since: float | None = None, name: str | None = None, log_to_mlflow: bool = True,
-          html: bool = True, champion=None) -> dict[str, Any]:
+def check(
+    p: Params,
+    root: Path,
+    *,
+    batch: Path | None = None,
+    log_path: Path | None = None,
+    since: float | None = None,
+    name: str | None = None,
+    log_to_mlflow: bool = True,
+    html: bool = True,
+    champion=None,
+) -> dict[str, Any]:
     """Run the drift check on a folder batch or the prediction log; writes reports/drift/<name>/."""
     if (batch is None) == (log_path is None):
         raise DataError("give either a batch folder or the prediction log to check")
@@ -300,27 +361,48 @@ def check(p: Params, root: Path, *, batch: Path | None = None, log_path: Path | 
     rejected = cur.rejected or []
     n_ok = len(cur.frame)
     out_dir = ProjectPaths.of(p, root).drift_reports / name
-    base = {"batch": name, "source": source, "champion_version": version, "n_images": n_ok + len(rejected),
-            "n_checked": n_ok, "n_unreadable": len(rejected), "unreadable": rejected[:100]}
+    base = {
+        "batch": name,
+        "source": source,
+        "champion_version": version,
+        "n_images": n_ok + len(rejected),
+        "n_checked": n_ok,
+        "n_unreadable": len(rejected),
+        "unreadable": rejected[:100],
+    }
     if n_ok < p.drift.min_batch_size:
-        verdict = {**base, "drifted": None, "status": "insufficient_data",
-                   "message": f"{n_ok} readable image(s), fewer than drift.min_batch_size={p.drift.min_batch_size}: "
-                              "no drift verdict" + (f"; {len(rejected)} unreadable, listed under 'unreadable' and "
-                                                    "left in place" if rejected else "")}
+        verdict = {
+            **base,
+            "drifted": None,
+            "status": "insufficient_data",
+            "message": f"{n_ok} readable image(s), fewer than drift.min_batch_size={p.drift.min_batch_size}: "
+            "no drift verdict"
+            + (f"; {len(rejected)} unreadable, listed under 'unreadable' and left in place" if rejected else ""),
+        }
         write_json_atomic(out_dir / "verdict.json", verdict)
         return verdict
-    ref_pc, cur_pc, explained = project_embeddings(ref.embeddings, cur.embeddings, p.drift.embedding_components,
-                                                   p.base.seed)
+    ref_pc, cur_pc, explained = project_embeddings(
+        ref.embeddings, cur.embeddings, p.drift.embedding_components, p.base.seed
+    )
     ref_t, cur_t = feature_table(ref, ref_pc), feature_table(cur, cur_pc)
     t0 = time.perf_counter()
     result = run_evidently(ref_t, cur_t, p, out_dir / "drift.html" if html else None)
     t_evidently = time.perf_counter() - t0
-    verdict = {**base, "status": "ok", **summarise(ref_t, cur_t, result, p),
-               "accuracy": batch_accuracy(cur), "reference": {"split": "test", "n_images": len(ref_t)},
-               "embedding_variance_explained": round(float(explained.sum()), 4),
-               "seconds": {"reference": round(t_ref, 3), "extract": round(t_extract, 3),
-                           "evidently": round(t_evidently, 3), "total": round(time.perf_counter() - start, 3)},
-               "report_html": str((out_dir / "drift.html").relative_to(root)) if html else None}
+    verdict = {
+        **base,
+        "status": "ok",
+        **summarise(ref_t, cur_t, result, p),
+        "accuracy": batch_accuracy(cur),
+        "reference": {"split": "test", "n_images": len(ref_t)},
+        "embedding_variance_explained": round(float(explained.sum()), 4),
+        "seconds": {
+            "reference": round(t_ref, 3),
+            "extract": round(t_extract, 3),
+            "evidently": round(t_evidently, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
+        "report_html": str((out_dir / "drift.html").relative_to(root)) if html else None,
+    }
     write_json_atomic(out_dir / "verdict.json", verdict)
     if log_to_mlflow:
         verdict["mlflow_run_id"] = _log(p, root, verdict, out_dir)
@@ -335,17 +417,30 @@ def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
 
     exp = ensure_experiment(f"{p.base.project}-drift", root, p.registry.artifact_location)
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{verdict['batch']}") as run:
-        mlflow.set_tags({"visionflow.drifted": str(verdict["drifted"]).lower(),
-                         "visionflow.champion_version": verdict["champion_version"],
-                         "visionflow.batch": verdict["batch"],
-                         "visionflow.moved": ",".join(verdict["moved"])[:5000]})
-        mlflow.log_params({"numeric_method": p.drift.numeric_method, "numeric_threshold": p.drift.numeric_threshold,
-                           "categorical_method": p.drift.categorical_method,
-                           "categorical_threshold": p.drift.categorical_threshold,
-                           "drift_share_threshold": p.drift.drift_share, "n_images": verdict["n_images"]})
-        metrics = {"drift_share": verdict["drift_share"], "n_drifted_features": verdict["n_drifted_features"],
-                   "n_unreadable": verdict["n_unreadable"],
-                   **{f"score/{k}": v["score"] for k, v in verdict["features"].items()}}
+        mlflow.set_tags(
+            {
+                "visionflow.drifted": str(verdict["drifted"]).lower(),
+                "visionflow.champion_version": verdict["champion_version"],
+                "visionflow.batch": verdict["batch"],
+                "visionflow.moved": ",".join(verdict["moved"])[:5000],
+            }
+        )
+        mlflow.log_params(
+            {
+                "numeric_method": p.drift.numeric_method,
+                "numeric_threshold": p.drift.numeric_threshold,
+                "categorical_method": p.drift.categorical_method,
+                "categorical_threshold": p.drift.categorical_threshold,
+                "drift_share_threshold": p.drift.drift_share,
+                "n_images": verdict["n_images"],
+            }
+        )
+        metrics = {
+            "drift_share": verdict["drift_share"],
+            "n_drifted_features": verdict["n_drifted_features"],
+            "n_unreadable": verdict["n_unreadable"],
+            **{f"score/{k}": v["score"] for k, v in verdict["features"].items()},
+        }
         if verdict.get("accuracy") is not None:
             metrics["batch_accuracy"] = verdict["accuracy"]
         mlflow.log_metrics(metrics)

@@ -39,8 +39,15 @@ class DriftEvaluation:
     runs: list[DriftRun]
 
 
-def evaluate_detector(p: Params, root: Path, *, batches: int, shift: str, severity: int,
-                      progress: Callable[[int, int], None] | None = None) -> DriftEvaluation:
+def evaluate_detector(
+    p: Params,
+    root: Path,
+    *,
+    batches: int,
+    shift: str,
+    severity: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> DriftEvaluation:
     """Simulate `batches` reference and `batches` shifted batches, check each against the champion (no MLflow
     runs, no HTML), and write the summary to reports/drift/evaluation.json. MLflow must point at the registry."""
     from visionflow.monitoring.drift import check, load_champion
@@ -54,18 +61,32 @@ def evaluate_detector(p: Params, root: Path, *, batches: int, shift: str, severi
         seed = FIRST_SEED + k
         folder = paths.batches / "eval" / f"{cond}-{seed}"
         simulate(p, root, folder, shift=sh, severity=severity, n=p.drift.batch_size, seed=seed)
-        v = check(p, root, batch=folder, champion=champion, log_to_mlflow=False, html=False,
-                  name=f"eval/{cond}-{seed}")
-        runs.append(DriftRun(condition=cond, seed=seed, drifted=v["drifted"], drift_share=v["drift_share"],
-                             moved=v["moved"], accuracy=v["accuracy"]))
+        v = check(p, root, batch=folder, champion=champion, log_to_mlflow=False, html=False, name=f"eval/{cond}-{seed}")
+        runs.append(
+            DriftRun(
+                condition=cond,
+                seed=seed,
+                drifted=v["drifted"],
+                drift_share=v["drift_share"],
+                moved=v["moved"],
+                accuracy=v["accuracy"],
+            )
+        )
         if progress:
             progress(k + 1, len(plan))
     reference = [r for r in runs if r.condition == "reference"]
     shifted = [r for r in runs if r.condition == "shifted"]
     result = DriftEvaluation(
-        batch_size=p.drift.batch_size, batches=batches, shift=shift, severity=severity,
-        false_alarms=sum(r.drifted for r in reference), detections=sum(r.drifted for r in shifted),
-        drift_share_threshold=p.drift.drift_share, reference_shares=[r.drift_share for r in reference],
-        shifted_shares=[r.drift_share for r in shifted], runs=runs)
+        batch_size=p.drift.batch_size,
+        batches=batches,
+        shift=shift,
+        severity=severity,
+        false_alarms=sum(r.drifted for r in reference),
+        detections=sum(r.drifted for r in shifted),
+        drift_share_threshold=p.drift.drift_share,
+        reference_shares=[r.drift_share for r in reference],
+        shifted_shares=[r.drift_share for r in shifted],
+        runs=runs,
+    )
     write_json_atomic(paths.drift_reports / REPORT_NAME, asdict(result))
     return result

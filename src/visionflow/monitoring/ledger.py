@@ -41,8 +41,9 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"{path} is damaged ({exc}); move it aside to reset the retraining cool-down") from None
 
 
-def claim_retraining(path: Path, *, cooldown_s: float, trigger: str, detail: dict[str, Any] | None = None,
-                     now: float | None = None) -> Claim:
+def claim_retraining(
+    path: Path, *, cooldown_s: float, trigger: str, detail: dict[str, Any] | None = None, now: float | None = None
+) -> Claim:
     """Atomically grant a retraining unless one was granted within the cool-down window."""
     now = time.time() if now is None else now
     with file_lock(path.with_suffix(".lock")):
@@ -50,8 +51,9 @@ def claim_retraining(path: Path, *, cooldown_s: float, trigger: str, detail: dic
         started = [e for e in entries if e.get("granted")]
         last = started[-1] if started else None
         if last is not None and now - last["time"] < cooldown_s:
-            entries.append({"time": now, "trigger": trigger, "granted": False, "suppressed_by": last["claim_id"],
-                            **(detail or {})})
+            entries.append(
+                {"time": now, "trigger": trigger, "granted": False, "suppressed_by": last["claim_id"], **(detail or {})}
+            )
             write_json_atomic(path, {"retrainings": entries[-500:]})
             return Claim(False, None, last, last["time"] + cooldown_s)
         claim_id = uuid.uuid4().hex[:12]
@@ -82,8 +84,9 @@ def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[st
     counts: dict[str, int] = {}
     unknown = sorted({lab for lab in batch.labels if lab and classes and lab not in classes})
     if unknown:
-        raise DataError(f"{batch_dir}/labels.csv names classes the model does not know: {unknown}; "
-                        f"known classes: {classes}")
+        raise DataError(
+            f"{batch_dir}/labels.csv names classes the model does not know: {unknown}; known classes: {classes}"
+        )
     for f, label in zip(batch.images, batch.labels):
         if not label:
             continue

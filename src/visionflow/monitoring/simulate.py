@@ -59,21 +59,25 @@ def heldout_pool(p, root: Path) -> tuple[list[np.ndarray] | None, list[Path] | N
     paths = ProjectPaths.of(p, root)
     if p.data.source == FASHION_MNIST and p.data.max_images is not None:
         images, labels = not_ingested(paths.external, p.data.max_images, p.base.seed)
-        return (list(images), None, [FASHION_MNIST_CLASSES[int(k)] for k in labels],
-                f"fashion-mnist images not ingested ({len(labels)})")
+        return (
+            list(images),
+            None,
+            [FASHION_MNIST_CLASSES[int(k)] for k in labels],
+            f"fashion-mnist images not ingested ({len(labels)})",
+        )
     test = paths.splits / "test.csv"
     if not test.is_file():
         raise DataError(f"{test} not found: run `visionflow split` (or the pipeline) before simulating batches")
     from visionflow.data.validate import read_manifest
 
     m = read_manifest(test)
-    return None, [paths.resolve(x) for x in m["path"]], list(m["label"]), \
-        f"test split ({len(m)})"
+    return None, [paths.resolve(x) for x in m["path"]], list(m["label"]), f"test split ({len(m)})"
 
 
 @dataclass(frozen=True)
 class LoopSize:
     """How many held-out images each of the demo loop's two batches gets; n == 0: the loop is skipped."""
+
     n: int
     pool: int
     note: str
@@ -89,12 +93,19 @@ def loop_batch_size(p, root: Path) -> LoopSize:
     want, least = p.drift.batch_size, p.drift.min_batch_size
     n = min(want, pool // 2)
     if n < least:
-        return LoopSize(0, pool, f"closed loop skipped: the held-out pool ({pool} images) gives two batches of "
-                                 f"{n}, fewer than drift.min_batch_size ({least}); a larger dataset (or "
-                                 f"data.test_fraction) gives the loop enough images")
+        return LoopSize(
+            0,
+            pool,
+            f"closed loop skipped: the held-out pool ({pool} images) gives two batches of "
+            f"{n}, fewer than drift.min_batch_size ({least}); a larger dataset (or "
+            f"data.test_fraction) gives the loop enough images",
+        )
     if n < want:
-        return LoopSize(n, pool, f"{n} images per batch: drift.batch_size ({want}) is more than half the "
-                                 f"held-out pool ({pool} images)")
+        return LoopSize(
+            n,
+            pool,
+            f"{n} images per batch: drift.batch_size ({want}) is more than half the held-out pool ({pool} images)",
+        )
     return LoopSize(n, pool, f"{n} images per batch (drift.batch_size)")
 
 
@@ -111,10 +122,12 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
     arrays, paths, labels, source = heldout_pool(p, root)
     total = len(labels)
     if skip + n > total:
-        raise DataError(f"asked for {n} images{f' after the first {skip}' if skip else ''} but the held-out pool "
-                        f"({source}) has only {total}")
+        raise DataError(
+            f"asked for {n} images{f' after the first {skip}' if skip else ''} but the held-out pool "
+            f"({source}) has only {total}"
+        )
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(total)[skip:skip + n])
+    chosen = np.sort(rng.permutation(total)[skip : skip + n])
     out = Path(out)
     images_dir = out / "images"
     partial = out.with_name(out.name + ".partial")
@@ -136,8 +149,15 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
         rows.append({"file": name, "label": labels[i]})
         written.append(images_dir / name)
     pd.DataFrame(rows).to_csv(partial / "labels.csv", index=False)
-    meta = {"shift": shift, "severity": severity, "seed": seed, "skip": skip, "n": n, "source": source,
-            "class_counts": pd.Series([r["label"] for r in rows]).value_counts().sort_index().to_dict()}
+    meta = {
+        "shift": shift,
+        "severity": severity,
+        "seed": seed,
+        "skip": skip,
+        "n": n,
+        "source": source,
+        "class_counts": pd.Series([r["label"] for r in rows]).value_counts().sort_index().to_dict(),
+    }
     (partial / "batch.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -154,8 +174,11 @@ def load_batch(folder: Path) -> Batch:
     if not folder.is_dir():
         raise DataError(f"{folder} is a file: a batch is a folder of images (optionally with labels.csv)")
     images_dir = folder / "images" if (folder / "images").is_dir() else folder
-    files = sorted(f for f in images_dir.iterdir() if f.is_file() and not f.name.startswith(".")
-                   and f.name not in ("labels.csv", "batch.json"))
+    files = sorted(
+        f
+        for f in images_dir.iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.name not in ("labels.csv", "batch.json")
+    )
     labels = None
     if (folder / "labels.csv").is_file():
         table = pd.read_csv(folder / "labels.csv", dtype=str)

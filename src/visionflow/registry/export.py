@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from visionflow.training.evaluate import predict_logits
 from visionflow.data.imageio import sha256_file
 from visionflow.onnxrt import ort_logits, ort_session
+from visionflow.training.evaluate import predict_logits
 
 
 class _Exportable(nn.Module):
@@ -44,9 +44,14 @@ def export_onnx(net: nn.Module, *, image_size: int, channels: int, path: Path, o
     tmp = path.with_suffix(".onnx.tmp")
     with torch.inference_mode():
         torch.onnx.export(
-            module, (dummy,), str(tmp), input_names=["image"], output_names=["logits", "embedding"],
+            module,
+            (dummy,),
+            str(tmp),
+            input_names=["image"],
+            output_names=["logits", "embedding"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=opset, dynamo=False,
+            opset_version=opset,
+            dynamo=False,
         )
     import onnx
 
@@ -76,26 +81,67 @@ def onnx_signature(model) -> Any:
 def model_card_markdown(card: dict[str, Any]) -> str:
     """The card as the registry's version description: what a person reads in the MLflow UI."""
     shape = " x ".join(str(d) for d in card["input"]["shape"])
-    rows = [("architecture", card["architecture"]), ("data version", card.get("data_version") or "unversioned"),
-            ("input", f"`{card['input']['name']}` {card['input']['dtype']} {card['input']['layout']} ({shape})"),
-            ("outputs", ", ".join(f"`{o}`" for o in card["outputs"])),
-            ("classes", f"{len(card['classes'])}: " + ", ".join(card["classes"])),
-            ("ONNX sha256", f"`{card['onnx_sha256']}`")]
-    rows += [(k, str(v)) for k, v in card.items()
-             if k not in {"format", "input", "outputs", "image_size", "channels", "classes", "architecture",
-                          "data_version", "onnx_sha256"}]
-    return "\n".join(["**visionflow image classifier** (ONNX, preprocessing inside the graph)", "",
-                      "| | |", "|---|---|", *(f"| {k} | {v.replace('|', '/')} |" for k, v in rows)])
+    rows = [
+        ("architecture", card["architecture"]),
+        ("data version", card.get("data_version") or "unversioned"),
+        ("input", f"`{card['input']['name']}` {card['input']['dtype']} {card['input']['layout']} ({shape})"),
+        ("outputs", ", ".join(f"`{o}`" for o in card["outputs"])),
+        ("classes", f"{len(card['classes'])}: " + ", ".join(card["classes"])),
+        ("ONNX sha256", f"`{card['onnx_sha256']}`"),
+    ]
+    rows += [
+        (k, str(v))
+        for k, v in card.items()
+        if k
+        not in {
+            "format",
+            "input",
+            "outputs",
+            "image_size",
+            "channels",
+            "classes",
+            "architecture",
+            "data_version",
+            "onnx_sha256",
+        }
+    ]
+    return "\n".join(
+        [
+            "**visionflow image classifier** (ONNX, preprocessing inside the graph)",
+            "",
+            "| | |",
+            "|---|---|",
+            *(f"| {k} | {v.replace('|', '/')} |" for k, v in rows),
+        ]
+    )
 
 
-def write_model_card(onnx_path: Path, *, image_size: int, channels: int, classes: list[str], model_name: str,
-                     data_version: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_model_card(
+    onnx_path: Path,
+    *,
+    image_size: int,
+    channels: int,
+    classes: list[str],
+    model_name: str,
+    data_version: str | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     card = {
-        "format": "onnx", "input": {"name": "image", "dtype": "uint8", "layout": "NCHW",
-                                    "shape": ["batch", channels, image_size, image_size]},
-        "outputs": ["logits", "embedding"], "image_size": image_size, "channels": channels,
-        "classes": classes, "architecture": model_name, "data_version": data_version,
-        "onnx_sha256": sha256_file(onnx_path), **(extra or {}),
+        "format": "onnx",
+        "input": {
+            "name": "image",
+            "dtype": "uint8",
+            "layout": "NCHW",
+            "shape": ["batch", channels, image_size, image_size],
+        },
+        "outputs": ["logits", "embedding"],
+        "image_size": image_size,
+        "channels": channels,
+        "classes": classes,
+        "architecture": model_name,
+        "data_version": data_version,
+        "onnx_sha256": sha256_file(onnx_path),
+        **(extra or {}),
     }
     Path(onnx_path).with_name("model_card.json").write_text(json.dumps(card, indent=2))
     return card
@@ -126,8 +172,15 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def parity_check(net: nn.Module, onnx_path: Path, images: np.ndarray, *, tolerance: float,
-                 batch_sizes: tuple[int, ...] = (1, 7, 32), repeats: int = 30) -> ParityResult:
+def parity_check(
+    net: nn.Module,
+    onnx_path: Path,
+    images: np.ndarray,
+    *,
+    tolerance: float,
+    batch_sizes: tuple[int, ...] = (1, 7, 32),
+    repeats: int = 30,
+) -> ParityResult:
     session = ort_session(onnx_path)
     reference = predict_logits(net, images)
     worst, agree = 0.0, 1.0
@@ -152,9 +205,19 @@ def parity_check(net: nn.Module, onnx_path: Path, images: np.ndarray, *, toleran
         torch_b32 = _median_ms(lambda: net(t32), max(5, repeats // 3))
     ort_b1 = _median_ms(lambda: session.run(["logits"], {"image": b1}), repeats)
     ort_b32 = _median_ms(lambda: session.run(["logits"], {"image": b32}), max(5, repeats // 3))
-    return ParityResult(passed=not reasons, n_images=len(images), top1_agreement=agree, max_abs_diff=worst,
-                        tolerance=tolerance, batch_sizes=list(batch_sizes), ort_ms_b1=ort_b1, torch_ms_b1=torch_b1,
-                        ort_ms_b32=ort_b32, torch_ms_b32=torch_b32, reasons=reasons)
+    return ParityResult(
+        passed=not reasons,
+        n_images=len(images),
+        top1_agreement=agree,
+        max_abs_diff=worst,
+        tolerance=tolerance,
+        batch_sizes=list(batch_sizes),
+        ort_ms_b1=ort_b1,
+        torch_ms_b1=torch_b1,
+        ort_ms_b32=ort_b32,
+        torch_ms_b32=torch_b32,
+        reasons=reasons,
+    )
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,19 @@ def lineage(ref: str) -> Lineage:
     info = version_info(name, version)
     t = info["tags"]
     return Lineage(
-        model=name, version=version, aliases=info["aliases"], mlflow_run_id=info["run_id"],
-        data_version=t.get(f"{TAG}data_version"), git_commit=t.get(f"{TAG}git_commit"),
-        params_hash=t.get(f"{TAG}params_hash"), flow_run_id=t.get(f"{TAG}flow_run_id"),
-        parent_champion=t.get(f"{TAG}parent_champion"), promoted=t.get(f"{TAG}promoted"),
+        model=name,
+        version=version,
+        aliases=info["aliases"],
+        mlflow_run_id=info["run_id"],
+        data_version=t.get(f"{TAG}data_version"),
+        git_commit=t.get(f"{TAG}git_commit"),
+        params_hash=t.get(f"{TAG}params_hash"),
+        flow_run_id=t.get(f"{TAG}flow_run_id"),
+        parent_champion=t.get(f"{TAG}parent_champion"),
+        promoted=t.get(f"{TAG}promoted"),
         gates={k.removeprefix(GATE): v for k, v in t.items() if k.startswith(GATE)},
         metrics={k.removeprefix(METRIC): float(v) for k, v in t.items() if k.startswith(METRIC)},
-        onnx_sha256=t.get(f"{TAG}onnx_sha256"), parity_max_abs_diff=t.get(f"{TAG}parity.max_abs_diff"),
+        onnx_sha256=t.get(f"{TAG}onnx_sha256"),
+        parity_max_abs_diff=t.get(f"{TAG}parity.max_abs_diff"),
         ort_latency_ms_b1=t.get(f"{TAG}latency.ort_ms_b1"),
     )

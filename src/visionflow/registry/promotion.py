@@ -49,8 +49,9 @@ class Comparison:
     n_batch: int
 
 
-def labelled_batch(folder: Path, image_size: int, channels: int, classes: list[str],
-                   rules: DecodeRules) -> tuple[np.ndarray, np.ndarray]:
+def labelled_batch(
+    folder: Path, image_size: int, channels: int, classes: list[str], rules: DecodeRules
+) -> tuple[np.ndarray, np.ndarray]:
     """A reviewed batch (images + labels.csv) decoded for a model; unreadable or unlabelled images are left out."""
     from visionflow.data.imageio import RejectedImage, decode_for_model, read_limited
     from visionflow.monitoring.simulate import load_batch
@@ -76,8 +77,9 @@ class ComparisonImages:
     """The promotion's images for each model input, built (test split from the cache, corruptions, eval batch
     decoded) the first time a model with that input asks."""
 
-    def __init__(self, *, paths: ProjectPaths, cfg: EvaluateParams, seed: int, eval_batch: Path | None,
-                 rules: DecodeRules):
+    def __init__(
+        self, *, paths: ProjectPaths, cfg: EvaluateParams, seed: int, eval_batch: Path | None, rules: DecodeRules
+    ):
         self.paths, self.cfg, self.seed = paths, cfg, seed
         self.eval_batch, self.rules = eval_batch, rules
         self._built: dict[tuple[int, int], Comparison] = {}
@@ -93,14 +95,22 @@ class ComparisonImages:
         from visionflow.training.evaluate import robustness_subset
         from visionflow.training.robustness import corrupt_batch
 
-        test = build_cache(self.paths.splits / "test.csv", self.paths.cache, classes=classes, image_size=image_size,
-                           channels=channels, project=self.paths)
+        test = build_cache(
+            self.paths.splits / "test.csv",
+            self.paths.cache,
+            classes=classes,
+            image_size=image_size,
+            channels=channels,
+            project=self.paths,
+        )
         imgs, labels = np.asarray(test.images), test.labels
         subset = robustness_subset(len(imgs), self.cfg.robustness_images, self.seed)
-        corrupted = [corrupt_batch(imgs[subset], name, sev, seed=self.seed)
-                     for name in self.cfg.corruptions for sev in self.cfg.severities]
-        extra = ([labelled_batch(self.eval_batch, image_size, channels, classes, self.rules)]
-                 if self.eval_batch else [])
+        corrupted = [
+            corrupt_batch(imgs[subset], name, sev, seed=self.seed)
+            for name in self.cfg.corruptions
+            for sev in self.cfg.severities
+        ]
+        extra = [labelled_batch(self.eval_batch, image_size, channels, classes, self.rules)] if self.eval_batch else []
         every = np.concatenate([imgs, *corrupted, *(e[0] for e in extra)])
         every_labels = np.concatenate([labels] + [labels[subset]] * len(corrupted) + [e[1] for e in extra])
         return Comparison(imgs, labels, every, every_labels, n_batch=sum(len(e[1]) for e in extra))
@@ -111,22 +121,35 @@ def _correct(onnx_path: Path, images: Comparison) -> tuple[np.ndarray, np.ndarra
     from visionflow.onnxrt import ort_logits, ort_session
 
     session = ort_session(onnx_path, accelerated=True)
-    return (ort_logits(session, images.clean).argmax(1) == images.clean_labels,
-            ort_logits(session, images.every).argmax(1) == images.every_labels)
+    return (
+        ort_logits(session, images.clean).argmax(1) == images.clean_labels,
+        ort_logits(session, images.every).argmax(1) == images.every_labels,
+    )
 
 
 def _accuracy(new: np.ndarray, old: np.ndarray | None) -> dict[str, Any]:
-    return {"challenger": round(float(new.mean()), 4),
-            "champion": round(float(old.mean()), 4) if old is not None else None, "n_images": int(len(new))}
+    return {
+        "challenger": round(float(new.mean()), 4),
+        "champion": round(float(old.mean()), 4) if old is not None else None,
+        "n_images": int(len(new)),
+    }
 
 
-def promote(*, model_name: str, version: str | None, cfg: RegistryParams, seed: int, lock_dir: Path,
-            images: ComparisonImages) -> PromoteResult:
+def promote(
+    *, model_name: str, version: str | None, cfg: RegistryParams, seed: int, lock_dir: Path, images: ComparisonImages
+) -> PromoteResult:
     """Judge `version` (default: the challenger) against every gate and the current champion; move the aliases
     if it wins. Runs under the promotion lock; the downloaded models go when the promotion is decided."""
     from visionflow.registry.store import (
-        CHALLENGER, CHAMPION, RegistryError, alias_version, apply_promotion, download_onnx, gate_decision,
-        promotion_lock, version_info,
+        CHALLENGER,
+        CHAMPION,
+        RegistryError,
+        alias_version,
+        apply_promotion,
+        download_onnx,
+        gate_decision,
+        promotion_lock,
+        version_info,
     )
 
     name = model_name
@@ -144,21 +167,43 @@ def promote(*, model_name: str, version: str | None, cfg: RegistryParams, seed: 
         if champion is not None and champion != version:
             old_path, old_card = download_onnx(name, champion, Path(tmp) / champion)
             if old_card["classes"] != classes:
-                raise RegistryError(f"champion v{champion} predicts classes {old_card['classes']}, challenger "
-                                    f"v{version} predicts {classes}: promote by hand after review")
+                raise RegistryError(
+                    f"champion v{champion} predicts classes {old_card['classes']}, challenger "
+                    f"v{version} predicts {classes}: promote by hand after review"
+                )
             clean_old, all_old = _correct(old_path, images.for_card(old_card, classes))
         gates = gate_decision(
-            cfg=cfg, parity_passed=tags.get("visionflow.gate.parity") == "passed",
-            parity_detail=(f"max |logit diff| {tags.get('visionflow.parity.max_abs_diff')}, top-1 agreement "
-                           f"{tags.get('visionflow.parity.top1_agreement')}"),
-            latency_ms=float(tags.get("visionflow.latency.ort_ms_b1", "inf")), clean_new=clean_new,
-            labels=new.clean_labels, classes=classes, seed=seed, clean_old=clean_old, all_new=all_new,
-            all_old=all_old, compared_on="clean+corrupted+eval-batch" if images.eval_batch else "clean+corrupted")
+            cfg=cfg,
+            parity_passed=tags.get("visionflow.gate.parity") == "passed",
+            parity_detail=(
+                f"max |logit diff| {tags.get('visionflow.parity.max_abs_diff')}, top-1 agreement "
+                f"{tags.get('visionflow.parity.top1_agreement')}"
+            ),
+            latency_ms=float(tags.get("visionflow.latency.ort_ms_b1", "inf")),
+            clean_new=clean_new,
+            labels=new.clean_labels,
+            classes=classes,
+            seed=seed,
+            clean_old=clean_old,
+            all_new=all_new,
+            all_old=all_old,
+            compared_on="clean+corrupted+eval-batch" if images.eval_batch else "clean+corrupted",
+        )
         d = apply_promotion(name, version, gates)
     batch = images.eval_batch
     return PromoteResult(
-        model=d.model, version=d.version, promoted=d.promoted, champion_before=d.champion_before,
-        champion_after=d.champion_after, gates=d.gates, reasons=d.reasons,
-        clean_accuracy=_accuracy(clean_new, clean_old), eval_batch=str(batch) if batch else None,
-        eval_batch_accuracy=(_accuracy(all_new[-new.n_batch:], all_old[-new.n_batch:] if all_old is not None else None)
-                             if batch else None))
+        model=d.model,
+        version=d.version,
+        promoted=d.promoted,
+        champion_before=d.champion_before,
+        champion_after=d.champion_after,
+        gates=d.gates,
+        reasons=d.reasons,
+        clean_accuracy=_accuracy(clean_new, clean_old),
+        eval_batch=str(batch) if batch else None,
+        eval_batch_accuracy=(
+            _accuracy(all_new[-new.n_batch :], all_old[-new.n_batch :] if all_old is not None else None)
+            if batch
+            else None
+        ),
+    )

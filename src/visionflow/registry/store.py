@@ -47,8 +47,15 @@ def _not_found(exc: BaseException) -> bool:
     return "not found" in text.lower() or "does not exist" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text
 
 
-def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlflow_run_id: str,
-                  tags: dict[str, str], metrics: dict[str, float]) -> str:
+def register_onnx(
+    *,
+    onnx_path: Path,
+    card: dict[str, Any],
+    model_name: str,
+    mlflow_run_id: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+) -> str:
     """Log the ONNX model (with its card and signature) to the training run and register it, the card as the
     version's description; returns the new version."""
     import mlflow
@@ -59,8 +66,13 @@ def register_onnx(*, onnx_path: Path, card: dict[str, Any], model_name: str, mlf
     client = _client()
     model = onnx.load(str(onnx_path))
     with mlflow.start_run(run_id=mlflow_run_id):
-        info = mlflow.onnx.log_model(model, name="onnx_model", registered_model_name=model_name,
-                                     signature=onnx_signature(model), metadata={"visionflow_card": card})
+        info = mlflow.onnx.log_model(
+            model,
+            name="onnx_model",
+            registered_model_name=model_name,
+            signature=onnx_signature(model),
+            metadata={"visionflow_card": card},
+        )
         mlflow.log_dict(card, "onnx_model_card.json")
     version = str(info.registered_model_version)
     client.update_model_version(model_name, version, description=model_card_markdown(card))
@@ -78,8 +90,9 @@ def alias_version(model_name: str, alias: str) -> str | None:
     except Exception as exc:  # MLflow raises RestException/MlflowException for a missing alias or model
         if _not_found(exc):
             return None
-        raise RegistryError(f"could not read the {alias!r} alias of {model_name} from the registry "
-                            f"({_short(exc)})") from exc
+        raise RegistryError(
+            f"could not read the {alias!r} alias of {model_name} from the registry ({_short(exc)})"
+        ) from exc
 
 
 def version_info(model_name: str, version: str) -> dict[str, Any]:
@@ -87,11 +100,18 @@ def version_info(model_name: str, version: str) -> dict[str, Any]:
         mv = _client().get_model_version(model_name, version)
     except Exception as exc:
         if _not_found(exc) or getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
-            raise RegistryError(f"{model_name} has no version {version!r} in the registry (see the MLflow UI, or "
-                                f"`visionflow lineage {model_name}@champion`)") from exc
+            raise RegistryError(
+                f"{model_name} has no version {version!r} in the registry (see the MLflow UI, or "
+                f"`visionflow lineage {model_name}@champion`)"
+            ) from exc
         raise RegistryError(f"could not read {model_name} v{version} from the registry ({_short(exc)})") from exc
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags),
-            "aliases": list(getattr(mv, "aliases", []) or [])}
+    return {
+        "version": str(mv.version),
+        "run_id": mv.run_id,
+        "source": mv.source,
+        "tags": dict(mv.tags),
+        "aliases": list(getattr(mv, "aliases", []) or []),
+    }
 
 
 def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict[str, Any]]:
@@ -107,23 +127,28 @@ def download_onnx(model_name: str, version: str, dest: Path) -> tuple[Path, dict
     quiet.setLevel(logging.WARNING)
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}",
-                                                         dst_path=str(dest)))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(dest))
+        )
         onnx_file = next(iter(sorted(local.rglob("*.onnx"))), None)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any download failure is reported below with its cause
         onnx_file, cause = None, _short(exc)
     else:
         cause = "no .onnx file there"
     finally:
         quiet.setLevel(level)
     if onnx_file is None:
-        raise RegistryError(f"{model_name} v{version}: its model files could not be fetched from {info['source']} "
-                            f"({cause}); the artifact store has lost them or is unreachable. Promote or roll back "
-                            "to a version whose files are there")
+        raise RegistryError(
+            f"{model_name} v{version}: its model files could not be fetched from {info['source']} "
+            f"({cause}); the artifact store has lost them or is unreachable. Promote or roll back "
+            "to a version whose files are there"
+        )
     card = (mlflow.models.Model.load(str(onnx_file.parent)).metadata or {}).get("visionflow_card")
     if not card:
-        raise RegistryError(f"{model_name} v{version} has no model card in its MLmodel metadata: it was not "
-                            "registered by `visionflow register`")
+        raise RegistryError(
+            f"{model_name} v{version} has no model card in its MLmodel metadata: it was not "
+            "registered by `visionflow register`"
+        )
     return onnx_file, card
 
 
@@ -150,8 +175,9 @@ def promotion_lock(lock_dir: Path, model_name: str, timeout_s: float = 600) -> I
         with _prefect_lock(f"visionflow-promote-{model_name}", timeout_s):
             yield
         return
-    with file_lock(lock_dir / f"promote-{model_name}.lock", timeout_s=timeout_s,
-                   holder=f"another promotion of {model_name}"):
+    with file_lock(
+        lock_dir / f"promote-{model_name}.lock", timeout_s=timeout_s, holder=f"another promotion of {model_name}"
+    ):
         yield
 
 
@@ -172,10 +198,12 @@ def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
                     client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
                 except ObjectAlreadyExists:  # another promoter created it first
                     pass
-    except Exception as exc:
-        raise VisionflowError(f"the Prefect server at {api} holds the promotion lock in server mode but could not be "
-                              f"reached ({type(exc).__name__}: {str(exc)[:200]}); start it, fix PREFECT_API_URL / "
-                              "PREFECT_API_AUTH_STRING, or unset PREFECT_API_URL to promote locally") from None
+    except Exception as exc:  # noqa: BLE001 - whatever stops the server lock, the message says what to do
+        raise VisionflowError(
+            f"the Prefect server at {api} holds the promotion lock in server mode but could not be "
+            f"reached ({type(exc).__name__}: {str(exc)[:200]}); start it, fix PREFECT_API_URL / "
+            "PREFECT_API_AUTH_STRING, or unset PREFECT_API_URL to promote locally"
+        ) from None
     acquired = False
     try:
         with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
@@ -215,8 +243,9 @@ class Decision:
         return {**asdict(self), "reasons": self.reasons}
 
 
-def paired_bootstrap_lower(correct_new: np.ndarray, correct_old: np.ndarray, *, n_boot: int, alpha: float,
-                           seed: int) -> tuple[float, float]:
+def paired_bootstrap_lower(
+    correct_new: np.ndarray, correct_old: np.ndarray, *, n_boot: int, alpha: float, seed: int
+) -> tuple[float, float]:
     """Mean accuracy gain (new - old) on the same images and its one-sided (1 - alpha) bootstrap lower bound.
 
     Per image the paired difference is -1, 0 or +1, so resampling images with replacement is exactly a
@@ -234,35 +263,68 @@ def per_class_recall(correct: np.ndarray, labels: np.ndarray, n_classes: int) ->
     return np.array([correct[labels == c].mean() if (labels == c).any() else np.nan for c in range(n_classes)])
 
 
-def gate_decision(*, cfg: RegistryParams, parity_passed: bool, parity_detail: str, latency_ms: float,
-                  clean_new: np.ndarray, labels: np.ndarray, classes: list[str], seed: int,
-                  clean_old: np.ndarray | None = None, all_new: np.ndarray | None = None,
-                  all_old: np.ndarray | None = None, compared_on: str = "clean+corrupted") -> list[Gate]:
+def gate_decision(
+    *,
+    cfg: RegistryParams,
+    parity_passed: bool,
+    parity_detail: str,
+    latency_ms: float,
+    clean_new: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+    clean_old: np.ndarray | None = None,
+    all_new: np.ndarray | None = None,
+    all_old: np.ndarray | None = None,
+    compared_on: str = "clean+corrupted",
+) -> list[Gate]:
     """Every gate the challenger must pass. clean_* are per-image correctness on the clean test split;
     all_* add the corruption suite; both models are judged on exactly the same images."""
     gates = [Gate("parity", parity_passed, parity_detail)]
     acc = float(clean_new.mean())
-    gates.append(Gate("accuracy_floor", acc >= cfg.accuracy_floor,
-                      f"test accuracy {acc:.4f} {'>=' if acc >= cfg.accuracy_floor else '<'} floor "
-                      f"{cfg.accuracy_floor}", acc))
-    gates.append(Gate("latency", latency_ms <= cfg.latency_budget_ms,
-                      f"ONNX Runtime batch-1 latency {latency_ms:.2f} ms vs budget {cfg.latency_budget_ms} ms",
-                      latency_ms))
+    gates.append(
+        Gate(
+            "accuracy_floor",
+            acc >= cfg.accuracy_floor,
+            f"test accuracy {acc:.4f} {'>=' if acc >= cfg.accuracy_floor else '<'} floor {cfg.accuracy_floor}",
+            acc,
+        )
+    )
+    gates.append(
+        Gate(
+            "latency",
+            latency_ms <= cfg.latency_budget_ms,
+            f"ONNX Runtime batch-1 latency {latency_ms:.2f} ms vs budget {cfg.latency_budget_ms} ms",
+            latency_ms,
+        )
+    )
     if clean_old is not None:
         new = all_new if all_new is not None else clean_new
         old = all_old if all_old is not None else clean_old
-        gain, lower = paired_bootstrap_lower(new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha,
-                                             seed=seed)
-        gates.append(Gate("beats_champion", lower > cfg.min_gain,
-                          f"accuracy gain over champion {gain:+.4f} on {len(new)} {compared_on} images, "
-                          f"{1 - cfg.bootstrap_alpha:.0%} lower bound {lower:+.4f} "
-                          f"{'>' if lower > cfg.min_gain else '<='} margin {cfg.min_gain}", lower))
+        gain, lower = paired_bootstrap_lower(
+            new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha, seed=seed
+        )
+        gates.append(
+            Gate(
+                "beats_champion",
+                lower > cfg.min_gain,
+                f"accuracy gain over champion {gain:+.4f} on {len(new)} {compared_on} images, "
+                f"{1 - cfg.bootstrap_alpha:.0%} lower bound {lower:+.4f} "
+                f"{'>' if lower > cfg.min_gain else '<='} margin {cfg.min_gain}",
+                lower,
+            )
+        )
         k = len(classes)
         drop = per_class_recall(clean_old, labels, k) - per_class_recall(clean_new, labels, k)
         worst = int(np.nanargmax(drop))
-        gates.append(Gate("no_class_regression", bool(drop[worst] <= cfg.max_class_drop),
-                          f"largest per-class recall drop {drop[worst]:+.4f} ({classes[worst]}) vs limit "
-                          f"{cfg.max_class_drop}", float(drop[worst])))
+        gates.append(
+            Gate(
+                "no_class_regression",
+                bool(drop[worst] <= cfg.max_class_drop),
+                f"largest per-class recall drop {drop[worst]:+.4f} ({classes[worst]}) vs limit {cfg.max_class_drop}",
+                float(drop[worst]),
+            )
+        )
     return gates
 
 
@@ -285,8 +347,12 @@ class _Writes:
             else:
                 self.client.set_registered_model_alias(self.name, alias, old)
 
-        self._do(f"setting {alias} to v{version}", lambda: alias_version(self.name, alias),
-                 lambda: self.client.set_registered_model_alias(self.name, alias, version), restore)
+        self._do(
+            f"setting {alias} to v{version}",
+            lambda: alias_version(self.name, alias),
+            lambda: self.client.set_registered_model_alias(self.name, alias, version),
+            restore,
+        )
 
     def tag(self, version: str, key: str, value: str) -> None:
         def restore(old: str | None) -> None:
@@ -295,16 +361,20 @@ class _Writes:
             else:
                 self.client.set_model_version_tag(self.name, version, key, old)
 
-        self._do(f"tagging v{version} {key}={value}",
-                 lambda: self.client.get_model_version(self.name, version).tags.get(key),
-                 lambda: self.client.set_model_version_tag(self.name, version, key, value), restore)
+        self._do(
+            f"tagging v{version} {key}={value}",
+            lambda: self.client.get_model_version(self.name, version).tags.get(key),
+            lambda: self.client.set_model_version_tag(self.name, version, key, value),
+            restore,
+        )
 
-    def _do(self, step: str, read: Callable[[], Any], write: Callable[[], None],
-            restore: Callable[[Any], None]) -> None:
+    def _do(
+        self, step: str, read: Callable[[], Any], write: Callable[[], None], restore: Callable[[Any], None]
+    ) -> None:
         try:
             old = read()
             write()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failed write undoes the earlier ones (_fail)
             self._fail(step, exc)
         self._undo.append((step, lambda: restore(old)))
 
@@ -313,14 +383,17 @@ class _Writes:
         for done, undo in reversed(self._undo):
             try:
                 undo()
-            except Exception:
+            except Exception:  # noqa: BLE001 - an undo that fails is reported, the rest still undone
                 stuck.append(done)
         if stuck:
-            raise RegistryError(f"{self.what} of {self.name} failed at {step} ({_short(exc)}), and undoing "
-                                f"{'; '.join(stuck)} failed too: check `visionflow lineage {self.name}@champion` "
-                                "and set those aliases by hand") from exc
-        raise RegistryError(f"{self.what} of {self.name} failed at {step} ({_short(exc)}); the registry is "
-                            "unchanged") from exc
+            raise RegistryError(
+                f"{self.what} of {self.name} failed at {step} ({_short(exc)}), and undoing "
+                f"{'; '.join(stuck)} failed too: check `visionflow lineage {self.name}@champion` "
+                "and set those aliases by hand"
+            ) from exc
+        raise RegistryError(
+            f"{self.what} of {self.name} failed at {step} ({_short(exc)}); the registry is unchanged"
+        ) from exc
 
 
 def apply_promotion(model_name: str, version: str, gates: list[Gate]) -> Decision:
@@ -345,11 +418,14 @@ def rollback(model_name: str) -> tuple[str, str]:
     """champion <- previous; the demoted version becomes previous. Returns (demoted, restored)."""
     current, previous = alias_version(model_name, CHAMPION), alias_version(model_name, PREVIOUS)
     if current is None or previous is None:
-        raise RegistryError(f"{model_name} has no {'champion' if current is None else 'previous'} alias to roll "
-                            "back from/to")
+        raise RegistryError(
+            f"{model_name} has no {'champion' if current is None else 'previous'} alias to roll back from/to"
+        )
     if current == previous:
-        raise RegistryError(f"{model_name}: champion and previous are both v{current}, so a rollback would change "
-                            f"nothing; point `previous` at the version to restore first")
+        raise RegistryError(
+            f"{model_name}: champion and previous are both v{current}, so a rollback would change "
+            f"nothing; point `previous` at the version to restore first"
+        )
     writes = _Writes(model_name, "rollback")
     writes.tag(current, f"{TAG}rolled_back", "true")
     writes.alias(PREVIOUS, current)

@@ -90,12 +90,16 @@ def ensure_experiment(experiment: str, root: Path, artifact_location: str | None
             raise
         text = str(exc)
         if any(code in text for code in ("401", "403", "Unauthorized", "Forbidden", "Permission denied")):
-            raise VisionflowError(f"MLflow tracking server at {uri} refused the credentials ({text[:200]}): set "
-                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a user with write "
-                                  "access") from None
-        raise VisionflowError(f"MLflow tracking server at {uri} is not reachable ({type(exc).__name__}: "
-                              f"{text[:300]}); start it, or unset MLFLOW_TRACKING_URI / "
-                              "registry.tracking_uri to use the local store") from None
+            raise VisionflowError(
+                f"MLflow tracking server at {uri} refused the credentials ({text[:200]}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for a user with write "
+                "access"
+            ) from None
+        raise VisionflowError(
+            f"MLflow tracking server at {uri} is not reachable ({type(exc).__name__}: "
+            f"{text[:300]}); start it, or unset MLFLOW_TRACKING_URI / "
+            "registry.tracking_uri to use the local store"
+        ) from None
 
 
 def git_commit(root: Path) -> str:
@@ -104,8 +108,13 @@ def git_commit(root: Path) -> str:
         return os.environ["VISIONFLOW_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if sha.returncode != 0:
@@ -113,8 +122,9 @@ def git_commit(root: Path) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def lineage_tags(*, data_version: str | None, root: Path, params_digest: str,
-                 flow_run_id: str | None = None) -> dict[str, str]:
+def lineage_tags(
+    *, data_version: str | None, root: Path, params_digest: str, flow_run_id: str | None = None
+) -> dict[str, str]:
     return {
         "visionflow.data_version": data_version or "unversioned",
         "visionflow.git_commit": git_commit(root),
@@ -151,8 +161,9 @@ class SystemMetrics:
     def __init__(self, run_id: str, uri: str, interval_s: float, resumed: bool):
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resumed,
-                                            tracking_uri=uri)
+        self.monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=interval_s, resume_logging=resumed, tracking_uri=uri
+        )
 
     def __enter__(self) -> SystemMetrics:
         self.monitor.start()

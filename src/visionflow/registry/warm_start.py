@@ -43,7 +43,8 @@ def champion_weights(model_name: str, dest: Path) -> Path | None:
     folder = Path(dest) / f"v{version}"
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT,
-                                                        dst_path=str(folder)))
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=WEIGHTS_ARTIFACT, dst_path=str(folder))
+        )
     except (mlflow.exceptions.MlflowException, OSError):  # registered before weights were logged: from scratch
         return None

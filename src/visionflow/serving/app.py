@@ -44,12 +44,19 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     rules = DecodeRules.from_params(p.validation, cfg)
     metrics = ServingMetrics()
     require_token, require_token_page = token_dependencies(bearer_token(cfg.auth_token_env))
-    batcher = Batcher(BatchInference(cfg, rules, queue, log), max_jobs=cfg.max_concurrency,
-                      observe=metrics.observe_batch)
+    batcher = Batcher(
+        BatchInference(cfg, rules, queue, log), max_jobs=cfg.max_concurrency, observe=metrics.observe_batch
+    )
 
     # /docs and /openapi.json come from docs_router (offline assets, behind the token); FastAPI's own are off.
-    app = FastAPI(title="visionflow", description="Image classification with the registry's champion model.",
-                  version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="visionflow",
+        description="Image classification with the registry's champion model.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     @app.on_event("startup")
     def _load() -> None:
@@ -71,9 +78,15 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     app.include_router(info_router(holder, metrics, require_token))
     app.include_router(review_router(queue, lambda: model().card["classes"], require_token, require_token_page))
     app.include_router(docs_router(app.openapi, require_token, require_token_page))
-    predict = PredictHandler(model=model, require_token=require_token, batcher=batcher, metrics=metrics,
-                             max_in_flight=cfg.max_concurrency + cfg.queue_depth, max_batch=cfg.max_batch,
-                             timeout_s=cfg.request_timeout_s)
+    predict = PredictHandler(
+        model=model,
+        require_token=require_token,
+        batcher=batcher,
+        metrics=metrics,
+        max_in_flight=cfg.max_concurrency + cfg.queue_depth,
+        max_batch=cfg.max_batch,
+        timeout_s=cfg.request_timeout_s,
+    )
 
     async def serving_app(scope, receive, send) -> None:
         if predict.handles(scope):
@@ -81,8 +94,9 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         await app(scope, receive, send)
 
     # Outermost, so that an oversized body is refused before any route reads it, predict's included.
-    return BodyLimit(serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024,
-                     timeout_s=cfg.body_timeout_s)
+    return BodyLimit(
+        serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024, timeout_s=cfg.body_timeout_s
+    )
 
 
 def model_or_503(holder: ChampionHolder) -> LoadedModel:
@@ -108,9 +122,14 @@ def info_router(holder: ChampionHolder, metrics: ServingMetrics, require_token) 
     @router.get("/model", dependencies=[Depends(require_token)], summary="The serving model and its lineage")
     def model_info() -> dict[str, Any]:
         m = model_or_503(holder)
-        return {"name": holder.model_name, "version": m.version, "classes": m.card["classes"],
-                "image_size": m.card["image_size"], "channels": m.card["channels"],
-                "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.")}}
+        return {
+            "name": holder.model_name,
+            "version": m.version,
+            "classes": m.card["classes"],
+            "image_size": m.card["image_size"],
+            "channels": m.card["channels"],
+            "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.")},
+        }
 
     @router.get("/metrics", dependencies=[Depends(require_token)], include_in_schema=False)
     def metrics_page() -> Response:
@@ -127,7 +146,15 @@ def serve_champion(p: Params, root: Path, *, host: str, port: int, say=print) ->
     holder = load_champion(p, root)
     app = create_app(p, root, holder=holder)
     model = holder.current
-    say(f"serving {p.registry.model_name} v{model.version} ({len(model.card['classes'])} classes, "
-        f"{model.card['image_size']} px) at http://{host}:{port} (API docs at /docs, review page at /review)")
-    uvicorn.run(app, host=host, port=port, access_log=p.serve.access_log,
-                http=header_deadline_protocol(p.serve.header_timeout_s), timeout_keep_alive=5)
+    say(
+        f"serving {p.registry.model_name} v{model.version} ({len(model.card['classes'])} classes, "
+        f"{model.card['image_size']} px) at http://{host}:{port} (API docs at /docs, review page at /review)"
+    )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        access_log=p.serve.access_log,
+        http=header_deadline_protocol(p.serve.header_timeout_s),
+        timeout_keep_alive=5,
+    )

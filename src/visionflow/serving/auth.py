@@ -17,8 +17,10 @@ def bearer_token(env_name: str | None) -> str | None:
         return None
     token = os.environ.get(env_name, "").strip()
     if not token:
-        raise ConfigError(f"serve.auth_token_env is {env_name!r}, but ${env_name} is unset or empty: export the "
-                          "token (or set serve.auth_token_env to null to serve without auth)")
+        raise ConfigError(
+            f"serve.auth_token_env is {env_name!r}, but ${env_name} is unset or empty: export the "
+            "token (or set serve.auth_token_env to null to serve without auth)"
+        )
     return token
 
 

@@ -59,7 +59,7 @@ class Batcher:
             if self.observe is not None:
                 try:
                     self.observe([start - queued for _, _, _, queued in batch], time.perf_counter() - start)
-                except Exception:  # noqa: BLE001 - a metrics failure must not stop the thread every request needs
+                except Exception:  # a metrics failure must not stop the thread every request needs
                     logger.exception("batcher: observe failed")
             by_loop: dict[Any, list] = {}
             for (_, future, loop, _), outcome in zip(batch, outcomes):
@@ -76,4 +76,3 @@ def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
-

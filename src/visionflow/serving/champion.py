@@ -50,13 +50,14 @@ class ChampionHolder:
             path, card = download_onnx(self.model_name, version, self.cache_dir / version)
             # One ONNX Runtime thread: the batcher's thread and the event loop already keep two cores busy, and
             # threads on top of that oversubscribe the cores and stretch the latency tail.
-            loaded = LoadedModel(version, ort_session(path, threads=1), card,
-                                 version_info(self.model_name, version)["tags"])
+            loaded = LoadedModel(
+                version, ort_session(path, threads=1), card, version_info(self.model_name, version)["tags"]
+            )
             with self._lock:
                 self.current = loaded  # one reference swap: in-flight requests keep the session they hold
             self.last_error = None
             return True
-        except Exception as exc:  # registry unreachable: keep serving the model we have
+        except Exception as exc:  # noqa: BLE001 - registry unreachable: keep serving the model we have
             self.last_error = f"{type(exc).__name__}: {exc}"
             return False
 
@@ -83,11 +84,14 @@ def load_champion(p: Params, root: Path) -> ChampionHolder:
 
     uri = tracking_uri(p.registry.tracking_uri, root)
     if uri.startswith("sqlite:///") and not (store := Path(uri.removeprefix("sqlite:///"))).is_file():
-        raise VisionflowError(f"no model registry at {store}: nothing to serve; train and promote a model first "
-                              "(`make pipeline`), or point registry.tracking_uri at the registry")
+        raise VisionflowError(
+            f"no model registry at {store}: nothing to serve; train and promote a model first "
+            "(`make pipeline`), or point registry.tracking_uri at the registry"
+        )
     mlflow.set_tracking_uri(uri)
     holder = ChampionHolder(p.registry.model_name, cache_dir=ProjectPaths.of(p, root).serving_models)
     if not holder.refresh():
-        raise VisionflowError(f"no champion to serve from {uri}: {holder.last_error}; train and promote a model "
-                              "first (`make pipeline`)")
+        raise VisionflowError(
+            f"no champion to serve from {uri}: {holder.last_error}; train and promote a model first (`make pipeline`)"
+        )
     return holder

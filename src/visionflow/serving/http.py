@@ -65,9 +65,17 @@ class Refused(Exception):
 
 async def _plain(send, status: int, body: bytes) -> None:
     # Connection: close, or uvicorn keeps the connection alive and reads (and drops) the rest of a 1 GiB body.
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -93,8 +101,7 @@ def header_deadline_protocol(header_timeout_s: float):
 
         def _expired(self) -> None:
             if not self.transport.is_closing():
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
-                                     b"connection: close\r\n\r\n")
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 self.transport.close()
 
         def connection_made(self, transport) -> None:
@@ -116,4 +123,3 @@ def header_deadline_protocol(header_timeout_s: float):
             super().connection_lost(exc)
 
     return HeaderDeadline
-

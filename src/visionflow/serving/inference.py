@@ -60,16 +60,28 @@ class BatchInference:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
         from visionflow.data.imageio import PixelBudget, decode_with_properties
 
-        files = multipart_files(job.body, job.content_type, max_files=job.max_files,
-                                max_fields=self.cfg.max_form_fields, max_file_bytes=self.rules.max_bytes)
+        files = multipart_files(
+            job.body,
+            job.content_type,
+            max_files=job.max_files,
+            max_fields=self.cfg.max_form_fields,
+            max_file_bytes=self.rules.max_bytes,
+        )
         size, channels = job.model.card["image_size"], job.model.card["channels"]
         budget = PixelBudget(self.cfg.max_request_pixels)  # one request's images together
         decoded = [decode_with_properties(data, size, channels, self.rules, budget) for data in files]
         # properties are measured on the image as received, like the drift check's reference
         return [a for a, _ in decoded], [props for _, props in decoded]
 
-    def _run_group(self, model: LoadedModel, mine: list[int], jobs: list[Job], prepared: dict[int, Prepared],
-                   outcomes: list[Any], records: list[dict[str, Any]]) -> None:
+    def _run_group(
+        self,
+        model: LoadedModel,
+        mine: list[int],
+        jobs: list[Job],
+        prepared: dict[int, Prepared],
+        outcomes: list[Any],
+        records: list[dict[str, Any]],
+    ) -> None:
         """One model call for the requests `mine`; fills in their outcomes and adds their log records."""
         arrays = np.stack([a for i in mine for a in prepared[i][0]])
         try:
@@ -91,21 +103,47 @@ class BatchInference:
             answer = results[0] if jobs[i].max_files == 1 else {"predictions": results}
             outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
 
-    def _result(self, model: LoadedModel, probs: np.ndarray, array: np.ndarray, props: dict[str, float],
-                embedding: np.ndarray, now: float, records: list[dict]) -> dict[str, Any]:
+    def _result(
+        self,
+        model: LoadedModel,
+        probs: np.ndarray,
+        array: np.ndarray,
+        props: dict[str, float],
+        embedding: np.ndarray,
+        now: float,
+        records: list[dict],
+    ) -> dict[str, Any]:
         classes = model.card["classes"]
         k = int(probs.argmax())
         label, confidence = classes[k], float(probs[k])
         probabilities = {c: round(float(v), 6) for c, v in zip(classes, probs)}
         review_id = None
         if confidence < self.cfg.review_threshold:  # encoded as PNG only when it goes to the review queue
-            review_id = self.queue.add(_png(array), model_version=model.version, predicted=label,
-                                       confidence=confidence, probabilities=probabilities)
-        records.append({"time": now, "model_version": model.version, "label": label,
-                        "confidence": round(confidence, 6), "review_id": review_id, **props,
-                        "embedding": np.round(embedding.astype(np.float64), 4).tolist()})
-        return {"label": label, "confidence": confidence, "probabilities": probabilities,
-                "model_version": model.version, "review_id": review_id}
+            review_id = self.queue.add(
+                _png(array),
+                model_version=model.version,
+                predicted=label,
+                confidence=confidence,
+                probabilities=probabilities,
+            )
+        records.append(
+            {
+                "time": now,
+                "model_version": model.version,
+                "label": label,
+                "confidence": round(confidence, 6),
+                "review_id": review_id,
+                **props,
+                "embedding": np.round(embedding.astype(np.float64), 4).tolist(),
+            }
+        )
+        return {
+            "label": label,
+            "confidence": confidence,
+            "probabilities": probabilities,
+            "model_version": model.version,
+            "review_id": review_id,
+        }
 
 
 def _png(arr: np.ndarray) -> bytes:

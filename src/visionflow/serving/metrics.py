@@ -17,21 +17,38 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.latency = Histogram("visionflow_request_seconds", "request latency from the handler start (upload read "
-                                 "included)", ["endpoint"], registry=registry,
-                                 buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.latency = Histogram(
+            "visionflow_request_seconds",
+            "request latency from the handler start (upload read included)",
+            ["endpoint"],
+            registry=registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
         self.requests = Counter("visionflow_requests_total", "requests", ["endpoint", "status"], registry=registry)
-        self.predictions = Counter("visionflow_predictions_total", "predictions per class", ["label"],
-                                   registry=registry)
-        self.low_confidence = Counter("visionflow_low_confidence_total", "predictions sent to review",
-                                      registry=registry)
-        self.queue_wait = Histogram("visionflow_inference_queue_seconds", "time a request waited for the inference "
-                                    "thread", registry=registry, buckets=FINE_BUCKETS)
-        self.batch_seconds = Histogram("visionflow_inference_seconds", "time the inference thread spent on one "
-                                       "batch (parse, decode, model, log, answers)", registry=registry,
-                                       buckets=FINE_BUCKETS)
-        self.batch_size = Histogram("visionflow_inference_batch_requests", "requests run together in one batch",
-                                    registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.predictions = Counter(
+            "visionflow_predictions_total", "predictions per class", ["label"], registry=registry
+        )
+        self.low_confidence = Counter(
+            "visionflow_low_confidence_total", "predictions sent to review", registry=registry
+        )
+        self.queue_wait = Histogram(
+            "visionflow_inference_queue_seconds",
+            "time a request waited for the inference thread",
+            registry=registry,
+            buckets=FINE_BUCKETS,
+        )
+        self.batch_seconds = Histogram(
+            "visionflow_inference_seconds",
+            "time the inference thread spent on one batch (parse, decode, model, log, answers)",
+            registry=registry,
+            buckets=FINE_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "visionflow_inference_batch_requests",
+            "requests run together in one batch",
+            registry=registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
 
     def observe_batch(self, waits_s: list[float], seconds: float) -> None:
         """The Batcher's `observe`: one batch of len(waits_s) requests took `seconds`."""

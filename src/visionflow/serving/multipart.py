@@ -8,8 +8,9 @@ NO_FILE = "send the image as a multipart file field (e.g. -F file=@image.png)"
 MAX_FIELD_BYTES = 64 * 1024  # a form field that is not a file: nothing we read, so it stays small
 
 
-def multipart_files(body: bytes, content_type: bytes, *, max_files: int, max_fields: int,
-                    max_file_bytes: int) -> list[bytes]:
+def multipart_files(
+    body: bytes, content_type: bytes, *, max_files: int, max_fields: int, max_file_bytes: int
+) -> list[bytes]:
     """The file parts of a multipart/form-data body, in order, with every limit checked as the parser goes (the
     5,000th part is never reached: parsing stops at the first part over a limit). Fields without a file name are
     counted and dropped; file names are never read."""
@@ -47,10 +48,15 @@ class _FormParts:
         self.size, self.is_file = 0, False
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end}
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
 
     def on_part_begin(self) -> None:
         self.disposition, self.chunks, self.size, self.is_file = b"", [], 0, False

@@ -16,8 +16,7 @@ def openapi_builder(app: FastAPI, max_batch: int) -> Callable[[], dict[str, Any]
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schema["paths"] = {**predict_paths(max_batch), **schema["paths"]}
             app.openapi_schema = schema
         return app.openapi_schema
@@ -27,28 +26,51 @@ def openapi_builder(app: FastAPI, max_batch: int) -> Callable[[], dict[str, Any]
 
 def predict_paths(max_batch: int) -> dict[str, Any]:
     """OpenAPI entries for the two predict routes (served by a plain ASGI handler, see predict.py)."""
-    prediction = {"type": "object", "required": ["label", "confidence", "probabilities", "model_version"],
-                  "properties": {"label": {"type": "string"}, "confidence": {"type": "number"},
-                                 "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
-                                 "model_version": {"type": "string"},
-                                 "review_id": {"type": ["string", "null"],
-                                               "description": "set when the prediction went to the review queue"}}}
-    errors = {"401": "missing or wrong bearer token (when serve.auth_token_env is set)",
-              "413": "body or image over serve.max_upload_mb", "415": "not an image, or a format not allowed",
-              "422": "no file part, or an image that cannot be used (too many pixels, corrupt, too small)",
-              "400": "malformed multipart body, or too many parts",
-              "503": "server busy (retry after the Retry-After seconds), no model loaded, or predictions "
-                     "cannot be recorded", "504": "inference took longer than serve.request_timeout_s"}
+    prediction = {
+        "type": "object",
+        "required": ["label", "confidence", "probabilities", "model_version"],
+        "properties": {
+            "label": {"type": "string"},
+            "confidence": {"type": "number"},
+            "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
+            "model_version": {"type": "string"},
+            "review_id": {
+                "type": ["string", "null"],
+                "description": "set when the prediction went to the review queue",
+            },
+        },
+    }
+    errors = {
+        "401": "missing or wrong bearer token (when serve.auth_token_env is set)",
+        "413": "body or image over serve.max_upload_mb",
+        "415": "not an image, or a format not allowed",
+        "422": "no file part, or an image that cannot be used (too many pixels, corrupt, too small)",
+        "400": "malformed multipart body, or too many parts",
+        "503": "server busy (retry after the Retry-After seconds), no model loaded, or predictions cannot be recorded",
+        "504": "inference took longer than serve.request_timeout_s",
+    }
 
     def operation(summary: str, form: dict, answer: dict) -> dict[str, Any]:
-        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": form}}}},
-            "responses": {"200": {"description": "the prediction", "content": {"application/json": {
-                "schema": answer}}}, **{k: {"description": v} for k, v in errors.items()}}}}
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": {"type": "object", "properties": form}}},
+                },
+                "responses": {
+                    "200": {"description": "the prediction", "content": {"application/json": {"schema": answer}}},
+                    **{k: {"description": v} for k, v in errors.items()},
+                },
+            }
+        }
 
     binary = {"type": "string", "format": "binary"}
-    return {"/predict": operation("Classify one uploaded image", {"file": binary}, prediction),
-            "/predict/batch": operation(f"Classify up to {max_batch} images in one request",
-                                        {"files": {"type": "array", "items": binary}},
-                                        {"type": "object", "properties": {"predictions": {
-                                            "type": "array", "items": prediction}}})}
+    return {
+        "/predict": operation("Classify one uploaded image", {"file": binary}, prediction),
+        "/predict/batch": operation(
+            f"Classify up to {max_batch} images in one request",
+            {"files": {"type": "array", "items": binary}},
+            {"type": "object", "properties": {"predictions": {"type": "array", "items": prediction}}},
+        ),
+    }

@@ -31,8 +31,17 @@ logger = logging.getLogger(__name__)
 class PredictHandler:
     """Serves the predict paths (`handles(scope)` says which requests are its own)."""
 
-    def __init__(self, *, model: Callable[[], LoadedModel], require_token, batcher: Batcher,
-                 metrics: ServingMetrics, max_in_flight: int, max_batch: int, timeout_s: float):
+    def __init__(
+        self,
+        *,
+        model: Callable[[], LoadedModel],
+        require_token,
+        batcher: Batcher,
+        metrics: ServingMetrics,
+        max_in_flight: int,
+        max_batch: int,
+        timeout_s: float,
+    ):
         self.model, self.require_token, self.batcher, self.metrics = model, require_token, batcher, metrics
         self.slots = asyncio.Semaphore(max_in_flight)
         self.timeout_s = timeout_s
@@ -55,10 +64,17 @@ class PredictHandler:
         except Exception as exc:  # noqa: BLE001 - every failure is answered; _failure logs the unforeseen
             status, answer, headers = _failure(exc)
         self.metrics.answered(endpoint, status, time.perf_counter() - start, results)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(answer)).encode()),
-                                *((k.lower().encode(), v.encode()) for k, v in headers.items())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(answer)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": answer})
 
     async def _predict(self, request: Request, max_files: int) -> tuple[list[dict[str, Any]], bytes]:
@@ -68,8 +84,9 @@ class PredictHandler:
         model = self.model()
         self._shed_if_full()  # (others may have taken the last slot while this body arrived)
         await self.slots.acquire()
-        job = self.batcher.submit(Job(model, body, request.headers.get("content-type", "").encode("latin-1"),
-                                      max_files))
+        job = self.batcher.submit(
+            Job(model, body, request.headers.get("content-type", "").encode("latin-1"), max_files)
+        )
         # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
         job.add_done_callback(self._work_ended)
         try:
@@ -80,8 +97,9 @@ class PredictHandler:
 
     def _shed_if_full(self) -> None:
         if self.slots.locked():
-            raise HTTPException(503, "server busy: too many requests in flight, retry shortly",
-                                headers={"Retry-After": "1"})
+            raise HTTPException(
+                503, "server busy: too many requests in flight, retry shortly", headers={"Retry-After": "1"}
+            )
 
     def _work_ended(self, job: asyncio.Future) -> None:
         self.slots.release()
@@ -105,8 +123,10 @@ def _failure(exc: Exception) -> tuple[int, bytes, dict[str, str]]:
         return 504, b'{"detail":"inference timed out"}', {}
     if isinstance(exc, (OSError, sqlite3.Error)):  # the prediction log or review queue cannot be written
         logger.error("predict: cannot record the prediction: %s: %s", type(exc).__name__, exc)
-        detail = (f"the server cannot record predictions (prediction log or review queue): {type(exc).__name__}; "
-                  "see the server log")
+        detail = (
+            f"the server cannot record predictions (prediction log or review queue): {type(exc).__name__}; "
+            "see the server log"
+        )
         return 503, json.dumps({"detail": detail}).encode(), {"Retry-After": "5"}
     logger.exception("predict failed")
     return 500, b'{"detail":"internal server error; see the server log"}', {}

@@ -30,8 +30,8 @@ PAGE_HEADERS = {
     # Nothing inline, nothing from elsewhere: an injected tag or handler cannot run. blob: is where the page
     # puts the images it fetched with the token header; frame-ancestors stops another site framing the page.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: "
-                               "data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
+    "data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
     "Referrer-Policy": "no-referrer",  # the page address may carry ?token=
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
@@ -58,22 +58,36 @@ class ReviewQueue:
         conn.row_factory = sqlite3.Row
         return conn
 
-    def add(self, png: bytes, *, model_version: str, predicted: str, confidence: float,
-            probabilities: dict[str, float]) -> str:
+    def add(
+        self, png: bytes, *, model_version: str, predicted: str, confidence: float, probabilities: dict[str, float]
+    ) -> str:
         item_id = uuid.uuid4().hex
         (self.images / f"{item_id}.png").write_bytes(png)
         with closing(self._conn()) as c, c:
-            c.execute("INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)",
-                      (item_id, time.time(), model_version, predicted, confidence, json.dumps(probabilities),
-                       f"{item_id}.png", "pending", None, None))
+            c.execute(
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    item_id,
+                    time.time(),
+                    model_version,
+                    predicted,
+                    confidence,
+                    json.dumps(probabilities),
+                    f"{item_id}.png",
+                    "pending",
+                    None,
+                    None,
+                ),
+            )
         return item_id
 
     def pending(self, limit: int = 50) -> list[dict[str, Any]]:
         """The `limit` least confident pending items. Labelled items leave the set, so asking again after
         labelling a page gives the next one: that is how a client walks the whole queue."""
         with closing(self._conn()) as c:
-            rows = c.execute("SELECT * FROM items WHERE status='pending' ORDER BY confidence, created, id LIMIT ?",
-                             (limit,)).fetchall()
+            rows = c.execute(
+                "SELECT * FROM items WHERE status='pending' ORDER BY confidence, created, id LIMIT ?", (limit,)
+            ).fetchall()
         return [dict(r) | {"probabilities": json.loads(r["probabilities"])} for r in rows]
 
     def count(self) -> int:
@@ -104,8 +118,10 @@ class ReviewQueue:
                 for other in classes:  # an image a crash left between its write and its mark, under any class
                     self._saved_as(item_id, other).unlink(missing_ok=True)
                 _write_atomically(dest, src.read_bytes())
-                c.execute("UPDATE items SET status='reviewed', label=?, reviewed_at=? WHERE id=?",
-                          (label, time.time(), item_id))
+                c.execute(
+                    "UPDATE items SET status='reviewed', label=?, reviewed_at=? WHERE id=?",
+                    (label, time.time(), item_id),
+                )
                 c.commit()
             except BaseException:
                 c.rollback()
@@ -192,8 +208,7 @@ def page_file(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers={"X-Content-Type-Options": "nosniff"})
 
 
-def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_token, require_token_page
-                  ) -> APIRouter:
+def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_token, require_token_page) -> APIRouter:
     """/review (the page) and its API. `classes()` gives the serving model's classes, or raises 503 without one;
     `require_token` checks the Authorization header, `require_token_page` also takes ?token= (page addresses)."""
     router = APIRouter()
@@ -224,8 +239,9 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
             raise HTTPException(404, "no such review item")
         return FileResponse(path, media_type="image/png")
 
-    @router.post("/review/{item_id}", dependencies=[*api, Depends(same_origin_json)],
-                 summary="Confirm or correct a label")
+    @router.post(
+        "/review/{item_id}", dependencies=[*api, Depends(same_origin_json)], summary="Confirm or correct a label"
+    )
     async def review_submit(item_id: str, request: Request) -> dict[str, Any]:
         label = await _label_sent(request)
         names = classes()
@@ -236,19 +252,28 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
         except KeyError:
             raise HTTPException(404, "no such pending review item") from None
         except (OSError, sqlite3.Error) as exc:  # the item is still pending: the same request can be retried
-            raise HTTPException(503, f"the label could not be saved ({type(exc).__name__}: {exc}); the item is "
-                                     "still pending, retry", headers={"Retry-After": "5"}) from None
+            raise HTTPException(
+                503,
+                f"the label could not be saved ({type(exc).__name__}: {exc}); the item is still pending, retry",
+                headers={"Retry-After": "5"},
+            ) from None
 
-    @router.post("/review/{item_id}/undo", dependencies=[*api, Depends(same_origin_json)],
-                 summary="Undo a label: the item goes back to the queue and its image leaves data/reviewed")
+    @router.post(
+        "/review/{item_id}/undo",
+        dependencies=[*api, Depends(same_origin_json)],
+        summary="Undo a label: the item goes back to the queue and its image leaves data/reviewed",
+    )
     def review_undo(item_id: str) -> dict[str, Any]:
         try:
             return queue.undo(item_id)
         except KeyError:
             raise HTTPException(404, "no such reviewed item") from None
         except (OSError, sqlite3.Error) as exc:
-            raise HTTPException(503, f"the undo failed ({type(exc).__name__}: {exc}); the label stands, retry",
-                                headers={"Retry-After": "5"}) from None
+            raise HTTPException(
+                503,
+                f"the undo failed ({type(exc).__name__}: {exc}); the label stands, retry",
+                headers={"Retry-After": "5"},
+            ) from None
 
     return router
 
@@ -260,7 +285,7 @@ async def _label_sent(request: Request) -> str:
         label = body["label"]
         if not isinstance(label, str):
             raise TypeError(label)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any malformed body is the same 422
         raise HTTPException(422, 'send JSON {"label": "<class name>"}') from None
     return label
 

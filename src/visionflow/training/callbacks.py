@@ -50,14 +50,22 @@ class EpochLog(L.Callback):
             return
         now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
         per_step = (now - self.fit_start) / max(step - self.fit_first_step, 1)
-        val = (f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}"
-               if "val/acc" in m else "no validation")
-        self.out.info("epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
-                      trainer.current_epoch + 1, math.ceil(self.max_steps / self.steps_per_epoch), step,
-                      self.max_steps, self.loss_sum / max(t.epoch_images, 1),
-                      f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?", val,
-                      t.epoch_images / max(t.epoch_last - t.epoch_first, 1e-9),
-                      _duration(now - self.fit_start), _duration(per_step * (self.max_steps - step)))
+        val = (
+            f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}" if "val/acc" in m else "no validation"
+        )
+        self.out.info(
+            "epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
+            trainer.current_epoch + 1,
+            math.ceil(self.max_steps / self.steps_per_epoch),
+            step,
+            self.max_steps,
+            self.loss_sum / max(t.epoch_images, 1),
+            f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?",
+            val,
+            t.epoch_images / max(t.epoch_last - t.epoch_first, 1e-9),
+            _duration(now - self.fit_start),
+            _duration(per_step * (self.max_steps - step)),
+        )
 
 
 class StartValWorkers(L.Callback):
@@ -145,10 +153,12 @@ class RunFigures(L.Callback):
             "busy_fraction": round(min(self.busy_s / after_cache, 1.0), 4),
             "busy_basis": "cuda_events_in_step" if self.cuda else "cpu_wall_in_step",
             "busy_s": round(self.busy_s, 3),
-            "time_to_first_step_s": (round(self.first_step - self.stage_start, 3)
-                                     if self.first_step is not None else None),
-            "time_to_first_step_after_cache_s": (round(self.first_step - self.cache_done, 3)
-                                                 if self.first_step is not None else None),
+            "time_to_first_step_s": (
+                round(self.first_step - self.stage_start, 3) if self.first_step is not None else None
+            ),
+            "time_to_first_step_after_cache_s": (
+                round(self.first_step - self.cache_done, 3) if self.first_step is not None else None
+            ),
             "cache_s": round(self.cache_done - self.stage_start, 3),
             "stage_after_cache_s": round(after_cache, 3),
             "images": self.images,

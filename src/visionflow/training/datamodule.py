@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from visionflow.data.cache import CachedSplit, build_cache
 from visionflow.config import AugmentParams
-from visionflow.errors import DataError
+from visionflow.data.cache import CachedSplit, build_cache
 from visionflow.data.validate import read_manifest
+from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
 
 
@@ -33,8 +33,16 @@ def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.C
     """Augmentations from params.yaml; a probability of 0 leaves a transform out entirely."""
     candidates = [
         (aug.hflip, lambda p: A.HorizontalFlip(p=p)),
-        (aug.shift_scale_rotate, lambda p: A.Affine(translate_percent=(-0.08, 0.08), scale=(0.9, 1.1),
-                                                    rotate=(-10, 10), border_mode=cv2.BORDER_CONSTANT, p=p)),
+        (
+            aug.shift_scale_rotate,
+            lambda p: A.Affine(
+                translate_percent=(-0.08, 0.08),
+                scale=(0.9, 1.1),
+                rotate=(-10, 10),
+                border_mode=cv2.BORDER_CONSTANT,
+                p=p,
+            ),
+        ),
         (aug.brightness_contrast, lambda p: A.RandomBrightnessContrast(0.2, 0.2, p=p)),
         (aug.blur, lambda p: A.GaussianBlur(blur_limit=(3, 5), p=p)),
         (aug.noise, lambda p: A.GaussNoise(std_range=(0.02, 0.08), p=p)),
@@ -89,9 +97,20 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 class ImageDataModule(L.LightningDataModule):
-    def __init__(self, *, splits_dir: Path, cache_dir: Path, classes: list[str], image_size: int, channels: int,
-                 batch_size: int, num_workers: int, augment: AugmentParams, seed: int,
-                 project: ProjectPaths | None = None):
+    def __init__(
+        self,
+        *,
+        splits_dir: Path,
+        cache_dir: Path,
+        classes: list[str],
+        image_size: int,
+        channels: int,
+        batch_size: int,
+        num_workers: int,
+        augment: AugmentParams,
+        seed: int,
+        project: ProjectPaths | None = None,
+    ):
         super().__init__()
         self.splits_dir = Path(splits_dir)
         self.cache_dir = Path(cache_dir)
@@ -115,9 +134,14 @@ class ImageDataModule(L.LightningDataModule):
             manifest = self.splits_dir / f"{name}.csv"
             if not manifest.is_file():
                 raise DataError(f"{manifest} not found: run `visionflow split` first")
-            self.splits[name] = build_cache(manifest, self.cache_dir, classes=self.classes,
-                                            image_size=self.image_size, channels=self.channels,
-                                            project=self.project)
+            self.splits[name] = build_cache(
+                manifest,
+                self.cache_dir,
+                classes=self.classes,
+                image_size=self.image_size,
+                channels=self.channels,
+                project=self.project,
+            )
         return self.splits[name]
 
     def setup(self, stage: str | None = None) -> None:
@@ -131,9 +155,14 @@ class ImageDataModule(L.LightningDataModule):
             generator = torch.Generator().manual_seed(self.seed)
             self.loaders[name] = DataLoader(
                 CachedImageDataset(self.load(name), transform),
-                batch_size=self.batch_size, shuffle=train, drop_last=False, generator=generator,
-                num_workers=self.num_workers, worker_init_fn=init_worker,
-                persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                batch_size=self.batch_size,
+                shuffle=train,
+                drop_last=False,
+                generator=generator,
+                num_workers=self.num_workers,
+                worker_init_fn=init_worker,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
                 multiprocessing_context=worker_context() if self.num_workers > 0 else None,
             )
         return self.loaders[name]
@@ -164,6 +193,7 @@ SUGGESTED_SIZES = (32, 48, 64, 96, 128, 160, 224)
 @dataclass(frozen=True)
 class InputDecision:
     """The network's input shape, and in words why (logged, and recorded with the run's params)."""
+
     channels: int
     image_size: int
     colour_share: float
@@ -189,16 +219,24 @@ def decide_input(manifest: Path, channels: int | str, image_size: int) -> InputD
     modes = ", ".join(f"{m} {n / len(df):.0%}" for m, n in df["mode"].value_counts().items())
     if channels == "auto":
         resolved = 3 if share > 0.5 else 1
-        note = (f"train.channels auto -> {resolved} ({'colour' if resolved == 3 else 'grey'}): "
-                f"{int(colour.sum())} of {len(df)} images are colour (modes: {modes})")
+        note = (
+            f"train.channels auto -> {resolved} ({'colour' if resolved == 3 else 'grey'}): "
+            f"{int(colour.sum())} of {len(df)} images are colour (modes: {modes})"
+        )
     else:
         resolved = int(channels)
         note = f"train.channels {resolved} (set in params; modes: {modes})"
         if resolved == 1 and share > 0.5:
             note += f"; {share:.0%} of the images are colour and train as grey: set train.channels: auto"
     median = (int(df["width"].median()), int(df["height"].median()))
-    return InputDecision(channels=resolved, image_size=image_size, colour_share=round(share, 4),
-                         median_size=median, note=note, hint=_size_hint(min(median), image_size, median))
+    return InputDecision(
+        channels=resolved,
+        image_size=image_size,
+        colour_share=round(share, 4),
+        median_size=median,
+        note=note,
+        hint=_size_hint(min(median), image_size, median),
+    )
 
 
 def _header(path: Path) -> dict[str, object]:
@@ -209,13 +247,17 @@ def _header(path: Path) -> dict[str, object]:
 def _size_hint(short_side: int, image_size: int, median: tuple[int, int]) -> str | None:
     typical = f"the images' median size is {median[0]}x{median[1]} px"
     if short_side < image_size:
-        return (f"{typical}, smaller than train.image_size {image_size}: they are upscaled; "
-                f"train.image_size: {short_side} trains as well and faster")
+        return (
+            f"{typical}, smaller than train.image_size {image_size}: they are upscaled; "
+            f"train.image_size: {short_side} trains as well and faster"
+        )
     fits = [s for s in SUGGESTED_SIZES if image_size < s <= short_side]
     if short_side < 2 * image_size or not fits:
         return None
-    return (f"{typical}, trained at train.image_size {image_size}: train.image_size: {fits[-1]} keeps more "
-            f"detail, at about {(fits[-1] / image_size) ** 2:.0f}x the compute")
+    return (
+        f"{typical}, trained at train.image_size {image_size}: train.image_size: {fits[-1]} keeps more "
+        f"detail, at about {(fits[-1] / image_size) ** 2:.0f}x the compute"
+    )
 
 
 def class_names(splits_dir: Path) -> list[str]:

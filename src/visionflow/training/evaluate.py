@@ -46,8 +46,9 @@ def inference_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def in_batches(fn: Callable[[int, int], np.ndarray], n: int, batch_size: int,
-               log: logging.Logger | logging.LoggerAdapter = LOG) -> list[np.ndarray]:
+def in_batches(
+    fn: Callable[[int, int], np.ndarray], n: int, batch_size: int, log: logging.Logger | logging.LoggerAdapter = LOG
+) -> list[np.ndarray]:
     """fn(start, stop) over [0, n) in batches of batch_size; when the GPU runs out of memory the batch is halved
     (with a logged message) and the rest of the run keeps the smaller size. Out of memory with batches of one
     image is raised."""
@@ -62,16 +63,16 @@ def in_batches(fn: Callable[[int, int], np.ndarray], n: int, batch_size: int,
             batch_size = max(1, batch_size // 2)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.warning("GPU out of memory on a batch of %d images: retrying with batches of %d", stop - start,
-                        batch_size)
+            log.warning(
+                "GPU out of memory on a batch of %d images: retrying with batches of %d", stop - start, batch_size
+            )
             continue
         start = stop
     return out
 
 
 @torch.inference_mode()
-def predict_logits(net: torch.nn.Module, images: np.ndarray, batch_size: int = 512,
-                   device: str = "cpu") -> np.ndarray:
+def predict_logits(net: torch.nn.Module, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
     """Logits for (N, H, W, C) uint8 images, in batches, on `device` (the net is moved there and left there)."""
     net.to(device).eval()
 
@@ -93,8 +94,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         "accuracy": float(tmf.multiclass_accuracy(probs, target, num_classes=n, average="micro")),
         "macro_f1": float(tmf.multiclass_f1_score(probs, target, num_classes=n, average="macro")),
         "ece": float(tmf.multiclass_calibration_error(probs, target, num_classes=n, n_bins=15, norm="l1")),
-        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i])}
-                      for i, c in enumerate(classes)},
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i])} for i, c in enumerate(classes)},
         "confusion": tmf.multiclass_confusion_matrix(preds, target, num_classes=n).numpy(),
     }
 
@@ -106,8 +106,9 @@ def robustness_subset(n_images: int, max_images: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n_images)[:max_images])
 
 
-def robustness_suite(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: EvaluateParams,
-                     seed: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+def robustness_suite(
+    net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: EvaluateParams, seed: int, device: str = "cpu"
+) -> dict[str, dict[str, float]]:
     """Accuracy per corruption and severity; key 'mean' per corruption, computed over cfg.severities."""
     results: dict[str, dict[str, float]] = {}
     for name in cfg.corruptions:
@@ -122,6 +123,7 @@ def robustness_suite(net: torch.nn.Module, images: np.ndarray, labels: np.ndarra
 
 def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -135,17 +137,26 @@ def _plot_confusion(confusion: np.ndarray, classes: list[str], path: Path) -> No
     for i in range(len(classes)):
         for j in range(len(classes)):
             if confusion[i, j]:
-                ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(confusion[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title("Confusion matrix (test split; colour = row share)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_worst(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, classes: list[str],
-                path: Path, k: int = 25) -> None:
+def _plot_worst(
+    images: np.ndarray, labels: np.ndarray, logits: np.ndarray, classes: list[str], path: Path, k: int = 25
+) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -170,6 +181,7 @@ def _plot_worst(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, clas
 
 def _plot_robustness(rob: dict[str, dict[str, float]], clean: float, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -188,9 +200,18 @@ def _plot_robustness(rob: dict[str, dict[str, float]], clean: float, path: Path)
     plt.close(fig)
 
 
-def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, classes: list[str],
-             cfg: EvaluateParams, seed: int, report_dir: Path, mlflow_run_id: str | None = None,
-             device: str | None = None) -> EvalResult:
+def evaluate(
+    *,
+    net: torch.nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    cfg: EvaluateParams,
+    seed: int,
+    report_dir: Path,
+    mlflow_run_id: str | None = None,
+    device: str | None = None,
+) -> EvalResult:
     """device: where the network runs (default: the GPU when there is one)."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -200,14 +221,27 @@ def evaluate(*, net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cl
     subset = robustness_subset(len(labels), cfg.robustness_images, seed)
     rob = robustness_suite(net, np.asarray(images[subset]), labels[subset], cfg, seed, device=device)
     robust_accuracy = float(np.mean([per["mean"] for per in rob.values()]))
-    result = EvalResult(test_accuracy=m["accuracy"], macro_f1=m["macro_f1"], ece=m["ece"],
-                        robust_accuracy=robust_accuracy, per_class=m["per_class"], robustness=rob,
-                        n_test=len(labels), report_dir=str(report_dir), mlflow_run_id=mlflow_run_id)
+    result = EvalResult(
+        test_accuracy=m["accuracy"],
+        macro_f1=m["macro_f1"],
+        ece=m["ece"],
+        robust_accuracy=robust_accuracy,
+        per_class=m["per_class"],
+        robustness=rob,
+        n_test=len(labels),
+        report_dir=str(report_dir),
+        mlflow_run_id=mlflow_run_id,
+    )
     _plot_confusion(m["confusion"], classes, report_dir / "confusion_matrix.png")
     _plot_worst(images, labels, logits, classes, report_dir / "worst_errors.png")
     _plot_robustness(rob, m["accuracy"], report_dir / "robustness.png")
-    payload = {**asdict(result), "confusion_matrix": m["confusion"].tolist(), "classes": classes,
-               "robustness_images": len(subset), "device": device}
+    payload = {
+        **asdict(result),
+        "confusion_matrix": m["confusion"].tolist(),
+        "classes": classes,
+        "robustness_images": len(subset),
+        "device": device,
+    }
     write_json_atomic(report_dir / "evaluation.json", payload)
     if mlflow_run_id:
         _log_to_mlflow(mlflow_run_id, result, report_dir)
@@ -226,11 +260,16 @@ def _log_to_mlflow(run_id: str, r: EvalResult, report_dir: Path) -> None:
 
     client = mlflow.MlflowClient()
     ts = int(time.time() * 1000)
-    metrics = {"test/accuracy": r.test_accuracy, "test/macro_f1": r.macro_f1, "test/ece": r.ece,
-               "robust/accuracy": r.robust_accuracy}
+    metrics = {
+        "test/accuracy": r.test_accuracy,
+        "test/macro_f1": r.macro_f1,
+        "test/ece": r.ece,
+        "robust/accuracy": r.robust_accuracy,
+    }
     detail = {f"{kind}.{c}": pr[kind] for c, pr in r.per_class.items() for kind in ("precision", "recall")}
     detail |= {f"robust.{name}.{sev}": acc for name, per in r.robustness.items() for sev, acc in per.items()}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()],
-                     tags=detail_tags("eval", detail))
+    client.log_batch(
+        run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()], tags=detail_tags("eval", detail)
+    )
     for f in ("confusion_matrix.png", "worst_errors.png", "robustness.png", "evaluation.json"):
         client.log_artifact(run_id, str(report_dir / f), artifact_path="evaluation")

@@ -57,8 +57,9 @@ def channel_stats(backbone: nn.Module, channels: int) -> tuple[list[float], list
     return mean, std
 
 
-def build_net(model_name: str, num_classes: int, channels: int, pretrained_weights: str | None = None,
-              root: Path | None = None) -> ClassifierNet:
+def build_net(
+    model_name: str, num_classes: int, channels: int, pretrained_weights: str | None = None, root: Path | None = None
+) -> ClassifierNet:
     if model_name not in timm.list_models() and not timm.is_model(model_name):
         raise ConfigError(f"train.model: {model_name!r} is not a timm model name (see timm.list_models())")
     backbone = timm.create_model(model_name, pretrained=False, num_classes=num_classes, in_chans=channels)
@@ -75,9 +76,20 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 class ImageClassifier(L.LightningModule):
-    def __init__(self, *, model_name: str, classes: list[str], channels: int, image_size: int, lr: float,
-                 weight_decay: float, optimizer: str, scheduler: str, pretrained_weights: str | None = None,
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        classes: list[str],
+        channels: int,
+        image_size: int,
+        lr: float,
+        weight_decay: float,
+        optimizer: str,
+        scheduler: str,
+        pretrained_weights: str | None = None,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.net = build_net(model_name, len(classes), channels, pretrained_weights)
@@ -125,6 +137,7 @@ class ImageClassifier(L.LightningModule):
         if hp.scheduler == "none":
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total, pct_start=0.15,
-                                                    anneal_strategy="cos")
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=hp.lr, total_steps=total, pct_start=0.15, anneal_strategy="cos"
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -60,9 +60,15 @@ def resolve_runtime(cfg: TrainParams) -> Runtime:
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     else:
         precision = "32-true"
-    return Runtime(accelerator="gpu" if gpu else "cpu", devices=cfg.devices if gpu else 1, precision=precision,
-                   strategy=cfg.strategy, channels_last=gpu, num_nodes=cfg.num_nodes,
-                   compile=_compile_pays(gpu) if cfg.compile == "auto" else bool(cfg.compile))
+    return Runtime(
+        accelerator="gpu" if gpu else "cpu",
+        devices=cfg.devices if gpu else 1,
+        precision=precision,
+        strategy=cfg.strategy,
+        channels_last=gpu,
+        num_nodes=cfg.num_nodes,
+        compile=_compile_pays(gpu) if cfg.compile == "auto" else bool(cfg.compile),
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -149,8 +155,15 @@ class _Plan:
     run_dir: Path
 
 
-def _plan(p: Params, root: Path, data_version: str | None, runs_dir: Path | None, cache_dir: Path | None,
-          max_steps_override: int | None, log: Log) -> _Plan:
+def _plan(
+    p: Params,
+    root: Path,
+    data_version: str | None,
+    runs_dir: Path | None,
+    cache_dir: Path | None,
+    max_steps_override: int | None,
+    log: Log,
+) -> _Plan:
     paths = ProjectPaths.of(p, root)
     classes = class_names(paths.splits)
     decision = decide_input(paths.splits / "train.csv", p.train.channels, p.train.image_size)
@@ -161,27 +174,58 @@ def _plan(p: Params, root: Path, data_version: str | None, runs_dir: Path | None
     cfg = p.train.model_copy(update={"channels": decision.channels})
     L.seed_everything(p.base.seed, workers=True, verbose=False)
     rt = resolve_runtime(cfg)
-    dm = ImageDataModule(splits_dir=paths.splits, cache_dir=cache_dir or paths.cache, classes=classes,
-                         image_size=cfg.image_size, channels=cfg.channels, batch_size=cfg.batch_size,
-                         num_workers=cfg.num_workers, augment=cfg.augment, seed=p.base.seed, project=paths)
+    dm = ImageDataModule(
+        splits_dir=paths.splits,
+        cache_dir=cache_dir or paths.cache,
+        classes=classes,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        augment=cfg.augment,
+        seed=p.base.seed,
+        project=paths,
+    )
     dm.prepare_data()  # the decode-once cache: built here, timed as the run's cache seconds
     cache_done = time.perf_counter()
-    per_node = (rt.devices if isinstance(rt.devices, int)
-                else max(torch.cuda.device_count(), 1) if rt.accelerator == "gpu" else 1)
+    per_node = (
+        rt.devices
+        if isinstance(rt.devices, int)
+        else max(torch.cuda.device_count(), 1)
+        if rt.accelerator == "gpu"
+        else 1
+    )
     steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * per_node * rt.num_nodes))
     key = run_key(p, data_version, paths.splits)
-    return _Plan(cfg=cfg, decision=decision, rt=rt, classes=classes, dm=dm, cache_done=cache_done,
-                 steps_per_epoch=steps_per_epoch, max_steps=max_steps_override or steps_per_epoch * cfg.max_epochs,
-                 key=key, run_dir=Path(runs_dir or root / "runs/train") / key)
+    return _Plan(
+        cfg=cfg,
+        decision=decision,
+        rt=rt,
+        classes=classes,
+        dm=dm,
+        cache_done=cache_done,
+        steps_per_epoch=steps_per_epoch,
+        max_steps=max_steps_override or steps_per_epoch * cfg.max_epochs,
+        key=key,
+        run_dir=Path(runs_dir or root / "runs/train") / key,
+    )
 
 
-def _mlflow_logger(p: Params, root: Path, plan: _Plan, uri: str, data_version: str | None,
-                   flow_run_id: str | None, run_id: str | None) -> MLFlowLogger:
+def _mlflow_logger(
+    p: Params, root: Path, plan: _Plan, uri: str, data_version: str | None, flow_run_id: str | None, run_id: str | None
+) -> MLFlowLogger:
     """The run's MLflow logger (resuming run_id when given)."""
-    return MLFlowLogger(experiment_name=p.base.project, tracking_uri=uri, run_id=run_id, log_model=False,
-                        run_name=run_name(model=plan.cfg.model, data_version=data_version, params_digest=p.digest()),
-                        tags={**lineage_tags(data_version=data_version, root=root, params_digest=p.digest(),
-                                             flow_run_id=flow_run_id), "visionflow.run_key": plan.key})
+    return MLFlowLogger(
+        experiment_name=p.base.project,
+        tracking_uri=uri,
+        run_id=run_id,
+        log_model=False,
+        run_name=run_name(model=plan.cfg.model, data_version=data_version, params_digest=p.digest()),
+        tags={
+            **lineage_tags(data_version=data_version, root=root, params_digest=p.digest(), flow_run_id=flow_run_id),
+            "visionflow.run_key": plan.key,
+        },
+    )
 
 
 def _log_run_config(client, run_id: str, p: Params, plan: _Plan) -> None:
@@ -189,55 +233,112 @@ def _log_run_config(client, run_id: str, p: Params, plan: _Plan) -> None:
     from mlflow.entities import Param
 
     resolved = {**p.as_dict(), "train": plan.cfg.model_dump(mode="json")}
-    params = {**_flatten(resolved), "train.channels_decision": plan.decision.note,
-              "train.image_size_hint": plan.decision.hint or "none"}
+    params = {
+        **_flatten(resolved),
+        "train.channels_decision": plan.decision.note,
+        "train.image_size_hint": plan.decision.hint or "none",
+    }
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
     client.log_dict(run_id, resolved, "params.resolved.yaml")
-    client.log_dict(run_id, {"classes": plan.classes, "runtime": asdict(plan.rt), "max_steps": plan.max_steps,
-                             "steps_per_epoch": plan.steps_per_epoch, "input": asdict(plan.decision)},
-                    "run_config.json")
+    client.log_dict(
+        run_id,
+        {
+            "classes": plan.classes,
+            "runtime": asdict(plan.rt),
+            "max_steps": plan.max_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "input": asdict(plan.decision),
+        },
+        "run_config.json",
+    )
 
 
-def _trainer(plan: _Plan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool,
-             log: Log) -> tuple[L.Trainer, ModelCheckpoint]:
+def _trainer(
+    plan: _Plan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool, log: Log
+) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning trainer with its callbacks; returns it and the best-checkpoint callback."""
     cfg, ckpt_dir = plan.cfg, plan.run_dir / "checkpoints"
-    best_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_top_k=1,
-                              auto_insert_metric_name=False, enable_version_counter=False)
+    best_cb = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
     # Mid-epoch checkpoints (about four per epoch) bound what a crash can lose.
-    last_cb = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
-                              every_n_train_steps=max(1, plan.steps_per_epoch // 4), enable_version_counter=False)
-    callbacks: list[Any] = [best_cb, last_cb, LearningRateMonitor(logging_interval="epoch"),
-                            EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience)]
+    last_cb = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=max(1, plan.steps_per_epoch // 4),
+        enable_version_counter=False,
+    )
+    callbacks: list[Any] = [
+        best_cb,
+        last_cb,
+        LearningRateMonitor(logging_interval="epoch"),
+        EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience),
+    ]
     # EpochLog reads figures_cb's timing of the epoch at its end; neither resets it before the next epoch starts
     callbacks += [figures_cb, EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb), StartValWorkers()]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     rt = plan.rt
     trainer = L.Trainer(
-        accelerator=rt.accelerator, devices=rt.devices, num_nodes=rt.num_nodes, strategy=rt.strategy,
-        precision=rt.precision, max_steps=plan.max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], deterministic=not torch.cuda.is_available(),
-        log_every_n_steps=max(1, min(50, plan.steps_per_epoch // 2)), enable_progress_bar=progress,
-        enable_model_summary=False, default_root_dir=plan.run_dir, num_sanity_val_steps=0,
+        accelerator=rt.accelerator,
+        devices=rt.devices,
+        num_nodes=rt.num_nodes,
+        strategy=rt.strategy,
+        precision=rt.precision,
+        max_steps=plan.max_steps,
+        max_epochs=-1,
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        deterministic=not torch.cuda.is_available(),
+        log_every_n_steps=max(1, min(50, plan.steps_per_epoch // 2)),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=plan.run_dir,
+        num_sanity_val_steps=0,
     )
     return trainer, best_cb
 
 
 def _classifier(plan: _Plan) -> ImageClassifier:
     cfg = plan.cfg
-    model = ImageClassifier(model_name=cfg.model, classes=plan.classes, channels=cfg.channels,
-                            image_size=cfg.image_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            optimizer=cfg.optimizer, scheduler=cfg.scheduler,
-                            pretrained_weights=cfg.pretrained_weights, channels_last=plan.rt.channels_last)
+    model = ImageClassifier(
+        model_name=cfg.model,
+        classes=plan.classes,
+        channels=cfg.channels,
+        image_size=cfg.image_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        pretrained_weights=cfg.pretrained_weights,
+        channels_last=plan.rt.channels_last,
+    )
     if plan.rt.compile:
         model.net.compile()  # in place: the state dict, checkpoints and export keep the plain module's keys
     return model
 
 
-def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str | None = None,
-          runs_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True,
-          max_steps_override: int | None = None, log: Log | None = None) -> TrainResult:
+def train(
+    *,
+    p: Params,
+    root: Path,
+    data_version: str | None,
+    flow_run_id: str | None = None,
+    runs_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    max_steps_override: int | None = None,
+    log: Log | None = None,
+) -> TrainResult:
     """log: where the input decision and the per-epoch lines go (the flow passes Prefect's run logger).
 
     MLflow must be set up (registry.tracking.setup_mlflow) by the entry point.
@@ -249,8 +350,9 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     state_path = plan.run_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
-        return TrainResult(**{**state["result"], "data_version": data_version, "reused": True,
-                              "seconds": time.perf_counter() - start})
+        return TrainResult(
+            **{**state["result"], "data_version": data_version, "reused": True, "seconds": time.perf_counter() - start}
+        )
 
     import mlflow
 
@@ -259,8 +361,9 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     mlflow_run_id = logger.run_id
     resume_from = plan.run_dir / "checkpoints" / "last.ckpt"
     resumed = resume_from.is_file()
-    write_json_atomic(state_path, {"status": "running", "mlflow_run_id": mlflow_run_id,
-                                   "experiment_id": logger.experiment_id})
+    write_json_atomic(
+        state_path, {"status": "running", "mlflow_run_id": mlflow_run_id, "experiment_id": logger.experiment_id}
+    )
     if not resumed:
         _log_run_config(logger.experiment, mlflow_run_id, p, plan)
     figures_cb = RunFigures(start, plan.cache_done)
@@ -273,16 +376,29 @@ def train(*, p: Params, root: Path, data_version: str | None, flow_run_id: str |
     best = best_cb.best_model_path or str(resume_from)
     best_score = best_cb.best_model_score
     result = TrainResult(
-        run_dir=str(plan.run_dir), best_checkpoint=best, mlflow_run_id=mlflow_run_id, classes=plan.classes,
-        global_step=int(trainer.global_step), max_steps=plan.max_steps, epochs_completed=int(trainer.current_epoch),
-        best_val_acc=float(best_score) if best_score is not None else float("nan"), resumed=resumed,
-        reused=False, seconds=time.perf_counter() - start, runtime=asdict(plan.rt), channels=plan.cfg.channels,
-        input_decision=plan.decision.note, figures=figures, data_version=data_version,
+        run_dir=str(plan.run_dir),
+        best_checkpoint=best,
+        mlflow_run_id=mlflow_run_id,
+        classes=plan.classes,
+        global_step=int(trainer.global_step),
+        max_steps=plan.max_steps,
+        epochs_completed=int(trainer.current_epoch),
+        best_val_acc=float(best_score) if best_score is not None else float("nan"),
+        resumed=resumed,
+        reused=False,
+        seconds=time.perf_counter() - start,
+        runtime=asdict(plan.rt),
+        channels=plan.cfg.channels,
+        input_decision=plan.decision.note,
+        figures=figures,
+        data_version=data_version,
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     _log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
-    write_json_atomic(state_path, {"status": "completed", "mlflow_run_id": mlflow_run_id,
-                                   "best_checkpoint": best, "result": asdict(result)})
+    write_json_atomic(
+        state_path,
+        {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
+    )
     return result
 
 
@@ -292,13 +408,16 @@ def _log_figures(client, run_id: str, figures: dict[str, Any], step: int) -> Non
 
     ts = int(time.time() * 1000)
     names = ("images_per_s", "busy_fraction", "time_to_first_step_s", "time_to_first_step_after_cache_s", "cache_s")
-    client.log_batch(run_id, metrics=[Metric(f"perf/{k}", float(figures[k]), ts, step) for k in names
-                                      if figures.get(k) is not None],
-                     tags=[RunTag("visionflow.perf.busy_basis", figures["busy_basis"])])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(f"perf/{k}", float(figures[k]), ts, step) for k in names if figures.get(k) is not None],
+        tags=[RunTag("visionflow.perf.busy_basis", figures["busy_basis"])],
+    )
 
 
 def load_classifier(checkpoint: Path | str) -> ImageClassifier:
     """The trained module from a checkpoint, in eval mode on CPU (pretrained weights are in the checkpoint)."""
-    model = ImageClassifier.load_from_checkpoint(str(checkpoint), map_location="cpu", pretrained_weights=None,
-                                                 channels_last=False)
+    model = ImageClassifier.load_from_checkpoint(
+        str(checkpoint), map_location="cpu", pretrained_weights=None, channels_last=False
+    )
     return model.eval()

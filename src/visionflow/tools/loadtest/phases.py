@@ -45,8 +45,14 @@ def percentiles(values_s: list[float]) -> dict[str, float]:
         return {}
     ms = np.asarray(values_s) * 1000
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-    return {"p50": round(float(p50), 3), "p90": round(float(p90), 3), "p99": round(float(p99), 3),
-            "mean": round(float(ms.mean()), 3), "min": round(float(ms.min()), 3), "max": round(float(ms.max()), 3)}
+    return {
+        "p50": round(float(p50), 3),
+        "p90": round(float(p90), 3),
+        "p99": round(float(p99), 3),
+        "mean": round(float(ms.mean()), 3),
+        "min": round(float(ms.min()), 3),
+        "max": round(float(ms.max()), 3),
+    }
 
 
 @dataclass
@@ -55,14 +61,37 @@ class _Recorder:
     failed: list[float] = field(default_factory=list)
     errors: Counter = field(default_factory=Counter)
 
-    def phase(self, name: str, mode: str, *, concurrency: int | None, rate: float | None, planned_s: float,
-              elapsed_s: float, late: int = 0, dropped: int = 0) -> Phase:
+    def phase(
+        self,
+        name: str,
+        mode: str,
+        *,
+        concurrency: int | None,
+        rate: float | None,
+        planned_s: float,
+        elapsed_s: float,
+        late: int = 0,
+        dropped: int = 0,
+    ) -> Phase:
         n = len(self.ok) + len(self.failed)
         elapsed_s = max(elapsed_s, 1e-9)
-        return Phase(name, mode, concurrency, rate, round(planned_s, 3), round(elapsed_s, 3), n, len(self.ok),
-                     dict(sorted(self.errors.items())), round(n / elapsed_s, 2), round(len(self.ok) / elapsed_s, 2),
-                     percentiles(self.ok), percentiles(self.failed), late, dropped)
-
+        return Phase(
+            name,
+            mode,
+            concurrency,
+            rate,
+            round(planned_s, 3),
+            round(elapsed_s, 3),
+            n,
+            len(self.ok),
+            dict(sorted(self.errors.items())),
+            round(n / elapsed_s, 2),
+            round(len(self.ok) / elapsed_s, 2),
+            percentiles(self.ok),
+            percentiles(self.failed),
+            late,
+            dropped,
+        )
 
 
 class Target:
@@ -89,12 +118,12 @@ async def sequential(target: Target, n: int, max_s: float, name: str = "single")
         if time.perf_counter() - start > max_s:
             break
         await target.hit(rec)
-    return rec.phase(name, "sequential", concurrency=1, rate=None, planned_s=max_s,
-                     elapsed_s=time.perf_counter() - start)
+    return rec.phase(
+        name, "sequential", concurrency=1, rate=None, planned_s=max_s, elapsed_s=time.perf_counter() - start
+    )
 
 
-async def closed_loop(target: Target, concurrency: int, duration_s: float, max_requests: int,
-                      name: str) -> Phase:
+async def closed_loop(target: Target, concurrency: int, duration_s: float, max_requests: int, name: str) -> Phase:
     """`concurrency` workers, each sending its next request as soon as the last one is answered."""
     rec = _Recorder()
     start = time.perf_counter()
@@ -108,12 +137,19 @@ async def closed_loop(target: Target, concurrency: int, duration_s: float, max_r
             await target.hit(rec)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return rec.phase(name, "concurrency", concurrency=concurrency, rate=None, planned_s=duration_s,
-                     elapsed_s=time.perf_counter() - start)
+    return rec.phase(
+        name,
+        "concurrency",
+        concurrency=concurrency,
+        rate=None,
+        planned_s=duration_s,
+        elapsed_s=time.perf_counter() - start,
+    )
 
 
-async def open_loop(target: Target, rate: float, duration_s: float, max_requests: int, max_in_flight: int,
-                    name: str) -> Phase:
+async def open_loop(
+    target: Target, rate: float, duration_s: float, max_requests: int, max_in_flight: int, name: str
+) -> Phase:
     """Constant arrival rate: request i starts at i/rate seconds whatever happened to the earlier ones."""
     if rate <= 0:
         raise LoadTestError(f"the arrival rate must be positive, not {rate}")
@@ -136,6 +172,13 @@ async def open_loop(target: Target, rate: float, duration_s: float, max_requests
         task.add_done_callback(in_flight.discard)
     if in_flight:
         await asyncio.gather(*in_flight)
-    return rec.phase(name, "rate", concurrency=None, rate=round(rate, 3), planned_s=duration_s,
-                     elapsed_s=time.perf_counter() - start, late=late, dropped=dropped)
-
+    return rec.phase(
+        name,
+        "rate",
+        concurrency=None,
+        rate=round(rate, 3),
+        planned_s=duration_s,
+        elapsed_s=time.perf_counter() - start,
+        late=late,
+        dropped=dropped,
+    )

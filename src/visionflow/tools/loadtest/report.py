@@ -12,22 +12,34 @@ def summary(report: dict[str, Any], single: Phase, phases: list[Phase], overload
     main = phases[0]
     out: dict[str, Any] = {
         "single_ms_p50": single.latency_ms.get("p50"),
-        "throughput_rps": main.throughput_rps, "ok_rps": main.ok_rps,
-        "p50_ms": main.latency_ms.get("p50"), "p90_ms": main.latency_ms.get("p90"),
-        "p99_ms": main.latency_ms.get("p99"), "errors": main.errors, "n_errors": main.n_errors,
-        "healthy_after": report["healthy_after"]}
+        "throughput_rps": main.throughput_rps,
+        "ok_rps": main.ok_rps,
+        "p50_ms": main.latency_ms.get("p50"),
+        "p90_ms": main.latency_ms.get("p90"),
+        "p99_ms": main.latency_ms.get("p99"),
+        "errors": main.errors,
+        "n_errors": main.n_errors,
+        "healthy_after": report["healthy_after"],
+    }
     if report["mode"] == "full":
         overload = phases[1]
-        out = {"max_throughput_rps": report["max_throughput_rps"],
-               "sustained_target_rps": main.target_rate_rps, **out,
-               "overload_concurrency": overload_concurrency, "overload_requests": overload.requests,
-               "overload_503": overload.errors.get("503", 0),
-               "overload_other_errors": {k: v for k, v in overload.errors.items() if k != "503"},
-               "overload_503_p50_ms": overload.error_latency_ms.get("p50"),
-               "overload_ok_rps": overload.ok_rps}
+        out = {
+            "max_throughput_rps": report["max_throughput_rps"],
+            "sustained_target_rps": main.target_rate_rps,
+            **out,
+            "overload_concurrency": overload_concurrency,
+            "overload_requests": overload.requests,
+            "overload_503": overload.errors.get("503", 0),
+            "overload_other_errors": {k: v for k, v in overload.errors.items() if k != "503"},
+            "overload_503_p50_ms": overload.error_latency_ms.get("p50"),
+            "overload_ok_rps": overload.ok_rps,
+        }
     if main.mode == "rate":  # did the client hold the schedule? If not, the server was not offered the rate
-        out.update(late_starts=main.late_starts, dropped=main.dropped,
-                   kept_schedule=main.dropped == 0 and main.late_starts <= 0.01 * max(main.requests, 1))
+        out.update(
+            late_starts=main.late_starts,
+            dropped=main.dropped,
+            kept_schedule=main.dropped == 0 and main.late_starts <= 0.01 * max(main.requests, 1),
+        )
     if out.get("p99_ms") and out.get("single_ms_p50"):
         out["p99_over_single"] = round(out["p99_ms"] / out["single_ms_p50"], 2)
     if main.server:  # the server's side of the same phase: where the latency was spent
@@ -40,20 +52,33 @@ def render(report: dict[str, Any]):
     from rich.console import Group
     from rich.table import Table
 
-    table = Table(title=f"load test of {report['url']}/predict (model v{report['model_version']})",
-                  title_justify="left")
+    table = Table(
+        title=f"load test of {report['url']}/predict (model v{report['model_version']})", title_justify="left"
+    )
     for col in ("phase", "load", "requests", "req/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
         table.add_column(col, justify="left" if col in ("phase", "load", "errors") else "right")
     rows = [report["single"], *report.get("ramp", []), *report["phases"]]
     for ph in rows:
-        load = (f"{ph['target_rate_rps']:g} req/s" if ph["mode"] == "rate" else
-                "1 at a time" if ph["mode"] == "sequential" else f"{ph['concurrency']} concurrent")
+        load = (
+            f"{ph['target_rate_rps']:g} req/s"
+            if ph["mode"] == "rate"
+            else "1 at a time"
+            if ph["mode"] == "sequential"
+            else f"{ph['concurrency']} concurrent"
+        )
         lat = ph["latency_ms"]
         errors = ", ".join(f"{k}: {v}" for k, v in ph["errors"].items()) or "0"
         if ph.get("late_starts") or ph.get("dropped"):
             errors += f" (late starts {ph['late_starts']}, dropped {ph['dropped']})"
-        table.add_row(ph["name"], load, str(ph["requests"]), f"{ph['throughput_rps']:.1f}", f"{ph['ok_rps']:.1f}",
-                      *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("p50", "p90", "p99")), errors)
+        table.add_row(
+            ph["name"],
+            load,
+            str(ph["requests"]),
+            f"{ph['throughput_rps']:.1f}",
+            f"{ph['ok_rps']:.1f}",
+            *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("p50", "p90", "p99")),
+            errors,
+        )
     summary = Table(title="summary", show_header=False, title_justify="left")
     for k, v in report["summary"].items():
         summary.add_row(k, str(v))

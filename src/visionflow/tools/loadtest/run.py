@@ -48,32 +48,79 @@ class Settings:
                 raise LoadTestError(f"--{name} must be positive")
         if not 0 < self.fraction <= 1:
             raise LoadTestError("--fraction must be in (0, 1]")
-        if min(self.concurrency, self.ramp_max, self.overload_concurrency, self.single_n, self.max_requests,
-               self.max_in_flight) < 1:
+        if (
+            min(
+                self.concurrency,
+                self.ramp_max,
+                self.overload_concurrency,
+                self.single_n,
+                self.max_requests,
+                self.max_in_flight,
+            )
+            < 1
+        ):
             raise LoadTestError("concurrency, counts and limits must be at least 1")
 
     def reported(self) -> dict[str, Any]:
-        return {"duration_s": self.duration_s, "concurrency": self.concurrency, "rate_rps": self.rate,
-                "fraction": self.fraction, "step_s": self.step_s, "ramp_max": self.ramp_max,
-                "overload_concurrency": self.overload_concurrency, "overload_s": self.overload_s,
-                "single_n": self.single_n, "max_requests_per_phase": self.max_requests,
-                "max_in_flight": self.max_in_flight, "timeout_s": self.timeout_s}
+        return {
+            "duration_s": self.duration_s,
+            "concurrency": self.concurrency,
+            "rate_rps": self.rate,
+            "fraction": self.fraction,
+            "step_s": self.step_s,
+            "ramp_max": self.ramp_max,
+            "overload_concurrency": self.overload_concurrency,
+            "overload_s": self.overload_s,
+            "single_n": self.single_n,
+            "max_requests_per_phase": self.max_requests,
+            "max_in_flight": self.max_in_flight,
+            "timeout_s": self.timeout_s,
+        }
 
 
-def run_loadtest(url: str, *, mode: str = "full", duration_s: float = 60, concurrency: int = 4,
-                 rate: float | None = None, fraction: float = 0.7, step_s: float = 5, ramp_max: int = 20,
-                 overload_concurrency: int = 60, overload_s: float = 10, single_n: int = 50,
-                 max_requests: int = 100_000, max_in_flight: int = 64, image: Path | None = None,
-                 timeout_s: float = 30, token: str | None = None, out: Path | None = None,
-                 progress=None) -> dict[str, Any]:
+def run_loadtest(
+    url: str,
+    *,
+    mode: str = "full",
+    duration_s: float = 60,
+    concurrency: int = 4,
+    rate: float | None = None,
+    fraction: float = 0.7,
+    step_s: float = 5,
+    ramp_max: int = 20,
+    overload_concurrency: int = 60,
+    overload_s: float = 10,
+    single_n: int = 50,
+    max_requests: int = 100_000,
+    max_in_flight: int = 64,
+    image: Path | None = None,
+    timeout_s: float = 30,
+    token: str | None = None,
+    out: Path | None = None,
+    progress=None,
+) -> dict[str, Any]:
     """Run the load test (see the package docstring) and return the report; also written to `out` as JSON.
     `token`: the server's bearer token, sent on every request, when it has one."""
-    settings = Settings(mode, duration_s, concurrency, rate, fraction, step_s, ramp_max, overload_concurrency,
-                        overload_s, single_n, max_requests, max_in_flight, timeout_s)
+    settings = Settings(
+        mode,
+        duration_s,
+        concurrency,
+        rate,
+        fraction,
+        step_s,
+        ramp_max,
+        overload_concurrency,
+        overload_s,
+        single_n,
+        max_requests,
+        max_in_flight,
+        timeout_s,
+    )
     settings.check()
     require_loopback(url)
-    report = _event_loop_runner()(_run(url, settings, image=image, token=token,
-                                       progress=progress or (lambda _msg: None)))
+    report = _event_loop_runner()(
+        _run(url, settings, image=image, token=token, progress=progress or (lambda _msg: None))
+    )
     if out is not None:
         from visionflow.report import write_json_atomic
 
@@ -90,8 +137,9 @@ async def _run(url: str, s: Settings, *, image: Path | None, token: str | None, 
         # The control requests (ready, model, health) go through httpx; trust_env=False: no proxy from the
         # environment gets between us and loopback.
         auth = {"Authorization": f"Bearer {token}"} if token else {}  # a server with serve.auth_token_env set
-        client = await stack.enter_async_context(httpx.AsyncClient(timeout=s.timeout_s, trust_env=False,
-                                                                   verify=tls or True, headers=auth))
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(timeout=s.timeout_s, trust_env=False, verify=tls or True, headers=auth)
+        )
         ready, model = await _served_model(client, base)
         data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
         load = KeepAliveClient(f"{base}/predict", *_multipart(data), s.timeout_s, tls, token)
@@ -123,28 +171,40 @@ async def _served_model(client, base: str) -> tuple[dict[str, Any], dict[str, An
     try:
         ready = await client.get(f"{base}/ready")
     except httpx.HTTPError as exc:
-        raise LoadTestError(f"no server answers at {base} ({type(exc).__name__}); start `visionflow serve` "
-                            "first") from None
+        raise LoadTestError(
+            f"no server answers at {base} ({type(exc).__name__}); start `visionflow serve` first"
+        ) from None
     if ready.status_code != 200:
         raise LoadTestError(f"{base}/ready answered {ready.status_code}: {ready.text[:200]}")
     model = await client.get(f"{base}/model")
     if model.status_code != 200:
-        raise LoadTestError(f"{base}/model answered {model.status_code}: {model.text[:200]}"
-                            + (" (the server wants its bearer token: export the variable serve.auth_token_env "
-                               "names)" if model.status_code == 401 else ""))
+        raise LoadTestError(
+            f"{base}/model answered {model.status_code}: {model.text[:200]}"
+            + (
+                " (the server wants its bearer token: export the variable serve.auth_token_env names)"
+                if model.status_code == 401
+                else ""
+            )
+        )
     return ready.json(), model.json()
 
 
-def _report_head(base: str, s: Settings, ready: dict[str, Any], model: dict[str, Any], image: Path | None,
-                 data: bytes) -> dict[str, Any]:
+def _report_head(
+    base: str, s: Settings, ready: dict[str, Any], model: dict[str, Any], image: Path | None, data: bytes
+) -> dict[str, Any]:
     return {
-        "url": base, "mode": s.mode, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "url": base,
+        "mode": s.mode,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # Client and server share this machine: its size and load say how far the numbers can be trusted.
         "host": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
         "client": "raw HTTP/1.1 keep-alive (prebuilt request bytes)",
         "model_version": ready.get("model_version"),
-        "image": {"source": str(image) if image else "generated noise", "bytes": len(data),
-                  "model_input": [model["image_size"], model["image_size"], model["channels"]]},
+        "image": {
+            "source": str(image) if image else "generated noise",
+            "bytes": len(data),
+            "model_input": [model["image_size"], model["image_size"], model["channels"]],
+        },
         "settings": s.reported(),
     }
 
@@ -159,8 +219,11 @@ async def _phases(s: Settings, target: Target, client, base: str, report: dict[s
         if not s.rate:
             raise LoadTestError("--mode rate needs --rate (requests per second)")
         progress(f"constant arrival rate {s.rate:g} req/s for {s.duration_s:g} s")
-        return [await seen_by_server(client, base, open_loop(target, s.rate, s.duration_s, s.max_requests,
-                                                             s.max_in_flight, "fixed"))]
+        return [
+            await seen_by_server(
+                client, base, open_loop(target, s.rate, s.duration_s, s.max_requests, s.max_in_flight, "fixed")
+            )
+        ]
     ramp, best = await _ramp(s, target, progress)
     if best.ok_rps <= 0:
         raise LoadTestError(f"no request succeeded during the ramp: {ramp[0].errors}")
@@ -169,8 +232,9 @@ async def _phases(s: Settings, target: Target, client, base: str, report: dict[s
     report["max_at_concurrency"] = best.concurrency
     target_rate = s.fraction * best.ok_rps
     progress(f"sustained: {target_rate:.1f} req/s ({s.fraction:.0%} of max) for {s.duration_s:g} s")
-    sustained = await seen_by_server(client, base, open_loop(target, target_rate, s.duration_s, s.max_requests,
-                                                             s.max_in_flight, "sustained"))
+    sustained = await seen_by_server(
+        client, base, open_loop(target, target_rate, s.duration_s, s.max_requests, s.max_in_flight, "sustained")
+    )
     progress(f"overload: concurrency {s.overload_concurrency} for {s.overload_s:g} s")
     overload = await closed_loop(target, s.overload_concurrency, s.overload_s, s.max_requests, "overload")
     return [sustained, overload]
@@ -180,7 +244,7 @@ async def _ramp(s: Settings, target: Target, progress) -> tuple[list[Phase], Pha
     """Closed loops at concurrency 1, 2, 4, ... up to ramp_max, until errors or saturation; (every step, the
     best error-free step: the one after which no step gained 5%, or the fastest when the first already failed)."""
     ramp, best, stale = [], None, 0
-    levels = sorted({min(2 ** k, s.ramp_max) for k in range(0, 16) if 2 ** (k - 1) < s.ramp_max})
+    levels = sorted({min(2**k, s.ramp_max) for k in range(0, 16) if 2 ** (k - 1) < s.ramp_max})
     for c in levels:
         progress(f"ramp: concurrency {c} for {s.step_s:g} s")
         ph = await closed_loop(target, c, s.step_s, s.max_requests, f"ramp c={c}")
@@ -211,8 +275,10 @@ def default_image(image_size: int, channels: int, seed: int = 0) -> bytes:
 
 def _multipart(data: bytes, filename: str = "loadtest.png") -> tuple[bytes, str]:
     boundary = "visionflow-loadtest-boundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 

@@ -17,9 +17,12 @@ async def scrape_metrics(client, base: str) -> dict[tuple[str, tuple], float] | 
         r = await client.get(f"{base}/metrics")
         if r.status_code != 200:
             return None
-        return {(x.name, tuple(sorted(x.labels.items()))): x.value
-                for fam in text_string_to_metric_families(r.text) for x in fam.samples
-                if x.name.startswith("visionflow_")}
+        return {
+            (x.name, tuple(sorted(x.labels.items()))): x.value
+            for fam in text_string_to_metric_families(r.text)
+            for x in fam.samples
+            if x.name.startswith("visionflow_")
+        }
     except (httpx.HTTPError, ValueError):
         return None
 
@@ -52,11 +55,11 @@ def server_view(before: dict | None, after: dict | None, elapsed_s: float) -> di
 
     batches, busy_s = total("visionflow_inference_seconds_count"), total("visionflow_inference_seconds_sum")
     ok = delta.get(("visionflow_requests_total", (("endpoint", "predict"), ("status", "200"))), 0.0)
-    view: dict[str, Any] = {"ok_requests": int(ok),
-                            "p50_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.5,
-                                                               endpoint="predict"),
-                            "p99_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.99,
-                                                               endpoint="predict")}
+    view: dict[str, Any] = {
+        "ok_requests": int(ok),
+        "p50_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.5, endpoint="predict"),
+        "p99_ms_at_most": _bucket_quantile(delta, "visionflow_request_seconds", 0.99, endpoint="predict"),
+    }
     if batches > 0:  # a server from before these metrics has none
         waits = total("visionflow_inference_queue_seconds_count")
         view.update(
@@ -65,7 +68,8 @@ def server_view(before: dict | None, after: dict | None, elapsed_s: float) -> di
             requests_per_batch=round(total("visionflow_inference_batch_requests_sum") / batches, 2),
             inference_ms_per_batch=round(busy_s / batches * 1000, 3),
             queue_wait_ms_mean=round(total("visionflow_inference_queue_seconds_sum") / max(waits, 1) * 1000, 3),
-            queue_wait_ms_p99_at_most=_bucket_quantile(delta, "visionflow_inference_queue_seconds", 0.99))
+            queue_wait_ms_p99_at_most=_bucket_quantile(delta, "visionflow_inference_queue_seconds", 0.99),
+        )
     return view
 
 
@@ -75,4 +79,3 @@ async def seen_by_server(client, base: str, phase) -> Phase:
     ph = await phase
     ph.server = server_view(before, await scrape_metrics(client, base), ph.elapsed_s)
     return ph
-
