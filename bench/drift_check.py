@@ -1,11 +1,11 @@
-"""drift: seconds of visionflow.monitoring.drift's evidently comparison vs scipy's two-sample KS test on the same
-columns.
+"""drift: seconds of visionflow.monitoring.drift_compare's evidently comparison vs scipy's two-sample KS test on
+the same columns.
 
-Feature tables shaped like visionflow's (drift.feature_table: 6 image properties, confidence, predicted_class and
-8 embedding principal components), synthetic: a 10k-row reference and 1k / 10k-row current batches with a mild
-shift. A: visionflow.monitoring.drift.run_evidently (params.yaml's methods and thresholds, no HTML), which is the check
-minus embedding extraction; B: scipy.stats.ks_2samp over the same columns (predicted_class as class codes).
-Also the scaling 10k / 1k of A. Goal: A <= 15 s for 10k current rows.
+Feature tables shaped like visionflow's (drift_compare.feature_table: 6 image properties, confidence,
+predicted_class and 8 embedding principal components), synthetic: a 10k-row reference and 1k / 10k-row current
+batches with a mild shift. A: visionflow.monitoring.drift_compare.run_evidently (params.yaml's methods and
+thresholds, no HTML), which is the check minus embedding extraction; B: scipy.stats.ks_2samp over the same columns
+(predicted_class as class codes). Also the scaling 10k / 1k of A. Goal: A <= 15 s for 10k current rows.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ N_CLASSES = 10
 
 
 def feature_table(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
-    """A table with drift.feature_table's columns, built through it (Features + embedding PCs)."""
-    from visionflow.monitoring.drift import Features
-    from visionflow.monitoring.drift import feature_table as vf_feature_table
+    """A table with drift_compare.feature_table's columns, built through it (Features + embedding PCs)."""
+    from visionflow.monitoring.drift_compare import feature_table as vf_feature_table
+    from visionflow.monitoring.drift_features import Features
 
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame(
@@ -60,7 +60,7 @@ def ks_all(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, float]:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.monitoring.drift import run_evidently
+    from visionflow.monitoring.drift_compare import run_evidently
 
     p = ctx.params()
     n_ref = 2_000 if ctx.quick else 10_000

@@ -22,7 +22,8 @@ from tests.helpers import make_folder_dataset, make_image
 from visionflow.config import Params, ValidateParams
 from visionflow.data.imageio import DecodeRules
 from visionflow.data.validate import read_manifest, validate
-from visionflow.monitoring.drift import batch_features, check, extract
+from visionflow.monitoring.drift import check
+from visionflow.monitoring.drift_features import batch_features, extract
 
 SIZE, CLASSES = 16, ["cat", "dog", "fox"]
 # TIFF tags whose type is fixed to a number: an ASCII value filed under one of them cannot be written back.
