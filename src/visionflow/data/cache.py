@@ -256,20 +256,11 @@ def _build(
     log: logging.Logger,
     project: ProjectPaths | None,
 ) -> None:
-    # here, not at the top: the pool's workers import this module, and pandas would add half a second to each start
-    from visionflow.data.validate import read_manifest
-
-    df = read_manifest(manifest)
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(df["label"]) - set(index))
-    if unknown:
-        raise DataError(f"{manifest}: labels {unknown} are not among the classes {classes}")
-    labels = df["label"].map(index).to_numpy(dtype=np.int64)
+    df, labels = _read_split(manifest, classes)
     paths = [str(project.resolve(x)) if project else x for x in df["path"]]
     n, size = len(paths), target.image_size
     partial = _Partial(folder.with_name(folder.name + ".partial"), (n, size, size, target.channels), chunk_size)
     chunks = [Chunk(k, s, tuple(paths[s : s + chunk_size])) for k, s in enumerate(range(0, n, chunk_size))]
-    todo = [c for c in chunks if c.index not in partial.done]
     already = sum(len(c.paths) for c in chunks if c.index in partial.done)
     name = Path(manifest).name
     log.info(
@@ -281,6 +272,38 @@ def _build(
         ", or the GPU if faster" if decoder == "auto" and nvjpeg_available() else "",
         f"; resuming a build stopped after {already} of {n}" if already else "",
     )
+    info, seconds = _decode(partial, chunks, target, decoder, workers, name, already, log)
+    _finish(partial, folder, df, labels, info, manifest)
+    _log_outcome(folder, name, info, seconds, log)
+
+
+def _read_split(manifest: Path, classes: list[str]) -> tuple[Any, np.ndarray]:
+    """The split's manifest (a DataFrame) and its labels as class indices; a label outside `classes` is an error."""
+    # here, not at the top: the pool's workers import this module, and pandas would add half a second to each start
+    from visionflow.data.validate import read_manifest
+
+    df = read_manifest(manifest)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(df["label"]) - set(index))
+    if unknown:
+        raise DataError(f"{manifest}: labels {unknown} are not among the classes {classes}")
+    return df, df["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def _decode(
+    partial: _Partial,
+    chunks: list[Chunk],
+    target: Target,
+    decoder: str,
+    workers: int,
+    name: str,
+    already: int,
+    log: logging.Logger,
+) -> tuple[dict[str, Any], float]:
+    """Decode the chunks a resumed build has not written yet; returns build.json's timing and decoder fields, and
+    the seconds unrounded."""
+    n = sum(len(c.paths) for c in chunks)
+    todo = [c for c in chunks if c.index not in partial.done]
     t0 = time.perf_counter()
     choice: dict[str, Any] = {}
     with _progress(name, n, already, log) as advance:
@@ -293,11 +316,15 @@ def _build(
         "decoded": n - already,
         "resumed_from": already,
         "images_per_s": round((n - already) / seconds, 1) if seconds > 0 else None,
-        "image_size": size,
+        "image_size": target.image_size,
         "channels": target.channels,
         **choice,
     }
-    _finish(partial, folder, df, labels, info, manifest)
+    return info, seconds
+
+
+def _log_outcome(folder: Path, name: str, info: dict[str, Any], seconds: float, log: logging.Logger) -> None:
+    """A warning per image left out (the first 20), then the build's one-line summary."""
     quarantined = json.loads((folder / "quarantine.json").read_text())
     for q in quarantined[:20]:
         log.warning("cache %s: left out %s (%s: %s)", name, q["path"], q["reason"], q["detail"])
@@ -308,7 +335,7 @@ def _build(
     log.info(
         "cache %s: %d images in %.1f s (%s images/s, %s)%s",
         name,
-        n - already,
+        info["decoded"],
         seconds,
         info["images_per_s"],
         info["decoder"],

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from visionflow.data.validate import Check, read_manifest, run_suite
+from visionflow.data.expectations import Check, run_suite
+from visionflow.data.validate import read_manifest
 from visionflow.errors import DataError
 
 SPLITS = ("train", "val", "test")
