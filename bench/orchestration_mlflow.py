@@ -7,7 +7,6 @@ import functools
 import inspect
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 from unittest import mock
 
@@ -76,7 +75,8 @@ def timed_mlflow(timer: CallTimer):
 
 
 def null_logger_patches():
-    """visionflow.training.train with a no-op logger: the training run without MLflow."""
+    """visionflow.training.train with a no-op logger and no system-metrics monitor: the training run without
+    MLflow."""
     from lightning.pytorch.loggers.logger import Logger
 
     import visionflow.training.train as vtrain
@@ -115,7 +115,22 @@ def null_logger_patches():
         def log_hyperparams(self, params, *args, **kwargs) -> None:
             pass
 
-    return [mock.patch.object(vtrain, "MLFlowLogger", NullLogger)]
+    class NoSystemMetrics:
+        """train()'s MLflow system-metrics monitor, which needs a real MLflow run: none without MLflow."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __enter__(self) -> NoSystemMetrics:
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+    return [
+        mock.patch.object(vtrain, "MLFlowLogger", NullLogger),
+        mock.patch.object(vtrain, "SystemMetrics", NoSystemMetrics),
+    ]
 
 
 def _project(ctx: Context) -> tuple[Any, Any, SplitData]:
@@ -126,9 +141,13 @@ def _project(ctx: Context) -> tuple[Any, Any, SplitData]:
 
     counts = {"train": 512, "val": 128, "test": 64} if ctx.quick else {"train": 6400, "val": 320, "test": 64}
     data = make_splits(ctx, "orchestration/mlflow", counts)
-    proj, p = scratch_project(
-        ctx, "orchestration/mlflow-project", {"data.splits_dir": str(data.splits_dir), "train.num_workers": 0}
-    )
+    settings = {
+        "data.splits_dir": str(data.splits_dir),
+        "train.num_workers": 0,
+        # the cache is built here, before train() could decide "auto": the channels Context.params decides
+        "train.channels": ctx.params().train.channels,
+    }
+    proj, p = scratch_project(ctx, "orchestration/mlflow-project", settings)
     cfg = p.train
     for split in ("train", "val", "test"):  # decode once, outside the timed runs
         build_cache(
@@ -243,8 +262,8 @@ def mlflow_row(ctx: Context) -> dict[str, Any]:
     row = compare(
         ctx,
         f"MLflow logging in train() ({max_steps} steps)",
-        partial(_with_mlflow, one_run),
-        partial(_without_mlflow, one_run),
+        functools.partial(_with_mlflow, one_run),
+        functools.partial(_without_mlflow, one_run),
         unit="s",
         a_label="train() with MLFlowLogger",
         b_label="train() with a no-op logger",
