@@ -126,63 +126,69 @@ def _camera_1280(datas: list[bytes], k: int) -> list[bytes]:
     return [d for d in datas if Image.open(io.BytesIO(d)).size == (1280, 960)][:k]
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def _pool_row(ctx: Context, manifest: Path, classes: list[str], n: int, cores: int, pairs: int) -> dict[str, Any]:
+    target = round(0.9 * cores, 2)
+    return compare(
+        ctx,
+        f"build, {n} photos -> {IMAGE_SIZE} px: {cores} workers vs 1",
+        lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
+        lambda: build_run(ctx, manifest, classes, workers=1, decoder="pillow"),
+        repeats=pairs,
+        unit="images/s",
+        a_label=f"build_cache, pool of {cores}",
+        b_label="build_cache, 1 process",
+        higher_is_better=True,
+        the_goal=goal(f">= {target}x (0.9 x {cores} cores)", ">=", target),
+        notes=["wall time of build_cache, pool start-up included"],
+    )
+
+
+def _draft_row(ctx: Context, datas: list[bytes]) -> dict[str, Any]:
+    sample = _camera_1280(datas, QUICK_DRAFT_PHOTOS if ctx.quick else DRAFT_PHOTOS)
+    return compare(
+        ctx,
+        f"decode 1280x960 -> {IMAGE_SIZE} px, {len(sample)} photos, one core",
+        lambda: decode_run(sample, draft=True),
+        lambda: decode_run(sample, draft=False),
+        unit="images/s",
+        a_label="decode_for_model (JPEG draft)",
+        b_label="full decode (draft=False)",
+        higher_is_better=True,
+        the_goal=goal(">= 3x", ">=", 3.0),
+    )
+
+
+def _nvjpeg_row(ctx: Context, manifest: Path, classes: list[str], n: int, cores: int, pairs: int) -> dict[str, Any]:
     from visionflow.data.cache_decode import nvjpeg_available
+
+    if not nvjpeg_available():
+        raise Skip("no CUDA here: the nvJPEG row runs on a GPU machine")
+    return compare(
+        ctx,
+        f"build, {n} photos: nvJPEG vs {cores} CPU workers",
+        lambda: build_run(ctx, manifest, classes, decoder="nvjpeg"),
+        lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
+        repeats=pairs,
+        unit="images/s",
+        a_label="build_cache, nvJPEG batches",
+        b_label=f"build_cache, pool of {cores}",
+        higher_is_better=True,
+    )
+
+
+def run(ctx: Context) -> dict[str, Any]:
     from visionflow.data.pools import default_workers
 
     n = QUICK_PHOTOS if ctx.quick else FULL_PHOTOS
     manifest, classes, source = photo_set(ctx, n)
     datas = _warm(manifest)
     cores = default_workers()
-    rows, notes = [], [f"{source}; {cores} usable core(s); load average {os.getloadavg()[0]:.2f} at the start"]
+    notes = [f"{source}; {cores} usable core(s); load average {os.getloadavg()[0]:.2f} at the start"]
     # a full build takes minutes on 2 cores: two pairs give the spread, more would not fit a few minutes
     pairs = min(ctx.repeats, 2)
-    target = round(0.9 * cores, 2)
-    rows.append(
-        compare(
-            ctx,
-            f"build, {n} photos -> {IMAGE_SIZE} px: {cores} workers vs 1",
-            lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
-            lambda: build_run(ctx, manifest, classes, workers=1, decoder="pillow"),
-            repeats=pairs,
-            unit="images/s",
-            a_label=f"build_cache, pool of {cores}",
-            b_label="build_cache, 1 process",
-            higher_is_better=True,
-            the_goal=goal(f">= {target}x (0.9 x {cores} cores)", ">=", target),
-            notes=["wall time of build_cache, pool start-up included"],
-        )
-    )
-    sample = _camera_1280(datas, QUICK_DRAFT_PHOTOS if ctx.quick else DRAFT_PHOTOS)
-    rows.append(
-        compare(
-            ctx,
-            f"decode 1280x960 -> {IMAGE_SIZE} px, {len(sample)} photos, one core",
-            lambda: decode_run(sample, draft=True),
-            lambda: decode_run(sample, draft=False),
-            unit="images/s",
-            a_label="decode_for_model (JPEG draft)",
-            b_label="full decode (draft=False)",
-            higher_is_better=True,
-            the_goal=goal(">= 3x", ">=", 3.0),
-        )
-    )
+    rows = [_pool_row(ctx, manifest, classes, n, cores, pairs), _draft_row(ctx, datas)]
     try:
-        if not nvjpeg_available():
-            raise Skip("no CUDA here: the nvJPEG row runs on a GPU machine")
-        rows.append(
-            compare(
-                ctx,
-                f"build, {n} photos: nvJPEG vs {cores} CPU workers",
-                lambda: build_run(ctx, manifest, classes, decoder="nvjpeg"),
-                lambda: build_run(ctx, manifest, classes, workers=cores, decoder="pillow"),
-                repeats=pairs,
-                unit="images/s",
-                a_label="build_cache, nvJPEG batches",
-                b_label=f"build_cache, pool of {cores}",
-                higher_is_better=True,
-            )
-        )
+        rows.append(_nvjpeg_row(ctx, manifest, classes, n, cores, pairs))
     except Skip as exc:
         notes.append(str(exc))
     return {

@@ -1,23 +1,15 @@
-"""What every benchmark shares: the run context, interleaved A/B timing, summaries, machine description, test data."""
+"""What every benchmark shares: the run context, interleaved A/B timing, result rows and their goals, the JSON file."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
-import os
-import platform
 import statistics
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -191,249 +183,26 @@ def single(
     return judge(row)
 
 
-# --------------------------------------------------------------------------------------------------- machine
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str:
-    from visionflow.registry.tracking import git_commit as commit_of
-
-    return commit_of(REPO)
-
-
-def machine_info() -> dict[str, Any]:
-    import psutil
-    import torch
-
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            prop = torch.cuda.get_device_properties(i)
-            gpus.append(
-                {
-                    "name": prop.name,
-                    "memory_gib": round(prop.total_memory / 2**30, 1),
-                    "capability": f"{prop.major}.{prop.minor}",
-                    "multiprocessors": prop.multi_processor_count,
-                }
-            )
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu_logical_cores": os.cpu_count(),
-        "cpu_physical_cores": psutil.cpu_count(logical=False),
-        "cpu_cores_usable": affinity,
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "gpu": gpus or None,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {
-            d: _version(d)
-            for d in (
-                "torch",
-                "onnxruntime",
-                "lightning",
-                "timm",
-                "albumentations",
-                "mlflow",
-                "prefect",
-                "evidently",
-                "dvc",
-                "scipy",
-                "fastapi",
-                "uvicorn",
-                "numpy",
-            )
-        },
-        "git_commit": git_commit(),
-    }
-
-
-# ------------------------------------------------------------------------------------------------- quietness
-
-
-def quiet() -> None:
-    """Keep library chatter (Lightning's banners, deprecation warnings) out of the benchmark's output."""
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore")
-    for name in (
-        "lightning",
-        "lightning.pytorch",
-        "lightning.fabric",
-        "pytorch_lightning",
-        "mlflow",
-        "alembic",
-        "httpx",
-        "evidently",
-        "numexpr",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def quiet_lightning() -> None:
-    """Lightning sets its loggers to INFO when imported: call after importing it."""
-    import lightning  # noqa: F401
-
-    for name in (
-        "lightning",
-        "lightning.pytorch",
-        "lightning.fabric",
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextlib.contextmanager
-def torch_state() -> Iterator[None]:
-    """Lightning's Trainer sets process-wide torch flags (deterministic algorithms, cuDNN benchmark): undo them
-    after each run so the baseline that follows runs with PyTorch's defaults, as a hand-written script would."""
-    import torch
-
-    det = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    bench = torch.backends.cudnn.benchmark
-    cudnn_det = torch.backends.cudnn.deterministic
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = bench
-        torch.backends.cudnn.deterministic = cudnn_det
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-
-
-@contextlib.contextmanager
-def silenced(logs: bool = False) -> Iterator[None]:
-    """Swallow stdout/stderr prints of a noisy call (Lightning's rank-zero banners go through both); with logs,
-    log records up to WARNING too (set-up only: Prefect ships its run logs to its API, part of what is timed)."""
-    if logs:
-        logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        if logs:
-            logging.disable(logging.NOTSET)
-
-
-# -------------------------------------------------------------------------------------------------- test data
-
-
-@dataclass
-class SplitData:
-    """Split manifests (train/val/test csv) and the cache folder build_cache writes into."""
-
-    splits_dir: Path
-    cache_dir: Path
-    classes: list[str]
-    source: str  # "real (...)" or "synthetic (...)"
-    counts: dict[str, int]
-
-
-def real_data_available() -> bool:
-    return (REPO / "data/splits/train.csv").is_file() and (REPO / "data/cache").is_dir()
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def synthetic_pngs(n: int, size: int = 28, seed: int = 0) -> list[bytes]:
-    """n distinct grayscale PNGs shaped like Fashion-MNIST (a blob on a dark background plus noise)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = []
-    for _ in range(n):
-        cy, cx, r = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(size * 0.2, size * 0.45)]
-        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) * rng.uniform(80, 220)
-        arr = np.clip(blob + rng.normal(0, 25, (size, size)), 0, 255).astype(np.uint8)
-        out.append(_png(arr))
-    return out
-
-
-def make_splits(
-    ctx: Context, name: str, counts: dict[str, int], *, use_whole_real_train: bool = False, n_classes: int = 10
-) -> SplitData:
-    """Train/val/test manifests for a benchmark: the real splits (a seeded subset of each, or the whole real
-    train split with the pipeline's own cache when use_whole_real_train) when data/splits and data/cache exist,
-    else synthetic Fashion-MNIST-like PNGs written under the work folder."""
-    import pandas as pd
-
-    from visionflow.data.validate import read_manifest
-    from visionflow.training.datamodule import class_names
-
-    real_dir = REPO / "data/splits"
-    if real_data_available():
-        classes = class_names(real_dir)
-        if use_whole_real_train:
-            n = {s: len(read_manifest(real_dir / f"{s}.csv")) for s in ("train", "val", "test")}
-            return SplitData(real_dir, REPO / "data/cache", classes, "real (data/splits, data/cache)", n)
-        out = ctx.tmp(f"{name}/splits")
-        got = {}
-        for split, k in counts.items():
-            df = read_manifest(real_dir / f"{split}.csv")
-            df = df.sample(n=min(k, len(df)), random_state=0) if k < len(df) else df
-            df["path"] = [str(REPO / x) for x in df["path"]]  # stored relative to the project root
-            df.to_csv(out / f"{split}.csv", index=False)
-            got[split] = len(df)
-        return SplitData(out, ctx.tmp(f"{name}/cache"), classes, "real subset of data/splits", got)
-    classes = [f"class_{i}" for i in range(n_classes)]
-    root = ctx.tmp(f"{name}/images")
-    out = ctx.tmp(f"{name}/splits")
-    seed = 0
-    for split, k in counts.items():
-        rows = []
-        for i, data in enumerate(synthetic_pngs(k, seed=seed)):
-            label = classes[i % n_classes]
-            path = root / split / label / f"{i:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-            rows.append({"path": str(path), "label": label})
-        pd.DataFrame(rows).to_csv(out / f"{split}.csv", index=False)
-        seed += 1
-    return SplitData(
-        out, ctx.tmp(f"{name}/cache"), classes, "synthetic PNGs (no data/splits + data/cache)", dict(counts)
-    )
-
-
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def scratch_project(ctx: Context, name: str, settings: dict[str, Any]) -> tuple[Path, Any]:
+    """A throwaway project folder under the work folder: the repo's params.yaml with a SQLite MLflow store inside
+    the folder and `settings` ({"section.key": value}) applied, written there (a server started in the folder reads
+    it) and loaded."""
+    import yaml
+
+    from visionflow.config import load_params
+
+    proj = ctx.tmp(name)
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["registry"]["tracking_uri"] = f"sqlite:///{proj / 'mlflow.db'}"
+    for key, value in settings.items():
+        section, option = key.split(".")
+        raw[section][option] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return proj, load_params(proj / "params.yaml")

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from bench.common import Context, Measurement, compare, goal, single
+from bench.sample_data import synthetic_classes
 
 NAME = "drift"
-N_CLASSES = 10
 
 
 def feature_table(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
@@ -37,7 +37,7 @@ def feature_table(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
             "height": np.full(n, 28.0),
             "colorfulness": np.zeros(n),
             "confidence": rng.beta(8 - 2 * shift, 2, n),
-            "predicted_class": rng.choice([f"class_{i}" for i in range(N_CLASSES)], n),
+            "predicted_class": rng.choice(synthetic_classes(), n),
         }
     )
     pcs = rng.normal(0.2 * shift, 1, (n, 8))
@@ -59,6 +59,60 @@ def ks_all(ref: pd.DataFrame, cur: pd.DataFrame) -> dict[str, float]:
     return out
 
 
+def _size_row(ctx: Context, p, ref: pd.DataFrame, n: int) -> dict[str, Any]:
+    """evidently against KS for n current rows with a mild shift, against the reference."""
+    from visionflow.monitoring.drift import run_evidently
+
+    cur = feature_table(n, seed=n, shift=1.0)
+    drifted: dict[str, Any] = {}
+
+    def evidently_run() -> Measurement:
+        t = time.perf_counter()
+        res = run_evidently(ref, cur, p, None)
+        dt = time.perf_counter() - t
+        drifted["evidently"] = res["count"]
+        return Measurement(dt)
+
+    def ks_run() -> Measurement:
+        t = time.perf_counter()
+        pv = ks_all(ref, cur)
+        dt = time.perf_counter() - t
+        drifted["ks"] = sum(v < 0.05 for v in pv.values())
+        return Measurement(dt)
+
+    label = f"{n // 1000}k" if n >= 1000 else str(n)
+    row = compare(
+        ctx,
+        f"{label} current vs {len(ref) // 1000}k reference",
+        evidently_run,
+        ks_run,
+        unit="s",
+        a_label="visionflow run_evidently",
+        b_label="scipy ks_2samp",
+        higher_is_better=False,
+        the_goal=goal("<= 15 s", "<=", 15.0, on="a") if n == 10_000 else None,
+    )
+    row["notes"].append(
+        f"{len(ref.columns)} columns; drifted columns in the last run: evidently "
+        f"{drifted.get('evidently')} ({p.drift.numeric_method}/{p.drift.categorical_method}), "
+        f"KS p < 0.05: {drifted.get('ks')}"
+    )
+    return row
+
+
+def _scaling_row(sizes: tuple[int, int], medians: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """How evidently's seconds (and KS's, as an extra) grow from the small current batch to the big one."""
+    small, big = sizes
+    return single(
+        f"scaling {big // 1000}k / {small // 1000 if small >= 1000 else small}{'k' if small >= 1000 else ''} rows",
+        medians[big][0] / medians[small][0],
+        unit="x",
+        label="evidently seconds ratio",
+        extra={"ks_scaling": medians[big][1] / medians[small][1]},
+        notes=[f"ks_2samp scales {medians[big][1] / medians[small][1]:.2f}x over the same sizes"],
+    )
+
+
 def run(ctx: Context) -> dict[str, Any]:
     from visionflow.monitoring.drift_compare import run_evidently
 
@@ -70,64 +124,17 @@ def run(ctx: Context) -> dict[str, Any]:
     rows = []
     medians = {}
     for n in sizes:
-        cur = feature_table(n, seed=n, shift=1.0)
-        drifted: dict[str, Any] = {}
-
-        def evidently_run(cur=cur, drifted=drifted) -> Measurement:  # bound: compare() calls it now
-            t = time.perf_counter()
-            res = run_evidently(ref, cur, p, None)
-            dt = time.perf_counter() - t
-            drifted["evidently"] = res["count"]
-            return Measurement(dt)
-
-        def ks_run(cur=cur, drifted=drifted) -> Measurement:
-            t = time.perf_counter()
-            pv = ks_all(ref, cur)
-            dt = time.perf_counter() - t
-            drifted["ks"] = sum(v < 0.05 for v in pv.values())
-            return Measurement(dt)
-
-        label = f"{n // 1000}k" if n >= 1000 else str(n)
-        the_goal = goal("<= 15 s", "<=", 15.0, on="a") if n == 10_000 else None
-        row = compare(
-            ctx,
-            f"{label} current vs {n_ref // 1000}k reference",
-            evidently_run,
-            ks_run,
-            unit="s",
-            a_label="visionflow run_evidently",
-            b_label="scipy ks_2samp",
-            higher_is_better=False,
-            the_goal=the_goal,
-        )
-        row["notes"].append(
-            f"{len(ref.columns)} columns; drifted columns in the last run: evidently "
-            f"{drifted.get('evidently')} ({p.drift.numeric_method}/{p.drift.categorical_method}), "
-            f"KS p < 0.05: {drifted.get('ks')}"
-        )
+        row = _size_row(ctx, p, ref, n)
         rows.append(row)
         medians[n] = (row["a"]["median"], row["b"]["median"])
-    small, big = sizes
-    rows.append(
-        single(
-            f"scaling {big // 1000}k / {small // 1000 if small >= 1000 else small}{'k' if small >= 1000 else ''} rows",
-            medians[big][0] / medians[small][0],
-            unit="x",
-            label="evidently seconds ratio",
-            extra={"ks_scaling": medians[big][1] / medians[small][1]},
-            notes=[f"ks_2samp scales {medians[big][1] / medians[small][1]:.2f}x over the same sizes"],
-        )
+    rows.append(_scaling_row(sizes, medians))
+    quick_note = (
+        f"quick mode: {n_ref}-row reference and {sizes} current rows instead of 10k "
+        "and (1k, 10k); the goal (<= 15 s at 10k rows) is judged in full mode only"
     )
     return {
         "rows": rows,
-        "notes": (
-            [
-                f"quick mode: {n_ref}-row reference and {sizes} current rows instead of 10k "
-                "and (1k, 10k); the goal (<= 15 s at 10k rows) is judged in full mode only"
-            ]
-            if ctx.quick
-            else []
-        ),
+        "notes": [quick_note] if ctx.quick else [],
         "config": {
             "reference_rows": n_ref,
             "current_rows": list(sizes),

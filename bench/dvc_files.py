@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import Context, Measurement, paired_row, synthetic_pngs
+from bench.common import Context, Measurement, paired_row
+from bench.sample_data import synthetic_pngs
 
 NAME = "dvc"
 OPS = ("add", "status", "checkout")

@@ -77,7 +77,7 @@ def step_env(args) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from bench.common import machine_info
+    from bench.machine import machine_info
 
     out: dict[str, Any] = {
         "machine": machine_info(),
@@ -155,7 +155,7 @@ def step_train(args) -> dict[str, Any]:
 
 
 def _profile(args, compile_: bool, steps: int):
-    from bench.train_step import Profile
+    from bench.train_profiles import Profile
     from visionflow.config import load_params
     from visionflow.training.train import resolve_runtime
 
@@ -187,23 +187,14 @@ def _ctx(args):
 
 
 def step_plain(args) -> dict[str, Any]:
-    from bench.train_step import LoaderView, plain_run
-    from visionflow.training.datamodule import ImageDataModule, class_names
+    from bench.train_data import LoaderView, train_datamodule
+    from bench.train_loops import plain_run
+    from visionflow.training.datamodule import class_names
 
     prof, p = _profile(args, False, 10 if args.quick else 60)
     proj = _project(args.work)
     classes = class_names(proj / p.data.splits_dir)
-    dm = ImageDataModule(
-        splits_dir=proj / p.data.splits_dir,
-        cache_dir=proj / "data/cache",
-        classes=classes,
-        image_size=prof.image_size,
-        channels=prof.channels,
-        batch_size=prof.batch_size,
-        num_workers=prof.workers,
-        augment=p.train.augment,
-        seed=p.base.seed,
-    )
+    dm = train_datamodule(prof, p, proj / p.data.splits_dir, proj / "data/cache", classes)
     loader = dm.train_dataloader()
     n = len(loader)
     if n < prof.total:
@@ -220,7 +211,9 @@ def step_plain(args) -> dict[str, Any]:
 
 
 def step_compile(args) -> dict[str, Any]:
-    from bench.train_step import plain_run, synthetic_batches
+    from bench.sample_data import synthetic_classes
+    from bench.train_data import synthetic_batches
+    from bench.train_loops import plain_run
 
     if not _cuda() and not args.quick:
         return {"skipped": "no CUDA"}
@@ -228,9 +221,7 @@ def step_compile(args) -> dict[str, Any]:
     for flag in (False, True):
         prof, _ = _profile(args, flag, 5 if args.quick else 40)
         data = synthetic_batches(prof, prof.total)
-        out["compiled" if flag else "eager"] = round(
-            plain_run(_ctx(args), prof, data, [f"c{i}" for i in range(10)]).value, 1
-        )
+        out["compiled" if flag else "eager"] = round(plain_run(_ctx(args), prof, data, synthetic_classes()).value, 1)
     out["ratio"] = round(out["compiled"] / out["eager"], 4)
     out["goal >= 1.3x"] = out["ratio"] >= GOALS["compile"] if _cuda() else "no CUDA (CPU dry run)"
     return out

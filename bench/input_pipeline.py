@@ -16,8 +16,11 @@ import time
 from functools import partial
 from typing import Any
 
-from bench.common import Context, Measurement, compare, goal, make_splits
-from bench.train_step import N_CLASSES, Profile, lightning_run, profiles, synthetic_batches
+from bench.common import Context, Measurement, compare, goal
+from bench.sample_data import make_splits, synthetic_classes
+from bench.train_data import synthetic_batches, train_datamodule
+from bench.train_loops import lightning_run
+from bench.train_profiles import Profile, profiles
 
 NAME = "input_pipeline"
 GOAL = 1.1
@@ -37,70 +40,65 @@ def loader_run(loader, prof: Profile, n_batches: int) -> Measurement:
     return Measurement(images / dt)
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    from visionflow.training.datamodule import ImageDataModule
+def _profile_row(ctx: Context, p, prof: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loader against the step for one profile; with the profile's entry in the config."""
+    n_batches = 6 if ctx.quick else (60 if prof.accelerator == "cpu" else 40)
+    need = prof.batch_size * (n_batches + 2)
+    whole = not ctx.quick and prof.accelerator == "cpu"
+    data = make_splits(
+        ctx, f"input_pipeline/{prof.name}", {"train": need, "val": 1, "test": 1}, use_whole_real_train=whole
+    )
+    dm = train_datamodule(prof, p, data.splits_dir, data.cache_dir, data.classes)
+    ctx.log(
+        f"[input_pipeline] {prof.name}: caching {data.counts['train']} images ({data.source}) at {prof.image_size} px"
+    )
+    split = dm.load("train")
+    n_batches = min(n_batches, len(split.labels) // prof.batch_size - 1)
+    loader = dm.train_dataloader()
+    loader_run(loader, prof, 1)  # starts the spawned workers outside the timed runs
+    consume = synthetic_batches(prof, prof.total)
+    config = {
+        **prof.describe(),
+        "loader_batches_timed": n_batches,
+        "data": data.source,
+        "train_images": len(split.labels),
+        "augment": p.train.augment.model_dump(),
+    }
+    before = ctx.shared.get("train_step", {}).get(prof.name, {}).get("images_per_s")
+    row = compare(
+        ctx,
+        f"{prof.name} loader vs step",
+        partial(loader_run, loader, prof, n_batches),
+        partial(lightning_run, ctx, prof, consume, synthetic_classes()),
+        unit="images/s",
+        a_label="ImageDataModule train loader",
+        b_label="training step (visionflow loop)",
+        higher_is_better=True,
+        the_goal=goal(f">= {GOAL}x: loader is not the bottleneck", ">=", GOAL),
+        notes=[
+            f"{data.source}, {len(split.labels)} images; {prof.workers} loader worker(s) "
+            f"(train.num_workers), batch {prof.batch_size}"
+            + (f"; train_step measured this loop at {before:.4g} images/s earlier in the run" if before else "")
+        ],
+    )
+    return row, config  # the loader goes with this frame, and its spawned workers with it
 
+
+def _add_verdict(row: dict[str, Any]) -> None:
+    r = row["ratio"]["median"]
+    row["verdict"] = (
+        "loader is not the bottleneck"
+        if r >= GOAL
+        else "loader may limit training (ratio < 1.1): add train.num_workers or lighten augmentation"
+    )
+    row["notes"].append(row["verdict"])
+
+
+def run(ctx: Context) -> dict[str, Any]:
     rows, notes, config = [], [], {}
     p = ctx.params()
     for prof in profiles(ctx):
-        n_batches = 6 if ctx.quick else (60 if prof.accelerator == "cpu" else 40)
-        need = prof.batch_size * (n_batches + 2)
-        whole = not ctx.quick and prof.accelerator == "cpu"
-        data = make_splits(
-            ctx, f"input_pipeline/{prof.name}", {"train": need, "val": 1, "test": 1}, use_whole_real_train=whole
-        )
-        dm = ImageDataModule(
-            splits_dir=data.splits_dir,
-            cache_dir=data.cache_dir,
-            classes=data.classes,
-            image_size=prof.image_size,
-            channels=prof.channels,
-            batch_size=prof.batch_size,
-            num_workers=prof.workers,
-            augment=p.train.augment,
-            seed=p.base.seed,
-        )
-        ctx.log(
-            f"[input_pipeline] {prof.name}: caching {data.counts['train']} images ({data.source}) at "
-            f"{prof.image_size} px"
-        )
-        split = dm.load("train")
-        n_batches = min(n_batches, len(split.labels) // prof.batch_size - 1)
-        loader = dm.train_dataloader()
-        loader_run(loader, prof, 1)  # starts the spawned workers outside the timed runs
-        consume = synthetic_batches(prof, prof.total)
-        classes = [f"class_{i}" for i in range(N_CLASSES)]
-        config[prof.name] = {
-            **prof.describe(),
-            "loader_batches_timed": n_batches,
-            "data": data.source,
-            "train_images": len(split.labels),
-            "augment": p.train.augment.model_dump(),
-        }
-        before = ctx.shared.get("train_step", {}).get(prof.name, {}).get("images_per_s")
-        row = compare(
-            ctx,
-            f"{prof.name} loader vs step",
-            partial(loader_run, loader, prof, n_batches),
-            partial(lightning_run, ctx, prof, consume, classes),
-            unit="images/s",
-            a_label="ImageDataModule train loader",
-            b_label="training step (visionflow loop)",
-            higher_is_better=True,
-            the_goal=goal(f">= {GOAL}x: loader is not the bottleneck", ">=", GOAL),
-            notes=[
-                f"{data.source}, {len(split.labels)} images; {prof.workers} loader worker(s) "
-                f"(train.num_workers), batch {prof.batch_size}"
-                + (f"; train_step measured this loop at {before:.4g} images/s earlier in the run" if before else "")
-            ],
-        )
-        r = row["ratio"]["median"]
-        row["verdict"] = (
-            "loader is not the bottleneck"
-            if r >= GOAL
-            else "loader may limit training (ratio < 1.1): add train.num_workers or lighten augmentation"
-        )
-        row["notes"].append(row["verdict"])
+        row, config[prof.name] = _profile_row(ctx, p, prof)
+        _add_verdict(row)
         rows.append(row)
-        loader = dm = None  # lets the spawned loader workers go
     return {"rows": rows, "notes": notes, "config": config}

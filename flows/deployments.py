@@ -42,10 +42,8 @@ def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tup
     resolve: pass params_path to the runs as an absolute path (serve, a process pool on this checkout); a path
     relative to the run's working directory (the image's /app) otherwise.
     """
-    from prefect.events import DeploymentEventTrigger
-
     from visionflow.config import load_params
-    from visionflow.flows.monitoring import DRIFT_EVENT, drift_check_flow, retraining_flow
+    from visionflow.flows.monitoring import drift_check_flow, retraining_flow
     from visionflow.flows.training import training_flow
 
     p = load_params(params_path)
@@ -75,33 +73,7 @@ def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tup
                 tags=["visionflow", "retraining"],
             ),
         ),
-        (
-            retraining_flow,
-            dict(
-                name=ON_DRIFT_DEPLOYMENT,
-                concurrency_limit=1,
-                triggers=[
-                    DeploymentEventTrigger(
-                        name="retrain on drift",
-                        expect={DRIFT_EVENT},
-                        match={"visionflow.retrain": "requested"},
-                        # threshold 1 within the cool-down: the server fires once, then ignores matching events
-                        # until the window ends (a second guard behind the ledger's claim)
-                        threshold=1,
-                        within=timedelta(hours=p.drift.cooldown_hours),
-                        parameters={
-                            "params_path": params_path,
-                            "reason": "drift",
-                            "batch": "{{ event.payload.batch }}",
-                            "eval_batch": "{{ event.payload.eval_batch }}",
-                            "claim_id": "{{ event.payload.claim_id }}",
-                        },
-                    )
-                ],
-                description="Retraining started by a drift alarm that won the cool-down claim.",
-                tags=["visionflow", "retraining"],
-            ),
-        ),
+        (retraining_flow, _on_drift_options(p, params_path)),
         (
             training_flow,
             dict(
@@ -113,6 +85,38 @@ def specs(params_path: str = "params.yaml", *, resolve: bool = True) -> list[tup
             ),
         ),
     ]
+
+
+def _on_drift_options(p, params_path: str) -> dict[str, Any]:
+    """The retraining deployment that a drift event starts: the trigger and its cool-down."""
+    from prefect.events import DeploymentEventTrigger
+
+    from visionflow.flows.monitoring import DRIFT_EVENT
+
+    return dict(
+        name=ON_DRIFT_DEPLOYMENT,
+        concurrency_limit=1,
+        triggers=[
+            DeploymentEventTrigger(
+                name="retrain on drift",
+                expect={DRIFT_EVENT},
+                match={"visionflow.retrain": "requested"},
+                # threshold 1 within the cool-down: the server fires once, then ignores matching events
+                # until the window ends (a second guard behind the ledger's claim)
+                threshold=1,
+                within=timedelta(hours=p.drift.cooldown_hours),
+                parameters={
+                    "params_path": params_path,
+                    "reason": "drift",
+                    "batch": "{{ event.payload.batch }}",
+                    "eval_batch": "{{ event.payload.eval_batch }}",
+                    "claim_id": "{{ event.payload.claim_id }}",
+                },
+            )
+        ],
+        description="Retraining started by a drift alarm that won the cool-down claim.",
+        tags=["visionflow", "retraining"],
+    )
 
 
 def build(params_path: str = "params.yaml") -> list[Any]:

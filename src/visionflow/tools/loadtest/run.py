@@ -142,7 +142,7 @@ async def _run(url: str, s: Settings, *, image: Path | None, token: str | None, 
         )
         ready, model = await _served_model(client, base)
         data = Path(image).read_bytes() if image else default_image(model["image_size"], model["channels"])
-        load = KeepAliveClient(f"{base}/predict", *_multipart(data), s.timeout_s, tls, token)
+        load = KeepAliveClient(f"{base}/predict", *multipart_body(data), s.timeout_s, tls, token)
         stack.callback(load.close)
         target = Target(load)
         report = _report_head(base, s, ready, model, image, data)
@@ -273,7 +273,8 @@ def default_image(image_size: int, channels: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def _multipart(data: bytes, filename: str = "loadtest.png") -> tuple[bytes, str]:
+def multipart_body(data: bytes, filename: str = "loadtest.png") -> tuple[bytes, str]:
+    """A multipart/form-data body with `data` as its one file part, and the Content-Type that names its boundary."""
     boundary = "visionflow-loadtest-boundary"
     head = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
