@@ -133,7 +133,8 @@ def register_champion(
     import torch
 
     from visionflow.registry.export import export_onnx, write_model_card
-    from visionflow.registry.store import Gate, apply_promotion, register_onnx
+    from visionflow.registry.gates import Gate
+    from visionflow.registry.store import apply_promotion, register_onnx
     from visionflow.registry.tracking import setup_mlflow
     from visionflow.training.model import build_net
 

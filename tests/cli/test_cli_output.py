@@ -148,7 +148,7 @@ def test_a_stage_result_prints_the_same_as_a_mapping_or_a_dataclass(project, cap
 def test_a_promotion_decision_dataclass_prints_its_gates_and_exits_1_when_refused(project, capsys, monkeypatch):
     from visionflow import stages
     from visionflow.registry import tracking
-    from visionflow.registry.store import Decision, Gate
+    from visionflow.registry.gates import Decision, Gate
 
     monkeypatch.setattr(tracking, "setup_mlflow", lambda *args: None)
     decision = Decision(

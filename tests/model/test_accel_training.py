@@ -15,7 +15,7 @@ from tests.helpers import REPO, tiny_project, use_mlflow
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.training.model import ImageClassifier
-from visionflow.training.train import resolve_runtime
+from visionflow.training.runtime import resolve_runtime
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ from visionflow import stages
 from visionflow.config import load_params
 from visionflow.data.cache import build_cache
 from visionflow.onnxrt import ort_logits, ort_session
-from visionflow.registry.store import CHAMPION, PREVIOUS, Gate, alias_version, apply_promotion, rollback
+from visionflow.registry.gates import Gate
+from visionflow.registry.store import CHAMPION, PREVIOUS, alias_version, apply_promotion, rollback
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import mlflow
 import pytest
 
 from tests.helpers import make_read_only
-from visionflow.registry.store import CHALLENGER, CHAMPION, PREVIOUS, Gate, RegistryError, apply_promotion, rollback
+from visionflow.registry.gates import Gate
+from visionflow.registry.store import CHALLENGER, CHAMPION, PREVIOUS, RegistryError, apply_promotion, rollback
 
 NAME = "m"
 GATES = [Gate("parity", True, "ok"), Gate("accuracy_floor", True, "ok")]

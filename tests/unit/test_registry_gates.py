@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from visionflow.config import RegistryParams
-from visionflow.registry.store import gate_decision, paired_bootstrap_lower, per_class_recall
+from visionflow.registry.gates import gate_decision, paired_bootstrap_lower, per_class_recall
 
 CFG = RegistryParams(
     accuracy_floor=0.8,

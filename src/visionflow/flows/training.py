@@ -170,8 +170,6 @@ def training_flow(
     eval_batch: a reviewed batch folder (images + labels.csv) added to the promotion comparison (retraining).
     """
     offline_env()  # a deployment's worker process starts here, not in the CLI
-    from visionflow.registry.export import PARITY_TAGS  # after offline_env: it imports albumentations
-
     start = time.perf_counter()
     root = Path(params_path).resolve().parent
     p = load_params(params_path, overrides)
@@ -200,7 +198,40 @@ def training_flow(
         "register": t_register,
         "promote": t_promote,
     }
-    summary: dict[str, Any] = {
+    summary = _summary(
+        data_version=data_version,
+        validated=validated,
+        splits=splits,
+        trained=trained,
+        evaluated=evaluated,
+        exported=exported,
+        registered=registered,
+        decision=decision,
+    )
+    summary.update(
+        status="completed",
+        stage_seconds={k: round(v, 3) for k, v in seconds.items()},
+        total_seconds=round(time.perf_counter() - start, 3),
+    )
+    update_report(report, **summary)
+    return summary
+
+
+def _summary(
+    *,
+    data_version: str,
+    validated: dict,
+    splits: dict,
+    trained: TrainResult,
+    evaluated: EvalResult,
+    exported: ExportResult,
+    registered: RegisterResult,
+    decision: PromoteResult,
+) -> dict[str, Any]:
+    """The run's summary (the pipeline report) from each stage's result."""
+    from visionflow.registry.export import PARITY_TAGS  # after the flow's offline_env: it imports albumentations
+
+    return {
         "data_version": data_version,
         "n_images": validated["n_images"],
         "n_accepted": validated["n_accepted"],
@@ -228,10 +259,3 @@ def training_flow(
             for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "seconds", "runtime")
         },
     }
-    summary.update(
-        status="completed",
-        stage_seconds={k: round(v, 3) for k, v in seconds.items()},
-        total_seconds=round(time.perf_counter() - start, 3),
-    )
-    update_report(report, **summary)
-    return summary

@@ -18,7 +18,7 @@ from visionflow.config import EvaluateParams, RegistryParams
 from visionflow.data.imageio import DecodeRules
 from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
-from visionflow.registry.store import Gate
+from visionflow.registry.gates import Decision, Gate, gate_decision
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,6 @@ def promote(
         alias_version,
         apply_promotion,
         download_onnx,
-        gate_decision,
         promotion_lock,
         version_info,
     )
@@ -165,13 +164,7 @@ def promote(
         clean_new, all_new = _correct(new_path, new)
         clean_old = all_old = None
         if champion is not None and champion != version:
-            old_path, old_card = download_onnx(name, champion, Path(tmp) / champion)
-            if old_card["classes"] != classes:
-                raise RegistryError(
-                    f"champion v{champion} predicts classes {old_card['classes']}, challenger "
-                    f"v{version} predicts {classes}: promote by hand after review"
-                )
-            clean_old, all_old = _correct(old_path, images.for_card(old_card, classes))
+            clean_old, all_old = _champion_correct(name, champion, version, classes, images, Path(tmp))
         gates = gate_decision(
             cfg=cfg,
             parity_passed=tags.get("visionflow.gate.parity") == "passed",
@@ -190,7 +183,35 @@ def promote(
             compared_on="clean+corrupted+eval-batch" if images.eval_batch else "clean+corrupted",
         )
         d = apply_promotion(name, version, gates)
-    batch = images.eval_batch
+    return _result(d, images.eval_batch, new.n_batch, (clean_new, all_new), (clean_old, all_old))
+
+
+def _champion_correct(
+    name: str, champion: str, version: str, classes: list[str], images: ComparisonImages, tmp: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The champion's per-image correctness on the images the challenger is judged on; a champion that predicts
+    other classes cannot be compared, so the promotion stops for a person."""
+    from visionflow.registry.store import RegistryError, download_onnx
+
+    old_path, old_card = download_onnx(name, champion, tmp / champion)
+    if old_card["classes"] != classes:
+        raise RegistryError(
+            f"champion v{champion} predicts classes {old_card['classes']}, challenger "
+            f"v{version} predicts {classes}: promote by hand after review"
+        )
+    return _correct(old_path, images.for_card(old_card, classes))
+
+
+def _result(
+    d: Decision,
+    batch: Path | None,
+    n_batch: int,
+    new: tuple[np.ndarray, np.ndarray],
+    old: tuple[np.ndarray | None, np.ndarray | None],
+) -> PromoteResult:
+    """The decision with both models' accuracies; new and old are (clean, every) correctness as _correct gives
+    (old is (None, None) without a champion), the eval batch being every's last n_batch images."""
+    (clean_new, all_new), (clean_old, all_old) = new, old
     return PromoteResult(
         model=d.model,
         version=d.version,
@@ -202,8 +223,6 @@ def promote(
         clean_accuracy=_accuracy(clean_new, clean_old),
         eval_batch=str(batch) if batch else None,
         eval_batch_accuracy=(
-            _accuracy(all_new[-new.n_batch :], all_old[-new.n_batch :] if all_old is not None else None)
-            if batch
-            else None
+            _accuracy(all_new[-n_batch:], all_old[-n_batch:] if all_old is not None else None) if batch else None
         ),
     )

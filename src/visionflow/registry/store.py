@@ -3,7 +3,8 @@
 Aliases, never stages: a new version gets `challenger`; it takes `champion` only when every gate passes, and the
 outgoing champion keeps `previous`. Promotions are serialised by a lock, so concurrent promoters end with exactly
 one champion. The writes of a promotion or rollback are all or nothing (`_Writes`): the champion alias moves last,
-and a store failure at any earlier write undoes the ones before it, so the registry is left as it was.
+and a store failure at any earlier write undoes the ones before it, so the registry is left as it was. The gates
+themselves are judged in registry.gates.
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-
-from visionflow.config import RegistryParams
 from visionflow.errors import VisionflowError
 from visionflow.locks import file_lock
+from visionflow.registry.gates import Decision, Gate
 
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 TAG = "visionflow."
@@ -213,119 +211,6 @@ def _prefect_lock(name: str, timeout_s: float) -> Iterator[None]:
         if acquired:
             raise
         raise VisionflowError(f"another promotion held {name} on {api} for over {timeout_s}s") from None
-
-
-# --- gates --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Gate:
-    name: str
-    passed: bool
-    detail: str
-    value: float | None = None
-
-
-@dataclass
-class Decision:
-    model: str
-    version: str
-    promoted: bool
-    champion_before: str | None
-    champion_after: str | None
-    gates: list[Gate] = field(default_factory=list)
-
-    @property
-    def reasons(self) -> list[str]:
-        return [f"{g.name}: {g.detail}" for g in self.gates if not g.passed]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "reasons": self.reasons}
-
-
-def paired_bootstrap_lower(
-    correct_new: np.ndarray, correct_old: np.ndarray, *, n_boot: int, alpha: float, seed: int
-) -> tuple[float, float]:
-    """Mean accuracy gain (new - old) on the same images and its one-sided (1 - alpha) bootstrap lower bound.
-
-    Per image the paired difference is -1, 0 or +1, so resampling images with replacement is exactly a
-    multinomial draw over those three outcomes: the same bootstrap without materialising n_boot x n indices.
-    """
-    diff = correct_new.astype(np.int8) - correct_old.astype(np.int8)
-    n = len(diff)
-    probs = [(diff == -1).mean(), (diff == 0).mean(), (diff == 1).mean()]
-    draws = np.random.default_rng(seed).multinomial(n, probs, size=n_boot)
-    boots = (draws[:, 2] - draws[:, 0]) / n
-    return float(diff.mean()), float(np.quantile(boots, alpha))
-
-
-def per_class_recall(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.array([correct[labels == c].mean() if (labels == c).any() else np.nan for c in range(n_classes)])
-
-
-def gate_decision(
-    *,
-    cfg: RegistryParams,
-    parity_passed: bool,
-    parity_detail: str,
-    latency_ms: float,
-    clean_new: np.ndarray,
-    labels: np.ndarray,
-    classes: list[str],
-    seed: int,
-    clean_old: np.ndarray | None = None,
-    all_new: np.ndarray | None = None,
-    all_old: np.ndarray | None = None,
-    compared_on: str = "clean+corrupted",
-) -> list[Gate]:
-    """Every gate the challenger must pass. clean_* are per-image correctness on the clean test split;
-    all_* add the corruption suite; both models are judged on exactly the same images."""
-    gates = [Gate("parity", parity_passed, parity_detail)]
-    acc = float(clean_new.mean())
-    gates.append(
-        Gate(
-            "accuracy_floor",
-            acc >= cfg.accuracy_floor,
-            f"test accuracy {acc:.4f} {'>=' if acc >= cfg.accuracy_floor else '<'} floor {cfg.accuracy_floor}",
-            acc,
-        )
-    )
-    gates.append(
-        Gate(
-            "latency",
-            latency_ms <= cfg.latency_budget_ms,
-            f"ONNX Runtime batch-1 latency {latency_ms:.2f} ms vs budget {cfg.latency_budget_ms} ms",
-            latency_ms,
-        )
-    )
-    if clean_old is not None:
-        new = all_new if all_new is not None else clean_new
-        old = all_old if all_old is not None else clean_old
-        gain, lower = paired_bootstrap_lower(
-            new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha, seed=seed
-        )
-        gates.append(
-            Gate(
-                "beats_champion",
-                lower > cfg.min_gain,
-                f"accuracy gain over champion {gain:+.4f} on {len(new)} {compared_on} images, "
-                f"{1 - cfg.bootstrap_alpha:.0%} lower bound {lower:+.4f} "
-                f"{'>' if lower > cfg.min_gain else '<='} margin {cfg.min_gain}",
-                lower,
-            )
-        )
-        k = len(classes)
-        drop = per_class_recall(clean_old, labels, k) - per_class_recall(clean_new, labels, k)
-        worst = int(np.nanargmax(drop))
-        gates.append(
-            Gate(
-                "no_class_regression",
-                bool(drop[worst] <= cfg.max_class_drop),
-                f"largest per-class recall drop {drop[worst]:+.4f} ({classes[worst]}) vs limit {cfg.max_class_drop}",
-                float(drop[worst]),
-            )
-        )
-    return gates
 
 
 class _Writes:

@@ -58,18 +58,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         openapi_url=None,
     )
 
-    @app.on_event("startup")
-    def _load() -> None:
-        if holder.current is None:
-            holder.refresh()
-        if watch:
-            holder.watch(cfg.reload_interval_s)
-
-    @app.on_event("shutdown")
-    def _stop() -> None:
-        holder.stop()
-        log.close()
-        batcher.stop()
+    _lifecycle(app, holder, log, batcher, watch=watch, reload_interval_s=cfg.reload_interval_s)
 
     def model() -> LoadedModel:
         return model_or_503(holder)
@@ -97,6 +86,26 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     return BodyLimit(
         serving_app, max_bytes=int(cfg.max_upload_mb * 1024 * 1024) + 64 * 1024, timeout_s=cfg.body_timeout_s
     )
+
+
+def _lifecycle(
+    app: FastAPI, holder: ChampionHolder, log: PredictionLog, batcher: Batcher, *, watch: bool, reload_interval_s: float
+) -> None:
+    """At startup the champion is loaded (unless the holder has one) and, when watched, followed as the registry
+    alias moves; at shutdown the watch stops, the prediction log closes and the batcher stops."""
+
+    @app.on_event("startup")
+    def _load() -> None:
+        if holder.current is None:
+            holder.refresh()
+        if watch:
+            holder.watch(reload_interval_s)
+
+    @app.on_event("shutdown")
+    def _stop() -> None:
+        holder.stop()
+        log.close()
+        batcher.stop()
 
 
 def model_or_503(holder: ChampionHolder) -> LoadedModel:

@@ -209,8 +209,9 @@ def page_file(name: str) -> FileResponse:
 
 
 def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_token, require_token_page) -> APIRouter:
-    """/review (the page) and its API. `classes()` gives the serving model's classes, or raises 503 without one;
-    `require_token` checks the Authorization header, `require_token_page` also takes ?token= (page addresses)."""
+    """/review (the page) and its API, the label writes included. `classes()` gives the serving model's classes,
+    or raises 503 without one; `require_token` checks the Authorization header, `require_token_page` also takes
+    ?token= (page addresses)."""
     router = APIRouter()
     api = [Depends(require_token)]
 
@@ -238,6 +239,15 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
         if path is None:
             raise HTTPException(404, "no such review item")
         return FileResponse(path, media_type="image/png")
+
+    router.include_router(_label_router(queue, classes, api))
+    return router
+
+
+def _label_router(queue: ReviewQueue, classes: Callable[[], list[str]], api: list) -> APIRouter:
+    """The review API's writes: a label (confirmed or corrected), and its undo. Each maps the queue's failures to
+    HTTP (404 for an unknown item, 503 to retry when the disk or database failed and nothing changed)."""
+    router = APIRouter()
 
     @router.post(
         "/review/{item_id}", dependencies=[*api, Depends(same_origin_json)], summary="Confirm or correct a label"

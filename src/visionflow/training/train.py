@@ -3,7 +3,8 @@
 A training run is identified by (params digest, data version, split manifests). Running the same command again
 resumes that run from its last checkpoint when it was interrupted, and reuses it when it finished; training is
 bounded by a step budget (steps per epoch x max_epochs), so a resumed run does exactly as many steps in total as
-an uninterrupted one.
+an uninterrupted one. Where the run executes (device, precision, checkpoint writes) is decided in
+training.runtime; what it records in MLflow beyond Lightning's own logging is in training.run_records.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -32,61 +30,8 @@ from visionflow.report import write_json_atomic
 from visionflow.training.callbacks import EpochLog, Log, RunFigures, StartValWorkers
 from visionflow.training.datamodule import ImageDataModule, InputDecision, class_names, decide_input
 from visionflow.training.model import ImageClassifier
-
-
-@dataclass(frozen=True)
-class Runtime:
-    accelerator: str
-    devices: int | str
-    precision: str
-    strategy: str
-    channels_last: bool
-    num_nodes: int = 1
-    compile: bool = False
-
-
-def _compile_pays(gpu: bool) -> bool:
-    """train.compile auto: on a CUDA GPU Triton can compile for (compute capability 7.0+); never on CPU, where
-    compiling takes longer than the default's whole few-minute run gains."""
-    return gpu and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 7
-
-
-def resolve_runtime(cfg: TrainParams) -> Runtime:
-    """GPU when present: bf16 (or fp16) autocast, channels_last and torch.compile; CPU: plain fp32, eager."""
-    gpu = torch.cuda.is_available() if cfg.accelerator == "auto" else cfg.accelerator == "gpu"
-    if cfg.precision != "auto":
-        precision = cfg.precision
-    elif gpu:
-        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    else:
-        precision = "32-true"
-    return Runtime(
-        accelerator="gpu" if gpu else "cpu",
-        devices=cfg.devices if gpu else 1,
-        precision=precision,
-        strategy=cfg.strategy,
-        channels_last=gpu,
-        num_nodes=cfg.num_nodes,
-        compile=_compile_pays(gpu) if cfg.compile == "auto" else bool(cfg.compile),
-    )
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+from visionflow.training.run_records import log_figures, log_run_config
+from visionflow.training.runtime import AtomicCheckpointIO, Runtime, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -128,19 +73,8 @@ def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 @dataclass(frozen=True)
-class _Plan:
+class RunPlan:
     """What a training run is: its inputs decided, its data ready, its step budget and its folder."""
 
     cfg: TrainParams  # p.train with the decided channel count
@@ -163,7 +97,7 @@ def _plan(
     cache_dir: Path | None,
     max_steps_override: int | None,
     log: Log,
-) -> _Plan:
+) -> RunPlan:
     paths = ProjectPaths.of(p, root)
     classes = class_names(paths.splits)
     decision = decide_input(paths.splits / "train.csv", p.train.channels, p.train.image_size)
@@ -197,7 +131,7 @@ def _plan(
     )
     steps_per_epoch = math.ceil(len(dm.load("train").labels) / (cfg.batch_size * per_node * rt.num_nodes))
     key = run_key(p, data_version, paths.splits)
-    return _Plan(
+    return RunPlan(
         cfg=cfg,
         decision=decision,
         rt=rt,
@@ -212,7 +146,13 @@ def _plan(
 
 
 def _mlflow_logger(
-    p: Params, root: Path, plan: _Plan, uri: str, data_version: str | None, flow_run_id: str | None, run_id: str | None
+    p: Params,
+    root: Path,
+    plan: RunPlan,
+    uri: str,
+    data_version: str | None,
+    flow_run_id: str | None,
+    run_id: str | None,
 ) -> MLFlowLogger:
     """The run's MLflow logger (resuming run_id when given)."""
     return MLFlowLogger(
@@ -228,33 +168,8 @@ def _mlflow_logger(
     )
 
 
-def _log_run_config(client, run_id: str, p: Params, plan: _Plan) -> None:
-    """A fresh run's resolved params (flattened, searchable), and its classes, runtime and step budget."""
-    from mlflow.entities import Param
-
-    resolved = {**p.as_dict(), "train": plan.cfg.model_dump(mode="json")}
-    params = {
-        **_flatten(resolved),
-        "train.channels_decision": plan.decision.note,
-        "train.image_size_hint": plan.decision.hint or "none",
-    }
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-    client.log_dict(run_id, resolved, "params.resolved.yaml")
-    client.log_dict(
-        run_id,
-        {
-            "classes": plan.classes,
-            "runtime": asdict(plan.rt),
-            "max_steps": plan.max_steps,
-            "steps_per_epoch": plan.steps_per_epoch,
-            "input": asdict(plan.decision),
-        },
-        "run_config.json",
-    )
-
-
 def _trainer(
-    plan: _Plan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool, log: Log
+    plan: RunPlan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool, log: Log
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning trainer with its callbacks; returns it and the best-checkpoint callback."""
     cfg, ckpt_dir = plan.cfg, plan.run_dir / "checkpoints"
@@ -308,7 +223,7 @@ def _trainer(
     return trainer, best_cb
 
 
-def _classifier(plan: _Plan) -> ImageClassifier:
+def _classifier(plan: RunPlan) -> ImageClassifier:
     cfg = plan.cfg
     model = ImageClassifier(
         model_name=cfg.model,
@@ -353,9 +268,36 @@ def train(
         return TrainResult(
             **{**state["result"], "data_version": data_version, "reused": True, "seconds": time.perf_counter() - start}
         )
+    return _fit(
+        p,
+        root,
+        plan,
+        state,
+        start=start,
+        data_version=data_version,
+        flow_run_id=flow_run_id,
+        progress=progress,
+        log=log,
+    )
 
+
+def _fit(
+    p: Params,
+    root: Path,
+    plan: RunPlan,
+    state: dict[str, Any],
+    *,
+    start: float,
+    data_version: str | None,
+    flow_run_id: str | None,
+    progress: bool,
+    log: Log,
+) -> TrainResult:
+    """The run itself, tracked in MLflow: fresh, or the interrupted one (state's MLflow run) resumed from its last
+    checkpoint. Its state.json says running until the result is recorded in it."""
     import mlflow
 
+    state_path = plan.run_dir / "state.json"
     uri = mlflow.get_tracking_uri()  # the store the entry point set up
     logger = _mlflow_logger(p, root, plan, uri, data_version, flow_run_id, state.get("mlflow_run_id"))
     mlflow_run_id = logger.run_id
@@ -365,7 +307,7 @@ def train(
         state_path, {"status": "running", "mlflow_run_id": mlflow_run_id, "experiment_id": logger.experiment_id}
     )
     if not resumed:
-        _log_run_config(logger.experiment, mlflow_run_id, p, plan)
+        log_run_config(logger.experiment, mlflow_run_id, p, plan)
     figures_cb = RunFigures(start, plan.cache_done)
     trainer, best_cb = _trainer(plan, logger, figures_cb, progress, log)
     with SystemMetrics(mlflow_run_id, uri, plan.cfg.system_metrics_interval_s, resumed):
@@ -374,8 +316,41 @@ def train(
     log.info("training figures: %s", ", ".join(f"{k} {v}" for k, v in figures.items()))
 
     best = best_cb.best_model_path or str(resume_from)
+    result = _result(
+        plan,
+        trainer,
+        best_cb,
+        best=best,
+        mlflow_run_id=mlflow_run_id,
+        resumed=resumed,
+        start=start,
+        figures=figures,
+        data_version=data_version,
+    )
+    logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
+    log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
+    write_json_atomic(
+        state_path,
+        {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
+    )
+    return result
+
+
+def _result(
+    plan: RunPlan,
+    trainer: L.Trainer,
+    best_cb: ModelCheckpoint,
+    *,
+    best: str,
+    mlflow_run_id: str,
+    resumed: bool,
+    start: float,
+    figures: dict[str, Any],
+    data_version: str | None,
+) -> TrainResult:
+    """What a finished fit did: its best checkpoint (`best`) and score, the steps and epochs it reached."""
     best_score = best_cb.best_model_score
-    result = TrainResult(
+    return TrainResult(
         run_dir=str(plan.run_dir),
         best_checkpoint=best,
         mlflow_run_id=mlflow_run_id,
@@ -392,26 +367,6 @@ def train(
         input_decision=plan.decision.note,
         figures=figures,
         data_version=data_version,
-    )
-    logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
-    _log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
-    write_json_atomic(
-        state_path,
-        {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
-    )
-    return result
-
-
-def _log_figures(client, run_id: str, figures: dict[str, Any], step: int) -> None:
-    """The headline figures as perf/ metrics (comparable across runs in MLflow's table), the basis as a tag."""
-    from mlflow.entities import Metric, RunTag
-
-    ts = int(time.time() * 1000)
-    names = ("images_per_s", "busy_fraction", "time_to_first_step_s", "time_to_first_step_after_cache_s", "cache_s")
-    client.log_batch(
-        run_id,
-        metrics=[Metric(f"perf/{k}", float(figures[k]), ts, step) for k in names if figures.get(k) is not None],
-        tags=[RunTag("visionflow.perf.busy_basis", figures["busy_basis"])],
     )
 
 
