@@ -157,7 +157,7 @@ def step_train(args) -> dict[str, Any]:
 def _profile(args, compile_: bool, steps: int):
     from bench.train_profiles import Profile
     from visionflow.config import load_params
-    from visionflow.training.train import resolve_runtime
+    from visionflow.training.runtime import resolve_runtime
 
     p = load_params(
         _project(args.work) / "params.yaml", json.loads((_project(args.work) / "overrides.json").read_text())

@@ -78,7 +78,8 @@ def _register(proj: Path, p, onnx_path: Path, image_size: int, channels: int, mo
     import mlflow
 
     from visionflow.registry.export import write_model_card
-    from visionflow.registry.store import Gate, apply_promotion, register_onnx
+    from visionflow.registry.gates import Gate
+    from visionflow.registry.store import apply_promotion, register_onnx
     from visionflow.registry.tracking import setup_mlflow
 
     card = write_model_card(

@@ -64,7 +64,7 @@ def lightning_run(ctx: Context, prof: Profile, data, classes: list[str]) -> Meas
     import torch
 
     from visionflow.training.model import ImageClassifier
-    from visionflow.training.train import AtomicCheckpointIO
+    from visionflow.training.runtime import AtomicCheckpointIO
 
     quiet_lightning()
     cfg = ctx.params().train

@@ -55,7 +55,7 @@ def profiles(ctx: Context) -> list[Profile]:
     """The tiny CPU default from params.yaml, plus the GPU profile when CUDA is available."""
     import torch
 
-    from visionflow.training.train import resolve_runtime
+    from visionflow.training.runtime import resolve_runtime
 
     cfg = ctx.params().train
     cpu = resolve_runtime(cfg.model_copy(update={"accelerator": "cpu"}))
