@@ -125,7 +125,7 @@ def _trained(paths: ProjectPaths) -> dict:
 
 
 def evaluate_stage(p: Params, root: Path) -> EvalResult:
-    from visionflow.data.cache import build_cache
+    from visionflow.data.cache import project_split
     from visionflow.training.evaluate import evaluate
     from visionflow.training.train import load_classifier
 
@@ -133,14 +133,7 @@ def evaluate_stage(p: Params, root: Path) -> EvalResult:
     trained = _trained(paths)
     model = load_classifier(paths.checkpoint)
     hp = model.hparams
-    test = build_cache(
-        paths.splits / "test.csv",
-        paths.cache,
-        classes=list(hp.classes),
-        image_size=hp.image_size,
-        channels=hp.channels,
-        project=paths,
-    )
+    test = project_split(paths, "test", classes=list(hp.classes), image_size=hp.image_size, channels=hp.channels)
     return evaluate(
         net=model.net,
         images=test.images,
@@ -161,7 +154,7 @@ def export_stage(p: Params, root: Path) -> ExportResult:
     """ONNX export with preprocessing inside, model card, and the parity gate (raises GateFailed on failure)."""
     import numpy as np
 
-    from visionflow.data.cache import build_cache
+    from visionflow.data.cache import project_split
     from visionflow.registry.export import ExportResult, export_onnx, log_parity, parity_check, write_model_card
     from visionflow.training.train import load_classifier
 
@@ -174,14 +167,7 @@ def export_stage(p: Params, root: Path) -> ExportResult:
     onnx_path = export_onnx(
         model.net, image_size=hp.image_size, channels=hp.channels, path=paths.onnx_dir / "model.onnx"
     )
-    test = build_cache(
-        paths.splits / "test.csv",
-        paths.cache,
-        classes=list(hp.classes),
-        image_size=hp.image_size,
-        channels=hp.channels,
-        project=paths,
-    )
+    test = project_split(paths, "test", classes=list(hp.classes), image_size=hp.image_size, channels=hp.channels)
     n = min(len(test.labels), max(p.export.parity_images, 1))
     parity = parity_check(model.net, onnx_path, np.asarray(test.images[:n]), tolerance=p.export.parity_tolerance)
     card = write_model_card(

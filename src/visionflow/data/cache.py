@@ -195,6 +195,21 @@ def _finish(partial: _Partial, folder: Path, df, labels: np.ndarray, info: dict[
     os.replace(partial.path, folder)
 
 
+def project_split(
+    project: ProjectPaths, split: str, *, classes: list[str], image_size: int, channels: int
+) -> CachedSplit:
+    """A split of the project (train, val, test) cached for one model input: what evaluation, export and promotion
+    read; the cache is shared with training's when the input is the same."""
+    return build_cache(
+        project.splits / f"{split}.csv",
+        project.cache,
+        classes=classes,
+        image_size=image_size,
+        channels=channels,
+        project=project,
+    )
+
+
 def build_cache(
     manifest: Path,
     cache_root: Path,

@@ -91,18 +91,11 @@ class ComparisonImages:
         return self._built[key]
 
     def _build(self, image_size: int, channels: int, classes: list[str]) -> Comparison:
-        from visionflow.data.cache import build_cache
+        from visionflow.data.cache import project_split
         from visionflow.training.evaluate import robustness_subset
         from visionflow.training.robustness import corrupt_batch
 
-        test = build_cache(
-            self.paths.splits / "test.csv",
-            self.paths.cache,
-            classes=classes,
-            image_size=image_size,
-            channels=channels,
-            project=self.paths,
-        )
+        test = project_split(self.paths, "test", classes=classes, image_size=image_size, channels=channels)
         imgs, labels = np.asarray(test.images), test.labels
         subset = robustness_subset(len(imgs), self.cfg.robustness_images, self.seed)
         corrupted = [
