@@ -91,6 +91,7 @@ def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
     from visionflow.flows.monitoring import drift_check_flow
     from visionflow.monitoring import ledger as monitor
     from visionflow.monitoring.simulate import simulate
+    from visionflow.paths import ProjectPaths
 
     proj, first = loop_project
     p = load_params(proj / "params.yaml")
@@ -108,7 +109,7 @@ def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
     assert all(o["retrain"]["event_id"] for o in outcomes)  # every alarm is an event, suppressed or not
     assert len(_versions(proj)) == len(before) + 1  # exactly one retraining registered a model
 
-    ledger = monitor.read_ledger(proj / monitor.LEDGER)
+    ledger = monitor.read_ledger(ProjectPaths.of(p, proj).retrain_ledger)
     granted = [e for e in ledger if e["granted"]]
     assert len(granted) == 1 and len(ledger) == 3 and granted[0]["new_version"] == outcomes[0]["retrain"]["new_version"]
 

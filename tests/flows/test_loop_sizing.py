@@ -19,6 +19,7 @@ from tests.helpers import make_project, register_champion
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.monitoring import ledger as monitor
+from visionflow.paths import ProjectPaths
 
 pytestmark = [pytest.mark.slow, pytest.mark.flow]
 
@@ -44,7 +45,9 @@ def small_project(tmp_path_factory, harness):
     stages.split_stage(p, proj)
     register_champion(proj, p, sorted(pd.read_csv(proj / "data/splits/train.csv")["label"].unique()), channels=3)
     # a retraining already ran within the cool-down: the loop's alarm is recorded, not acted on
-    monitor.claim_retraining(proj / monitor.LEDGER, cooldown_s=p.drift.cooldown_hours * 3600, trigger="test")
+    monitor.claim_retraining(
+        ProjectPaths.of(p, proj).retrain_ledger, cooldown_s=p.drift.cooldown_hours * 3600, trigger="test"
+    )
     return proj, len(pd.read_csv(proj / "data/splits/test.csv"))
 
 

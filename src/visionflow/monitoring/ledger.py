@@ -21,8 +21,6 @@ from visionflow.errors import DataError
 from visionflow.locks import file_lock
 from visionflow.report import write_json_atomic
 
-LEDGER = Path("data/drift/retrain_ledger.json")
-
 
 @dataclass(frozen=True)
 class Claim:
