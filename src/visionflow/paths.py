@@ -32,6 +32,7 @@ class ProjectPaths:
     train_report: Path
     evaluation_reports: Path
     warm_start: Path  # champion weights downloaded for a warm-started retraining
+    train_runs: Path  # one folder per training run (run_key): checkpoints and state.json
     # export and registry
     onnx_dir: Path
     export_report: Path
@@ -70,6 +71,7 @@ class ProjectPaths:
             train_report=at("reports/train.json"),
             evaluation_reports=at(p.evaluate.report_dir),
             warm_start=at("models/warm_start"),
+            train_runs=at("runs/train"),
             onnx_dir=at("models/onnx"),
             export_report=at("reports/export.json"),
             registry_report=at("reports/registry.json"),

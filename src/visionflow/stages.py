@@ -107,7 +107,7 @@ def train_stage(
     res = train(p=p, root=root, data_version=data_version, flow_run_id=flow_run_id, progress=progress, log=log)
     paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.checkpoint.with_suffix(".ckpt.tmp")
-    shutil.copyfile(res.best_checkpoint, tmp)
+    shutil.copyfile(paths.root / res.best_checkpoint, tmp)
     os.replace(tmp, paths.checkpoint)
     res = replace(res, model_checkpoint=paths.relative(paths.checkpoint))
     write_json_atomic(paths.train_report, asdict(res))

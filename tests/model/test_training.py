@@ -135,3 +135,19 @@ def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
     assert torch.nn.functional.cosine_similarity(stem.flatten(), first_conv.flatten(), dim=0) > 0.9
     params = yaml.safe_load((proj / "params.yaml").read_text())
     assert params["train"]["pretrained_weights"] == "mobilenetv2_100.imagenet"
+
+
+def test_a_moved_project_reuses_its_finished_training_run(tmp_path):
+    """state.json and the train report name the run's files relative to the project: after the project folder
+    moves, the same params and data find the finished run (not a resume, not a new run)."""
+    proj = tiny_project(tmp_path)
+    store = f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"  # outside the project: it stays put
+    p = load_params(proj / "params.yaml", [store])
+    use_mlflow(p, proj)
+    first = stages.train_stage(p, proj, "dv", progress=False)
+    assert not first.reused and not Path(first.best_checkpoint).is_absolute(), first.best_checkpoint
+    moved = proj.rename(tmp_path / "moved")
+    again = stages.train_stage(load_params(moved / "params.yaml", [store]), moved, "dv", progress=False)
+    assert again.reused and not again.resumed, again
+    assert again.mlflow_run_id == first.mlflow_run_id and again.global_step == first.global_step
+    assert (moved / again.best_checkpoint).is_file() and (moved / "models/model.ckpt").is_file()

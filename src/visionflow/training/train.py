@@ -87,6 +87,7 @@ class RunPlan:
     max_steps: int
     key: str  # run_key: the run's identity
     run_dir: Path
+    paths: ProjectPaths
 
 
 def _plan(
@@ -141,7 +142,8 @@ def _plan(
         steps_per_epoch=steps_per_epoch,
         max_steps=max_steps_override or steps_per_epoch * cfg.max_epochs,
         key=key,
-        run_dir=Path(runs_dir or root / "runs/train") / key,
+        run_dir=Path(runs_dir or paths.train_runs) / key,
+        paths=paths,
     )
 
 
@@ -264,7 +266,8 @@ def train(
     plan = _plan(p, root, data_version, runs_dir, cache_dir, max_steps_override, log)
     state_path = plan.run_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("status") == "completed" and Path(state.get("best_checkpoint", "")).is_file():
+    # state.json names the checkpoint relative to the project root, so a moved or cloned project reuses its runs
+    if state.get("status") == "completed" and (root / state.get("best_checkpoint", "")).is_file():
         return TrainResult(
             **{**state["result"], "data_version": data_version, "reused": True, "seconds": time.perf_counter() - start}
         )
@@ -315,7 +318,7 @@ def _fit(
     figures = figures_cb.figures()
     log.info("training figures: %s", ", ".join(f"{k} {v}" for k, v in figures.items()))
 
-    best = best_cb.best_model_path or str(resume_from)
+    best = plan.paths.relative(best_cb.best_model_path or resume_from)  # the project may move; see train()
     result = _result(
         plan,
         trainer,
@@ -351,7 +354,7 @@ def _result(
     """What a finished fit did: its best checkpoint (`best`) and score, the steps and epochs it reached."""
     best_score = best_cb.best_model_score
     return TrainResult(
-        run_dir=str(plan.run_dir),
+        run_dir=plan.paths.relative(plan.run_dir),
         best_checkpoint=best,
         mlflow_run_id=mlflow_run_id,
         classes=plan.classes,
