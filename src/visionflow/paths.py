@@ -58,6 +58,7 @@ class ProjectPaths:
     def of(cls, p: Params, root: Path) -> ProjectPaths:
         root = Path(root).resolve()
         at = root.joinpath  # an absolute path in params.yaml stays absolute (joinpath keeps it)
+        drift = at("data/drift")
         return cls(
             root=root,
             raw=at(p.data.raw_dir),
@@ -84,11 +85,11 @@ class ProjectPaths:
             prediction_log=at(p.serve.prediction_log),
             loadtest_report=at("reports/loadtest/loadtest.json"),
             batches=at(p.drift.batches_dir),
-            drift=at("data/drift"),
+            drift=drift,
             drift_models=at("models/drift"),
             drift_reports=at("reports/drift"),
-            retrain_ledger=at("data/drift/retrain_ledger.json"),
-            log_cursor=at("data/drift/log_cursor.json"),
+            retrain_ledger=drift / "retrain_ledger.json",
+            log_cursor=drift / "log_cursor.json",
         )
 
     def relative(self, path: Path | str) -> str:
