@@ -74,6 +74,9 @@ class DataParams(_Section):
     )
     max_images: int | None = Field(30000, ge=10, le=10**9)
     raw_dir: Path = Path("data/raw")
+    # loose: data/raw/<class>/<file>; shards: content-addressed tar shards (visionflow.data.shards), for 100k+ images
+    layout: Literal["loose", "shards"] = "loose"
+    shard_mb: float = Field(256, gt=0, le=65536)
     remote_url: str = ".dvc-remote"
     remote_name: str = Field("local", pattern=r"^[A-Za-z0-9_-]+$")
     val_fraction: float = Field(0.1, gt=0, lt=0.5)

@@ -42,6 +42,7 @@ def ingest_stage(p: Params, root: Path, *, force: bool = False, progress: Progre
         force=force,
         progress=progress,
         reviewed_dir=paths.reviewed,
+        shard_bytes=int(p.data.shard_mb * 2**20) if p.data.layout == "shards" else None,
     )
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from visionflow.data import shards
+
 if TYPE_CHECKING:
     from visionflow.config import ServeParams, ValidateParams
 
@@ -285,10 +287,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_limited(path: Path, max_bytes: int) -> bytes:
-    """Read a file, refusing (before reading) anything over the byte limit."""
+def stored_size(path: Path | str) -> int:
+    """Bytes of a stored image: a file, or a shard member ("<raw_dir>/shard-<hash>.tar#<class>/<file>")."""
+    located = shards.split_locator(path)
+    return shards.member_size(*located) if located else Path(path).stat().st_size
+
+
+def read_limited(path: Path | str, max_bytes: int | None) -> bytes:
+    """Read a stored image (a file or a shard member, see stored_size), refusing (before reading) anything over
+    the byte limit. The one way every stage reads an image from the dataset."""
+    located = shards.split_locator(path)
+    if located:
+        return shards.read_member(*located, max_bytes=max_bytes)
+    path = Path(path)
     size = path.stat().st_size
-    if size > max_bytes:
+    if max_bytes is not None and size > max_bytes:
         raise RejectedImage("file_too_large", f"{size} bytes > limit {max_bytes}")
     return path.read_bytes()
 

@@ -17,9 +17,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionflow.data import photos
+from visionflow.data import photos, shards
 from visionflow.data.fashion_mnist import GENERATED_SOURCES, Progress, locate_fashion_mnist
 from visionflow.data.folder_source import REVIEWED_PREFIX, check_class_names, copy_folder_dataset, scan_source
+from visionflow.data.imageio import sha256_file
 from visionflow.errors import DataError
 
 MARKER = ".ingest.json"  # written beside raw_dir, not inside it, so it never changes the data version
@@ -52,7 +53,18 @@ def _check_copied(raw_dir: Path, counts: dict[str, int]) -> None:
         )
 
 
-def _listing_ok(raw_dir: Path, counts: dict[str, int]) -> bool:
+def _listing_ok(raw_dir: Path, counts: dict[str, int], sharded: bool = False) -> bool:
+    if sharded != shards.is_sharded(raw_dir):
+        return False
+    if sharded:
+        try:
+            have: dict[str, int] = {}
+            for m in shards.read_index(raw_dir):
+                if not m.member.split("/", 1)[1].startswith(REVIEWED_PREFIX):
+                    have[m.label] = have.get(m.label, 0) + 1
+            return have == counts
+        except (OSError, DataError):
+            return False
     try:
         return all(
             sum(1 for f in (raw_dir / c).iterdir() if f.is_file() and not f.name.startswith(REVIEWED_PREFIX)) == n
@@ -107,9 +119,11 @@ def ingest(
     force: bool = False,
     progress: Progress | None = None,
     reviewed_dir: Path | None = None,
+    shard_bytes: int | None = None,
 ) -> IngestResult:
     """Write the dataset to raw_dir (skipped when raw_dir already holds exactly this source and selection), then
-    add the reviewed production images from reviewed_dir."""
+    add the reviewed production images from reviewed_dir. shard_bytes: pack it into shards of about this size
+    (visionflow.data.shards) instead of one file per image."""
     raw_dir = Path(raw_dir)
     check_class_names([d.name for d in _reviewed_classes(reviewed_dir)], f"reviewed images {reviewed_dir}")
     res = _ingest_source(
@@ -120,8 +134,12 @@ def ingest(
         cache_dir=cache_dir,
         force=force,
         progress=progress,
+        shard_bytes=shard_bytes,
     )
-    reviewed = sync_reviewed(reviewed_dir, raw_dir)
+    if shard_bytes is None:
+        reviewed = sync_reviewed(reviewed_dir, raw_dir)
+    else:
+        reviewed = sync_reviewed_shards(reviewed_dir, raw_dir, shard_bytes)
     if not reviewed:
         return res
     classes = dict(res.classes)
@@ -141,8 +159,11 @@ def _ingest_source(
     cache_dir: Path,
     force: bool,
     progress: Progress | None,
+    shard_bytes: int | None,
 ) -> IngestResult:
     spec = {"source": source, "max_images": max_images, "seed": seed}
+    if shard_bytes is not None:
+        spec["shard_bytes"] = shard_bytes  # a change of layout or shard size converts raw_dir
     if source == photos.PHOTOS_SOURCE:
         spec["generator"] = photos.GENERATOR_VERSION  # a changed generator makes different photos: ingest again
     scan = None
@@ -154,7 +175,7 @@ def _ingest_source(
     marker = raw_dir.parent / MARKER
     if not force and marker.is_file():
         previous = json.loads(marker.read_text())
-        if previous.get("spec") == spec and _listing_ok(raw_dir, previous["classes"]):
+        if previous.get("spec") == spec and _listing_ok(raw_dir, previous["classes"], sharded=shard_bytes is not None):
             return IngestResult(
                 str(raw_dir),
                 source,
@@ -173,8 +194,11 @@ def _ingest_source(
         else:
             counts = copy_folder_dataset(scan, staging, max_images, seed, progress)
         _check_copied(staging, counts)
+        if shard_bytes is not None:
+            staging = _packed(staging, raw_dir, shard_bytes, progress)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted ingest leaves nothing half-written
+        shutil.rmtree(raw_dir.with_name(raw_dir.name + ".packing"), ignore_errors=True)
         raise
     # Swap in only when complete: an interrupted ingest leaves the previous raw_dir untouched.
     if raw_dir.exists():
@@ -189,6 +213,64 @@ def _ingest_source(
     skipped = scan.skipped if scan else []
     marker.write_text(json.dumps({"spec": spec, "classes": counts, "skipped_files": skipped}, indent=2))
     return IngestResult(str(raw_dir), source, sum(counts.values()), counts, False, skipped_files=tuple(skipped))
+
+
+def _is_reviewed(member: str) -> bool:
+    return member.split("/", 1)[1].startswith(REVIEWED_PREFIX)
+
+
+def _packed(staging: Path, raw_dir: Path, shard_bytes: int, progress: Progress | None) -> Path:
+    """Pack the loose staging folder into shards in <raw_dir>.packing (it replaces staging), carrying over the
+    reviewed shards of the current raw_dir unchanged (they are synced afterwards, append-only)."""
+    packing = raw_dir.with_name(raw_dir.name + ".packing")
+    shutil.rmtree(packing, ignore_errors=True)
+    packing.mkdir(parents=True)
+    items = [(f"{d.name}/{f.name}", f) for d in sorted(staging.iterdir()) for f in sorted(d.iterdir())]
+    shards.pack(packing, items, shard_bytes, progress=None if progress is None else lambda n, t: progress(n, t))
+    shutil.rmtree(staging)
+    if shards.is_sharded(raw_dir):
+        reviewed = {m.shard for m in shards.read_index(raw_dir) if _is_reviewed(m.member)}
+        for name in sorted(reviewed):
+            for f in (raw_dir / name, shards.index_path(raw_dir / name)):
+                shutil.copyfile(f, packing / f.name)
+    return packing
+
+
+def sync_reviewed_shards(reviewed_dir: Path | None, raw_dir: Path, shard_bytes: int) -> dict[str, int]:
+    """The sharded sync_reviewed: reviewed images are members <class>/reviewed__<file>, added append-only. A
+    reviewed shard whose images are all still reviewed (same bytes) stays as it is; new reviewed images go into
+    new shards; a shard holding an image no longer reviewed is rewritten without it."""
+    classes = _reviewed_classes(reviewed_dir)
+    check_class_names([d.name for d in classes], f"reviewed images {reviewed_dir}")
+    wanted: dict[str, Path] = {}
+    for d in classes:
+        for f in sorted(d.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                wanted[f"{d.name}/{REVIEWED_PREFIX}{f.name}"] = f
+    by_shard: dict[str, list[shards.Member]] = {}
+    for m in shards.read_index(raw_dir):
+        if _is_reviewed(m.member):
+            by_shard.setdefault(m.shard, []).append(m)
+    have: set[str] = set()
+    digests: dict[str, str] = {}
+    for name, members in sorted(by_shard.items()):
+        same = all(
+            m.member in wanted and digests.setdefault(m.member, sha256_file(wanted[m.member])) == m.sha256
+            for m in members
+        )
+        if same:
+            have.update(m.member for m in members)
+        else:
+            (raw_dir / name).unlink()
+            shards.index_path(raw_dir / name).unlink()
+    new = [(member, f) for member, f in wanted.items() if member not in have]
+    if new:
+        shards.pack(raw_dir, new, shard_bytes)
+    counts: dict[str, int] = {}
+    for member in wanted:
+        label = member.split("/", 1)[0]
+        counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def _force_rmtree(path: Path) -> None:

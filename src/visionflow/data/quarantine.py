@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from visionflow.data.expectations import SuiteOutcome
+from visionflow.data.imageio import read_limited
 from visionflow.paths import ProjectPaths
 
 
@@ -35,7 +36,7 @@ def write_quarantine(rejected: pd.DataFrame, qdir: Path, project: ProjectPaths |
         dest = qdir / row.label / src.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copyfile(src, dest)
+            dest.write_bytes(read_limited(src, None))  # a file, or a member of a shard
         except OSError:
             pass  # an unreadable file is still listed in reasons.csv
     out = rejected[["path", "label", "quarantine_reason", "decode_detail", "sha256", "file_size"]].copy()

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from visionflow.config import ValidateParams
+from visionflow.data import shards
 from visionflow.data.expectations import Check, SuiteOutcome, run_suite
 from visionflow.data.folder_source import check_class_names
 from visionflow.data.imageio import (
@@ -26,8 +27,10 @@ from visionflow.data.imageio import (
     RejectedImage,
     image_properties,
     open_guarded,
+    read_limited,
     sha256_bytes,
     sha256_file,
+    stored_size,
     to_array,
 )
 from visionflow.data.quarantine import quarantine_reasons, write_quarantine
@@ -75,11 +78,13 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
     row.update(path=str(path), label=label, decodable=False)
     try:
-        row["file_size"] = path.stat().st_size
+        row["file_size"] = stored_size(path)
         if row["file_size"] > rules.max_bytes:
-            row["sha256"] = sha256_file(path)
+            row["sha256"] = (
+                shards.lookup(*located).sha256 if (located := shards.split_locator(path)) else sha256_file(path)
+            )
             raise RejectedImage("file_too_large", f"{row['file_size']} bytes > limit {rules.max_bytes}")
-        data = path.read_bytes()
+        data = read_limited(path, None)
         row["sha256"] = sha256_bytes(data)
         img = open_guarded(data, rules)
         row.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1])
@@ -103,8 +108,11 @@ def _inspect_chunk(args: tuple[list[tuple[str, str]], DecodeRules]) -> list[dict
 
 
 def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
+    """(path, label) of every raw image: files of the loose layout, or shard locators (visionflow.data.shards)."""
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir} does not exist: run `visionflow ingest` first")
+    if shards.is_sharded(raw_dir):
+        return _list_shards(raw_dir)
     classes = sorted(d for d in raw_dir.iterdir() if d.is_dir())
     # Folder names become labels in the manifest, the model card and the review page; a raw folder made before
     # ingest checked them (an old data version, a hand-made folder) is held to the same rule.
@@ -113,6 +121,22 @@ def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
     if not items:
         raise DataError(f"{raw_dir} holds no images: expected {raw_dir}/<class>/<image files>")
     return items
+
+
+def _list_shards(raw_dir: Path) -> list[tuple[str, str]]:
+    problems = shards.verify(raw_dir)
+    if problems:
+        raise DataError(
+            f"{raw_dir}: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. No image is lost: "
+            f"`dvc checkout {raw_dir}` (or `dvc pull`) restores the versioned shards"
+        )
+    members = shards.read_index(raw_dir)
+    check_class_names(sorted({m.label for m in members}), str(raw_dir))
+    if any(p.is_dir() for p in raw_dir.iterdir()):
+        raise DataError(f"{raw_dir} holds both shards and class folders: run `visionflow ingest --force`")
+    if not members:
+        raise DataError(f"{raw_dir} holds shards with no images: run `visionflow ingest --force`")
+    return [(shards.locator(raw_dir, m), m.label) for m in members]
 
 
 def build_manifest(

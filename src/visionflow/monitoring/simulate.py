@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from visionflow.data import corruptions
+from visionflow.data.imageio import read_limited
 from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
 
@@ -140,7 +141,7 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
         if arrays is not None:
             img = arrays[i]
         else:
-            with Image.open(paths[i]) as im:
+            with Image.open(io.BytesIO(read_limited(paths[i], None))) as im:  # a file or a shard member
                 # as the camera took it: grey stays grey, anything else is written as RGB
                 img = np.asarray(im.convert("L") if Image.getmodebase(im.mode) == "L" else im.convert("RGB"))
         data, ext = encode(apply_shift(img, shift, severity, rng), shift, severity)

@@ -8,6 +8,7 @@ float32.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import random
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from visionflow.config import AugmentParams
 from visionflow.data.cache import CachedSplit, build_cache
+from visionflow.data.imageio import read_limited
 from visionflow.data.validate import read_manifest
 from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
@@ -240,7 +242,7 @@ def decide_input(manifest: Path, channels: int | str, image_size: int) -> InputD
 
 
 def _header(path: Path) -> dict[str, object]:
-    with Image.open(path) as im:  # reads the header only
+    with Image.open(io.BytesIO(read_limited(path, None))) as im:  # decodes the header only
         return {"mode": im.mode, "width": im.size[0], "height": im.size[1]}
 
 
