@@ -33,6 +33,7 @@ def ingest(
             "raw_dir": res.raw_dir,
             "images": res.n_images,
             "classes": res.classes,
+            **({"shards": res.n_shards, "content version": res.content_version} if res.n_shards else {}),
             **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {}),
         },
     )

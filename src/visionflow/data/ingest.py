@@ -11,6 +11,7 @@ files into raw_dir only once complete, and adds the reviewed production images.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -35,6 +36,8 @@ class IngestResult:
     skipped: bool
     n_reviewed: int = 0
     skipped_files: tuple[dict[str, str], ...] = ()  # source entries left out, each with its reason
+    n_shards: int = 0  # data.layout: shards only
+    content_version: str | None = None  # shards.content_version: the images' own version, however packed
 
 
 def _check_copied(raw_dir: Path, counts: dict[str, int]) -> None:
@@ -138,15 +141,16 @@ def ingest(
     )
     if shard_bytes is None:
         reviewed = sync_reviewed(reviewed_dir, raw_dir)
+        sharded = {}
     else:
         reviewed = sync_reviewed_shards(reviewed_dir, raw_dir, shard_bytes)
-    if not reviewed:
-        return res
+        members = shards.read_index(raw_dir)
+        sharded = {"n_shards": len({m.shard for m in members}), "content_version": shards.content_version(members)}
     classes = dict(res.classes)
     for c, n in reviewed.items():
         classes[c] = classes.get(c, 0) + n
-    return IngestResult(
-        res.raw_dir, res.source, sum(classes.values()), classes, res.skipped, sum(reviewed.values()), res.skipped_files
+    return dataclasses.replace(
+        res, n_images=sum(classes.values()), classes=classes, n_reviewed=sum(reviewed.values()), **sharded
     )
 
 
