@@ -235,9 +235,7 @@ def lookup(shard: Path, member: str) -> Member:
     try:
         st = idx.stat()
     except FileNotFoundError:
-        raise ShardError(
-            f"{idx.name} is missing: the shard {shard} has no index (`dvc checkout` restores it)"
-        ) from None
+        raise ShardError(f"{idx.name} is missing: the shard {shard} has no index") from None
     m = _shard_members(str(idx), st.st_mtime_ns, st.st_size).get(member)
     if m is None:
         raise ShardError(f"{member!r} is not in shard {shard}")
@@ -256,9 +254,9 @@ def read_member(shard: Path, member: str, max_bytes: int | None = None) -> bytes
             fh.seek(m.offset)
             data = fh.read(m.size)
     except FileNotFoundError:
-        raise ShardError(f"shard {shard} is missing (`dvc checkout` or `dvc pull` restores it)") from None
+        raise ShardError(f"shard {shard} is missing") from None
     if len(data) != m.size:
-        raise ShardError(f"shard {shard} is truncated: {member!r} ends past its end (`dvc checkout` restores it)")
+        raise ShardError(f"shard {shard} is truncated: {member!r} ends past its end")
     if hashlib.sha256(data).hexdigest() != m.sha256:
         raise ShardError(f"{member!r} in shard {shard} does not match its sha256 in the index: the shard was changed")
     return data
@@ -268,9 +266,17 @@ def member_size(shard: Path, member: str) -> int:
     return lookup(shard, member).size
 
 
+def _tar_size(members: list[Member]) -> int:
+    """The size tarfile writes for these members: the last member's padded data, two zero blocks, and padding to
+    whole records (tarfile.RECORDSIZE)."""
+    end = max((m.offset + -(-m.size // _BLOCK) * _BLOCK for m in members), default=0)
+    return -(-(end + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def verify(raw_dir: Path) -> list[str]:
-    """Problems with the shards in raw_dir: a shard whose bytes do not hash to its name, a missing shard or index.
-    Empty when all is well. Reads every shard once (the price of checking the data before training on it)."""
+    """Problems with the shards in raw_dir that a stat shows: a missing or truncated shard, a shard without its
+    index. Empty when all is well. Changed bytes are caught where they are read (read_member checks each image's
+    sha256), so the data is read once, not twice."""
     problems = []
     raw_dir = Path(raw_dir)
     tars = {p.name for p in raw_dir.glob(f"{SHARD_PREFIX}*{TAR_SUFFIX}")}
@@ -280,13 +286,23 @@ def verify(raw_dir: Path) -> list[str]:
             problems.append(f"{name} is missing")
             continue
         tars.discard(name)
+        size, want = (raw_dir / name).stat().st_size, _tar_size(_read_index_file(idx))
+        if size != want:
+            problems.append(f"{name} is {size} bytes where its index says {want} (truncated or changed)")
+    problems.extend(f"{t} has no index" for t in sorted(tars))
+    return problems
+
+
+def verify_hashes(raw_dir: Path) -> list[str]:
+    """Shards whose bytes do not hash to their name (reads every shard: for checks and tests, not every run)."""
+    problems = []
+    for shard in sorted(Path(raw_dir).glob(f"{SHARD_PREFIX}*{TAR_SUFFIX}")):
         h = hashlib.sha256()
-        with (raw_dir / name).open("rb") as fh:
+        with shard.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-        if shard_name(h.hexdigest()) != name:
-            problems.append(f"{name} does not hash to its name (truncated or changed)")
-    problems.extend(f"{t} has no index" for t in sorted(tars))
+        if shard_name(h.hexdigest()) != shard.name:
+            problems.append(f"{shard.name} does not hash to its name (changed)")
     return problems
 
 

@@ -90,6 +90,11 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
         row.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1])
         row.update(image_properties(to_array(img, channels=1)))
         row["decodable"] = True
+    except shards.ShardError as exc:
+        # damaged storage, not a bad image: stop, rather than quarantine an image that is fine in the DVC cache
+        raise DataError(
+            f"{exc}. No image is lost: `dvc checkout` (or `dvc pull`) restores the versioned shards"
+        ) from None
     except RejectedImage as exc:
         row["decode_error"] = exc.reason
         row["decode_detail"] = exc.detail
@@ -124,7 +129,10 @@ def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
 
 
 def _list_shards(raw_dir: Path) -> list[tuple[str, str]]:
-    problems = shards.verify(raw_dir)
+    try:
+        problems = shards.verify(raw_dir)
+    except shards.ShardError as exc:  # an index that cannot be read
+        problems = [str(exc)]
     if problems:
         raise DataError(
             f"{raw_dir}: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. No image is lost: "
