@@ -45,11 +45,12 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
     res, secs = _timed(stages.ingest_stage, p, root)
     get_run_logger().info(
-        "ingested %d images in %d classes%s%s",
+        "ingested %d images in %d classes%s%s%s",
         res.n_images,
         len(res.classes),
         " (source unchanged, not rewritten)" if res.skipped else "",
         f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "",
+        f"; {res.n_shards} shards, content version {res.content_version[:12]}" if res.n_shards else "",
     )
     if res.skipped_files:  # symlinks out of the source, unreadable files...: said, not silently dropped
         reasons = Counter(f["reason"] for f in res.skipped_files)
