@@ -4,6 +4,7 @@ listed with their reason) and copied byte for byte into raw_dir under collision-
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -17,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from visionflow.data import shards
 from visionflow.data.fashion_mnist import GENERATED_SOURCES, Progress, balanced_indices
 from visionflow.errors import DataError
 
@@ -209,30 +211,46 @@ def _open_regular(path: Path) -> BinaryIO:
 
 
 def copy_folder_dataset(
-    scan: SourceScan, raw_dir: Path, max_images: int | None, seed: int, progress: Progress | None = None
+    scan: SourceScan,
+    raw_dir: Path,
+    max_images: int | None,
+    seed: int,
+    progress: Progress | None = None,
+    shard_bytes: int | None = None,
 ) -> dict[str, int]:
+    """Copy the chosen files into raw_dir/<class>/<flat name>, or with shard_bytes straight into shards of that
+    size in raw_dir (members <class>/<flat name>, sorted: see visionflow.data.shards), each byte read once."""
     by_label: dict[str, list[int]] = {}
     for i, f in enumerate(scan.files):
         by_label.setdefault(f.label, []).append(i)
-    dest_of: dict[int, Path] = {}
+    member_of: dict[int, str] = {}
     for label, idx in by_label.items():
-        (raw_dir / label).mkdir(parents=True, exist_ok=True)
         for i, name in zip(idx, flat_names([scan.files[i].rel for i in idx])):
-            dest_of[i] = raw_dir / label / name
+            member_of[i] = f"{label}/{name}"
     labels = np.array([f.label for f in scan.files])
     chosen = balanced_indices(labels, max_images, seed) if max_images else np.arange(len(scan.files))
     counts = dict.fromkeys(by_label, 0)
-    for done, i in enumerate(chosen, 1):
-        f = scan.files[int(i)]
-        try:
-            fh = _open_regular(f.path)
-        except OSError as exc:
-            scan.skip(scan.source / f.label / Path(*f.rel), "unreadable_file", exc.strerror or str(exc))
-            continue
-        # A failure to write (disk full) is not the file's fault: it stops the stage.
-        with fh, dest_of[int(i)].open("wb") as out:
-            shutil.copyfileobj(fh, out, 1 << 20)
-        counts[f.label] += 1
-        if progress and (done % 500 == 0 or done == len(chosen)):
-            progress(done, len(chosen))
+    # shards need their members in sorted order; the loose copy does not care
+    order = sorted((int(i) for i in chosen), key=member_of.__getitem__) if shard_bytes else [int(i) for i in chosen]
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(shards.ShardWriter(raw_dir, shard_bytes)) if shard_bytes else None
+        for done, i in enumerate(order, 1):
+            f = scan.files[i]
+            try:
+                fh = _open_regular(f.path)
+            except OSError as exc:
+                scan.skip(scan.source / f.label / Path(*f.rel), "unreadable_file", exc.strerror or str(exc))
+                continue
+            # A failure to write (disk full) is not the file's fault: it stops the stage.
+            with fh:
+                if writer is not None:
+                    writer.add(member_of[i], fh.read())
+                else:
+                    dest = raw_dir / member_of[i]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with dest.open("wb") as out:
+                        shutil.copyfileobj(fh, out, 1 << 20)
+            counts[f.label] += 1
+            if progress and (done % 500 == 0 or done == len(order)):
+                progress(done, len(order))
     return counts

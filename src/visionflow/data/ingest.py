@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 import os
 import shutil
 from dataclasses import dataclass
@@ -41,12 +42,17 @@ class IngestResult:
 
 
 def _check_copied(raw_dir: Path, counts: dict[str, int]) -> None:
-    """Fail loudly when the folder does not hold exactly the files copied into it (a name collision, or a
-    case-insensitive file system folding two names into one), before it replaces the previous raw_dir."""
+    """Fail loudly when the folder (or its shards) does not hold exactly the files copied into it (a name
+    collision, or a case-insensitive file system folding two names into one), before it replaces the previous
+    raw_dir."""
     wrong = []
+    in_shards = Counter(m.label for m in shards.read_index(raw_dir)) if shards.is_sharded(raw_dir) else None
     for label, n in counts.items():
         folder = raw_dir / label
-        have = sum(1 for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+        if in_shards is not None:
+            have = in_shards[label]
+        else:
+            have = sum(1 for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
         if have != n:
             wrong.append(f"{label}: {have} file(s) written for {n} copied")
     if wrong:
@@ -195,14 +201,16 @@ def _ingest_source(
     try:
         if scan is None:
             counts = GENERATED_SOURCES[source](locate_fashion_mnist(cache_dir), staging, max_images, seed, progress)
+            _check_copied(staging, counts)
+            if shard_bytes is not None:
+                _pack_folder(staging, shard_bytes)
         else:
-            counts = copy_folder_dataset(scan, staging, max_images, seed, progress)
-        _check_copied(staging, counts)
+            counts = copy_folder_dataset(scan, staging, max_images, seed, progress, shard_bytes)
+            _check_copied(staging, counts)
         if shard_bytes is not None:
-            staging = _packed(staging, raw_dir, shard_bytes, progress)
+            _carry_reviewed_shards(raw_dir, staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a failed or interrupted ingest leaves nothing half-written
-        shutil.rmtree(raw_dir.with_name(raw_dir.name + ".packing"), ignore_errors=True)
         raise
     # Swap in only when complete: an interrupted ingest leaves the previous raw_dir untouched.
     if raw_dir.exists():
@@ -223,21 +231,22 @@ def _is_reviewed(member: str) -> bool:
     return member.split("/", 1)[1].startswith(REVIEWED_PREFIX)
 
 
-def _packed(staging: Path, raw_dir: Path, shard_bytes: int, progress: Progress | None) -> Path:
-    """Pack the loose staging folder into shards in <raw_dir>.packing (it replaces staging), carrying over the
-    reviewed shards of the current raw_dir unchanged (they are synced afterwards, append-only)."""
-    packing = raw_dir.with_name(raw_dir.name + ".packing")
-    shutil.rmtree(packing, ignore_errors=True)
-    packing.mkdir(parents=True)
-    items = [(f"{d.name}/{f.name}", f) for d in sorted(staging.iterdir()) for f in sorted(d.iterdir())]
-    shards.pack(packing, items, shard_bytes, progress=None if progress is None else lambda n, t: progress(n, t))
-    shutil.rmtree(staging)
-    if shards.is_sharded(raw_dir):
-        reviewed = {m.shard for m in shards.read_index(raw_dir) if _is_reviewed(m.member)}
-        for name in sorted(reviewed):
-            for f in (raw_dir / name, shards.index_path(raw_dir / name)):
-                shutil.copyfile(f, packing / f.name)
-    return packing
+def _pack_folder(folder: Path, shard_bytes: int) -> None:
+    """Replace the class folders in `folder` by shards of the same files (the generated sources write files)."""
+    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    shards.pack(folder, [(f"{d.name}/{f.name}", f) for d in classes for f in sorted(d.iterdir())], shard_bytes)
+    for d in classes:
+        shutil.rmtree(d)
+
+
+def _carry_reviewed_shards(raw_dir: Path, staging: Path) -> None:
+    """Copy the reviewed shards of the current raw_dir into the new one unchanged: sync_reviewed_shards then adds
+    only what is new, append-only, whatever happened to the source's shards."""
+    if not shards.is_sharded(raw_dir):
+        return
+    for name in sorted({m.shard for m in shards.read_index(raw_dir) if _is_reviewed(m.member)}):
+        for f in (raw_dir / name, shards.index_path(raw_dir / name)):
+            shutil.copyfile(f, staging / f.name)
 
 
 def sync_reviewed_shards(reviewed_dir: Path | None, raw_dir: Path, shard_bytes: int) -> dict[str, int]:

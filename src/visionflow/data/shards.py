@@ -127,31 +127,78 @@ def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+class ShardWriter:
+    """Writes members, in the order added, into shards of about target_bytes (None: one shard), each under a
+    temporary name until complete and then renamed to its hash, so an interrupted write leaves no shard. Callers
+    add members sorted by name: the same members then always give the same shards, byte for byte."""
+
+    def __init__(self, out_dir: Path, target_bytes: int | None = None):
+        self.out_dir, self.target = Path(out_dir), target_bytes
+        self.members: list[Member] = []
+        self._tar: tarfile.TarFile | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def add(self, member: str, data: bytes) -> None:
+        check_member_name(member)
+        cost = _BLOCK + _padded(len(data))
+        if self._tar is not None and self.target is not None and self._used + cost > self.target:
+            self._finish()
+        if self._tar is None:
+            self._start()
+        assert self._tar is not None
+        self._tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+        offset = self._tar.offset - _padded(len(data))  # the data starts after its header block(s)
+        self._rows.append((member, offset, len(data), hashlib.sha256(data).hexdigest()))
+        self._used += cost
+
+    def _start(self) -> None:
+        self._tmp = self.out_dir / f".partial-{os.getpid()}-{len(self.members)}{TAR_SUFFIX}"
+        self._fh = self._tmp.open("wb")
+        self._hashing = _HashingWriter(self._fh)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
+        self._rows: list[tuple[str, int, int, str]] = []
+        self._used = 0
+
+    def _finish(self) -> None:
+        assert self._tar is not None
+        self._tar.close()
+        self._fh.close()
+        self._tar = None
+        name = shard_name(self._hashing.sha.hexdigest())
+        final = self.out_dir / name
+        _write_index(index_path(final), self._rows)
+        os.replace(self._tmp, final)
+        self.members.extend(Member(m, name, o, s, h) for m, o, s, h in self._rows)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
+
 def write_shard(out_dir: Path, members: list[tuple[str, bytes | Path]]) -> tuple[str, list[Member]]:
-    """Write one shard of these members (sorted by name) and its index into out_dir: its file name and members.
-    Written under a temporary name and renamed once complete, so an interrupted write leaves no shard."""
-    out_dir = Path(out_dir)
-    members = sorted(members, key=lambda x: x[0])
-    tmp = out_dir / f".partial-{os.getpid()}{TAR_SUFFIX}"
-    rows: list[tuple[str, int, int, str]] = []
-    try:
-        with tmp.open("wb") as fh:
-            w = _HashingWriter(fh)
-            with tarfile.open(fileobj=w, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for member, src in members:
-                    check_member_name(member)
-                    data = src if isinstance(src, bytes) else Path(src).read_bytes()
-                    tf.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
-                    offset = tf.offset - -(-len(data) // _BLOCK) * _BLOCK  # data starts after the header(s)
-                    rows.append((member, offset, len(data), hashlib.sha256(data).hexdigest()))
-            digest = w.sha.hexdigest()
-        name = shard_name(digest)
-        final = out_dir / name
-        _write_index(index_path(final), rows)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return name, [Member(m, name, o, s, h) for m, o, s, h in rows]
+    """Write one shard of these members (sorted by name) and its index into out_dir: its file name and members."""
+    with ShardWriter(out_dir) as w:
+        for member, src in sorted(members, key=lambda x: x[0]):
+            w.add(member, src if isinstance(src, bytes) else Path(src).read_bytes())
+    return w.members[0].shard, w.members
 
 
 def _write_index(path: Path, rows: list[tuple[str, int, int, str]]) -> None:
@@ -163,20 +210,6 @@ def _write_index(path: Path, rows: list[tuple[str, int, int, str]]) -> None:
     os.replace(tmp, path)
 
 
-def _groups(items: list[tuple[str, Path]], sizes: list[int], target_bytes: int) -> Iterable[list[tuple[str, Path]]]:
-    group: list[tuple[str, Path]] = []
-    used = 0
-    for item, size in zip(items, sizes, strict=True):
-        cost = _BLOCK + -(-size // _BLOCK) * _BLOCK
-        if group and used + cost > target_bytes:
-            yield group
-            group, used = [], 0
-        group.append(item)
-        used += cost
-    if group:
-        yield group
-
-
 def pack(
     out_dir: Path,
     items: Iterable[tuple[str, Path]],
@@ -186,13 +219,12 @@ def pack(
     """Pack (member, file) pairs, sorted by member, into shards of about target_bytes: the same files always
     give the same shards."""
     items = sorted(items)
-    sizes = [Path(p).stat().st_size for _, p in items]
-    out: list[Member] = []
-    for group in _groups(items, sizes, target_bytes):
-        out.extend(write_shard(out_dir, group)[1])
-        if progress:
-            progress(len(out), len(items))
-    return out
+    with ShardWriter(out_dir, target_bytes) as w:
+        for done, (member, path) in enumerate(items, 1):
+            w.add(member, Path(path).read_bytes())
+            if progress and (done % 1000 == 0 or done == len(items)):
+                progress(done, len(items))
+    return w.members
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
