@@ -13,6 +13,8 @@ from visionflow.cli.options import Invocation
 from visionflow.cli.output import console, out, print_json, progress_bar
 from visionflow.config import Params
 
+SHARDS_ADVISED = 100_000  # images from which the loose layout costs DVC minutes per command (BENCHMARKS.md)
+
 
 def ingest(
     ctx: typer.Context, force: Annotated[bool, typer.Option(help="rewrite data/raw even if it is up to date.")] = False
@@ -37,6 +39,11 @@ def ingest(
             **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {}),
         },
     )
+    if not res.n_shards and res.n_images >= SHARDS_ADVISED:
+        console.print(
+            f"[yellow]hint:[/] {res.n_images} loose files make every `dvc` command slow; data.layout: shards "
+            "packs them into a few dozen files (README, 'Data at scale: shards')"
+        )
 
 
 def version(
