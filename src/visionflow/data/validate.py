@@ -124,16 +124,22 @@ def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
 
 
 def _list_shards(raw_dir: Path) -> list[tuple[str, str]]:
+    restore = (
+        f"`dvc checkout --force {raw_dir}` (or `dvc pull --force`) restores the versioned shards, "
+        "or `visionflow ingest --force` packs them again from the source"
+    )
+    folders = sorted(p.name for p in raw_dir.iterdir() if p.is_dir())
+    if folders:  # checked first: both ways out replace data/raw, so the user moves these images out before
+        raise DataError(
+            f"{raw_dir} holds both shards and class folders ({', '.join(folders[:3])}): move the folders out (new "
+            f"images belong in the data.source folder), then {restore}"
+        )
     problems = shards.verify(raw_dir)
     if problems:
-        raise DataError(
-            f"{raw_dir}: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. No image is lost: "
-            f"`dvc checkout {raw_dir}` (or `dvc pull`) restores the versioned shards"
-        )
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{raw_dir}: {'; '.join(problems[:3])}{more}. No image is lost: {restore}")
     members = shards.read_index(raw_dir)
     check_class_names(sorted({m.label for m in members}), str(raw_dir))
-    if any(p.is_dir() for p in raw_dir.iterdir()):
-        raise DataError(f"{raw_dir} holds both shards and class folders: run `visionflow ingest --force`")
     if not members:
         raise DataError(f"{raw_dir} holds shards with no images: run `visionflow ingest --force`")
     return [(shards.locator(raw_dir, m), m.label) for m in members]
