@@ -36,6 +36,7 @@ for _command in (
     commands_monitoring.drift,
     commands_monitoring.drift_eval,
     commands_flows.retrain,
+    commands_data.export_data,
     commands_data.check_params,
 ):
     app.command()(_command)  # named after the function, underscores as dashes (drift-eval, check-params)

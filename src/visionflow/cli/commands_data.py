@@ -1,4 +1,4 @@
-"""Commands of the data part of the pipeline: ingest, version, validate, split; and check-params."""
+"""Commands of the data part of the pipeline: ingest, version, validate, split; and export-data, check-params."""
 
 from __future__ import annotations
 
@@ -89,6 +89,29 @@ def split(ctx: typer.Context) -> None:
     run: Invocation = ctx.obj
     res = stages.split_stage(run.params(), run.root)
     run.show("split", {**res.counts, "leakage_free": res.leakage_free})
+
+
+def export_data(
+    ctx: typer.Context,
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="the folder to write OUT/<class>/<file> into (created if needed).")
+    ],
+) -> None:
+    """Write data/raw's images back out as OUT/<class>/<file>, byte for byte (from shards or loose files).
+
+    OUT must be empty or hold an earlier export of the same images (only missing files are written, so a second
+    run writes nothing); any other file in OUT stops it before anything is written.
+    """
+    run: Invocation = ctx.obj
+    raw = run.paths(run.params()).raw
+    from visionflow.data import shards
+
+    with progress_bar("export-data") as update:
+        written, total = shards.export(raw, out, progress=update)
+    run.show(
+        "export-data" + ("" if written else " (up to date, nothing written)"),
+        {"raw_dir": str(raw), "out": str(out.resolve()), "images": total, "written": written},
+    )
 
 
 def check_params(ctx: typer.Context) -> None:

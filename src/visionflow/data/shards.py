@@ -72,7 +72,10 @@ def index_path(shard: Path) -> Path:
 
 
 def is_sharded(raw_dir: Path) -> bool:
-    return any(Path(raw_dir).glob(f"{SHARD_PREFIX}*{INDEX_SUFFIX}"))
+    # A shard without its index still makes the folder sharded (a damaged one, which verify names), not loose.
+    return any(Path(raw_dir).glob(f"{SHARD_PREFIX}*{INDEX_SUFFIX}")) or any(
+        Path(raw_dir).glob(f"{SHARD_PREFIX}*{TAR_SUFFIX}")
+    )
 
 
 def locator(raw_dir: Path | str, m: Member) -> str:
@@ -240,8 +243,11 @@ def _read_index_file(path: Path) -> list[Member]:
             out = [Member(m, shard, int(o), int(s), h) for m, o, s, h in r]
     except (ValueError, UnicodeDecodeError) as exc:
         raise ShardError(f"shard index {path} is malformed ({exc})") from exc
-    for m in out:
-        check_member_name(m.member)
+    try:
+        for m in out:
+            check_member_name(m.member)
+    except ShardError as exc:
+        raise ShardError(f"shard index {path.name}: {exc}") from None
     return out
 
 
@@ -290,7 +296,9 @@ def read_member(shard: Path, member: str, max_bytes: int | None = None) -> bytes
     if len(data) != m.size:
         raise ShardError(f"shard {shard} is truncated: {member!r} ends past its end")
     if hashlib.sha256(data).hexdigest() != m.sha256:
-        raise ShardError(f"{member!r} in shard {shard} does not match its sha256 in the index: the shard was changed")
+        raise ShardError(
+            f"{member!r} in shard {shard} does not match its sha256 in the index: the shard or its index was changed"
+        )
     return data
 
 
@@ -318,7 +326,11 @@ def verify(raw_dir: Path) -> list[str]:
             problems.append(f"{name} is missing")
             continue
         tars.discard(name)
-        size, want = (raw_dir / name).stat().st_size, _tar_size(_read_index_file(idx))
+        try:
+            size, want = (raw_dir / name).stat().st_size, _tar_size(_read_index_file(idx))
+        except ShardError as exc:  # a malformed or hostile index
+            problems.append(str(exc))
+            continue
         if size != want:
             problems.append(f"{name} is {size} bytes where its index says {want} (truncated or changed)")
     problems.extend(f"{t} has no index" for t in sorted(tars))
@@ -338,6 +350,14 @@ def verify_hashes(raw_dir: Path) -> list[str]:
     return problems
 
 
+def restore_hint(raw_dir: Path | str) -> str:
+    """What to do about a damaged shard (said by every error about one)."""
+    return (
+        f"`dvc checkout --force {raw_dir}` (or `dvc pull --force`) restores the versioned shards, "
+        "or `visionflow ingest --force` packs them again from the source"
+    )
+
+
 def content_version(members: Iterable[Member]) -> str:
     """sha256 of the sorted (member, sha256) pairs: the same images give the same version, however packed."""
     h = hashlib.sha256()
@@ -346,22 +366,83 @@ def content_version(members: Iterable[Member]) -> str:
     return h.hexdigest()
 
 
-def export(raw_dir: Path, out_dir: Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Write every image back out as out_dir/<class>/<file> (the loose layout): the number written.
-    Existing files are left alone unless they differ, in which case nothing is overwritten and it fails."""
-    members = read_index(raw_dir)
-    out_dir = Path(out_dir)
-    for i, m in enumerate(members, 1):
-        dest = out_dir / m.member
-        data = read_member(Path(raw_dir) / m.shard, m.member)
-        if dest.exists() or dest.is_symlink():
-            if dest.is_symlink() or not dest.is_file() or dest.read_bytes() != data:
-                raise DataError(f"{dest} exists and differs from the image in {m.shard}: export to an empty folder")
-            continue
+@dataclass(frozen=True)
+class _Stored:
+    """An image to export: its size, and how to get its sha256 and its bytes."""
+
+    size: int
+    sha256: Callable[[], str]
+    read: Callable[[], bytes]
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _stored_images(raw_dir: Path) -> dict[str, _Stored]:
+    """member (<class>/<file>) -> the image, from the shards' indexes or the loose layout's files."""
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir} does not exist: run `visionflow ingest` first")
+    if is_sharded(raw_dir):
+        return {
+            m.member: _Stored(
+                m.size, functools.partial(str, m.sha256), functools.partial(read_member, raw_dir / m.shard, m.member)
+            )
+            for m in read_index(raw_dir)
+        }
+    files = [f for d in sorted(raw_dir.iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()]
+    return {
+        f"{f.parent.name}/{f.name}": _Stored(f.stat().st_size, functools.partial(_file_sha256, f), f.read_bytes)
+        for f in files
+    }
+
+
+def _to_write(out_dir: Path, images: dict[str, _Stored]) -> list[str]:
+    """The members out_dir does not hold yet. Refuses, before anything is written, an out_dir holding any other
+    file, or a file of the same name with other bytes: export never overwrites or mixes in someone's files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} is a file: export into a folder")
+    other = []
+    for folder, _dirs, names in os.walk(out_dir):
+        for name in names:
+            rel = (Path(folder) / name).relative_to(out_dir).as_posix()
+            if rel not in images and not name.startswith(".partial-"):  # .partial-: an interrupted export's
+                other.append(rel)
+    todo = []
+    for member, img in images.items():
+        dest = out_dir / member
+        if not (dest.exists() or dest.is_symlink()):
+            todo.append(member)
+        elif dest.is_symlink() or not dest.is_file() or dest.stat().st_size != img.size:
+            other.append(member)
+        elif _file_sha256(dest) != img.sha256():
+            other.append(member)
+    if other:
+        raise DataError(
+            f"{out_dir} holds {len(other)} file(s) that are not these images, e.g. {sorted(other)[0]!r}: "
+            "export into an empty folder (or one an export of this same data wrote); nothing was written"
+        )
+    return todo
+
+
+def export(raw_dir: Path, out_dir: Path, progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Write every image of raw_dir (shards, or the loose layout's files) back out as out_dir/<class>/<file>:
+    (images written, images in raw_dir). An out_dir that already holds exactly these images is left as it is, so
+    a second export writes nothing; each file appears whole (written aside, then renamed)."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    images = _stored_images(raw_dir)
+    todo = _to_write(out_dir, images)
+    for i, member in enumerate(todo, 1):
+        dest = out_dir / member
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(".partial-" + dest.name)
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(images[member].read())
+        except ShardError as exc:  # a damaged shard: the images written so far are whole, the shard is restorable
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{exc}; {i - 1} image(s) were exported before it. {restore_hint(raw_dir)}") from None
         os.replace(tmp, dest)
-        if progress and (i % 1000 == 0 or i == len(members)):
-            progress(i, len(members))
-    return len(members)
+        if progress and (i % 1000 == 0 or i == len(todo)):
+            progress(i, len(todo))
+    return len(todo), len(images)

@@ -92,9 +92,8 @@ def inspect_file(path: Path, label: str, rules: DecodeRules) -> dict[str, Any]:
         row["decodable"] = True
     except shards.ShardError as exc:
         # damaged storage, not a bad image: stop, rather than quarantine an image that is fine in the DVC cache
-        raise DataError(
-            f"{exc}. No image is lost: `dvc checkout` (or `dvc pull`) restores the versioned shards"
-        ) from None
+        raw_dir = Path(path).parent.parent  # <raw_dir>/shard-<hash>.tar#<class>/<file>
+        raise DataError(f"{exc}. No image is lost: {shards.restore_hint(raw_dir)}") from None
     except RejectedImage as exc:
         row["decode_error"] = exc.reason
         row["decode_detail"] = exc.detail
@@ -129,19 +128,19 @@ def list_raw(raw_dir: Path) -> list[tuple[str, str]]:
 
 
 def _list_shards(raw_dir: Path) -> list[tuple[str, str]]:
-    try:
-        problems = shards.verify(raw_dir)
-    except shards.ShardError as exc:  # an index that cannot be read
-        problems = [str(exc)]
-    if problems:
+    restore = shards.restore_hint(raw_dir)
+    folders = sorted(p.name for p in raw_dir.iterdir() if p.is_dir())
+    if folders:  # checked first: both ways out replace data/raw, so the user moves these images out before
         raise DataError(
-            f"{raw_dir}: {'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}. No image is lost: "
-            f"`dvc checkout {raw_dir}` (or `dvc pull`) restores the versioned shards"
+            f"{raw_dir} holds both shards and class folders ({', '.join(folders[:3])}): move the folders out (new "
+            f"images belong in the data.source folder), then {restore}"
         )
+    problems = shards.verify(raw_dir)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"{raw_dir}: {'; '.join(problems[:3])}{more}. No image is lost: {restore}")
     members = shards.read_index(raw_dir)
     check_class_names(sorted({m.label for m in members}), str(raw_dir))
-    if any(p.is_dir() for p in raw_dir.iterdir()):
-        raise DataError(f"{raw_dir} holds both shards and class folders: run `visionflow ingest --force`")
     if not members:
         raise DataError(f"{raw_dir} holds shards with no images: run `visionflow ingest --force`")
     return [(shards.locator(raw_dir, m), m.label) for m in members]
