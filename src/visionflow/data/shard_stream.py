@@ -54,7 +54,7 @@ class Remote:
         opts = {}
         if self.url.startswith("s3://") and self.endpoint_url:
             opts["client_kwargs"] = {"endpoint_url": self.endpoint_url}
-        fs, base = fsspec.core.url_to_fs(self.url, **opts)
+        fs, base = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **opts)
         return fs, base.rstrip("/")
 
     def object_path(self, base: str, md5: str) -> str:
@@ -63,7 +63,7 @@ class Remote:
 
 def project_remote(root: Path, name: str | None = None) -> Remote:
     """The project's DVC remote (the default one unless named) from .dvc/config and .dvc/config.local; for S3 the
-    endpoint is AWS_ENDPOINT_URL, else the remote's endpointurl."""
+    endpoint is AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (botocore's names), else the remote's endpointurl."""
     from dvc.config import Config
 
     config = Config(dvc_dir=str(Path(root) / ".dvc"))
@@ -71,7 +71,7 @@ def project_remote(root: Path, name: str | None = None) -> Remote:
     remote = config["remote"].get(name) if name else None
     if not remote or not remote.get("url"):
         raise DataError(f"{root}: no DVC remote {name or '(default)'} configured: run `visionflow version` first")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or remote.get("endpointurl")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or remote.get("endpointurl")
     return Remote(str(remote["url"]), endpoint)
 
 
@@ -83,7 +83,9 @@ class ShardSource:
         self.dir_md5 = dir_md5.removesuffix(".dir")
         self.cache_dir = Path(cache_dir)
         self._listing: dict[str, str] | None = None
-        self._fs = None  # opened lazily, in the process (loader worker) that reads: fsspec clients do not fork
+        # opened lazily by each process that reads (a forked loader worker inherits the parent's, which s3fs
+        # refuses to use: "This class is not fork-safe"), so it is kept with the pid that opened it
+        self._fs: tuple[int, object] | None = None
 
     @classmethod
     def from_project(cls, root: Path, cache_dir: Path, raw_dir: str = "data/raw") -> ShardSource:
@@ -93,9 +95,9 @@ class ShardSource:
         return {**self.__dict__, "_fs": None}
 
     def _remote(self):
-        if self._fs is None:
-            self._fs = self.remote.filesystem()
-        return self._fs
+        if self._fs is None or self._fs[0] != os.getpid():
+            self._fs = (os.getpid(), self.remote.filesystem())
+        return self._fs[1]
 
     def listing(self) -> dict[str, str]:
         """relpath -> md5 of every file in the data version."""
