@@ -115,3 +115,7 @@ def test_streaming_entry_point_exits_2_on_bad_input(pushed, tmp_path, capsys):
     # not split yet: says to run split, or to stream everything
     assert main(["--project", str(pushed), "--keys-dir", str(tmp_path / "k")]) == 2
     assert "--split none" in capsys.readouterr().err
+    # 36 images, 18 per rank: a batch size of 17 would leave a last batch of one, which batch norm cannot train on
+    args = ["--project", str(pushed), "--keys-dir", str(tmp_path / "k"), "--split", "none", "--channels", "1"]
+    assert main([*args, "--cache-dir", str(tmp_path / "c"), "--set", "train.batch_size=17"]) == 2
+    assert "last batch holds one sample" in capsys.readouterr().err

@@ -47,7 +47,7 @@ def test_two_ranks_stream_disjoint_parts_of_the_train_split_from_s3(s3, tmp_path
     shutil.rmtree(root / ".dvc/cache")
 
     train = Counter(split_locator(x)[1] for x in read_manifest(root / "data/splits/train.csv")["path"])
-    # a batch of one sample fails the model's batch norm in training: pick a batch size that leaves none
+    # a last batch of one sample is refused (batch norm cannot train on it): pick a batch size that leaves none
     batch = next(b for b in (8, 7, 6) if -(-sum(train.values()) // 2) % b != 1)
     keys_dir = tmp_path / "keys"
     cmd = [sys.executable, "-m", "visionflow.training.streaming", "--project", str(root), "--keys-dir", str(keys_dir)]

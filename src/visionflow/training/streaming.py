@@ -119,6 +119,13 @@ def run(args: argparse.Namespace) -> dict:
         raise DataError(f"{split} not found: run `visionflow split`, or pass --split none to stream every image")
     torch.set_num_threads(args.threads)
     dataset = build_dataset(p, root, Path(args.cache_dir or root / ".cache/shard-stream"), split, args.channels)
+    per_rank = -(-len(dataset.members) // args.devices)
+    if dataset.batch_size > 1 and per_rank % dataset.batch_size == 1:
+        # every sample is kept (no drop_last), and batch norm cannot train on a batch of one
+        raise ConfigError(
+            f"each rank has {per_rank} samples: with train.batch_size {dataset.batch_size} its last batch holds one "
+            "sample, which batch norm cannot train on; set another train.batch_size"
+        )
     model = KeyRecordingClassifier(
         model_name=p.train.model,
         classes=dataset.classes,
