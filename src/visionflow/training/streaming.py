@@ -101,6 +101,7 @@ class KeyRecordingClassifier(ImageClassifier):
         self.padding: list[list[str]] = []
 
     def on_train_epoch_start(self) -> None:
+        # Lightning makes the epoch's loader iterator after this hook (the first epoch's, made earlier, is epoch 0)
         self.dataset.epoch = self.current_epoch
         self.seen.append([])
         self.padding.append([m.member for m in self.dataset.rank_samples()[1]])
