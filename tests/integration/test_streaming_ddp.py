@@ -77,3 +77,9 @@ def test_two_ranks_stream_disjoint_parts_of_the_train_split_from_s3(s3, tmp_path
     assert all(+(pad - s) == Counter() for s, pad in zip(seen, padding))  # padding repeats a sample the rank had
     assert not (root / "data/raw").exists()  # streamed: no checkout happened
     assert list((root / ".cache/shard-stream").glob("shard-*.tar"))
+    # the trained model is saved once (rank 0 writes it) and loads as the project's classifier
+    from visionflow.training.model import ImageClassifier
+
+    assert ranks[0]["checkpoint"] == ranks[1]["checkpoint"]
+    model = ImageClassifier.load_from_checkpoint(ranks[0]["checkpoint"], map_location="cpu")
+    assert model.hparams.classes == sorted({key.split("/")[0] for key in train})

@@ -115,7 +115,7 @@ class ShardSource:
         out: list[Member] = []
         for rel, md5 in sorted(self.listing().items()):
             if rel.startswith(shards.SHARD_PREFIX) and rel.endswith(shards.INDEX_SUFFIX):
-                out.extend(shards._read_index_file(self._download(rel, md5, rel)))
+                out.extend(shards.read_index_file(self._download(rel, md5, rel)))
         if not out:
             raise DataError(f"data version {self.dir_md5} has no shard indexes: is data.layout shards?")
         return sorted(out, key=lambda m: m.member)

@@ -233,7 +233,7 @@ def pack(
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
-def _read_index_file(path: Path) -> list[Member]:
+def read_index_file(path: Path) -> list[Member]:
     shard = path.name.removesuffix(INDEX_SUFFIX) + TAR_SUFFIX
     try:
         with path.open(newline="", encoding="utf-8") as fh:
@@ -255,7 +255,7 @@ def read_index(raw_dir: Path) -> list[Member]:
     """Every member of every shard in raw_dir, sorted by member; a member in two shards is an error."""
     members: list[Member] = []
     for idx in sorted(Path(raw_dir).glob(f"{SHARD_PREFIX}*{INDEX_SUFFIX}")):
-        members.extend(_read_index_file(idx))
+        members.extend(read_index_file(idx))
     members.sort(key=lambda m: m.member)
     dup = [a.member for a, b in zip(members, members[1:]) if a.member == b.member]
     if dup:
@@ -265,7 +265,7 @@ def read_index(raw_dir: Path) -> list[Member]:
 
 @functools.lru_cache(maxsize=256)
 def _shard_members(index_file: str, _mtime_ns: int, _size: int) -> dict[str, Member]:
-    return {m.member: m for m in _read_index_file(Path(index_file))}
+    return {m.member: m for m in read_index_file(Path(index_file))}
 
 
 def lookup(shard: Path, member: str) -> Member:
@@ -327,7 +327,7 @@ def verify(raw_dir: Path) -> list[str]:
             continue
         tars.discard(name)
         try:
-            size, want = (raw_dir / name).stat().st_size, _tar_size(_read_index_file(idx))
+            size, want = (raw_dir / name).stat().st_size, _tar_size(read_index_file(idx))
         except ShardError as exc:  # a malformed or hostile index
             problems.append(str(exc))
             continue

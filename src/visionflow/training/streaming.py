@@ -154,7 +154,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     t0 = time.monotonic()
     trainer.fit(model, datamodule=StreamingData(dataset, args.num_workers))
+    checkpoint = Path(args.checkpoint or Path(args.keys_dir) / "model.ckpt")
+    trainer.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes (the weights are the same on all)
     record = {
+        "checkpoint": str(checkpoint),
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "samples": len(dataset.members),
@@ -180,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--keys-dir", required=True, help="where each rank writes rank<N>.json (the keys it saw)")
+    ap.add_argument("--checkpoint", help="where the trained model is saved (default: <keys-dir>/model.ckpt)")
     ap.add_argument("--cache-dir", help="local shard cache (default: <project>/.cache/shard-stream)")
     ap.add_argument("--split", help="split manifest relative to the project (default: <splits_dir>/train.csv); none")
     ap.add_argument("--channels", type=int, choices=(1, 3), help="model input channels (default: train.channels)")
