@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from visionflow.config import ValidateParams
-from visionflow.data import shards
+from visionflow.data import export, shards
 from visionflow.data.imageio import DecodeRules
 from visionflow.data.validate import build_manifest, list_raw
 from visionflow.errors import DataError
@@ -182,16 +182,16 @@ def test_export_writes_the_loose_layout_and_a_second_run_writes_nothing(tmp_path
     raw.mkdir()
     shards.pack(raw, items, 4096)
     seen = []
-    assert shards.export(raw, tmp_path / "out", progress=lambda d, t: seen.append((d, t))) == (12, 12)
+    assert export.export(raw, tmp_path / "out", progress=lambda d, t: seen.append((d, t))) == (12, 12)
     assert seen[-1] == (12, 12)
     exported = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes() for p in (tmp_path / "out").rglob("*.*")}
     assert exported == {m: p.read_bytes() for m, p in items}
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
-    assert shards.export(raw, tmp_path / "out") == (0, 12)
+    assert export.export(raw, tmp_path / "out") == (0, 12)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == before
     # the loose layout exports too: its files are copied
-    assert shards.export(tmp_path / "src", tmp_path / "out2") == (12, 12)
-    assert shards.export(tmp_path / "src", tmp_path / "out") == (0, 12)
+    assert export.export(tmp_path / "src", tmp_path / "out2") == (12, 12)
+    assert export.export(tmp_path / "src", tmp_path / "out") == (0, 12)
 
 
 @pytest.mark.parametrize("intruder", ["extra file", "different bytes", "folder at a file's name", "symlink"])
@@ -214,7 +214,7 @@ def test_export_refuses_a_folder_holding_other_files_before_writing_anything(tmp
         (out / items[0][0]).symlink_to(items[0][1])
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(DataError, match="not these images.*nothing was written") as exc:
-        shards.export(raw, out)
+        export.export(raw, out)
     assert "\n" not in str(exc.value)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
@@ -225,5 +225,5 @@ def test_export_from_a_damaged_shard_is_a_data_error(tmp_path):
     shards.pack(raw, _files(tmp_path / "src"), 1 << 20)
     _damage(raw, "flipped byte")
     with pytest.raises(DataError, match="does not match its sha256.*dvc checkout --force"):
-        shards.export(raw, tmp_path / "out")
+        export.export(raw, tmp_path / "out")
     assert not list((tmp_path / "out").rglob(".partial*"))

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import make_folder_dataset, png
 from visionflow.config import ValidateParams
-from visionflow.data import shards
+from visionflow.data import export, shards
 from visionflow.data.ingest import ingest
 from visionflow.data.validate import read_manifest, validate
 
@@ -129,12 +129,12 @@ def test_export_then_ingest_of_the_exported_folder_gives_the_same_content_versio
     raw = tmp_path / "data/raw"
     _ingest(source, raw)
     version = shards.content_version(shards.read_index(raw))
-    assert shards.export(raw, tmp_path / "exported") == (24, 24)
+    assert export.export(raw, tmp_path / "exported") == (24, 24)
     again = tmp_path / "again/raw"
     _ingest(tmp_path / "exported", again, shard_bytes=3 * SHARD)  # other boundaries, same images
     assert shards.content_version(shards.read_index(again)) == version
     assert _loose_version(tmp_path / "exported") == version
     shutil.rmtree(tmp_path / "exported")
     _ingest(source, raw, shard_bytes=None)  # and from the loose layout: the files are copied
-    assert shards.export(raw, tmp_path / "exported") == (24, 24)
+    assert export.export(raw, tmp_path / "exported") == (24, 24)
     assert _loose_version(tmp_path / "exported") == version

@@ -104,10 +104,10 @@ def export_data(
     """
     run: Invocation = ctx.obj
     raw = run.paths(run.params()).raw
-    from visionflow.data import shards
+    from visionflow.data import export
 
     with progress_bar("export-data") as update:
-        written, total = shards.export(raw, out, progress=update)
+        written, total = export.export(raw, out, progress=update)
     run.show(
         "export-data" + ("" if written else " (up to date, nothing written)"),
         {"raw_dir": str(raw), "out": str(out.resolve()), "images": total, "written": written},
