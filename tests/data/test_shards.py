@@ -120,7 +120,13 @@ def test_a_malformed_index_is_a_shard_error_naming_it(tmp_path):
     out.mkdir()
     shards.pack(out, _files(tmp_path / "src", n=2), 1 << 20)
     (idx,) = out.glob("*.index.csv")
-    for text in ("member,offset\n", "member,offset,size,sha256\ncat/a.png,notanumber,3,ab\n", "\0\0\0"):
+    bad_rows = (
+        "cat/a.png,notanumber,3,ab",
+        f"cat/a.png,-512,3,{'a' * 64}",
+        f"cat/a.png,512,-3,{'a' * 64}",
+        "cat/a.png,0,3,ab",
+    )
+    for text in ("member,offset\n", *(f"member,offset,size,sha256\n{row}\n" for row in bad_rows), "\0\0\0"):
         idx.write_text(text)
         with pytest.raises(shards.ShardError, match=idx.name):
             shards.read_index(out)

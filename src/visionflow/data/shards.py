@@ -246,6 +246,8 @@ def read_index_file(path: Path) -> list[Member]:
     try:
         for m in out:
             check_member_name(m.member)
+            if m.offset < 0 or m.size < 0 or len(m.sha256) != 64:
+                raise ShardError(f"{m.member!r} has offset {m.offset}, size {m.size}, sha256 {m.sha256[:70]!r}")
     except ShardError as exc:
         raise ShardError(f"shard index {path.name}: {exc}") from None
     return out
