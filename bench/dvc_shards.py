@@ -139,7 +139,8 @@ class Repo:
         )
         self.raw = self.root / "data/raw"
 
-    def ingest(self) -> float:
+    def ingest(self) -> Measurement:
+        """Copy (loose) or pack (shards) the source into data/raw, then `dvc add` it; both parts kept as extras."""
         from visionflow.data import shards
 
         start = time.perf_counter()
@@ -149,11 +150,16 @@ class Repo:
             self.raw.mkdir(parents=True)
             items = [(f"{d.name}/{f.name}", f) for d in sorted(self.source.iterdir()) for f in sorted(d.iterdir())]
             shards.pack(self.raw, items, self.shard_bytes)
-        return time.perf_counter() - start + _timed([*_dvc(), "add", "-q", "data/raw"], self.root)[0]
+        prepare = time.perf_counter() - start
+        add = _timed([*_dvc(), "add", "-q", "data/raw"], self.root)[0]
+        return Measurement(prepare + add, {"copy_or_pack_s": prepare, "dvc_add_s": add})
 
     def op(self, name: str) -> Measurement:
+        load = {"load_avg_1min": os.getloadavg()[0]}  # the machine is shared: a busy moment shows here
         if name == "ingest":
-            return Measurement(self.ingest())
+            m = self.ingest()
+            m.extra.update(load)
+            return m
         if name in ("checkout", "pull"):
             shutil.rmtree(self.raw)
         if name == "pull":
@@ -162,7 +168,7 @@ class Repo:
         t, out = _timed([*_dvc(), name, *(() if name == "push" else ("-q",))], self.root)
         if name in ("checkout", "pull"):
             self.check_restored()
-        return Measurement(t, {"files_pushed": pushed_count(out)} if name == "push" else {})
+        return Measurement(t, {**load, **({"files_pushed": pushed_count(out)} if name == "push" else {})})
 
     def check_restored(self) -> None:
         from visionflow.data import shards
