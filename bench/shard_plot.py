@@ -42,7 +42,7 @@ def plot(rows: list[dict[str, Any]], path: Path, config: dict[str, Any]) -> Path
 
     colors = {"ingest": "C0", "push": "C1", "status": "C2", "checkout": "C3", "pull": "C4", "md5sum": "black"}
     styles = {"loose": ("--", "s"), "shards": ("-", "o"), "md5sum": (":", "x")}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for (layout, op), points in curves(rows, config["images"]).items():
         xs, ys = zip(*sorted(points))
         line, marker = styles[layout]
@@ -57,7 +57,7 @@ def plot(rows: list[dict[str, Any]], path: Path, config: dict[str, Any]) -> Path
         f"shards of {config['shard_bytes'] / 2**20:g} MiB)"
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the lines fill the axes
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
