@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import BENCHMARKS, MODULES
+from bench import BENCHMARKS, MODULES, OPT_IN
 from bench.common import REPO, Context, write_json
 from bench.machine import machine_info
 from bench.process_state import quiet
@@ -36,9 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--only",
         nargs="+",
-        choices=BENCHMARKS,
+        choices=BENCHMARKS + OPT_IN,
         metavar="NAME",
-        help=f"run only these benchmarks ({', '.join(BENCHMARKS)})",
+        help=f"run only these benchmarks ({', '.join(BENCHMARKS)}; and {', '.join(OPT_IN)}, which runs only when "
+        "named here)",
     )
     ap.add_argument("--out", type=Path, help="JSON results file (default bench/results/<timestamp>.json)")
     ap.add_argument(
@@ -59,6 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dvc-files 20000 70000, which about doubles the full suite's time",
     )
     ap.add_argument(
+        "--shard-images",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="shards benchmark sizes in images (default 20000 100000 300000; --quick 300)",
+    )
+    ap.add_argument(
+        "--loose-max",
+        type=int,
+        metavar="N",
+        help="shards benchmark: the largest size the loose layout runs at (default 100000)",
+    )
+    ap.add_argument(
         "--gpu-check",
         action="store_true",
         help="the prepared GPU check instead (bench/gpu_check.py; `python -m bench --gpu-check -h`)",
@@ -69,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--repeats must be at least 1")
     if args.dvc_files is not None and min(args.dvc_files) < 1:
         ap.error("--dvc-files sizes must be at least 1")
+    if args.shard_images is not None and min(args.shard_images) < 1:
+        ap.error("--shard-images sizes must be at least 1")
     return args
 
 
@@ -81,6 +97,8 @@ def _context(args: argparse.Namespace, console) -> Context:
         peak_tflops=args.peak_tflops,
         console=console,
         dvc_files=tuple(args.dvc_files) if args.dvc_files else None,
+        shard_images=tuple(args.shard_images) if args.shard_images else None,
+        loose_max=args.loose_max,
     )
 
 
@@ -131,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = _context(args, console)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "bench/results" / f"{stamp}{'-quick' if args.quick else ''}.json"
+    ctx.out = out
     results: dict[str, Any] = {
         "schema": 1,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

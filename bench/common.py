@@ -26,6 +26,9 @@ class Context:
     peak_tflops: float = 989.0
     console: Any = None
     dvc_files: tuple[int, ...] | None = None  # dvc benchmark sizes; None: its default for the mode
+    shard_images: tuple[int, ...] | None = None  # shards benchmark sizes; None: its default for the mode
+    loose_max: int | None = None  # shards benchmark: the largest size the loose layout runs at; None: its default
+    out: Path | None = None  # the JSON results file; a benchmark's side files (a plot) go beside it
     shared: dict[str, Any] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:
