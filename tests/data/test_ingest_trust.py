@@ -311,7 +311,8 @@ def _drop_privileges() -> None:
         os.setuid(65534)
 
 
-def test_an_unreadable_file_is_skipped_not_a_crash():
+@pytest.mark.parametrize("shard_bytes", [None, 1 << 20], ids=["loose", "shards"])
+def test_an_unreadable_file_is_skipped_not_a_crash(shard_bytes):
     """Run as an unprivileged user (root reads a mode-000 file): ingest in a forked child that became nobody."""
     top = Path(tempfile.mkdtemp(prefix="vf-unreadable-"))  # pytest's tmp_path is closed to other users
     try:
@@ -324,8 +325,8 @@ def test_an_unreadable_file_is_skipped_not_a_crash():
         (src / "dog" / "closed" / "inner.png").write_bytes(b"x")
         (src / "dog" / "closed").chmod(0)
         with multiprocessing.get_context("fork").Pool(1, initializer=_drop_privileges) as pool:
-            res = pool.apply(_ingest, (src, top))
-        assert res.classes == {"cat": 3, "dog": 3}
+            res = pool.apply(_ingest, (src, top), {"shard_bytes": shard_bytes})
+        assert res.classes == {"cat": 3, "dog": 3} and bool(res.n_shards) == bool(shard_bytes)
         reasons = _reasons(res)
         assert reasons == {"cat/locked.png": "unreadable_file", "dog/closed": "unreadable_folder"}
         assert not (top / "raw.partial").exists()

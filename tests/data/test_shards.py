@@ -249,3 +249,12 @@ def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
     assert (tmp_path / name).read_bytes() == ref.getvalue()
     with tarfile.open(tmp_path / name) as tf:
         assert {m.name: tf.extractfile(m).read() for m in tf.getmembers()} == dict(members)
+
+
+def test_shards_written_in_parallel_are_the_ones_written_one_by_one(tmp_path):
+    items = _files(tmp_path / "src")
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert shards.pack(one, items, 2048, workers=1) == shards.pack(two, items, 2048, workers=2)
+    assert len(list(one.glob("*.tar"))) > 2
+    assert {p.name: p.read_bytes() for p in one.iterdir()} == {p.name: p.read_bytes() for p in two.iterdir()}

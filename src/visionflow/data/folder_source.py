@@ -4,7 +4,6 @@ listed with their reason) and copied byte for byte into raw_dir under collision-
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -12,6 +11,7 @@ import os
 import shutil
 import stat
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -210,6 +210,11 @@ def _open_regular(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def _read_regular(path: Path) -> bytes:
+    with _open_regular(path) as fh:
+        return fh.read()
+
+
 def copy_folder_dataset(
     scan: SourceScan,
     raw_dir: Path,
@@ -219,7 +224,7 @@ def copy_folder_dataset(
     shard_bytes: int | None = None,
 ) -> dict[str, int]:
     """Copy the chosen files into raw_dir/<class>/<flat name>, or with shard_bytes straight into shards of that
-    size in raw_dir (members <class>/<flat name>, sorted: see visionflow.data.shards), each byte read once."""
+    size in raw_dir (members <class>/<flat name>: see visionflow.data.shards), each byte read once."""
     by_label: dict[str, list[int]] = {}
     for i, f in enumerate(scan.files):
         by_label.setdefault(f.label, []).append(i)
@@ -230,27 +235,28 @@ def copy_folder_dataset(
     labels = np.array([f.label for f in scan.files])
     chosen = balanced_indices(labels, max_images, seed) if max_images else np.arange(len(scan.files))
     counts = dict.fromkeys(by_label, 0)
-    # shards need their members in sorted order; the loose copy does not care
-    order = sorted((int(i) for i in chosen), key=member_of.__getitem__) if shard_bytes else [int(i) for i in chosen]
-    with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(shards.ShardWriter(raw_dir, shard_bytes)) if shard_bytes else None
-        for done, i in enumerate(order, 1):
-            f = scan.files[i]
-            try:
-                fh = _open_regular(f.path)
-            except OSError as exc:
-                scan.skip(scan.source / f.label / Path(*f.rel), "unreadable_file", exc.strerror or str(exc))
-                continue
-            # A failure to write (disk full) is not the file's fault: it stops the stage.
-            with fh:
-                if writer is not None:
-                    writer.add(member_of[i], fh.read())
-                else:
-                    dest = raw_dir / member_of[i]
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with dest.open("wb") as out:
-                        shutil.copyfileobj(fh, out, 1 << 20)
-            counts[f.label] += 1
-            if progress and (done % 500 == 0 or done == len(order)):
-                progress(done, len(order))
+    if shard_bytes:
+        files = {member_of[int(i)]: scan.files[int(i)] for i in chosen}
+        items = [(m, f.path, f.st.st_size) for m, f in files.items()]
+        written, failed = shards.pack_files(raw_dir, items, shard_bytes, read=_read_regular, progress=progress)
+        for member, _path, exc in failed:
+            f = files[member]
+            scan.skip(scan.source / f.label / Path(*f.rel), "unreadable_file", exc.strerror or str(exc))
+        counts.update(Counter(m.label for m in written))
+        return counts
+    for done, i in enumerate(chosen, 1):
+        f = scan.files[int(i)]
+        try:
+            fh = _open_regular(f.path)
+        except OSError as exc:
+            scan.skip(scan.source / f.label / Path(*f.rel), "unreadable_file", exc.strerror or str(exc))
+            continue
+        # A failure to write (disk full) is not the file's fault: it stops the stage.
+        dest = raw_dir / member_of[int(i)]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fh, dest.open("wb") as out:
+            shutil.copyfileobj(fh, out, 1 << 20)
+        counts[f.label] += 1
+        if progress and (done % 500 == 0 or done == len(chosen)):
+            progress(done, len(chosen))
     return counts

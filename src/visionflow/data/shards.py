@@ -26,15 +26,18 @@ Each read checks the member's sha256 against the index, so a damaged shard is ca
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import os
 import tarfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionflow.data.pools import default_workers, die_with_parent
 from visionflow.errors import DataError
 
 SHARD_PREFIX = "shard-"
@@ -43,6 +46,9 @@ INDEX_SUFFIX = ".index.csv"
 LOCATOR_SEP = "#"
 INDEX_COLUMNS = ("member", "offset", "size", "sha256")
 _BLOCK = 512  # tar's block size: each member is a header block plus its data padded to whole blocks
+
+
+Reader = Callable[[Path], bytes]  # reads one source file; raises OSError for one that cannot be read
 
 
 class ShardError(OSError):
@@ -219,21 +225,89 @@ def _write_index(path: Path, rows: list[tuple[str, int, int, str]]) -> None:
     os.replace(tmp, path)
 
 
+def _read_file(path: Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def _plan(sizes: list[int], target_bytes: int) -> list[range]:
+    """The runs of consecutive items that make each shard: ShardWriter's roll-over rule, decided from the sizes up
+    front so that the shards can be written in parallel and still come out the same."""
+    groups, start, used = [], 0, 0
+    for i, size in enumerate(sizes):
+        cost = _BLOCK + _padded(size)
+        if i > start and used + cost > target_bytes:
+            groups.append(range(start, i))
+            start, used = i, 0
+        used += cost
+    if sizes:
+        groups.append(range(start, len(sizes)))
+    return groups
+
+
+def _write_group(out_dir: Path, items: list[tuple[str, Path]], read: Reader) -> tuple[list[Member], list[tuple]]:
+    """One shard of these items, and the (member, path, error) of each that could not be read (left out)."""
+    failed = []
+    with ShardWriter(out_dir) as w:
+        for member, path in items:
+            try:
+                data = read(path)
+            except OSError as exc:
+                failed.append((member, path, exc))
+                continue
+            w.add(member, data)
+    return w.members, failed
+
+
+def pack_files(
+    out_dir: Path,
+    items: Iterable[tuple[str, Path, int]],
+    target_bytes: int,
+    *,
+    read: Reader = _read_file,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Member], list[tuple[str, Path, OSError]]]:
+    """Pack (member, file, size) items, sorted by member, into shards of about target_bytes, one process per core
+    (each writes whole shards; the boundaries come from the sizes, so the shards are the same whatever the number of
+    processes). Returns the members written and the (member, path, error) of files `read` could not read, which
+    are left out. read must be a module-level function (it crosses to the worker processes)."""
+    items = sorted(items)
+    jobs = [[(m, p) for m, p, _ in items[g.start : g.stop]] for g in _plan([s for *_, s in items], target_bytes)]
+    workers = min(workers or default_workers(), len(jobs), 8)
+    members: list[Member] = []
+    failed: list[tuple[str, Path, OSError]] = []
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, initializer=die_with_parent))
+            results = pool.map(_write_group, [out_dir] * len(jobs), jobs, [read] * len(jobs))
+        else:
+            results = (_write_group(out_dir, job, read) for job in jobs)
+        done = 0
+        for (written, bad), job in zip(results, jobs, strict=True):
+            members.extend(written)
+            failed.extend(bad)
+            done += len(job)
+            if progress:
+                progress(done, len(items))
+    return members, failed
+
+
 def pack(
     out_dir: Path,
     items: Iterable[tuple[str, Path]],
     target_bytes: int,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
 ) -> list[Member]:
     """Pack (member, file) pairs, sorted by member, into shards of about target_bytes: the same files always
-    give the same shards."""
-    items = sorted(items)
-    with ShardWriter(out_dir, target_bytes) as w:
-        for done, (member, path) in enumerate(items, 1):
-            w.add(member, Path(path).read_bytes())
-            if progress and (done % 1000 == 0 or done == len(items)):
-                progress(done, len(items))
-    return w.members
+    give the same shards. A file that cannot be read stops it (OSError)."""
+    members, failed = pack_files(
+        out_dir, [(m, p, Path(p).stat().st_size) for m, p in items], target_bytes, workers=workers, progress=progress
+    )
+    if failed:
+        member, path, exc = failed[0]
+        raise ShardError(f"could not read {path} (member {member!r}): {exc}")
+    return members
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
