@@ -5,9 +5,10 @@ loose layout (data/raw/<class>/<file>) spends minutes per `dvc` command. With `d
 the images into tar shards of about `data.shard_mb` each, and DVC tracks a few dozen files instead of a million.
 
 Why plain tar in the WebDataset layout (and not LitData chunks or MosaicML MDS): a tar opens with any tool
-(`tar -xf shard.tar` gives back data/raw/<class>/<file>), WebDataset readers stream it as is, and the Python
-standard library writes it byte-for-byte reproducibly (fixed mtime, owner and mode), which content addressing needs.
-LitData's chunks are a private binary format and their names are positional, not content hashes.
+(`tar -xf shard.tar` gives back data/raw/<class>/<file>), WebDataset readers stream it as is, and it can be written
+byte-for-byte reproducibly (fixed mtime, owner and mode: exactly what Python's tarfile writes, with the headers
+built here because tarfile's per-member cost dominated packing), which content addressing needs. LitData's chunks
+are a private binary format and their names are positional, not content hashes.
 
 Layout of a sharded raw_dir:
   shard-<sha256[:16]>.tar        the images, members named <class>/<file> (their loose-layout path), sorted
@@ -19,7 +20,7 @@ order; reviewed production images (members <class>/reviewed__<file>) are added a
 new review batch never rewrites an existing shard. `content_version` hashes the sorted (member, sha256) pairs: a
 pure function of the images, whatever the shard boundaries.
 
-Every stage reads images through visionflow.data.imageio.read_stored, which takes a loose path or a shard
+Every stage reads images through visionflow.data.imageio.read_limited, which takes a loose path or a shard
 locator "<raw_dir>/shard-<hash>.tar#<member>" (what the validated manifest and the splits hold in this layout).
 Each read checks the member's sha256 against the index, so a damaged shard is caught at the image, not trusted.
 """
