@@ -32,6 +32,7 @@ import csv
 import functools
 import hashlib
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -88,23 +89,25 @@ def locator(raw_dir: Path | str, m: Member) -> str:
     return f"{Path(raw_dir) / m.shard}{LOCATOR_SEP}{m.member}"
 
 
+_LOCATED = re.compile(rf"({re.escape(SHARD_PREFIX)}[0-9a-f]{{16}}{re.escape(TAR_SUFFIX)}){LOCATOR_SEP}(.+)")
+
+
 def split_locator(path: str | os.PathLike) -> tuple[Path, str] | None:
-    """(shard path, member) for a shard locator, None for a plain file path."""
-    text = os.fspath(path)
-    cut = text.rfind("/" + SHARD_PREFIX)
-    if cut < 0:
+    """(shard path, member) for a shard locator "<raw_dir>/shard-<hash>.tar#<class>/<file>", None for a plain file
+    path. Read from the right: a file name may itself hold "shard-", ".tar" or "#", a class name cannot."""
+    head, _, name = os.fspath(path).rpartition("/")
+    folder, _, middle = head.rpartition("/")
+    found = _LOCATED.fullmatch(middle)
+    if not found or not name:
         return None
-    end = text.find(TAR_SUFFIX + LOCATOR_SEP, cut)
-    if end < 0:
-        return None
-    end += len(TAR_SUFFIX)
-    return Path(text[:end]), text[end + 1 :]
+    return Path(folder, found[1]), f"{found[2]}/{name}"
 
 
 def check_member_name(member: str) -> None:
-    """Members are <class>/<file>: nothing that could write outside a folder when exported."""
+    """Members are <class>/<file>: nothing that could write outside a folder when exported. The file part may hold
+    any character a Linux file name may (the loose layout keeps such names too)."""
     parts = member.split("/")
-    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts) or "\\" in member or "\0" in member:
+    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts) or "\0" in member:
         raise ShardError(f"shard member name {member!r} is not <class>/<file>")
 
 
