@@ -8,12 +8,12 @@ nothing.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionflow.data.imageio import sha256_file
 from visionflow.data.shards import ShardError, is_sharded, read_index, read_member, restore_hint
 from visionflow.errors import DataError
 
@@ -25,11 +25,6 @@ class _Stored:
     size: int
     sha256: Callable[[], str]
     read: Callable[[], bytes]
-
-
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _stored_images(raw_dir: Path) -> dict[str, _Stored]:
@@ -45,7 +40,7 @@ def _stored_images(raw_dir: Path) -> dict[str, _Stored]:
         }
     files = [f for d in sorted(raw_dir.iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()]
     return {
-        f"{f.parent.name}/{f.name}": _Stored(f.stat().st_size, functools.partial(_file_sha256, f), f.read_bytes)
+        f"{f.parent.name}/{f.name}": _Stored(f.stat().st_size, functools.partial(sha256_file, f), f.read_bytes)
         for f in files
     }
 
@@ -68,7 +63,7 @@ def _to_write(out_dir: Path, images: dict[str, _Stored]) -> list[str]:
             todo.append(member)
         elif dest.is_symlink() or not dest.is_file() or dest.stat().st_size != img.size:
             other.append(member)
-        elif _file_sha256(dest) != img.sha256():
+        elif sha256_file(dest) != img.sha256():
             other.append(member)
     if other:
         raise DataError(

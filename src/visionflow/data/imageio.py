@@ -296,14 +296,10 @@ def stored_size(path: Path | str) -> int:
 def read_limited(path: Path | str, max_bytes: int | None) -> bytes:
     """Read a stored image (a file or a shard member, see stored_size), refusing (before reading) anything over
     the byte limit. The one way every stage reads an image from the dataset."""
-    located = shards.split_locator(path)
-    if located:
-        return shards.read_member(*located, max_bytes=max_bytes)
-    path = Path(path)
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
+    if max_bytes is not None and (size := stored_size(path)) > max_bytes:
         raise RejectedImage("file_too_large", f"{size} bytes > limit {max_bytes}")
-    return path.read_bytes()
+    located = shards.split_locator(path)
+    return shards.read_member(*located) if located else Path(path).read_bytes()
 
 
 # --- decoding to the model's input (training cache, promotion batches, serving, drift): no torch here ---------

@@ -67,11 +67,7 @@ def _listing_ok(raw_dir: Path, counts: dict[str, int], sharded: bool = False) ->
         return False
     if sharded:
         try:
-            have: dict[str, int] = {}
-            for m in shards.read_index(raw_dir):
-                if not m.member.split("/", 1)[1].startswith(REVIEWED_PREFIX):
-                    have[m.label] = have.get(m.label, 0) + 1
-            return have == counts
+            return Counter(m.label for m in shards.read_index(raw_dir) if not _is_reviewed(m.member)) == counts
         except (OSError, DataError):
             return False
     try:
@@ -89,6 +85,23 @@ def _reviewed_classes(reviewed_dir: Path | None) -> list[Path]:
     return sorted(p for p in Path(reviewed_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _reviewed_members(reviewed_dir: Path | None) -> dict[str, Path]:
+    """Each reviewed image (reviewed_dir/<class>/<file>) under the member name it has in raw_dir,
+    <class>/reviewed__<file>, in both layouts; class names checked first."""
+    classes = _reviewed_classes(reviewed_dir)
+    check_class_names([d.name for d in classes], f"reviewed images {reviewed_dir}")
+    return {
+        f"{d.name}/{REVIEWED_PREFIX}{f.name}": f
+        for d in classes
+        for f in sorted(d.iterdir())
+        if f.is_file() and not f.name.startswith(".")
+    }
+
+
+def _per_class(members) -> dict[str, int]:
+    return dict(Counter(m.split("/", 1)[0] for m in members))
+
+
 def sync_reviewed(reviewed_dir: Path | None, raw_dir: Path) -> dict[str, int]:
     """Mirror reviewed images (data/reviewed/<class>/<file>) into raw_dir/<class>/reviewed__<file>.
 
@@ -97,25 +110,18 @@ def sync_reviewed(reviewed_dir: Path | None, raw_dir: Path) -> dict[str, int]:
     the dataset too (DVC keeps every earlier version). The prefix is theirs alone: ingest never gives a source file
     a name that starts with it (see flat_names), so removing stale ones cannot remove a user's image.
     """
-    classes = _reviewed_classes(reviewed_dir)
-    check_class_names([d.name for d in classes], f"reviewed images {reviewed_dir}")
-    wanted: dict[Path, Path] = {}
-    for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                wanted[raw_dir / d.name / f"{REVIEWED_PREFIX}{f.name}"] = f
+    members = _reviewed_members(reviewed_dir)
+    wanted = {raw_dir / member: src for member, src in members.items()}
     present = {f for f in raw_dir.glob(f"*/{REVIEWED_PREFIX}*") if f.is_file()}
     for stale in present - set(wanted):
         stale.unlink()
-    counts: dict[str, int] = {}
     for dest, src in wanted.items():
         if dest not in present or dest.stat().st_size != src.stat().st_size:
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(".partial-" + dest.name)
             shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
-        counts[dest.parent.name] = counts.get(dest.parent.name, 0) + 1
-    return counts
+    return _per_class(members)
 
 
 def ingest(
@@ -253,25 +259,14 @@ def sync_reviewed_shards(reviewed_dir: Path | None, raw_dir: Path, shard_bytes: 
     """The sharded sync_reviewed: reviewed images are members <class>/reviewed__<file>, added append-only. A
     reviewed shard whose images are all still reviewed (same bytes) stays as it is; new reviewed images go into
     new shards; a shard holding an image no longer reviewed is rewritten without it."""
-    classes = _reviewed_classes(reviewed_dir)
-    check_class_names([d.name for d in classes], f"reviewed images {reviewed_dir}")
-    wanted: dict[str, Path] = {}
-    for d in classes:
-        for f in sorted(d.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                wanted[f"{d.name}/{REVIEWED_PREFIX}{f.name}"] = f
+    wanted = _reviewed_members(reviewed_dir)
     by_shard: dict[str, list[shards.Member]] = {}
     for m in shards.read_index(raw_dir):
         if _is_reviewed(m.member):
             by_shard.setdefault(m.shard, []).append(m)
     have: set[str] = set()
-    digests: dict[str, str] = {}
     for name, members in sorted(by_shard.items()):
-        same = all(
-            m.member in wanted and digests.setdefault(m.member, sha256_file(wanted[m.member])) == m.sha256
-            for m in members
-        )
-        if same:
+        if all(m.member in wanted and sha256_file(wanted[m.member]) == m.sha256 for m in members):
             have.update(m.member for m in members)
         else:
             (raw_dir / name).unlink()
@@ -279,11 +274,7 @@ def sync_reviewed_shards(reviewed_dir: Path | None, raw_dir: Path, shard_bytes: 
     new = [(member, f) for member, f in wanted.items() if member not in have]
     if new:
         shards.pack(raw_dir, new, shard_bytes)
-    counts: dict[str, int] = {}
-    for member in wanted:
-        label = member.split("/", 1)[0]
-        counts[label] = counts.get(label, 0) + 1
-    return counts
+    return _per_class(wanted)
 
 
 def _force_rmtree(path: Path) -> None:

@@ -78,6 +78,11 @@ def index_path(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(TAR_SUFFIX) + INDEX_SUFFIX)
 
 
+def indexed_shard(index: Path) -> str:
+    """The name of the shard an index file describes (index_path's inverse)."""
+    return index.name.removesuffix(INDEX_SUFFIX) + TAR_SUFFIX
+
+
 def is_sharded(raw_dir: Path) -> bool:
     # A shard without its index still makes the folder sharded (a damaged one, which verify names), not loose.
     return any(Path(raw_dir).glob(f"{SHARD_PREFIX}*{INDEX_SUFFIX}")) or any(
@@ -125,6 +130,18 @@ def _padded(size: int) -> int:
     return -(-size // _BLOCK) * _BLOCK
 
 
+def _cost(size: int) -> int:
+    """Bytes a member of this size takes in a shard (its header block and padded data): what a shard's target
+    size counts, when writing (ShardWriter) and when planning the shards up front (_plan) alike."""
+    return _BLOCK + _padded(size)
+
+
+def _tar_end(data_end: int) -> int:
+    """The size of a tar whose last member's padded data ends at data_end: two zero blocks, then padding to whole
+    records (tarfile.RECORDSIZE), as tarfile closes an archive."""
+    return -(-(data_end + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 # tarfile's header for a member with a short ASCII name (one ustar block), with the name, size and checksum
 # fields left to fill: building it with tarfile costs ~50 us a member, most of packing's time at 100k images.
 _USTAR = bytearray(_tarinfo("x", 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
@@ -167,7 +184,7 @@ class ShardWriter:
 
     def add(self, member: str, data: bytes) -> None:
         check_member_name(member)
-        cost = _BLOCK + _padded(len(data))
+        cost = _cost(len(data))
         if self._fh is not None and self.target is not None and self._used + cost > self.target:
             self._finish()
         if self._fh is None:
@@ -191,8 +208,7 @@ class ShardWriter:
         self._used = self._pos = 0
 
     def _finish(self) -> None:
-        end = self._pos + 2 * _BLOCK
-        self._write(bytes(-(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - self._pos))
+        self._write(bytes(_tar_end(self._pos) - self._pos))
         self._fh.close()
         self._fh = None
         name = shard_name(self._sha.hexdigest())
@@ -238,7 +254,7 @@ def _plan(sizes: list[int], target_bytes: int) -> list[range]:
     front so that the shards can be written in parallel and still come out the same."""
     groups, start, used = [], 0, 0
     for i, size in enumerate(sizes):
-        cost = _BLOCK + _padded(size)
+        cost = _cost(size)
         if i > start and used + cost > target_bytes:
             groups.append(range(start, i))
             start, used = i, 0
@@ -318,7 +334,7 @@ def pack(
 
 
 def read_index_file(path: Path) -> list[Member]:
-    shard = path.name.removesuffix(INDEX_SUFFIX) + TAR_SUFFIX
+    shard = indexed_shard(path)
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             r = csv.reader(fh)
@@ -366,13 +382,10 @@ def lookup(shard: Path, member: str) -> Member:
     return m
 
 
-def read_member(shard: Path, member: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of one member, checked against its sha256 in the index."""
+def read_member(shard: Path, member: str) -> bytes:
+    """The bytes of one member, checked against its sha256 in the index (imageio.read_limited, which every stage
+    reads through, applies the size limit first)."""
     m = lookup(shard, member)
-    if max_bytes is not None and m.size > max_bytes:
-        from visionflow.data.imageio import RejectedImage
-
-        raise RejectedImage("file_too_large", f"{m.size} bytes > limit {max_bytes}")
     try:
         with shard.open("rb") as fh:
             fh.seek(m.offset)
@@ -393,10 +406,8 @@ def member_size(shard: Path, member: str) -> int:
 
 
 def _tar_size(members: list[Member]) -> int:
-    """The size tarfile writes for these members: the last member's padded data, two zero blocks, and padding to
-    whole records (tarfile.RECORDSIZE)."""
-    end = max((m.offset + -(-m.size // _BLOCK) * _BLOCK for m in members), default=0)
-    return -(-(end + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    """The size of the shard that holds these members, as ShardWriter writes it."""
+    return _tar_end(max((m.offset + _padded(m.size) for m in members), default=0))
 
 
 def verify(raw_dir: Path) -> list[str]:
@@ -407,7 +418,7 @@ def verify(raw_dir: Path) -> list[str]:
     raw_dir = Path(raw_dir)
     tars = {p.name for p in raw_dir.glob(f"{SHARD_PREFIX}*{TAR_SUFFIX}")}
     for idx in sorted(raw_dir.glob(f"{SHARD_PREFIX}*{INDEX_SUFFIX}")):
-        name = idx.name.removesuffix(INDEX_SUFFIX) + TAR_SUFFIX
+        name = indexed_shard(idx)
         if name not in tars:
             problems.append(f"{name} is missing")
             continue
