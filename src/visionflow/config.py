@@ -85,6 +85,8 @@ class DataParams(_Section):
     manifest_path: Path = Path("data/validated/manifest.csv")
     # Expected class names; null means the class folders found. Images of any other class are quarantined.
     labels: list[str] | None = None
+    # Label corrections (sha256,label,...; visionflow.data.overrides) that ingest applies to the next data version.
+    label_overrides: Path = Path("data/label_overrides.csv")
 
 
 ImageFormat = Literal["PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF"]
@@ -264,6 +266,18 @@ class ServeParams(_Section):
     prediction_log: Path = Path("data/predictions/predictions.jsonl")
 
 
+class ReviewParams(_Section):
+    """What a person is asked to label (visionflow.monitoring.selection) and how reviewed labels are audited."""
+
+    # Images the review queue offers per window, the most useful first; 0 turns labelling requests off.
+    budget: int = Field(200, ge=0, le=10**7)
+    window_hours: float = Field(24, gt=0, le=24 * 366)
+    strategy: Literal["uncertainty-diversity", "uncertainty", "random"] = "uncertainty-diversity"
+    # A reviewed batch with a larger share of suspected label errors is held back from the next data version.
+    max_suspect_share: float = Field(0.2, ge=0, le=1)
+    audit_dir: Path = Path("reports/label_audit")
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     data: DataParams = DataParams()
@@ -275,6 +289,7 @@ class Params(_Section):
     registry: RegistryParams = RegistryParams()
     drift: DriftParams = DriftParams()
     serve: ServeParams = ServeParams()
+    review: ReviewParams = ReviewParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

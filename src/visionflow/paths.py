@@ -53,6 +53,10 @@ class ProjectPaths:
     drift_reports: Path
     retrain_ledger: Path
     log_cursor: Path
+    # label audit
+    label_overrides: Path  # corrections ingest applies (visionflow.data.overrides)
+    label_audit: Path  # reports/label_audit: suspects.csv, summary.json, grid.png
+    held_batches: Path  # reviewed batches held back by the audit until re-reviewed
 
     @classmethod
     def of(cls, p: Params, root: Path) -> ProjectPaths:
@@ -90,6 +94,9 @@ class ProjectPaths:
             drift_reports=at("reports/drift"),
             retrain_ledger=drift / "retrain_ledger.json",
             log_cursor=drift / "log_cursor.json",
+            label_overrides=at(p.data.label_overrides),
+            label_audit=at(p.review.audit_dir),
+            held_batches=at(p.serve.review_dir) / "held",
         )
 
     def relative(self, path: Path | str) -> str:

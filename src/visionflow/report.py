@@ -12,11 +12,16 @@ from typing import Any
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON so that a reader never sees half a file, even if the process dies mid-write."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file so that a reader never sees half of it, even if the process dies mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
