@@ -8,6 +8,8 @@ create_app composes the pieces, each in a module of its own:
   formats) and never name a server path;
 - review: low-confidence predictions wait in the review queue (SQLite + image files); a reviewed label turns the
   image into labelled data under data/reviewed/<class>/, a folder-per-class dataset the retraining flow ingests;
+- audit_view: the review page's label audit view: the label audit's suspected label errors, each accepted or kept
+  into the label overrides file that ingest applies;
 - predictions: every prediction is appended to a JSONL prediction log that the drift check reads;
 - auth, metrics, openapi: the bearer token, /metrics, and the API document.
 """
@@ -23,6 +25,7 @@ from starlette.responses import Response
 from visionflow.config import Params
 from visionflow.data.imageio import DecodeRules
 from visionflow.paths import ProjectPaths
+from visionflow.serving.audit_view import SuspectFiles, audit_router
 from visionflow.serving.auth import bearer_token, token_dependencies
 from visionflow.serving.batcher import Batcher
 from visionflow.serving.champion import ChampionHolder, LoadedModel, load_champion
@@ -65,7 +68,12 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
 
     app.openapi = openapi_builder(app, cfg.max_batch)  # the predict routes are not FastAPI routes: added there
     app.include_router(info_router(holder, metrics, require_token))
-    app.include_router(review_router(queue, lambda: model().card["classes"], require_token, require_token_page))
+
+    def classes() -> list[str]:
+        return model().card["classes"]
+
+    app.include_router(review_router(queue, classes, require_token, require_token_page))
+    app.include_router(audit_router(SuspectFiles(paths), classes, DecodeRules.from_params(p.validation), require_token))
     app.include_router(docs_router(app.openapi, require_token, require_token_page))
     predict = PredictHandler(
         model=model,

@@ -36,7 +36,12 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
-PAGE_FILES = {"review.js": "text/javascript", "review.css": "text/css", "docs.js": "text/javascript"}
+PAGE_FILES = {
+    "review.js": "text/javascript",
+    "audit.js": "text/javascript",  # the label audit view (visionflow.serving.audit_view)
+    "review.css": "text/css",
+    "docs.js": "text/javascript",
+}
 
 
 class ReviewQueue:

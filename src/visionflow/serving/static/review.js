@@ -145,7 +145,7 @@ function undo() {
 }
 
 document.addEventListener("keydown", e => {
-  if (e.altKey || e.metaKey) return;
+  if (document.body.dataset.view === "audit" || e.altKey || e.metaKey) return;  // the label audit's keys (audit.js)
   if (e.key === "Backspace" || (e.ctrlKey && e.key.toLowerCase() === "z")) {
     e.preventDefault();
     undo();
