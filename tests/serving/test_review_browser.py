@@ -9,6 +9,7 @@ labels it, undo, the whole queue with its count, and /docs offline.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -434,3 +435,45 @@ def test_docs_work_offline_behind_the_token(hostile, browser):
     )
     assert external == []
     assert browser.js("window.__xss === undefined")
+
+
+def test_a_key_accepts_a_suspected_label_error_into_the_overrides_file(hostile, browser):
+    """The label audit view: `a` accepts the suggested label, `k` keeps one; both are rows of the overrides file.
+    The second suspect's labels and scope are markup, shown as text; `a` (also a class key of the queue view)
+    labels nothing in the queue."""
+    from visionflow.data.overrides import read_overrides
+    from visionflow.monitoring.label_audit import write_suspects
+
+    proj, p, base = hostile
+    queued = _fresh_queue(proj, p, 1)
+    rows = []
+    for i, (label, suggested, scope) in enumerate(
+        [("zebra", "apple", "train"), (EVIL_CLASSES[1], EVIL_CLASSES[0], EVIL_CLASSES[2])]
+    ):
+        image = proj / "data/raw" / f"suspect{i}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(png(500 + i))
+        sha = hashlib.sha256(image.read_bytes()).hexdigest()
+        rows.append(dict(rank=i + 1, path=f"data/raw/{image.name}", sha256=sha, label=label, suggested=suggested,
+                         score=0.01, method="confident-learning", scope=scope))  # fmt: skip
+    write_suspects(proj / p.review.audit_dir / "suspects-reviewed-b1.csv", rows)
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{base}/review?token={urllib.parse.quote(TOKEN)}#audit")
+    browser.wait_js(
+        "(() => { const i = document.getElementById('audit-img'); return i.complete && i.naturalWidth > 0; })()"
+    )
+    assert (_text(browser, "audit-label"), _text(browser, "audit-suggested")) == ("zebra", "apple")
+    _press(browser, "a")
+    browser.wait_js("document.getElementById('audit-status').textContent === 'accepted apple'")
+    decided = read_overrides(proj / p.data.label_overrides)
+    assert [(o.sha256, o.label, o.was, o.source) for o in decided.values()] == [
+        (rows[0]["sha256"], "apple", "zebra", "review-page")
+    ]
+    assert _pending(base) == queued
+    browser.wait_js(f"document.getElementById('audit-label').textContent === {json.dumps(EVIL_CLASSES[1])}")
+    assert _text(browser, "audit-suggested") == EVIL_CLASSES[0] and EVIL_CLASSES[2] in _text(browser, "audit-method")
+    assert browser.js("window.__xss === undefined") and browser.js(INJECTED) == 0
+    _press(browser, "k")
+    browser.wait_js("!document.getElementById('audit-empty').hidden")
+    kept = read_overrides(proj / p.data.label_overrides)[rows[1]["sha256"]]
+    assert kept.label == kept.was == EVIL_CLASSES[1]

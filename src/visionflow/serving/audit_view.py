@@ -224,7 +224,8 @@ def audit_router(files: SuspectFiles, classes: Callable[[], list[str]], rules: D
         except KeyError:
             raise HTTPException(404, "no such suspect") from None
         except (OSError, ValueError) as exc:  # missing, or changed: the image the audit judged is not there
-            raise HTTPException(410, f"the image is gone: {exc}") from None
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise HTTPException(410, f"the image is gone: {why}") from None
         except RejectedImage as exc:
             raise HTTPException(422, f"not shown: {exc}") from None
         return Response(data, media_type=media, headers={"X-Content-Type-Options": "nosniff"})
