@@ -101,6 +101,7 @@ def test_the_list_shows_every_suspect_once_in_order_and_says_what_it_cannot_read
     rows, _, paths = audit
     (paths.label_audit / "suspects-bad.csv").write_text("name,x\n1,2\n")
     (paths.label_audit / "suspects-rows.csv").write_text("rank,path,sha256,label,suggested\n1,x.png,nothex,cat,dog\n")
+    (paths.label_audit / "suspects-zz.csv").write_text(f"rank,path,sha256,label,suggested\n1,{'x' * 200_000},x,y,z\n")
     d = _list(client)
     order = ["rev", "file", "shard", "abs", "gone", "changed", "text", "wolf"]
     assert [s["id"] for s in d["suspects"]] == [rows[n]["sha256"] for n in order]
@@ -114,6 +115,8 @@ def test_the_list_shows_every_suspect_once_in_order_and_says_what_it_cannot_read
         "suggested; expected ('rank', 'path', 'sha256', 'label', 'suggested', 'score', 'method', 'scope'))",
         "reports/label_audit/suspects-rows.csv: 1 row(s) skipped: line 2 needs a 64-hex sha256, a path, a label "
         "and a suggested label",
+        "reports/label_audit/suspects-zz.csv: unreadable from line 2 (field larger than field limit (131072)); run "
+        "the label audit again",
     ]
     assert client.get("/review/audit/suspects").status_code == 401
     for f in paths.label_audit.glob("*"):

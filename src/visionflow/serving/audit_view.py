@@ -152,11 +152,14 @@ def _read_file(path: str, _mtime_ns: int, _size: int) -> tuple[list[Suspect], li
     if missing:
         return [], [f"not a suspects table (missing the columns {', '.join(missing)}; expected {SUSPECT_COLUMNS})"]
     rows, bad = [], []
-    for line, row in enumerate(reader, start=2):
-        try:
-            rows.append(_suspect(row, line))
-        except ValueError as exc:
-            bad.append(str(exc))
+    try:
+        for line, row in enumerate(reader, start=2):
+            try:
+                rows.append(_suspect(row, line))
+            except ValueError as exc:
+                bad.append(str(exc))
+    except csv.Error as exc:  # a field past csv's size limit: the rest of the file is not read
+        return rows, [f"unreadable from line {reader.line_num + 1} ({exc}); run the label audit again"]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         bad = [f"{len(bad)} row(s) skipped: {bad[0]}{more}"]
