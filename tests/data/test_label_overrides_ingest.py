@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import make_folder_dataset, make_project, png, run_cli
 from visionflow import stages
 from visionflow.config import load_params
 from visionflow.data import shards
+from visionflow.data.ingest import ingest
 from visionflow.data.overrides import append_overrides, decision
 
 
@@ -102,8 +104,35 @@ def test_the_overrides_file_is_created_when_missing_and_data_labels_limit_the_cl
     (proj / "data/label_overrides.csv").unlink()
     _ingest(proj)
     assert (proj / "data/label_overrides.csv").read_text().startswith("sha256,label,was")
+    append_overrides(proj / "data/label_overrides.csv", [decision("cd" * 32, "dog", "cat", "test")])
+    proc = run_cli(proj, "ingest")
+    out = proc.stdout + proc.stderr
+    warning = [line for line in out.splitlines() if "not in the data" in line]
+    assert len(warning) == 1 and "1 label change(s)" in warning[0] and "cd" * 32 in warning[0], out
     append_overrides(
         proj / "data/label_overrides.csv", [decision(_sha(src / "cat" / "cat_0000.png"), "fox", "cat", "test")]
     )
     proc = run_cli(proj, "ingest", check=False)
     assert proc.returncode == 2 and "'fox'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_bundled_source_takes_overrides_in_the_shard_layout(tmp_path):
+    def run():
+        return ingest(
+            source="fashion-mnist",
+            raw_dir=tmp_path / "raw",
+            max_images=20,
+            seed=0,
+            cache_dir=tmp_path / "cache",
+            shard_bytes=8192,
+            label_overrides=tmp_path / "overrides.csv",
+        )
+
+    run()
+    trouser = next(m for m in shards.read_index(tmp_path / "raw") if m.label == "trouser")
+    append_overrides(tmp_path / "overrides.csv", [decision(trouser.sha256, "bag", "trouser", "test")])
+    res = run()
+    assert not res.skipped and res.overrides_applied == 1 and res.classes["trouser"] == 1 and res.classes["bag"] == 3
+    moved = {m.member: m for m in shards.read_index(tmp_path / "raw")}["bag/" + trouser.member.split("/", 1)[1]]
+    assert moved.sha256 == trouser.sha256 and shards.verify(tmp_path / "raw") == []
