@@ -6,7 +6,9 @@ with one sub-folder per class. Files are copied byte for byte; judging them is t
 validation stage's job, so the data version names exactly what was received.
 
 The sources are read by visionflow.data.fashion_mnist and visionflow.data.folder_source; this module swaps their
-files into raw_dir only once complete, and adds the reviewed production images.
+files into raw_dir only once complete, and adds the reviewed production images. The label overrides file
+(data.label_overrides) moves corrected images' copies into their new class (visionflow.data.relabel); the
+source files stay as they are.
 """
 
 from __future__ import annotations
