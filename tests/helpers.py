@@ -102,6 +102,7 @@ def make_project(root: Path, source: Path, **overrides: dict) -> Path:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "data/reviewed").mkdir(parents=True, exist_ok=True)  # shipped in the repo; a DVC dependency of ingest
     shutil.copy(REPO / "data/reviewed/README.md", root / "data/reviewed/README.md")
+    shutil.copy(REPO / "data/label_overrides.csv", root / "data/label_overrides.csv")  # a DVC dependency too
     (root / "src").symlink_to(REPO / "src")  # dvc.yaml stages depend on the code that runs them
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root

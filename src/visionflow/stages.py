@@ -43,6 +43,8 @@ def ingest_stage(p: Params, root: Path, *, force: bool = False, progress: Progre
         progress=progress,
         reviewed_dir=paths.reviewed,
         shard_bytes=int(p.data.shard_mb * 2**20) if p.data.layout == "shards" else None,
+        label_overrides=paths.label_overrides,
+        labels=p.data.labels,
     )
 
 

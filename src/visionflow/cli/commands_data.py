@@ -12,6 +12,7 @@ from visionflow import stages
 from visionflow.cli.options import Invocation
 from visionflow.cli.output import console, out, print_json, progress_bar
 from visionflow.config import Params
+from visionflow.paths import ProjectPaths
 
 SHARDS_ADVISED = 100_000  # images from which the loose layout costs DVC minutes per command (BENCHMARKS.md)
 
@@ -37,8 +38,13 @@ def ingest(
             "classes": res.classes,
             **({"shards": res.n_shards, "content version": res.content_version} if res.n_shards else {}),
             **({f"left out (see {Path(res.raw_dir).parent / MARKER})": dict(left_out)} if left_out else {}),
+            "label overrides applied": res.overrides_applied,
         },
     )
+    from visionflow.data.relabel import missing_warning
+
+    if warning := missing_warning(ProjectPaths.of(p, run.root).label_overrides, res.overrides_missing):
+        console.print(f"[yellow]warning:[/] {warning}")
     if not res.n_shards and res.n_images >= SHARDS_ADVISED:
         console.print(
             f"[yellow]hint:[/] {res.n_images} loose files make every `dvc` command slow; data.layout: shards "

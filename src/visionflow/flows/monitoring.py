@@ -174,13 +174,24 @@ def drift_check_flow(
 
 
 @task
-def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, int]:
+def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, Any]:
+    """The reviewed batch audited (visionflow.monitoring.batch_audit), then taken in unless held back."""
     from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
+    from visionflow.monitoring.batch_audit import take_in_audited
 
     classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
-    counts = monitor.take_in_reviewed_batch(Path(batch), root / p.serve.reviewed_dir, classes)
-    get_run_logger().info("took in %d reviewed image(s) from %s", sum(counts.values()), batch)
-    return counts
+    taken = take_in_audited(p, root, Path(batch), classes)
+    audit, log = taken["audit"], get_run_logger()
+    if audit["held"]:
+        log.warning("reviewed batch %s held back from the next data version: %s", batch, audit["reason"])
+    else:
+        log.info(
+            "took in %d reviewed image(s) from %s; label audit: %s",
+            sum(taken["images"].values()),
+            batch,
+            audit.get("note") or f"{audit['suspects']} suspect(s) of {audit['n_audited']} ({audit['suspects_file']})",
+        )
+    return taken
 
 
 @task
@@ -213,7 +224,7 @@ def retraining_flow(
             return {"triggered": False, "reason": "cool-down", "suppressed_until": claim.next_allowed}
         claim_id = claim.claim_id
     start = time.perf_counter()
-    taken = take_in_batch(p, root, batch) if batch else {}
+    taken = take_in_batch(p, root, batch) if batch else {"images": {}, "audit": None}
     extra = list(overrides or [])
     weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
     if weights:
@@ -230,7 +241,8 @@ def retraining_flow(
         "triggered": True,
         "reason": reason,
         "flow_run_id": str(flow_run.id),
-        "reviewed_images_added": taken,
+        "reviewed_images_added": taken["images"],
+        "label_audit": taken["audit"],
         "new_data_version": summary["data_version"],
         "warm_start": bool(weights),
         "new_version": reg["version"],
@@ -324,6 +336,7 @@ def closed_loop_flow(
             "eval_batch_accuracy",
             "seconds",
             "suppressed_until",
+            "label_audit",
         )
     }
     ev = r.get("eval_batch_accuracy") or {}

@@ -22,6 +22,7 @@ from visionflow import stages
 from visionflow.config import Params, load_params
 from visionflow.data import versioning
 from visionflow.data.ingest import MARKER
+from visionflow.data.relabel import missing_warning
 from visionflow.flows.runtime import offline_env
 from visionflow.paths import ProjectPaths
 from visionflow.registry.tracking import setup_mlflow
@@ -52,6 +53,12 @@ def ingest_data(p: Params, root: Path) -> tuple[dict, float]:
         f", {res.n_reviewed} of them reviewed production images" if res.n_reviewed else "",
         f"; {res.n_shards} shards, content version {res.content_version[:12]}" if res.n_shards else "",
     )
+    if res.overrides_applied:
+        get_run_logger().info(
+            "label overrides applied: %d image(s) moved to their corrected class", res.overrides_applied
+        )
+    if warning := missing_warning(ProjectPaths.of(p, root).label_overrides, res.overrides_missing):
+        get_run_logger().warning(warning)
     if res.skipped_files:  # symlinks out of the source, unreadable files...: said, not silently dropped
         reasons = Counter(f["reason"] for f in res.skipped_files)
         get_run_logger().warning(

@@ -34,6 +34,7 @@ class Features:
     embeddings: np.ndarray  # (n, d) float32
     labels: list[str | None] | None = None
     rejected: list[dict[str, str]] | None = None
+    probs: np.ndarray | None = None  # (n, classes) from extract (the label audit); not cached with the reference
 
 
 def extract(
@@ -74,7 +75,7 @@ def extract(
     frame["confidence"] = probs.max(1)
     frame["predicted_class"] = [classes[k] for k in probs.argmax(1)]
     frame.index = kept
-    return Features(frame.reset_index(drop=True), embeddings.astype(np.float32), rejected=rejected)
+    return Features(frame.reset_index(drop=True), embeddings.astype(np.float32), rejected=rejected, probs=probs)
 
 
 def reference_features(p: Params, root: Path, version: str, session, card) -> Features:

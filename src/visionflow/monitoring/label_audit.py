@@ -57,15 +57,20 @@ def class_thresholds(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
 
 
+def confident_class(probs: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whether any class confidently holds, which one) per sample: among the classes j with p_j >= t_j, the one
+    with the highest p_j. Thresholds may come from other samples than probs (a reviewed batch is too small to set
+    them, so they come from the champion's test split)."""
+    above = np.asarray(probs) >= np.asarray(thresholds)[None, :]
+    return above.any(axis=1), np.where(above, probs, -np.inf).argmax(axis=1)
+
+
 def confident_joint(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """C[i][j]: samples labelled i that confidently belong to j, calibrated so that row i sums to the number of
     samples labelled i (rows of classes without confident samples stay zero)."""
     labels, probs = _check(labels, probs)
     k = probs.shape[1]
-    above = probs >= class_thresholds(labels, probs)[None, :]
-    masked = np.where(above, probs, -np.inf)
-    confident = above.any(axis=1)
-    suggested = masked.argmax(axis=1)
+    confident, suggested = confident_class(probs, class_thresholds(labels, probs))
     joint = np.zeros((k, k))
     np.add.at(joint, (labels[confident], suggested[confident]), 1)
     given = np.bincount(labels, minlength=k).astype(float)

@@ -69,25 +69,34 @@ def record_outcome(path: Path, claim_id: str, **outcome: Any) -> None:
         write_json_atomic(path, {"retrainings": entries})
 
 
-def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None) -> dict[str, int]:
-    """Copy a reviewed batch's labelled images into reviewed_dir/<label>/ (what a person's review would produce).
-
-    Only images with a label are taken; the batch itself is left untouched. Returns images per class.
-    """
+def batch_labels(batch_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[str]]:
+    """A reviewed batch's labelled images and their labels (an image without a label is left out). Raises a
+    one-line DataError for a batch without labels.csv, or labels naming a class outside `classes` (when given)
+    or one that cannot be a folder name."""
+    from visionflow.data.folder_source import check_class_names
     from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(batch_dir)
     if batch.labels is None:
         raise DataError(f"{batch_dir} has no labels.csv: only reviewed batches can become training data")
-    counts: dict[str, int] = {}
-    unknown = sorted({lab for lab in batch.labels if lab and classes and lab not in classes})
+    # pandas reads an empty cell as NaN: no label
+    pairs = [(f, lab.strip()) for f, lab in zip(batch.images, batch.labels) if isinstance(lab, str) and lab.strip()]
+    unknown = sorted({lab for _, lab in pairs if classes and lab not in classes})
     if unknown:
         raise DataError(
             f"{batch_dir}/labels.csv names classes the model does not know: {unknown}; known classes: {classes}"
         )
-    for f, label in zip(batch.images, batch.labels):
-        if not label:
-            continue
+    check_class_names(sorted({lab for _, lab in pairs}), f"{batch_dir}/labels.csv")
+    return [f for f, _ in pairs], [lab for _, lab in pairs]
+
+
+def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None) -> dict[str, int]:
+    """Copy a reviewed batch's labelled images into reviewed_dir/<label>/ (what a person's review would produce).
+
+    Only images with a label are taken; the batch itself is left untouched. Returns images per class.
+    """
+    counts: dict[str, int] = {}
+    for f, label in zip(*batch_labels(batch_dir, classes)):
         dest = Path(reviewed_dir) / label / f"{Path(batch_dir).name}__{f.name}"
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
