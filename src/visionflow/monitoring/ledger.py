@@ -69,11 +69,15 @@ def record_outcome(path: Path, claim_id: str, **outcome: Any) -> None:
         write_json_atomic(path, {"retrainings": entries})
 
 
-def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None) -> dict[str, int]:
+def take_in_reviewed_batch(
+    batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None, only: set[str] | None = None
+) -> dict[str, int]:
     """Copy a reviewed batch's labelled images into reviewed_dir/<label>/ (what a person's review would produce).
 
-    Only images with a label are taken; the batch itself is left untouched. Returns images per class.
+    Only images with a label are taken, and with `only` (names as selection.csv gives them) only those: the
+    images a person was asked to label. The batch itself is left untouched. Returns images per class.
     """
+    from visionflow.monitoring.selection import batch_name
     from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(batch_dir)
@@ -86,7 +90,7 @@ def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[st
             f"{batch_dir}/labels.csv names classes the model does not know: {unknown}; known classes: {classes}"
         )
     for f, label in zip(batch.images, batch.labels):
-        if not label:
+        if not label or (only is not None and batch_name(Path(batch_dir), f) not in only):
             continue
         dest = Path(reviewed_dir) / label / f"{Path(batch_dir).name}__{f.name}"
         if not dest.exists():

@@ -157,11 +157,14 @@ def select_batch(
     """
     from visionflow.monitoring.drift import load_champion
     from visionflow.monitoring.drift_features import batch_features
+    from visionflow.monitoring.simulate import load_batch
 
     budget = p.review.budget if budget is None else budget
     strategy = strategy or p.review.strategy
     if budget < 0:
         raise DataError(f"the budget must be 0 or more, not {budget}")
+    if not load_batch(Path(folder)).images:  # before the champion is fetched
+        raise DataError(f"batch {folder} holds no images: nothing to select from (an empty pool)")
     version, session, card = champion or load_champion(p, root)
     feats, _ = batch_features(p, root, Path(folder), session, card)
     files = _readable_files(Path(folder), feats)
