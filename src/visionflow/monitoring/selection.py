@@ -6,8 +6,8 @@ Strategies (params review.strategy):
 - "uncertainty": the smallest margin between the champion's two most likely classes first (entropy on request);
 - "uncertainty-diversity" (default): the POOL_FACTOR * K most uncertain images, images in drifted features
   first, then k-center greedy (Sener & Savarese 2018, "core-set") on the champion's embeddings among them, so that
-  K labels cover the uncertain region instead of K near-copies of one confusion. The recipe and POOL_FACTOR were
-  chosen by bench/selection.py (BENCHMARKS.md, "Budgeted selection").
+  K labels cover the uncertain region instead of K near-copies of one confusion (the usual "uncertain pool, then
+  core-set" recipe). bench/selection.py measures it against the other two (BENCHMARKS.md, "selection").
 
 Every strategy returns indices into the pool, most useful first; a budget of 0 or an empty pool selects nothing.
 """
@@ -26,7 +26,9 @@ from visionflow.data.imageio import PROPERTY_NAMES
 from visionflow.errors import DataError
 
 STRATEGIES = ("uncertainty-diversity", "uncertainty", "random")
-# Candidates k-center greedy chooses among, as a multiple of the budget (bench/selection.py).
+# Candidates k-center greedy chooses among, as a multiple of the budget: 1 is uncertainty alone, large values
+# drift towards confident images far from everything (k-center favours outliers). 3 is a common choice; it was
+# measured (bench/selection.py), not swept.
 POOL_FACTOR = 3
 # How much a fully drifted image (every moved property outside the reference's range) is preferred, in margin
 # units: a drifted image with margin m ranks like an undrifted one with margin m - DRIFT_BONUS.
