@@ -39,7 +39,7 @@ def run(ctx: Context) -> dict[str, Any]:
     root = _project(ctx)
     p = load_params(root / "params.yaml")
     setup_mlflow(p.registry.tracking_uri, root, p.base.project, p.registry.artifact_location)
-    # 80 steps of 64 images is ~50 s per retrain on 2 busy cores; random is the mean of `seeds` draws
+    # 80 steps of 64 images: 20-200 s per retrain on 2 cores shared with other work
     sizes = {"pool": 600, "holdout": 400, "replay": 1000, "steps": 40, "seeds": 1} if ctx.quick else {}
     sizes = {"pool": 2000, "holdout": 1000, "replay": 4000, "steps": 80, "seeds": 2} | sizes
     data = _data(ctx, p, root, sizes)
