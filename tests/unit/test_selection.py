@@ -79,3 +79,20 @@ def test_budget_edges(strategy):
 def test_an_unknown_strategy_is_refused():
     with pytest.raises(DataError, match="unknown selection strategy 'smart'"):
         select(_probs([0.6]), np.eye(1), 1, "smart")
+
+
+def test_a_reviewed_batch_with_a_selection_gives_only_the_chosen_images(tmp_path):
+    from visionflow.monitoring.ledger import take_in_reviewed_batch
+    from visionflow.monitoring.selection import selected_files
+
+    batch = tmp_path / "batch"
+    (batch / "images").mkdir(parents=True)
+    for i in range(4):
+        (batch / "images" / f"b_{i}.png").write_bytes(b"png")
+    pd.DataFrame({"file": [f"b_{i}.png" for i in range(4)], "label": ["cat"] * 4}).to_csv(batch / "labels.csv")
+    assert selected_files(batch) is None  # no selection: every labelled image counts
+    pd.DataFrame({"file": ["b_2.png", "b_0.png"], "rank": [1, 2]}).to_csv(batch / "selection.csv", index=False)
+    only = selected_files(batch)
+    assert only == {"b_0.png", "b_2.png"}
+    assert take_in_reviewed_batch(batch, tmp_path / "reviewed", ["cat"], only) == {"cat": 2}
+    assert sorted(f.name for f in (tmp_path / "reviewed/cat").iterdir()) == ["batch__b_0.png", "batch__b_2.png"]
