@@ -361,6 +361,7 @@ def closed_loop_flow(
             "seconds",
             "suppressed_until",
             "review_selection",
+            "reviewed_images_added",
         )
     }
     ev = r.get("eval_batch_accuracy") or {}
