@@ -36,6 +36,7 @@ COMMANDS = [
     ["simulate"],
     ["drift", "some-batch"],
     ["drift-eval"],
+    ["select", "some-batch"],
     ["check-params"],
 ]
 
@@ -236,3 +237,42 @@ def test_json_before_or_after_the_command_is_one_json_document(champion):
         data = json.loads(proc.stdout)  # the whole of stdout
         assert isinstance(data, dict) and data
     assert data["params"]["registry"]["model_name"] == "visionflow-classifier"
+
+
+@pytest.fixture
+def select_batch(champion, tmp_path, monkeypatch):
+    """A copy of the champion project's 42-image batch, MLflow pointed at the project's store."""
+    import shutil
+
+    import mlflow
+
+    proj, src = champion
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{proj / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{proj / 'mlflow.db'}")
+    shutil.copytree(src, tmp_path / "batch")
+    return proj, tmp_path / "batch"
+
+
+@pytest.mark.slow
+def test_select_writes_the_ranked_budget_and_lists_unreadable_images(select_batch, capfd):
+    import pandas as pd
+
+    proj, folder = select_batch
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    images = sorted(f.name for f in folder.iterdir())
+    assert main(["--params", str(proj / "params.yaml"), "select", str(folder), "--budget", "5"]) == 0
+    out = capfd.readouterr().out
+    table = pd.read_csv(folder / "selection.csv")
+    assert list(table["rank"]) == [1, 2, 3, 4, 5] and set(table["file"]) <= set(images)
+    assert "broken.png" not in set(table["file"]) and "broken.png" in out and "1 unreadable" in out
+    assert table["margin"].between(0, 1).all()
+    assert sorted(f.name for f in folder.iterdir()) == sorted([*images, "selection.csv"])  # nothing lost
+    # uncertainty alone: the smallest margins in order (the file is replaced); a budget of 0 chooses nothing
+    assert (
+        main(["--params", str(proj / "params.yaml"), "select", str(folder), "--budget=40", "--strategy=uncertainty"])
+        == 0
+    )
+    table = pd.read_csv(folder / "selection.csv")
+    assert len(table) == 40 and table["margin"].is_monotonic_increasing
+    assert main(["--params", str(proj / "params.yaml"), "select", str(folder), "--budget", "0"]) == 0
+    assert "nothing chosen" in capfd.readouterr().out and pd.read_csv(folder / "selection.csv").empty

@@ -168,3 +168,6 @@ def test_closed_loop_reports_drift_and_retraining(loop_project):
     if r["promoted"]:
         assert r["drifted_accuracy_after"] == r["eval_batch_accuracy"]["challenger"]
     assert result["retrain"]["holdout_batch"].endswith("holdout-noise5")
+    # the simulated reviewer labelled only the budget the default strategy chose (review.budget 200 of 300)
+    assert r["review_selection"]["chosen"] == 200 and r["review_selection"]["strategy"] == "uncertainty-diversity"
+    assert sum(r["reviewed_images_added"].values()) == 200

@@ -35,9 +35,9 @@ def project(tmp_path_factory):
     _, session, card = load_champion(p, proj)
     rules = DecodeRules.from_params(p.validation)
     files = sorted(Path(batch).iterdir())
-    probs = extract(files, session, card, rules).probs
+    probs = extract(files, session, card, rules).probabilities
     test = read_manifest(proj / "data/splits/test.csv").sort_values("path")
-    test_probs = extract([proj / x for x in test["path"]], session, card, rules).probs
+    test_probs = extract([proj / x for x in test["path"]], session, card, rules).probabilities
     classes = list(card["classes"])
     thresholds = class_thresholds(np.array([classes.index(c) for c in test["label"]]), test_probs)
     return proj, p, probs, files, classes, thresholds

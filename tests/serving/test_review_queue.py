@@ -158,3 +158,40 @@ def test_a_class_name_that_is_not_one_folder_name_is_refused(tmp_path, name):
         queue.review(item, name, [*CLASSES, name])
     assert [i["id"] for i in queue.pending()] == [item]
     assert not any(f.is_file() for f in (tmp_path / "out").rglob("*"))
+
+
+def test_a_budget_caps_the_offer_per_window_most_useful_first(tmp_path):
+    """Every candidate is kept, but a person is offered the budget (less what was labelled in the window), the
+    least certain first and spread over the embedding space; older candidates fall out of the window's offer."""
+    queue = ReviewQueue(tmp_path / "review", tmp_path / "reviewed", budget=3, window_hours=1)
+    rng = np.random.default_rng(0)
+    ids = []
+    for k in range(12):  # four clusters of three; margins grow with k, so item 0 is the least certain
+        top = 0.4 + 0.01 * k
+        emb = np.eye(4, dtype=np.float32)[k % 4] + 0.01 * rng.standard_normal(4).astype(np.float32)
+        ids.append(
+            queue.add(
+                b"png",
+                model_version="1",
+                predicted="cat",
+                confidence=top,
+                probabilities={"cat": top, "dog": top - 0.01 * (k + 1), "fox": 1 - 2 * top + 0.01 * (k + 1)},
+                embedding=emb,
+            )
+        )
+    offer = [i["id"] for i in queue.pending()]
+    assert queue.count() == 3 and offer[0] == ids[0] and "embedding" not in queue.pending()[0]
+    assert len({ids.index(i) % 4 for i in offer}) == 3  # three different clusters, not three near-copies
+    queue.review(offer[0], "cat", CLASSES)
+    assert queue.count() == 2 and [i["id"] for i in queue.pending()][0] != offer[0]
+    with sqlite3.connect(queue.db) as c:  # the window has passed for every candidate: none is offered, all kept
+        c.execute("UPDATE items SET created = created - 7200")
+    assert queue.pending() == [] and queue.count() == 0
+    assert ReviewQueue(tmp_path / "review", tmp_path / "reviewed").count() == 11
+
+
+def test_a_budget_of_zero_offers_nothing_and_keeps_every_candidate(tmp_path):
+    queue = ReviewQueue(tmp_path / "review", tmp_path / "reviewed", budget=0)
+    _add(queue, 1)
+    assert queue.pending() == [] and queue.count() == 0
+    assert len(ReviewQueue(tmp_path / "review", tmp_path / "reviewed").pending()) == 1

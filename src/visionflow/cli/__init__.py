@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import sys
 
-from visionflow.cli import commands_data, commands_flows, commands_model, commands_monitoring, commands_serving
+from visionflow.cli import (
+    commands_data,
+    commands_flows,
+    commands_model,
+    commands_monitoring,
+    commands_select,
+    commands_serving,
+)
 from visionflow.cli.app import app
 
 # In the order `visionflow --help` lists them: the pipeline's order, then the tools.
@@ -35,6 +42,7 @@ for _command in (
     commands_monitoring.simulate,
     commands_monitoring.drift,
     commands_monitoring.drift_eval,
+    commands_select.select,
     commands_flows.retrain,
     commands_data.export_data,
     commands_data.check_params,

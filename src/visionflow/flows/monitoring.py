@@ -140,8 +140,10 @@ def drift_check_flow(
     eval_batch: str | None = None,
     retrain: Literal["auto", "event", "inline", "off"] = "auto",
     overrides: list[str] | None = None,
+    budgeted_review: bool = False,
 ) -> dict[str, Any]:
-    """Check a batch folder (or the prediction log since the last check) for drift; retrain on drift."""
+    """Check a batch folder (or the prediction log since the last check) for drift; retrain on drift
+    (budgeted_review: see retraining_flow)."""
     root, p = _root_params(params_path, overrides)
     if batch is None and not use_prediction_log:
         raise ValueError("give a batch folder, or use_prediction_log=True")
@@ -168,19 +170,40 @@ def drift_check_flow(
                 reason="drift",
                 claim_id=claim.claim_id,
                 overrides=overrides,
+                budgeted_review=budgeted_review,
             )
         )
     return outcome
 
 
 @task
-def take_in_batch(p: Params, root: Path, batch: str) -> dict[str, Any]:
-    """The reviewed batch audited (visionflow.monitoring.batch_audit), then taken in unless held back."""
+def choose_for_review(p: Params, root: Path, batch: str) -> dict[str, Any]:
+    """The images of the batch a person is asked to label: review.budget of them, by review.strategy."""
+    from visionflow.monitoring.selection import select_batch
+
+    sel = select_batch(p, root, Path(batch))
+    log = get_run_logger()
+    (log.info if sel.budget else log.warning)(
+        "the reviewer labels %d of %d image(s), chosen by %s (review.budget %d)%s; list in %s/selection.csv",
+        len(sel.table),
+        sel.pool,
+        sel.strategy,
+        sel.budget,
+        ": no labels asked, no reviewed image is added" if not sel.budget else "",
+        batch,
+    )
+    return {**sel.summary(), "files": sorted(sel.table["file"])}
+
+
+@task
+def take_in_batch(p: Params, root: Path, batch: str, only: list[str] | None = None) -> dict[str, Any]:
+    """The reviewed batch (with `only`, the images chosen for review) audited (visionflow.monitoring.batch_audit),
+    then taken in unless held back."""
     from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
     from visionflow.monitoring.batch_audit import take_in_audited
 
     classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
-    taken = take_in_audited(p, root, Path(batch), classes)
+    taken = take_in_audited(p, root, Path(batch), classes, set(only) if only is not None else None)
     audit, log = taken["audit"], get_run_logger()
     if audit["held"]:
         log.warning("reviewed batch %s held back from the next data version: %s", batch, audit["reason"])
@@ -209,8 +232,13 @@ def retraining_flow(
     reason: str = "scheduled",
     claim_id: str | None = None,
     overrides: list[str] | None = None,
+    budgeted_review: bool = False,
 ) -> dict[str, Any]:
-    """Reviewed data in (new data version), warm-started training, and the promotion gate."""
+    """Reviewed data in (new data version), warm-started training, and the promotion gate.
+
+    budgeted_review: the batch's labels stand for a person who labels only what the budgeted selection offers
+    (review.budget images by review.strategy), so only those are taken in; otherwise every labelled image is.
+    """
     root, p = _root_params(params_path, overrides)
     paths = ProjectPaths.of(p, root)
     # Event-templated parameters render a missing value as "None".
@@ -224,7 +252,12 @@ def retraining_flow(
             return {"triggered": False, "reason": "cool-down", "suppressed_until": claim.next_allowed}
         claim_id = claim.claim_id
     start = time.perf_counter()
-    taken = take_in_batch(p, root, batch) if batch else {"images": {}, "audit": None}
+    review = choose_for_review(p, root, batch) if batch and budgeted_review else None
+    taken = (
+        take_in_batch(p, root, batch, review.pop("files") if review else None)
+        if batch
+        else {"images": {}, "audit": None}
+    )
     extra = list(overrides or [])
     weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
     if weights:
@@ -243,6 +276,7 @@ def retraining_flow(
         "flow_run_id": str(flow_run.id),
         "reviewed_images_added": taken["images"],
         "label_audit": taken["audit"],
+        "review_selection": review,
         "new_data_version": summary["data_version"],
         "warm_start": bool(weights),
         "new_version": reg["version"],
@@ -309,7 +343,12 @@ def closed_loop_flow(
     production = simulate_batch(p, root, f"production-{shift}{sev}", shift, sev, n, p.base.seed + 1)
     holdout = simulate_batch(p, root, f"holdout-{shift}{sev}", shift, sev, n, p.base.seed + 1, skip=n)
     outcome = drift_check_flow(
-        params_path=params_path, batch=production, eval_batch=holdout, retrain="inline", overrides=overrides
+        params_path=params_path,
+        batch=production,
+        eval_batch=holdout,
+        retrain="inline",
+        overrides=overrides,
+        budgeted_review=True,  # the simulated reviewer labels only what the review queue would offer
     )
     v, r = outcome["drift"], outcome["retrain"]
     drift = {
@@ -337,6 +376,8 @@ def closed_loop_flow(
             "seconds",
             "suppressed_until",
             "label_audit",
+            "review_selection",
+            "reviewed_images_added",
         )
     }
     ev = r.get("eval_batch_accuracy") or {}

@@ -55,10 +55,10 @@ def test_split_thresholds(p: Params, root: Path, version: str, session, card: di
         return np.asarray(json.loads(cache.read_text())["thresholds"], dtype=np.float64)
     files = [paths.resolve(x) for x in manifest["path"]]
     feats = extract(files, session, card, DecodeRules.from_params(p.validation))
-    if feats.rejected or feats.probs is None:
+    if feats.rejected or feats.probabilities is None:
         raise DataError(f"{len(feats.rejected or files)} test image(s) could not be read: re-run `visionflow validate`")
     index = {c: i for i, c in enumerate(card["classes"])}
-    thresholds = class_thresholds(np.array([index[c] for c in manifest["label"]]), feats.probs)
+    thresholds = class_thresholds(np.array([index[c] for c in manifest["label"]]), feats.probabilities)
     from visionflow.report import write_json_atomic
 
     write_json_atomic(cache, {"classes": card["classes"], "thresholds": thresholds.tolist(), "n_images": len(files)})
@@ -84,7 +84,7 @@ def find_suspects(
     if not pairs:
         return [], 0, 0
     given = np.array([classes.index(lab) for _, lab in pairs])
-    confident, suggested = confident_class(feats.probs, thresholds)
+    confident, suggested = confident_class(feats.probabilities, thresholds)
     flagged = np.flatnonzero(confident & (suggested != given))
     decided = read_overrides(ProjectPaths.of(p, root).label_overrides)
     paths = ProjectPaths.of(p, root)
@@ -101,7 +101,7 @@ def find_suspects(
                 "sha256": sha,
                 "label": lab,
                 "suggested": classes[suggested[i]],
-                "score": round(float(feats.probs[i, given[i]]), 6),
+                "score": round(float(feats.probabilities[i, given[i]]), 6),
                 "method": METHOD,
                 "scope": f"reviewed-{batch_name}",
             }
@@ -155,15 +155,17 @@ def audit_batch(
     return out
 
 
-def take_in_audited(p: Params, root: Path, batch_dir: Path, classes: list[str] | None) -> dict[str, Any]:
-    """Audit a reviewed batch, then take it into serve.reviewed_dir unless it is held back: {"images": per-class
-    counts taken in, "audit": the audit's figures}. Labels naming an unknown class stop it before anything is
-    written (DataError); the batch itself is never changed."""
+def take_in_audited(
+    p: Params, root: Path, batch_dir: Path, classes: list[str] | None, only: set[str] | None = None
+) -> dict[str, Any]:
+    """Audit a reviewed batch (with `only`, the images a person was asked to label), then take it into
+    serve.reviewed_dir unless it is held back: {"images": per-class counts taken in, "audit": the audit's figures}.
+    Labels naming an unknown class stop it before anything is written (DataError); the batch is never changed."""
     from visionflow.monitoring.ledger import batch_labels, take_in_reviewed_batch
 
     champion = _champion(p, root)
     known = classes or p.data.labels or (list(champion[2]["classes"]) if champion else None)
-    images, labels = batch_labels(batch_dir, known)
+    images, labels = batch_labels(batch_dir, known, only)
     audit = audit_batch(p, root, batch_dir, images, labels, champion)
     if audit["held"]:
         return {"images": {}, "audit": audit}

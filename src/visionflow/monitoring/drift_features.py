@@ -34,7 +34,8 @@ class Features:
     embeddings: np.ndarray  # (n, d) float32
     labels: list[str | None] | None = None
     rejected: list[dict[str, str]] | None = None
-    probs: np.ndarray | None = None  # (n, classes) from extract (the label audit); not cached with the reference
+    # (n, classes): extract's, for the label audit and budgeted selection; not cached with the reference
+    probabilities: np.ndarray | None = None
 
 
 def extract(
@@ -68,6 +69,7 @@ def extract(
             pd.DataFrame(columns=[*PROPERTY_NAMES, "confidence", "predicted_class"]),
             np.zeros((0, 0), np.float32),
             rejected=rejected,
+            probabilities=np.zeros((0, len(classes)), np.float32),
         )
     logits, embeddings = ort_outputs(session, np.stack(arrays), ("logits", "embedding"), batch_size)
     probs = softmax(logits)
@@ -75,7 +77,7 @@ def extract(
     frame["confidence"] = probs.max(1)
     frame["predicted_class"] = [classes[k] for k in probs.argmax(1)]
     frame.index = kept
-    return Features(frame.reset_index(drop=True), embeddings.astype(np.float32), rejected=rejected, probs=probs)
+    return Features(frame.reset_index(drop=True), embeddings.astype(np.float32), rejected=rejected, probabilities=probs)
 
 
 def reference_features(p: Params, root: Path, version: str, session, card) -> Features:

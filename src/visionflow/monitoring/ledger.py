@@ -69,18 +69,26 @@ def record_outcome(path: Path, claim_id: str, **outcome: Any) -> None:
         write_json_atomic(path, {"retrainings": entries})
 
 
-def batch_labels(batch_dir: Path, classes: list[str] | None = None) -> tuple[list[Path], list[str]]:
-    """A reviewed batch's labelled images and their labels (an image without a label is left out). Raises a
-    one-line DataError for a batch without labels.csv, or labels naming a class outside `classes` (when given)
-    or one that cannot be a folder name."""
+def batch_labels(
+    batch_dir: Path, classes: list[str] | None = None, only: set[str] | None = None
+) -> tuple[list[Path], list[str]]:
+    """A reviewed batch's labelled images and their labels (an image without a label is left out; with `only`,
+    names as selection.csv gives them, only those: the images a person was asked to label). Raises a one-line
+    DataError for a batch without labels.csv, or labels naming a class outside `classes` (when given) or one that
+    cannot be a folder name."""
     from visionflow.data.folder_source import check_class_names
+    from visionflow.monitoring.selection import batch_name
     from visionflow.monitoring.simulate import load_batch
 
     batch = load_batch(batch_dir)
     if batch.labels is None:
         raise DataError(f"{batch_dir} has no labels.csv: only reviewed batches can become training data")
     # pandas reads an empty cell as NaN: no label
-    pairs = [(f, lab.strip()) for f, lab in zip(batch.images, batch.labels) if isinstance(lab, str) and lab.strip()]
+    pairs = [
+        (f, lab.strip())
+        for f, lab in zip(batch.images, batch.labels)
+        if isinstance(lab, str) and lab.strip() and (only is None or batch_name(Path(batch_dir), f) in only)
+    ]
     unknown = sorted({lab for _, lab in pairs if classes and lab not in classes})
     if unknown:
         raise DataError(
@@ -90,13 +98,15 @@ def batch_labels(batch_dir: Path, classes: list[str] | None = None) -> tuple[lis
     return [f for f, _ in pairs], [lab for _, lab in pairs]
 
 
-def take_in_reviewed_batch(batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None) -> dict[str, int]:
-    """Copy a reviewed batch's labelled images into reviewed_dir/<label>/ (what a person's review would produce).
-
-    Only images with a label are taken; the batch itself is left untouched. Returns images per class.
+def take_in_reviewed_batch(
+    batch_dir: Path, reviewed_dir: Path, classes: list[str] | None = None, only: set[str] | None = None
+) -> dict[str, int]:
+    """Copy a reviewed batch's labelled images (with `only`, just those: see batch_labels) into
+    reviewed_dir/<label>/ (what a person's review would produce). The batch itself is left untouched. Returns
+    images per class.
     """
     counts: dict[str, int] = {}
-    for f, label in zip(*batch_labels(batch_dir, classes)):
+    for f, label in zip(*batch_labels(batch_dir, classes, only)):
         dest = Path(reviewed_dir) / label / f"{Path(batch_dir).name}__{f.name}"
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -178,7 +178,7 @@ def load_batch(folder: Path) -> Batch:
     files = sorted(
         f
         for f in images_dir.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.name not in ("labels.csv", "batch.json")
+        if f.is_file() and not f.name.startswith(".") and f.name not in ("labels.csv", "batch.json", "selection.csv")
     )
     labels = None
     if (folder / "labels.csv").is_file():

@@ -42,7 +42,14 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     """The ASGI application; `holder` may be given (tests), otherwise it follows the registry champion."""
     cfg, paths = p.serve, ProjectPaths.of(p, root)
     holder = holder or ChampionHolder(p.registry.model_name, cache_dir=paths.serving_models)
-    queue = ReviewQueue(paths.review, paths.reviewed)
+    queue = ReviewQueue(
+        paths.review,
+        paths.reviewed,
+        budget=p.review.budget,
+        window_hours=p.review.window_hours,
+        strategy=p.review.strategy,
+        seed=p.base.seed,
+    )
     log = PredictionLog(paths.prediction_log)
     rules = DecodeRules.from_params(p.validation, cfg)
     metrics = ServingMetrics()

@@ -125,6 +125,7 @@ class BatchInference:
                 predicted=label,
                 confidence=confidence,
                 probabilities=probabilities,
+                embedding=embedding,  # the budgeted queue spreads its offer over the embedding space
             )
         records.append(
             {

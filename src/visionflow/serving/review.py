@@ -22,6 +22,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -45,18 +46,37 @@ PAGE_FILES = {
 
 
 class ReviewQueue:
-    """Low-confidence predictions waiting for a person; SQLite keeps it consistent across workers."""
+    """Low-confidence predictions waiting for a person; SQLite keeps it consistent across workers.
 
-    def __init__(self, folder: Path, reviewed_dir: Path):
+    With a budget (params review.budget per review.window_hours) the queue keeps every candidate but offers a
+    person at most the budget per window, minus what was labelled in the window, chosen by the selection strategy
+    (visionflow.monitoring.selection) over the window's candidates, most useful first; images labelled in the
+    window count as covered for k-center. Candidates older than the window are kept but no longer offered.
+    Without a budget (None) every pending item is offered, least confident first.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        reviewed_dir: Path,
+        *,
+        budget: int | None = None,
+        window_hours: float = 24,
+        strategy: str = "uncertainty-diversity",
+        seed: int = 0,
+    ):
         self.folder = Path(folder)
         self.images = self.folder / "images"
         self.images.mkdir(parents=True, exist_ok=True)
         self.reviewed_dir = Path(reviewed_dir)
         self.db = self.folder / "queue.db"
+        self.budget, self.window_s, self.strategy, self.seed = budget, window_hours * 3600, strategy, seed
         with closing(self._conn()) as c, c:
             c.execute("""CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, created REAL, model_version TEXT,
                          predicted TEXT, confidence REAL, probabilities TEXT, image TEXT, status TEXT,
-                         label TEXT, reviewed_at REAL)""")
+                         label TEXT, reviewed_at REAL, embedding BLOB)""")
+            if "embedding" not in {r["name"] for r in c.execute("PRAGMA table_info(items)")}:
+                c.execute("ALTER TABLE items ADD COLUMN embedding BLOB")  # a queue made before budgets
 
     def _conn(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db, timeout=30)
@@ -64,13 +84,21 @@ class ReviewQueue:
         return conn
 
     def add(
-        self, png: bytes, *, model_version: str, predicted: str, confidence: float, probabilities: dict[str, float]
+        self,
+        png: bytes,
+        *,
+        model_version: str,
+        predicted: str,
+        confidence: float,
+        probabilities: dict[str, float],
+        embedding: np.ndarray | None = None,
     ) -> str:
         item_id = uuid.uuid4().hex
         (self.images / f"{item_id}.png").write_bytes(png)
+        emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
         with closing(self._conn()) as c, c:
             c.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     item_id,
                     time.time(),
@@ -82,22 +110,60 @@ class ReviewQueue:
                     "pending",
                     None,
                     None,
+                    emb,
                 ),
             )
         return item_id
 
     def pending(self, limit: int = 50) -> list[dict[str, Any]]:
-        """The `limit` least confident pending items. Labelled items leave the set, so asking again after
-        labelling a page gives the next one: that is how a client walks the whole queue."""
-        with closing(self._conn()) as c:
-            rows = c.execute(
-                "SELECT * FROM items WHERE status='pending' ORDER BY confidence, created, id LIMIT ?", (limit,)
-            ).fetchall()
-        return [dict(r) | {"probabilities": json.loads(r["probabilities"])} for r in rows]
+        """The first `limit` items a person is offered. Labelled items leave the set, so asking again after
+        labelling a page gives the next one: that is how a client walks the whole queue (or, with a budget, the
+        window's offer)."""
+        if self.budget is None:
+            with closing(self._conn()) as c:
+                rows = c.execute(
+                    "SELECT * FROM items WHERE status='pending' ORDER BY confidence, created, id LIMIT ?", (limit,)
+                ).fetchall()
+        else:
+            rows = self._offer()[:limit]
+        return [_item(r) for r in rows]
 
     def count(self) -> int:
+        """Pending items a person is offered (with a budget: what is left of this window's offer)."""
+        if self.budget is not None:
+            return len(self._offer())
         with closing(self._conn()) as c:
             return c.execute("SELECT COUNT(*) FROM items WHERE status='pending'").fetchone()[0]
+
+    def _offer(self) -> list[sqlite3.Row]:
+        """This window's pick: what is left of the budget, chosen by the strategy among the window's candidates."""
+        from visionflow.monitoring.selection import select
+
+        since = time.time() - self.window_s
+        with closing(self._conn()) as c:
+            rows = c.execute(
+                "SELECT * FROM items WHERE status='pending' AND created >= ? ORDER BY confidence, created, id",
+                (since,),
+            ).fetchall()
+            done = c.execute("SELECT embedding FROM items WHERE status='reviewed' AND reviewed_at >= ?", (since,))
+            labelled = [r["embedding"] for r in done.fetchall()]
+        left = max(self.budget - len(labelled), 0)
+        probs = [list(json.loads(r["probabilities"]).values()) for r in rows]
+        embs = [r["embedding"] or b"" for r in rows]
+        if (
+            not rows
+            or {len(x) for x in probs} != {len(probs[0])}
+            or len(probs[0]) < 2
+            or {len(e) for e in embs} != {len(embs[0])}
+            or not embs[0]
+        ):
+            return rows[:left]  # items without probabilities or embeddings (older ones): least confident first
+        emb = np.stack([np.frombuffer(e, dtype=np.float32) for e in embs])
+        known = [np.frombuffer(b, dtype=np.float32) for b in labelled if b and len(b) == len(embs[0])]
+        chosen = select(
+            np.asarray(probs), emb, left, self.strategy, seed=self.seed, labelled=np.stack(known) if known else None
+        )
+        return [rows[i] for i in chosen]
 
     def image_path(self, item_id: str) -> Path | None:
         if not item_id.isalnum():  # ids are uuid hex; anything else is not ours
@@ -169,6 +235,11 @@ class ReviewQueue:
             c.rollback()
             raise KeyError(item_id)
         return row
+
+
+def _item(row: sqlite3.Row) -> dict[str, Any]:
+    """A queue row as the API shows it (the embedding stays in the database)."""
+    return {k: row[k] for k in row.keys() if k != "embedding"} | {"probabilities": json.loads(row["probabilities"])}
 
 
 def _write_atomically(dest: Path, data: bytes) -> None:
