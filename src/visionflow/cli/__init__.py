@@ -35,6 +35,7 @@ for _command in (
     commands_monitoring.simulate,
     commands_monitoring.drift,
     commands_monitoring.drift_eval,
+    commands_monitoring.audit_labels,
     commands_flows.retrain,
     commands_data.export_data,
     commands_data.check_params,
