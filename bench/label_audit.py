@@ -12,7 +12,7 @@ unflipped labels (Fashion-MNIST's own) it flags; then the flagged samples are re
 in the train split and the model retrained with the same steps: test accuracy noisy vs corrected, and vs the
 clean labels (a third training; BENCH_LABEL_AUDIT_CLEAN=0 skips it). The top 25 suspects are drawn beside the
 JSON (<out>.png), and the top 25 flagged among the unflipped labels (<out>-own.png): Fashion-MNIST's own
-suspected errors, for a person to judge. --quick: 1,000 images, 2 epochs (checks that it runs; no measurement).
+suspected errors, for a person to judge. --quick: 2,000 images, 3 epochs (checks that it runs; no measurement).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ NAME = "label_audit"
 FLIP_SHARE = 0.05
 FLIP_SEED = 20
 THRESHOLDS = (1.0, 0.5, 0.0, -0.5, -1.0, -2.0)
-QUICK = {"data.max_images": 1000, "train.max_epochs": 2}
+QUICK = {"data.max_images": 2000, "train.max_epochs": 3}
 
 
 def flip_labels(split_csv: Path, share: float, seed: int) -> dict[str, str]:
@@ -138,6 +138,7 @@ def run(ctx: Context) -> dict[str, Any]:
     ctx.log(f"[label_audit] audit: {chosen}; precision at 0.8 recall {p_at_80} (top {k_at_80})")
     plots = {}
     if ctx.out is not None:
+        ctx.out.parent.mkdir(parents=True, exist_ok=True)
         if audit.grid:
             plots["grid"] = ctx.out.with_suffix(".png")
             shutil.copyfile(proj / audit.grid, plots["grid"])

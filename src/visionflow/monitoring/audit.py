@@ -171,7 +171,7 @@ def write_grid(path: Path, paths: ProjectPaths, rows: pd.DataFrame) -> None:
             LOG.warning("label audit grid: %s unreadable (%s)", row.path, exc)
         ax.set_title(f"given {row.label}\nsuggested {row.suggested}\nAUM {row.aum:.2f}", fontsize=8)
     fig.suptitle("Likely label errors in the training split (lowest area under the margin first)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the first row's labels
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
