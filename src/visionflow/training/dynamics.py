@@ -86,6 +86,11 @@ class TrainingDynamics(L.Callback):
             for t in (self.margin_sum, self.seen, self.rival):
                 t.copy_(trainer.strategy.reduce(t, reduce_op="sum"))
 
+    @property
+    def recorded(self) -> bool:
+        """Whether this process holds any margins (a spawn-launched strategy trains in other processes)."""
+        return self.margin_sum is not None or self._loaded is not None
+
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(aum, suggested class index, times seen) per sample; aum is nan for a sample never seen."""
         if self.margin_sum is None:

@@ -343,8 +343,13 @@ def _fit(
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and dynamics.recorded:
         result = replace(result, training_dynamics=_record_dynamics(plan, dynamics, logger, mlflow_run_id, resumed))
+    elif trainer.is_global_zero:
+        log.warning(
+            "no training dynamics recorded in this process (strategy %s): no table for the label audit",
+            plan.rt.strategy,
+        )
     write_json_atomic(
         state_path,
         {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
