@@ -13,6 +13,9 @@ in the train split and the model retrained with the same steps: test accuracy no
 clean labels (a third training; BENCH_LABEL_AUDIT_CLEAN=0 skips it). The top 25 suspects are drawn beside the
 JSON (<out>.png), and the top 25 flagged among the unflipped labels (<out>-own.png): Fashion-MNIST's own
 suspected errors, for a person to judge. --quick: 2,000 images, 3 epochs (checks that it runs; no measurement).
+BENCH_LABEL_AUDIT_EPOCHS=N trains every model for N epochs instead of train.max_epochs (a busy machine: the
+default 12 epochs of 22,500 images take about 40 minutes per training on 2 cores shared with other work; the
+results record the epochs).
 """
 
 from __future__ import annotations
@@ -117,7 +120,10 @@ def run(ctx: Context) -> dict[str, Any]:
     from visionflow.paths import ProjectPaths
     from visionflow.registry.tracking import setup_mlflow
 
-    proj, p = scratch_project(ctx, "label_audit/project", QUICK if ctx.quick else {})
+    settings = dict(QUICK) if ctx.quick else {}
+    if os.environ.get("BENCH_LABEL_AUDIT_EPOCHS"):
+        settings["train.max_epochs"] = int(os.environ["BENCH_LABEL_AUDIT_EPOCHS"])
+    proj, p = scratch_project(ctx, "label_audit/project", settings)
     paths = ProjectPaths.of(p, proj)
     setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)
     ctx.log(f"[label_audit] ingest, validate, split ({p.data.max_images} images)")
