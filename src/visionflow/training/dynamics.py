@@ -140,5 +140,26 @@ def write_table(
     )
 
 
+def record_table(
+    dynamics: TrainingDynamics,
+    path: Path,
+    split: tuple[CachedSplit, Path, list[str]],
+    meta: dict,
+    client,
+    log,
+) -> Path | None:
+    """At the end of a training run: the table at `path` (write_table; split is the cached train split, its
+    manifest and the class names), logged to the MLflow run meta["mlflow_run_id"] through `client` (artifact
+    folder training_dynamics/). None, with a warning, when this process recorded nothing (a spawn-launched
+    strategy trains in other processes)."""
+    if not dynamics.recorded:
+        log.warning("no training dynamics recorded in this process: no table for the label audit")
+        return None
+    write_table(path, dynamics, *split, meta)
+    for f in (path, path.with_suffix(".json")):
+        client.log_artifact(meta["mlflow_run_id"], str(f), "training_dynamics")
+    return path
+
+
 def read_meta(path: Path) -> dict:
     return json.loads(Path(path).with_suffix(".json").read_text())

@@ -29,7 +29,7 @@ from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name
 from visionflow.report import write_json_atomic
 from visionflow.training.callbacks import EpochLog, Log, RunFigures, StartValWorkers
 from visionflow.training.datamodule import ImageDataModule, InputDecision, class_names, decide_input
-from visionflow.training.dynamics import TrainingDynamics, write_table
+from visionflow.training.dynamics import TrainingDynamics, record_table
 from visionflow.training.model import ImageClassifier
 from visionflow.training.run_records import log_figures, log_run_config
 from visionflow.training.runtime import AtomicCheckpointIO, Runtime, resolve_runtime
@@ -343,30 +343,21 @@ def _fit(
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
-    if trainer.is_global_zero and dynamics.recorded:
-        result = replace(result, training_dynamics=_record_dynamics(plan, dynamics, logger, mlflow_run_id, resumed))
-    elif trainer.is_global_zero:
-        log.warning(
-            "no training dynamics recorded in this process (strategy %s): no table for the label audit",
-            plan.rt.strategy,
+    if trainer.is_global_zero:
+        table = record_table(
+            dynamics,
+            plan.run_dir / "training_dynamics.csv",
+            (plan.dm.load("train"), plan.paths.splits / "train.csv", plan.classes),
+            {"mlflow_run_id": mlflow_run_id, "run_key": plan.key, "resumed": resumed},
+            logger.experiment,
+            log,
         )
+        result = replace(result, training_dynamics=plan.paths.relative(table) if table else None)
     write_json_atomic(
         state_path,
         {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
     )
     return result
-
-
-def _record_dynamics(
-    plan: RunPlan, dynamics: TrainingDynamics, logger: MLFlowLogger, mlflow_run_id: str, resumed: bool
-) -> str:
-    """The per-sample table in the run's folder, logged to the run (training_dynamics/); its relative path."""
-    table = plan.run_dir / "training_dynamics.csv"
-    meta = {"mlflow_run_id": mlflow_run_id, "run_key": plan.key, "resumed": resumed}
-    write_table(table, dynamics, plan.dm.load("train"), plan.paths.splits / "train.csv", plan.classes, meta)
-    for f in (table, table.with_suffix(".json")):
-        logger.experiment.log_artifact(mlflow_run_id, str(f), "training_dynamics")
-    return plan.paths.relative(table)
 
 
 def _result(
