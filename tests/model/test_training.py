@@ -189,6 +189,8 @@ def test_training_records_dynamics_that_audit_labels_ranks_and_logs(project, cap
     assert (project / "reports/label_audit/grid-train.png").stat().st_size > 0
     logged = {a.path for a in _client(project).list_artifacts(res.mlflow_run_id, "label_audit")}
     assert {"label_audit/suspects-train.csv", "label_audit/grid-train.png"} <= logged
+    rc, out, err = _audit(project, capfd)
+    assert rc == 0 and json.loads(out)["threshold"] == -2.0, err  # the default (monitoring.audit)
     rc, out, err = _audit(project, capfd, "--threshold", "-1000")  # nothing that low: an empty suspects file
     assert rc == 0 and json.loads(out)["flagged"] == 0, err
     assert pd.read_csv(project / "reports/label_audit/suspects-train.csv").empty

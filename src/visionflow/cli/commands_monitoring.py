@@ -171,12 +171,12 @@ def drift_eval(
 def audit_labels(
     ctx: typer.Context,
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="flag training samples whose area under the margin is below this (default 0: on average "
-            "another class beat the given label during training)."
+            help="flag training samples whose area under the margin is below this (default -2: on average "
+            "another class beat the given label by more than 2 logits; chosen in BENCHMARKS.md, label_audit)."
         ),
-    ] = 0.0,
+    ] = None,
 ) -> None:
     """Audit the training split's labels from the published model's training dynamics (area under the margin).
 
