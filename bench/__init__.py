@@ -7,8 +7,9 @@ See BENCHMARKS.md for what each benchmark measures.
 """
 
 BENCHMARKS = ("train_step", "input_pipeline", "cache_build", "inference", "orchestration", "drift", "dvc")
-# Run only when named with --only: the shards scaling benchmark takes about 40 minutes at its full sizes.
-OPT_IN = ("shards", "selection")
+# Run only when named with --only: the shards scaling benchmark takes about 40 minutes at its full sizes; selection
+# and label_audit train models (tens of minutes on 2 cores).
+OPT_IN = ("shards", "selection", "label_audit")
 
 # benchmark name -> module under bench/ (drift and dvc get longer module names so that `bench/` on sys.path
 # could never shadow the real `dvc` package or visionflow's drift module)
@@ -22,4 +23,5 @@ MODULES = {
     "dvc": "bench.dvc_files",
     "shards": "bench.dvc_shards",
     "selection": "bench.selection",
+    "label_audit": "bench.label_audit",
 }

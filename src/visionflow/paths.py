@@ -33,6 +33,7 @@ class ProjectPaths:
     evaluation_reports: Path
     warm_start: Path  # champion weights downloaded for a warm-started retraining
     train_runs: Path  # one folder per training run (run_key): checkpoints and state.json
+    training_dynamics: Path  # the published model's per-sample training dynamics (+ .json beside it)
     # export and registry
     onnx_dir: Path
     export_report: Path
@@ -77,6 +78,7 @@ class ProjectPaths:
             evaluation_reports=at(p.evaluate.report_dir),
             warm_start=at("models/warm_start"),
             train_runs=at("runs/train"),
+            training_dynamics=at("reports/training_dynamics.csv"),
             onnx_dir=at("models/onnx"),
             export_report=at("reports/export.json"),
             registry_report=at("reports/registry.json"),

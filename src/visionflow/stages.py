@@ -112,9 +112,26 @@ def train_stage(
     tmp = paths.checkpoint.with_suffix(".ckpt.tmp")
     shutil.copyfile(paths.root / res.best_checkpoint, tmp)
     os.replace(tmp, paths.checkpoint)
+    _publish_dynamics(paths, res)
     res = replace(res, model_checkpoint=paths.relative(paths.checkpoint))
     write_json_atomic(paths.train_report, asdict(res))
     return res
+
+
+def _publish_dynamics(paths: ProjectPaths, res: TrainResult) -> None:
+    """The run's training-dynamics table beside the published model (reports/training_dynamics.csv + .json), or
+    none when the run recorded none (a run from before the table existed): a stale table is removed, never kept
+    next to another model."""
+    target = paths.training_dynamics
+    source = paths.root / res.training_dynamics if res.training_dynamics else None
+    for suffix in (".json", ".csv"):  # the description first: the audit reads the table only when both exist
+        dst = target.with_suffix(suffix)
+        if source is not None and source.with_suffix(suffix).is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.with_suffix(suffix), dst.with_suffix(suffix + ".tmp"))
+            os.replace(dst.with_suffix(suffix + ".tmp"), dst)
+        else:
+            dst.unlink(missing_ok=True)
 
 
 def _trained(paths: ProjectPaths) -> dict:

@@ -10,13 +10,15 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from tests.helpers import tiny_project, use_mlflow
-from visionflow import stages
+from visionflow import cli, stages
 from visionflow.config import load_params
+from visionflow.monitoring.label_audit import SUSPECT_COLUMNS
 from visionflow.training.train import train
 
 pytestmark = pytest.mark.slow
@@ -108,6 +110,10 @@ def test_killed_training_resumes_to_the_same_step_count(tmp_path):
     assert report["resumed"] is True and report["mlflow_run_id"] == state["mlflow_run_id"]
     assert 0 < killed_at < report["max_steps"]
     assert report["global_step"] == report["max_steps"] == 23 * 30  # ceil(90 train images / 4) x 30 epochs
+    # the training dynamics came through the checkpoint: the margins of the killed part are in the table (a
+    # mid-epoch resume sees that epoch's samples in a fresh order, so one may count once more or once less)
+    seen = pd.read_csv(proj / "reports/training_dynamics.csv")["epochs"]
+    assert abs(int(seen.sum()) - 90 * 30) <= 8 and seen.min() >= 28, (killed_at, seen.describe())
 
 
 def test_transfer_learning_from_bundled_weights_is_one_params_change(tmp_path):
@@ -151,3 +157,59 @@ def test_a_moved_project_reuses_its_finished_training_run(tmp_path):
     assert again.reused and not again.resumed, again
     assert again.mlflow_run_id == first.mlflow_run_id and again.global_step == first.global_step
     assert (moved / again.best_checkpoint).is_file() and (moved / "models/model.ckpt").is_file()
+
+
+def _audit(proj: Path, capfd, *args: str) -> tuple[int, str, list[str]]:
+    """`visionflow --json audit-labels ARGS`: exit code, stdout and stderr's non-empty lines."""
+    rc = cli.main(["--params", str(proj / "params.yaml"), "--json", "audit-labels", *args])
+    out = capfd.readouterr()
+    return rc, out.out, [ln for ln in out.err.splitlines() if ln.strip()]
+
+
+def test_training_records_dynamics_that_audit_labels_ranks_and_logs(project, capfd):
+    p = load_params(project / "params.yaml")
+    use_mlflow(p, project)
+    res = stages.train_stage(p, project, "abc123", progress=False)
+    table = pd.read_csv(project / "reports/training_dynamics.csv")
+    train = pd.read_csv(project / "data/splits/train.csv").set_index("path")
+    assert list(table.columns) == ["path", "sha256", "label", "aum", "suggested", "epochs"]
+    assert sorted(table["path"]) == sorted(train.index) and (table["epochs"] == res.epochs_completed).all()
+    assert (table.set_index("path")["sha256"] == train["sha256"]).all()
+    logged = {a.path for a in _client(project).list_artifacts(res.mlflow_run_id, "training_dynamics")}
+    assert "training_dynamics/training_dynamics.csv" in logged
+
+    rc, out, err = _audit(project, capfd, "--threshold", "1000")  # every sample flagged: the whole ranking
+    assert rc == 0, err
+    summary = json.loads(out)
+    suspects = pd.read_csv(project / "reports/label_audit/suspects-train.csv")
+    assert list(suspects.columns) == list(SUSPECT_COLUMNS) and summary["flagged"] == len(suspects) == len(table)
+    assert suspects["score"].is_monotonic_increasing and suspects["rank"].tolist() == list(range(1, len(table) + 1))
+    assert set(suspects["method"]) == {"aum"} and set(suspects["scope"]) == {"train"}
+    assert sum(summary["per_class"].values()) == summary["flagged"] and summary["share_flagged"] == 1.0
+    assert (project / "reports/label_audit/grid-train.png").stat().st_size > 0
+    logged = {a.path for a in _client(project).list_artifacts(res.mlflow_run_id, "label_audit")}
+    assert {"label_audit/suspects-train.csv", "label_audit/grid-train.png"} <= logged
+    rc, out, err = _audit(project, capfd)
+    assert rc == 0 and json.loads(out)["threshold"] == -2.0, err  # the default (monitoring.audit)
+    rc, out, err = _audit(project, capfd, "--threshold", "-1000")  # nothing that low: an empty suspects file
+    assert rc == 0 and json.loads(out)["flagged"] == 0, err
+    assert pd.read_csv(project / "reports/label_audit/suspects-train.csv").empty
+
+
+def test_audit_labels_refuses_a_table_of_another_split_or_none(project, capfd, tmp_path):
+    p = load_params(project / "params.yaml")
+    use_mlflow(p, project)
+    stages.train_stage(p, project, "abc123", progress=False)
+    split, table = project / "data/splits/train.csv", project / "reports/training_dynamics.csv"
+    kept = {f: f.read_bytes() for f in (split, table)}
+    try:
+        split.write_bytes(kept[split] + b"\n")  # another version of the split (relabelled, re-split, ...)
+        rc, _, err = _audit(project, capfd)
+        assert rc == 2 and len(err) == 1 and "another version of data/splits/train.csv" in err[0], err
+        split.write_bytes(kept[split])
+        table.unlink()
+        rc, _, err = _audit(project, capfd)
+        assert rc == 2 and len(err) == 1 and "run `visionflow train` first" in err[0], err
+    finally:
+        for f, data in kept.items():
+            f.write_bytes(data)

@@ -43,6 +43,7 @@ for _command in (
     commands_monitoring.drift,
     commands_monitoring.drift_eval,
     commands_select.select,
+    commands_monitoring.audit_labels,
     commands_flows.retrain,
     commands_data.export_data,
     commands_data.check_params,

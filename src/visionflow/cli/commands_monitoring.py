@@ -1,4 +1,5 @@
-"""Commands of the monitoring part: simulate a production batch, check drift, evaluate the drift check."""
+"""Commands of the monitoring part: simulate a production batch, check drift, evaluate the drift check, audit the
+training labels."""
 
 from __future__ import annotations
 
@@ -165,3 +166,28 @@ def drift_eval(
         f"(min share {min(res.shifted_shares):.3f}); threshold {p.drift.drift_share}, "
         f"{p.drift.batch_size} images per batch"
     )
+
+
+def audit_labels(
+    ctx: typer.Context,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="flag training samples whose area under the margin is below this (default -2: on average "
+            "another class beat the given label by more than 2 logits; chosen in BENCHMARKS.md, label_audit)."
+        ),
+    ] = None,
+) -> None:
+    """Audit the training split's labels from the published model's training dynamics (area under the margin).
+
+    Writes reports/label_audit/suspects-train.csv (lowest AUM first), summary-train.json and grid-train.png (the
+    top 25), and logs them to the model's training run in MLflow.
+    """
+    from visionflow.monitoring.audit import audit_train, log_audit
+
+    run: Invocation = ctx.obj
+    p = run.params()
+    res = audit_train(p, run.root, threshold)
+    run.setup_mlflow(p)
+    log_audit(res, run.root)
+    run.show("label audit (train)", res)

@@ -55,20 +55,25 @@ def build_train_transform(aug: AugmentParams, image_size: int, seed: int) -> A.C
 
 
 class CachedImageDataset(Dataset):
-    def __init__(self, split: CachedSplit, transform: A.Compose | None = None):
+    """(image, label) pairs of a cached split; (image, label, index) with `with_index`, so that training can
+    record what it did with each sample (visionflow.training.dynamics)."""
+
+    def __init__(self, split: CachedSplit, transform: A.Compose | None = None, with_index: bool = False):
         self.split = split
         self.transform = transform
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.split.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         img = np.asarray(self.split.images[i])
         if self.transform is not None:
             img = self.transform(image=img)["image"]
             if img.ndim == 2:
                 img = img[..., None]
-        return torch.from_numpy(np.array(img.transpose(2, 0, 1), copy=True)), int(self.split.labels[i])
+        x = torch.from_numpy(np.array(img.transpose(2, 0, 1), copy=True))
+        return (x, int(self.split.labels[i]), i) if self.with_index else (x, int(self.split.labels[i]))
 
 
 def init_worker(worker_id: int) -> None:
@@ -112,7 +117,10 @@ class ImageDataModule(L.LightningDataModule):
         augment: AugmentParams,
         seed: int,
         project: ProjectPaths | None = None,
+        train_index: bool = False,
     ):
+        """train_index: the train loader's batches carry each sample's index in the split as a third element
+        (training records per-sample dynamics from it); val and test batches stay (images, labels)."""
         super().__init__()
         self.splits_dir = Path(splits_dir)
         self.cache_dir = Path(cache_dir)
@@ -124,6 +132,7 @@ class ImageDataModule(L.LightningDataModule):
         self.augment = augment
         self.seed = seed
         self.project = project  # the manifests' relative paths are resolved against its root
+        self.train_index = train_index
         self.splits: dict[str, CachedSplit] = {}
         self.loaders: dict[str, DataLoader] = {}
 
@@ -156,7 +165,7 @@ class ImageDataModule(L.LightningDataModule):
             transform = build_train_transform(self.augment, self.image_size, self.seed) if train else None
             generator = torch.Generator().manual_seed(self.seed)
             self.loaders[name] = DataLoader(
-                CachedImageDataset(self.load(name), transform),
+                CachedImageDataset(self.load(name), transform, with_index=train and self.train_index),
                 batch_size=self.batch_size,
                 shuffle=train,
                 drop_last=False,

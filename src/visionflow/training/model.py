@@ -109,13 +109,16 @@ class ImageClassifier(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        # (images, labels), or (images, labels, indices) from a loader that records training dynamics
+        x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.loss(logits, y)
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        # the logits reach the callbacks' on_train_batch_end: the training-dynamics callback takes each sample's
+        # margin from them without a second forward pass
+        return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from visionflow.registry.tracking import SystemMetrics, lineage_tags, run_name
 from visionflow.report import write_json_atomic
 from visionflow.training.callbacks import EpochLog, Log, RunFigures, StartValWorkers
 from visionflow.training.datamodule import ImageDataModule, InputDecision, class_names, decide_input
+from visionflow.training.dynamics import TrainingDynamics, record_table
 from visionflow.training.model import ImageClassifier
 from visionflow.training.run_records import log_figures, log_run_config
 from visionflow.training.runtime import AtomicCheckpointIO, Runtime, resolve_runtime
@@ -58,6 +59,9 @@ class TrainResult:
     # Where train_stage published best_checkpoint, relative to the project root (models/model.ckpt); None from
     # train() itself
     model_checkpoint: str | None = None
+    # The per-sample training dynamics table (visionflow.training.dynamics) in the run's folder, relative to the
+    # project root; None in older states
+    training_dynamics: str | None = None
 
 
 LOG = logging.getLogger(__name__)
@@ -120,6 +124,7 @@ def _plan(
         augment=cfg.augment,
         seed=p.base.seed,
         project=paths,
+        train_index=True,  # per-sample training dynamics (the label audit)
     )
     dm.prepare_data()  # the decode-once cache: built here, timed as the run's cache seconds
     cache_done = time.perf_counter()
@@ -171,7 +176,7 @@ def _mlflow_logger(
 
 
 def _trainer(
-    plan: RunPlan, logger: MLFlowLogger, figures_cb: RunFigures, progress: bool, log: Log
+    plan: RunPlan, logger: MLFlowLogger, figures_cb: RunFigures, dynamics: TrainingDynamics, progress: bool, log: Log
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning trainer with its callbacks; returns it and the best-checkpoint callback."""
     cfg, ckpt_dir = plan.cfg, plan.run_dir / "checkpoints"
@@ -200,7 +205,12 @@ def _trainer(
         EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience),
     ]
     # EpochLog reads figures_cb's timing of the epoch at its end; neither resets it before the next epoch starts
-    callbacks += [figures_cb, EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb), StartValWorkers()]
+    callbacks += [
+        figures_cb,
+        EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb),
+        StartValWorkers(),
+        dynamics,
+    ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     rt = plan.rt
@@ -312,7 +322,8 @@ def _fit(
     if not resumed:
         log_run_config(logger.experiment, mlflow_run_id, p, plan)
     figures_cb = RunFigures(start, plan.cache_done)
-    trainer, best_cb = _trainer(plan, logger, figures_cb, progress, log)
+    dynamics = TrainingDynamics(len(plan.dm.load("train").labels), len(plan.classes))
+    trainer, best_cb = _trainer(plan, logger, figures_cb, dynamics, progress, log)
     with SystemMetrics(mlflow_run_id, uri, plan.cfg.system_metrics_interval_s, resumed):
         trainer.fit(_classifier(plan), datamodule=plan.dm, ckpt_path=str(resume_from) if resumed else None)
     figures = figures_cb.figures()
@@ -332,6 +343,16 @@ def _fit(
     )
     logger.experiment.set_tag(mlflow_run_id, "visionflow.train.global_step", str(result.global_step))
     log_figures(logger.experiment, mlflow_run_id, figures, result.global_step)
+    if trainer.is_global_zero:
+        table = record_table(
+            dynamics,
+            plan.run_dir / "training_dynamics.csv",
+            (plan.dm.load("train"), plan.paths.splits / "train.csv", plan.classes),
+            {"mlflow_run_id": mlflow_run_id, "run_key": plan.key, "resumed": resumed},
+            logger.experiment,
+            log,
+        )
+        result = replace(result, training_dynamics=plan.paths.relative(table) if table else None)
     write_json_atomic(
         state_path,
         {"status": "completed", "mlflow_run_id": mlflow_run_id, "best_checkpoint": best, "result": asdict(result)},
