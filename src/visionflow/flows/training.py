@@ -117,6 +117,36 @@ def train_model(p: Params, root: Path, data_version: str) -> tuple[TrainResult, 
 
 
 @task
+def audit_labels(p: Params, root: Path) -> dict[str, Any] | None:
+    """The training split's label audit from the run's training dynamics (visionflow.monitoring.audit): the
+    suspects go to reports/label_audit/ and the review page's label audit view. Advisory: a missing table (a run
+    reused from before training dynamics were recorded) is a warning, not a failed pipeline."""
+    from dataclasses import asdict
+
+    from visionflow.errors import DataError
+    from visionflow.monitoring.audit import audit_train, log_audit
+
+    log = get_run_logger()
+    try:
+        res = audit_train(p, root)
+    except DataError as exc:
+        log.warning("label audit skipped: %s", exc)
+        return None
+    log_audit(res, root)
+    log.info(
+        "label audit: %d of %d training labels suspected (%.1f%%, area under the margin < %g); list %s, "
+        "top %s; decide them on the review page's label audit view",
+        res.flagged,
+        res.samples,
+        100 * res.share_flagged,
+        res.threshold,
+        res.suspects,
+        res.grid or "-",
+    )
+    return asdict(res)
+
+
+@task
 def evaluate_model(p: Params, root: Path) -> tuple[EvalResult, float]:
     res, secs = _timed(stages.evaluate_stage, p, root)
     get_run_logger().info(
@@ -190,6 +220,7 @@ def training_flow(
     validated, t_validate = validate_data(p, root, data_version)
     splits, t_split = split_data(p, root)
     trained, t_train = train_model(p, root, data_version)
+    label_audit = audit_labels(p, root)
     evaluated, t_evaluate = evaluate_model(p, root)
     exported, t_export = export_model(p, root)
     registered, t_register = register_model(p, root)
@@ -218,6 +249,7 @@ def training_flow(
     )
     summary.update(
         status="completed",
+        label_audit=label_audit,
         stage_seconds={k: round(v, 3) for k, v in seconds.items()},
         total_seconds=round(time.perf_counter() - start, 3),
     )
