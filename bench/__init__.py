@@ -8,7 +8,7 @@ See BENCHMARKS.md for what each benchmark measures.
 
 BENCHMARKS = ("train_step", "input_pipeline", "cache_build", "inference", "orchestration", "drift", "dvc")
 # Run only when named with --only: the shards scaling benchmark takes about 40 minutes at its full sizes.
-OPT_IN = ("shards",)
+OPT_IN = ("shards", "attribution")
 
 # benchmark name -> module under bench/ (drift and dvc get longer module names so that `bench/` on sys.path
 # could never shadow the real `dvc` package or visionflow's drift module)
@@ -21,4 +21,5 @@ MODULES = {
     "drift": "bench.drift_check",
     "dvc": "bench.dvc_files",
     "shards": "bench.dvc_shards",
+    "attribution": "bench.attribution",
 }
