@@ -31,9 +31,7 @@ def project(tmp_path_factory):
     p = p.model_copy(
         update={
             "data": p.data.model_copy(update={"source": str(src), "max_images": None}),
-            "drift": p.drift.model_copy(
-                update={"min_batch_size": 10, "reference_size": 90, "attribution_images": 45}
-            ),
+            "drift": p.drift.model_copy(update={"min_batch_size": 10, "reference_size": 90, "attribution_images": 45}),
         }
     )
     (root / p.data.splits_dir).mkdir(parents=True)
