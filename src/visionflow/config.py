@@ -233,7 +233,7 @@ class DriftParams(_Section):
     # Drift attribution: test-split images each simulated shift is applied to (once per champion, cached), and
     # the signature distance past which a drifted batch is "no close match" rather than its nearest shift.
     attribution_images: int = Field(500, ge=10, le=100_000)
-    attribution_max_distance: float = Field(3.0, gt=0, le=10**6)
+    attribution_max_distance: float = Field(0.8, gt=0, le=10**6)
 
 
 class ServeParams(_Section):
