@@ -69,6 +69,19 @@ def test_the_suite_is_cached_per_champion(project):
     np.testing.assert_array_equal(again.signatures, suite.signatures)
 
 
+def test_a_damaged_suite_cache_is_rebuilt(project, tmp_path):
+    root, p, champion, ref, suite = project
+    saved = suite.cache.read_bytes()
+    try:
+        suite.cache.write_bytes(saved[: len(saved) // 2])  # a copy cut short
+        said: list[str] = []
+        again = load_suite(p, root, *champion, ref, progress=said.append)
+        assert "unreadable" in said[0] and "building the shift suite" in said[1]
+        np.testing.assert_allclose(again.signatures, suite.signatures)
+    finally:
+        suite.cache.write_bytes(saved)
+
+
 def test_a_batch_unlike_any_shift_is_no_close_match(project):
     root, p, champion, _, suite = project
     folder = root / "inverted"

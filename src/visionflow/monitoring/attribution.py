@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,16 @@ def _run(images, labels, shift, severity, seed, session, card, rules) -> tuple[F
     return feats, conf, correct
 
 
+def _read_suite(cache: Path) -> Suite:
+    with np.load(cache, allow_pickle=False) as z:
+        basis = Basis(
+            *(z[f"basis_{f}"] for f in ("prop_mean", "prop_std", "pca_mean", "pca_axes")),
+            float(z["basis_conf"][0]),
+            float(z["basis_conf"][1]),
+        )
+        return Suite(list(z["entries"].astype(str)), z["signatures"], z["confidence"], z["correct"], basis, cache)
+
+
 def load_suite(p: Params, root: Path, version: str, session, card, ref: Features, progress=say) -> Suite:
     """The shift suite for this champion and reference: from the cache, or computed (a progress line per shift)."""
     sample = _sample(p, root)
@@ -181,13 +192,10 @@ def load_suite(p: Params, root: Path, version: str, session, card, ref: Features
         ProjectPaths.of(p, root).drift / f"attribution-v{version}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.npz"
     )
     if cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            basis = Basis(
-                *(z[f"basis_{f}"] for f in ("prop_mean", "prop_std", "pca_mean", "pca_axes")),
-                float(z["basis_conf"][0]),
-                float(z["basis_conf"][1]),
-            )
-            return Suite(list(z["entries"].astype(str)), z["signatures"], z["confidence"], z["correct"], basis, cache)
+        try:
+            return _read_suite(cache)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # a damaged cache is rebuilt
+            progress(f"drift attribution: {cache.name} is unreadable ({exc}); rebuilding it")
     if len(sample) < 10:
         raise DataError(f"the test split has {len(sample)} images: too few to build the attribution suite (10+)")
     progress(
@@ -199,10 +207,13 @@ def load_suite(p: Params, root: Path, version: str, session, card, ref: Features
     labels = list(sample["label"])
     basis = Basis.of(ref)
     entries, sigs, confs, corrects = [], [], [], []
-    for shift, sev in [("none", 0)] + [(s, k) for s in SUITE_SHIFTS for k in SEVERITIES]:
+    for shift, sev in [(CLEAN.split(":")[0], 0)] + [(s, k) for s in SUITE_SHIFTS for k in SEVERITIES]:
         feats, conf, correct = _run(images, labels, shift, sev, p.base.seed, session, card, rules)
-        if len(feats.frame) < 2:
-            raise DataError(f"the attribution suite's {shift} {sev} images could not be read: {feats.rejected[:1]}")
+        if len(feats.frame) < 2:  # e.g. a 4x upscale of large photos past validation.max_pixels
+            if shift == "none":
+                raise DataError(f"the test-split sample could not be read: {feats.rejected[:1]}")
+            progress(f"drift attribution: {shift} {sev} left out of the suite, its images unreadable")
+            continue
         entries.append(f"{shift}:{sev}")
         sigs.append(signature(feats, basis))
         confs.append(conf)
