@@ -56,7 +56,7 @@ def test_a_shifted_batch_is_named_after_its_shift(project, shift):
     a = _attribution(project, shift, 5)
     assert a["status"] == "ok" and a["cause"] == shift, a["summary"]
     assert a["runner_up"]["cause"] != shift and a["runner_up"]["distance"] >= a["distance"]
-    assert a["augment"]["key"] == shift and a["augment"]["override"] == f"train.augment.{shift}=0.8"
+    assert a["augment"]["key"] == shift and a["augment"]["override"] == f"train.augment.{shift}=0.5"
     assert 0 <= a["predicted_accuracy"] <= 1 and set(a["predictions"]) == {"matched", "atc_suite", "atc_shift"}
     assert a["summary"].startswith(f"looks like {'sensor noise' if shift == 'noise' else 'blur'}, severity")
 

@@ -277,10 +277,12 @@ def match(suite: Suite, sig: np.ndarray) -> tuple[int, int, np.ndarray]:
 
 
 def augment_override(p: Params, shift: str, severity: int) -> dict[str, Any]:
-    """The train.augment probability that counters the shift, turned up with its severity (0.4 at 1 to 0.8 at 5);
-    no override when params.yaml already asks for as much."""
+    """The train.augment probability that counters the shift: 0.4 at severity 1, 0.5 above; no override when
+    params.yaml already asks for as much. Capped at 0.5 by measurement: in the closed loop (noise 5) 0.8 lifted the
+    drifted holdout to 0.890 but cost a clean class 5 points of recall, so the gate refused it; 0.5 gave 0.878 and
+    was promoted (no override: 0.826)."""
     key = AUGMENT_FOR[shift]
-    want = round(min(0.8, 0.3 + 0.1 * severity), 2)
+    want = round(min(0.5, 0.3 + 0.1 * severity), 2)
     now = getattr(p.train.augment, key)
     return {
         "key": key,
