@@ -111,6 +111,7 @@ def _on_drift_options(p, params_path: str) -> dict[str, Any]:
                     "batch": "{{ event.payload.batch }}",
                     "eval_batch": "{{ event.payload.eval_batch }}",
                     "claim_id": "{{ event.payload.claim_id }}",
+                    "augment": "{{ event.payload.augment }}",
                 },
             )
         ],

@@ -230,6 +230,10 @@ class DriftParams(_Section):
     warm_start_epochs: int | None = Field(4, ge=1, le=10_000)
     warm_start_lr: float = Field(0.002, gt=0, le=10)
     batches_dir: Path = Path("data/batches")
+    # Drift attribution: test-split images each simulated shift is applied to (once per champion, cached), and
+    # the signature distance past which a drifted batch is "no close match" rather than its nearest shift.
+    attribution_images: int = Field(500, ge=10, le=100_000)
+    attribution_max_distance: float = Field(0.8, gt=0, le=10**6)
 
 
 class ServeParams(_Section):

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image, TiffTags
 
-from tests.helpers import make_folder_dataset, make_image
+from tests.helpers import make_folder_dataset, make_image, tiny_onnx_champion
 from visionflow.config import Params, ValidateParams
 from visionflow.data.imageio import DecodeRules
 from visionflow.data.validate import read_manifest, validate
@@ -101,37 +101,7 @@ def test_validate_never_crashes_on_a_corrupt_exif_image(tmp_path, workers):
 
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
-    """(version, session, card) of a tiny real ONNX model: embedding = per-channel means and spreads, logits a
-    fixed projection of them."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from visionflow.onnxrt import ort_session
-
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=(6, len(CLASSES))).astype(np.float32)
-    nodes = [
-        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[2, 3], keepdims=0),
-        helper.make_node("ReduceMax", ["x"], ["peak"], axes=[2, 3], keepdims=0),
-        helper.make_node("Concat", ["mean", "peak"], ["embedding"], axis=1),
-        helper.make_node("MatMul", ["embedding", "w"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(CLASSES)]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6]),
-        ],
-        initializer=[numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    onnx.save(model, str(path))
-    card = {"image_size": SIZE, "channels": 3, "classes": CLASSES, "onnx_sha256": "tiny"}
-    return "1", ort_session(path), card
+    return tiny_onnx_champion(tmp_path_factory.mktemp("model") / "tiny.onnx", CLASSES, SIZE)
 
 
 def _params() -> Params:

@@ -29,7 +29,7 @@ def loop_project(tmp_path_factory, harness):
         registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "accuracy_floor": 0.3, "bootstrap_samples": 200},
         # batch and reference as large as this small test split allows: the distance
         # thresholds are set for the default 500 vs 5,000, tiny samples are noisier
-        drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1},
+        drift={"batch_size": 300, "reference_size": 600, "warm_start_epochs": 1, "attribution_images": 100},
     )
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from visionflow.flows.training import training_flow
@@ -59,6 +59,8 @@ def test_drift_cli_verdicts_and_bad_batches(loop_project):
     assert verdict["features"]["blur"]["current_mean"] > verdict["features"]["blur"]["reference_mean"]
     assert (proj / verdict["report_html"]).stat().st_size > 10_000 and verdict["mlflow_run_id"]
     assert 0 <= verdict["accuracy"] <= 1  # labels.csv travelled with the batch
+    assert verdict["attribution"]["cause"] == "noise", verdict["attribution"]["summary"]
+    assert 0 <= verdict["attribution"]["predicted_accuracy"] <= 1
 
     # Unreadable images: listed in the verdict, left where they were.
     bad = proj / "data/batches/noisy/images"
@@ -115,6 +117,7 @@ def test_three_alarms_in_the_cooldown_start_one_retraining(loop_project):
 
     r = outcomes[0]["retrain"]
     assert r["warm_start"] and r["new_data_version"] != first["data_version"]
+    assert r["augment_override"].startswith("train.augment.noise=")  # the attribution's choice reached the retrain
     assert sum(r["reviewed_images_added"].values()) == 150
     assert len(list((proj / "data/raw").glob("*/reviewed__prod__*"))) == 150
     assert r["eval_batch_accuracy"]["n_images"] == 150
@@ -162,6 +165,8 @@ def test_closed_loop_reports_drift_and_retraining(loop_project):
     report = json.loads((proj / "reports/pipeline.json").read_text())
     assert report["drift"]["drifted"] is True and report["drift"]["drift_share"] >= 0.3
     assert "blur" in report["drift"]["features"]
+    assert report["drift"]["attribution"]["cause"] == "noise"
+    assert report["drift"]["predicted_accuracy"] == report["drift"]["attribution"]["predicted_accuracy"]
     r = report["retrain"]
     assert r["triggered"] and r["new_version"] and isinstance(r["promoted"], bool)
     assert 0 <= r["drifted_accuracy_before"] <= 1 and 0 <= r["drifted_accuracy_after"] <= 1

@@ -132,6 +132,8 @@ def _print_drift(v: dict[str, Any]) -> None:
         f"{verdict}: {v['n_drifted_features']}/{v['n_features']} features drifted (share {v['drift_share']:.2f}, "
         f"threshold {v['threshold']}); report {v['report_html']}"
     )
+    if v["drifted"] and v.get("attribution"):
+        out.print(f"attribution: {v['attribution']['summary']}", highlight=False)
     if v.get("accuracy") is not None:
         out.print(f"champion accuracy on this batch (reviewed labels): {v['accuracy']:.4f}")
     if v["n_unreadable"]:

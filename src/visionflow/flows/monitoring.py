@@ -68,6 +68,8 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
             ", ".join(verdict["moved"][:8]) or "nothing",
             verdict["report_html"],
         )
+    if verdict.get("drifted"):
+        log.info("%s: %s", verdict["batch"], verdict["attribution"]["summary"])
     if verdict["n_unreadable"]:
         log.warning("%d unreadable image(s) left in place and listed in the verdict", verdict["n_unreadable"])
     return verdict
@@ -110,9 +112,15 @@ def emit_drift_event(
             "drift_share": verdict["drift_share"],
             "moved": verdict["moved"][:20],
             "champion_version": verdict["champion_version"],
+            "augment": augment_of(verdict),
         },
     )
     return str(event.id) if event is not None else None
+
+
+def augment_of(verdict: dict[str, Any]) -> str | None:
+    """The train.augment override the drift attribution chose for the retrain (None: keep params.yaml's)."""
+    return ((verdict.get("attribution") or {}).get("augment") or {}).get("override")
 
 
 def _retrain_mode(requested: str) -> str:
@@ -171,6 +179,7 @@ def drift_check_flow(
                 claim_id=claim.claim_id,
                 overrides=overrides,
                 budgeted_review=budgeted_review,
+                augment=augment_of(verdict),
             )
         )
     return outcome
@@ -233,16 +242,20 @@ def retraining_flow(
     claim_id: str | None = None,
     overrides: list[str] | None = None,
     budgeted_review: bool = False,
+    augment: str | None = None,
 ) -> dict[str, Any]:
     """Reviewed data in (new data version), warm-started training, and the promotion gate.
 
     budgeted_review: the batch's labels stand for a person who labels only what the budgeted selection offers
     (review.budget images by review.strategy), so only those are taken in; otherwise every labelled image is.
+    augment: a train.augment override from the drift attribution (e.g. train.augment.noise=0.5), applied on top.
     """
     root, p = _root_params(params_path, overrides)
     paths = ProjectPaths.of(p, root)
     # Event-templated parameters render a missing value as "None".
-    batch, eval_batch, claim_id = (None if v in (None, "", "None") else v for v in (batch, eval_batch, claim_id))
+    batch, eval_batch, claim_id, augment = (
+        None if v in (None, "", "None") else v for v in (batch, eval_batch, claim_id, augment)
+    )
     if reason == "drift" and claim_id is None:
         # Started by an event that did not come through the cool-down ledger: claim now, or stand down.
         claim = monitor.claim_retraining(
@@ -258,7 +271,7 @@ def retraining_flow(
         if batch
         else {"images": {}, "audit": None}
     )
-    extra = list(overrides or [])
+    extra = list(overrides or []) + ([augment] if augment else [])
     weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
     if weights:
         extra += [
@@ -279,6 +292,7 @@ def retraining_flow(
         "review_selection": review,
         "new_data_version": summary["data_version"],
         "warm_start": bool(weights),
+        "augment_override": augment,
         "new_version": reg["version"],
         "promoted": reg["promoted"],
         "gate_reasons": reg["reasons"],
@@ -359,6 +373,9 @@ def closed_loop_flow(
         "views": v.get("views"),
         "report_html": v.get("report_html"),
         "champion_accuracy_on_batch": v.get("accuracy"),
+        "attribution": v.get("attribution"),
+        # the attribution's accuracy predicted before any label, against the one the batch's labels measure
+        "predicted_accuracy": (v.get("attribution") or {}).get("predicted_accuracy"),
     }
     retrain = {
         k: r.get(k)
@@ -378,6 +395,7 @@ def closed_loop_flow(
             "label_audit",
             "review_selection",
             "reviewed_images_added",
+            "augment_override",
         )
     }
     ev = r.get("eval_batch_accuracy") or {}

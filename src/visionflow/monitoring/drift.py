@@ -26,6 +26,7 @@ from typing import Any
 
 from visionflow.config import Params
 from visionflow.errors import DataError
+from visionflow.monitoring.attribution import attribute, load_suite, skipped
 from visionflow.monitoring.drift_compare import feature_table, project_embeddings, run_evidently, summarise
 from visionflow.monitoring.drift_features import (
     Features,
@@ -85,6 +86,7 @@ def check(
     base = _batch_facts(name, source, version, cur)
     if base["n_checked"] < p.drift.min_batch_size:
         verdict = _insufficient_data(base, p)
+        verdict["attribution"] = skipped("too few readable images for a drift verdict")
         write_json_atomic(out_dir / "verdict.json", verdict)
         return verdict
     html_path = out_dir / "drift.html" if html else None
@@ -101,11 +103,39 @@ def check(
         },
         "report_html": str(html_path.relative_to(root)) if html_path else None,
     }
+    verdict["attribution"] = _attribute(p, root, (version, session, card), ref, cur, verdict)
+    verdict["seconds"]["total"] = round(time.perf_counter() - start, 3)
+    if html_path is not None and verdict["drifted"]:
+        _headline(html_path, verdict["attribution"]["summary"])
     write_json_atomic(out_dir / "verdict.json", verdict)
     if log_to_mlflow:
         verdict["mlflow_run_id"] = _log(p, root, verdict, out_dir)
         write_json_atomic(out_dir / "verdict.json", verdict)
     return verdict
+
+
+def _attribute(p: Params, root: Path, champion, ref: Features, cur: Features, verdict: dict) -> dict[str, Any]:
+    """What a drifted batch looks like (monitoring.attribution); skipped with a reason, never a crash, when the
+    batch did not drift or the suite cannot be built."""
+    if not verdict["drifted"]:
+        return skipped("no drift")
+    t0 = time.perf_counter()
+    try:
+        suite = load_suite(p, root, *champion, ref)
+    except (DataError, OSError) as exc:
+        return skipped(f"the shift suite could not be built: {exc}")
+    out = attribute(p, suite, cur, verdict["n_unreadable"])
+    verdict["seconds"]["attribution"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _headline(html: Path, sentence: str) -> None:
+    """The attribution's sentence at the top of evidently's report, where a person opening it reads first."""
+    import html as html_lib
+
+    text = html.read_text(encoding="utf-8")
+    banner = f'<p style="font:16px sans-serif;padding:8px"><b>Drift attribution:</b> {html_lib.escape(sentence)}</p>'
+    html.write_text(text.replace("<body>", "<body>" + banner, 1), encoding="utf-8")
 
 
 def _batch_facts(name: str, source: dict[str, Any], version: str, cur: Features) -> dict[str, Any]:
@@ -185,6 +215,17 @@ def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
         }
         if verdict.get("accuracy") is not None:
             metrics["batch_accuracy"] = verdict["accuracy"]
+        a = verdict["attribution"]
+        mlflow.set_tag("visionflow.attribution", a["summary"][:5000])
+        if a["status"] != "skipped":
+            mlflow.set_tag("visionflow.attribution_cause", a["cause"] or "no close match")
+            metrics.update(
+                attribution_distance=a["distance"],
+                attribution_confidence=a["confidence"],
+                predicted_accuracy=a["predicted_accuracy"],
+            )
+            if a["severity"] is not None:
+                metrics["attribution_severity"] = a["severity"]
         mlflow.log_metrics(metrics)
         # The verdict only: evidently's HTML (~4.5 MB, mostly its scripts) would add ~110 MB a day to the artifact
         # store at the hourly schedule; it stays in the local report, named by the tag.

@@ -39,9 +39,11 @@ class Features:
 
 
 def extract(
-    files: list[Path], session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256, progress=None
+    files: list, session, card: dict[str, Any], rules: DecodeRules, batch_size: int = 256, progress=None, read=None
 ) -> Features:
-    """Decode each file once (guarded), measure its properties, and run the champion on it."""
+    """Decode each file once (guarded), measure its properties, and run the champion on it.
+
+    read: item -> bytes, for items that are not stored files (the attribution suite's shifted images, in memory)."""
     from visionflow.data.imageio import decode_with_properties
     from visionflow.onnxrt import ort_outputs, softmax
 
@@ -49,7 +51,8 @@ def extract(
     arrays, props, rejected, kept = [], [], [], []
     for i, f in enumerate(files):
         try:
-            arr, pr = decode_with_properties(read_limited(Path(f), rules.max_bytes), size, channels, rules)
+            data = read(f) if read else read_limited(Path(f), rules.max_bytes)
+            arr, pr = decode_with_properties(data, size, channels, rules)
         except RejectedImage as exc:
             rejected.append({"file": str(f), "reason": exc.reason, "detail": exc.detail})
             continue

@@ -43,6 +43,12 @@ def apply_shift(img: np.ndarray, shift: str, severity: int, rng: np.random.Gener
     return corruptions.corrupter(SHIFTS, shift, severity, rng, kind="shift")(img)
 
 
+def as_taken(path: Path | str) -> np.ndarray:
+    """A stored image (a file or a shard member) as the camera took it: grey stays grey, anything else is RGB."""
+    with Image.open(io.BytesIO(read_limited(path, None))) as im:
+        return np.asarray(im.convert("L") if Image.getmodebase(im.mode) == "L" else im.convert("RGB"))
+
+
 def encode(img: np.ndarray, shift: str, severity: int) -> tuple[bytes, str]:
     pil = Image.fromarray(img)
     buf = io.BytesIO()
@@ -138,12 +144,7 @@ def simulate(p, root: Path, out: Path, *, shift: str, severity: int, n: int, see
     (partial / "images").mkdir(parents=True)
     rows, written = [], []
     for k, i in enumerate(chosen):
-        if arrays is not None:
-            img = arrays[i]
-        else:
-            with Image.open(io.BytesIO(read_limited(paths[i], None))) as im:  # a file or a shard member
-                # as the camera took it: grey stays grey, anything else is written as RGB
-                img = np.asarray(im.convert("L") if Image.getmodebase(im.mode) == "L" else im.convert("RGB"))
+        img = arrays[i] if arrays is not None else as_taken(paths[i])
         data, ext = encode(apply_shift(img, shift, severity, rng), shift, severity)
         name = f"{out.name}_{k:05d}.{ext}"
         (partial / "images" / name).write_bytes(data)
