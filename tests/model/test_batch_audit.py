@@ -91,6 +91,12 @@ def test_a_batch_labelled_like_the_champion_is_taken_in(project):
     confident, suggested = confident_class(probs, thresholds)
     labels = [classes[s if ok else k] for ok, s, k in zip(confident, suggested, probs.argmax(1))]
     batch = _batch(proj, "agreed", files, labels)
+    # a person asked to label only some (the budgeted selection): only those are audited and taken in
+    from visionflow.monitoring.selection import batch_name
+
+    chosen = {batch_name(batch, f) for f in sorted((batch / "images").iterdir())[:3]}
+    some = take_in_audited(p, proj, batch, None, only=chosen)
+    assert some["audit"]["n_audited"] == 3 and sum(some["images"].values()) == 3
     taken = take_in_audited(p, proj, batch, None)
     assert not taken["audit"]["held"] and taken["audit"]["suspects"] == 0
     assert sum(taken["images"].values()) == len(files)

@@ -169,7 +169,7 @@ def take_in_audited(
     audit = audit_batch(p, root, batch_dir, images, labels, champion)
     if audit["held"]:
         return {"images": {}, "audit": audit}
-    return {"images": take_in_reviewed_batch(batch_dir, ProjectPaths.of(p, root).reviewed, known), "audit": audit}
+    return {"images": take_in_reviewed_batch(batch_dir, ProjectPaths.of(p, root).reviewed, known, only), "audit": audit}
 
 
 def _champion(p: Params, root: Path):
