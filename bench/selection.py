@@ -42,6 +42,8 @@ def run(ctx: Context) -> dict[str, Any]:
     # 80 steps of 64 images: 20-200 s per retrain on 2 cores shared with other work
     sizes = {"pool": 600, "holdout": 400, "replay": 1000, "steps": 40, "seeds": 1} if ctx.quick else {}
     sizes = {"pool": 2000, "holdout": 1000, "replay": 4000, "steps": 80, "seeds": 2} | sizes
+    if os.environ.get("BENCH_SELECTION_SEEDS"):  # more seeds separate the strategies better (a quiet machine)
+        sizes["seeds"] = int(os.environ["BENCH_SELECTION_SEEDS"])
     data = _data(ctx, p, root, sizes)
     ctx.log(
         f"selection: pool {len(data['pool_y'])}, holdout {len(data['hold_y'])}, champion holdout accuracy "

@@ -102,6 +102,24 @@ def test_a_batch_labelled_like_the_champion_is_taken_in(project):
     assert sum(taken["images"].values()) == len(files)
 
 
+def test_on_a_drifted_batch_the_limit_grows_by_the_champions_predicted_error(project):
+    proj, p, probs, files, classes, thresholds = project
+    ProjectPaths.of(p, proj).label_overrides.unlink(missing_ok=True)
+    wrong = [classes[k] for k in probs.argmin(1)]
+    batch = _batch(proj, "drifted", files, wrong)
+    plain = take_in_audited(p, proj, batch, None)["audit"]
+    assert plain["held"] and plain["threshold"] == p.review.max_suspect_share, plain
+    # a champion predicted right half the time: limit 0.2 + 0.5 = 0.7
+    held = take_in_audited(p, proj, batch, None, predicted_accuracy=0.5)
+    assert held["audit"]["threshold"] == 0.7 and held["audit"]["held"] == (plain["suspect_share"] > 0.7)
+    if held["audit"]["held"]:
+        assert "predicted error 50%" in held["audit"]["reason"]
+    # predicted to be always wrong: its disagreement says nothing, the batch is taken in
+    taken = take_in_audited(p, proj, batch, None, predicted_accuracy=0.0)
+    assert taken["audit"]["threshold"] == 1.0 and not taken["audit"]["held"]
+    assert sum(taken["images"].values()) == len(files)
+
+
 def test_bad_batches_are_clear_and_lose_nothing(project):
     proj, p, _, files, classes, _ = project
     reviewed = ProjectPaths.of(p, proj).reviewed

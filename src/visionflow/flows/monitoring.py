@@ -180,6 +180,7 @@ def drift_check_flow(
                 overrides=overrides,
                 budgeted_review=budgeted_review,
                 augment=augment_of(verdict),
+                predicted_accuracy=(verdict.get("attribution") or {}).get("predicted_accuracy"),
             )
         )
     return outcome
@@ -205,14 +206,16 @@ def choose_for_review(p: Params, root: Path, batch: str) -> dict[str, Any]:
 
 
 @task
-def take_in_batch(p: Params, root: Path, batch: str, only: list[str] | None = None) -> dict[str, Any]:
+def take_in_batch(
+    p: Params, root: Path, batch: str, only: list[str] | None = None, predicted_accuracy: float | None = None
+) -> dict[str, Any]:
     """The reviewed batch (with `only`, the images chosen for review) audited (visionflow.monitoring.batch_audit),
     then taken in unless held back."""
     from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
     from visionflow.monitoring.batch_audit import take_in_audited
 
     classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
-    taken = take_in_audited(p, root, Path(batch), classes, set(only) if only is not None else None)
+    taken = take_in_audited(p, root, Path(batch), classes, set(only) if only is not None else None, predicted_accuracy)
     audit, log = taken["audit"], get_run_logger()
     if audit["held"]:
         log.warning("reviewed batch %s held back from the next data version: %s", batch, audit["reason"])
@@ -243,12 +246,14 @@ def retraining_flow(
     overrides: list[str] | None = None,
     budgeted_review: bool = False,
     augment: str | None = None,
+    predicted_accuracy: float | None = None,
 ) -> dict[str, Any]:
     """Reviewed data in (new data version), warm-started training, and the promotion gate.
 
     budgeted_review: the batch's labels stand for a person who labels only what the budgeted selection offers
     (review.budget images by review.strategy), so only those are taken in; otherwise every labelled image is.
     augment: a train.augment override from the drift attribution (e.g. train.augment.noise=0.5), applied on top.
+    predicted_accuracy: the attribution's predicted champion accuracy on the batch (widens the label audit's limit).
     """
     root, p = _root_params(params_path, overrides)
     paths = ProjectPaths.of(p, root)
@@ -267,7 +272,7 @@ def retraining_flow(
     start = time.perf_counter()
     review = choose_for_review(p, root, batch) if batch and budgeted_review else None
     taken = (
-        take_in_batch(p, root, batch, review.pop("files") if review else None)
+        take_in_batch(p, root, batch, review.pop("files") if review else None, predicted_accuracy)
         if batch
         else {"images": {}, "audit": None}
     )

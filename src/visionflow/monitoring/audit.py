@@ -164,7 +164,7 @@ def write_grid(path: Path, paths: ProjectPaths, rows: pd.DataFrame) -> None:
 
     cols = 5
     n_rows = max(1, -(-len(rows) // cols))
-    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 2.2, n_rows * 2.5), squeeze=False)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(cols * 2.2, n_rows * 2.9), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows.itertuples()):
