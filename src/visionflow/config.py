@@ -64,6 +64,9 @@ class _Section(BaseModel):
 class BaseParams(_Section):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and Lightning take unsigned 32-bit seeds
     project: str = "visionflow"
+    # classification: one label per image (data/raw/<class>/<file>). detection: boxes per image, configured in
+    # the `detection` section (visionflow.tasks.detection); each stage dispatches once on this.
+    task: Literal["classification", "detection"] = "classification"
 
 
 class DataParams(_Section):
@@ -282,6 +285,41 @@ class ReviewParams(_Section):
     audit_dir: Path = Path("reports/label_audit")
 
 
+class DetectionParams(_Section):
+    """Everything detection does differently; read only when base.task is detection (visionflow.tasks.detection)."""
+
+    # "fashion-mnist-scenes" (bundled: Fashion-MNIST items on textured canvases, exact boxes), a COCO JSON file
+    # (images resolved beside it or in its images/ folder), or a YOLO folder (images/, labels/, classes.txt or
+    # data.yaml).
+    source: str = "fashion-mnist-scenes"
+    scenes: int = Field(1600, ge=10, le=10**7)
+    scene_size: int = Field(128, ge=32, le=4096)
+    max_objects: int = Field(4, ge=1, le=100)
+    # The detector's input: images are resized inside the model (and the ONNX graph) to this shorter side.
+    image_size: int = Field(128, ge=32, le=2048)
+    model: Literal["fcos_mobilenetv2"] = "fcos_mobilenetv2"
+    # The registered model (its own champion and aliases, apart from the classifier's).
+    model_name: str = "visionflow-detector"
+    pretrained_weights: str | None = "mobilenetv2_100.imagenet"
+    batch_size: int = Field(16, ge=1, le=1 << 14)
+    max_epochs: int = Field(8, ge=1, le=10_000)
+    lr: float = Field(0.001, gt=0, le=10)
+    # Boxes at or above this score are the model's answer (served, counted, compared in the parity gate).
+    score_threshold: float = Field(0.3, gt=0, lt=1)
+    # An image with a served box scoring below this goes to the review queue.
+    review_threshold: float = Field(0.5, gt=0, le=1)
+    # Annotation checks: a box narrower or lower than this many pixels is degenerate; two boxes of one class
+    # overlapping at this IoU or more are duplicates.
+    min_box_px: float = Field(2.0, ge=0, le=4096)
+    duplicate_iou: float = Field(0.95, gt=0, le=1)
+    # Promotion: the floor on test mAP@0.5, and the largest per-class AP@0.5 drop against the champion.
+    map_floor: float = Field(0.5, ge=0, le=1)
+    max_class_ap_drop: float = Field(0.05, ge=0, le=1)
+    # Matched boxes (ONNX vs PyTorch) must overlap at least this much.
+    parity_iou: float = Field(0.99, gt=0, le=1)
+    robustness_images: int = Field(200, ge=10, le=10**7)
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     data: DataParams = DataParams()
@@ -294,6 +332,7 @@ class Params(_Section):
     drift: DriftParams = DriftParams()
     serve: ServeParams = ServeParams()
     review: ReviewParams = ReviewParams()
+    detection: DetectionParams = DetectionParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
