@@ -336,6 +336,16 @@ class Params(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @property
+    def model_name(self) -> str:
+        """The registered model this task's stages, server and monitors work on (each task has its own)."""
+        return self.detection.model_name if self.base.task == "detection" else self.registry.model_name
+
+    @property
+    def architecture(self) -> str:
+        """The network this task trains (train.model, or detection.model)."""
+        return self.detection.model if self.base.task == "detection" else self.train.model
+
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
 

@@ -3,6 +3,9 @@ call these, so each stage is wired to its configuration in exactly one place.
 
 Relative paths in params.yaml are relative to the project root (the folder holding params.yaml). Stages that
 touch MLflow assume the entry point has set it up (registry.tracking.setup_mlflow, once per process).
+
+base.task picks what a stage does: each stage dispatches once, at its top, to visionflow.tasks.detection for
+detection; the code below it is classification's. Versioning, publishing the checkpoint and the reports are shared.
 """
 
 from __future__ import annotations
@@ -27,11 +30,21 @@ if TYPE_CHECKING:  # the model stages import torch, MLflow and ONNX when they ru
     from visionflow.registry.export import ExportResult
     from visionflow.registry.promotion import PromoteResult
     from visionflow.registry.register import RegisterResult
+    from visionflow.tasks.detection.evaluate import DetEvalResult
+    from visionflow.tasks.detection.export import DetExportResult
     from visionflow.training.evaluate import EvalResult
     from visionflow.training.train import TrainResult
 
 
+def _detection(p: Params) -> bool:
+    return p.base.task == "detection"
+
+
 def ingest_stage(p: Params, root: Path, *, force: bool = False, progress: Progress | None = None) -> IngestResult:
+    if _detection(p):
+        from visionflow.tasks.detection.ingest import ingest as ingest_detection
+
+        return ingest_detection(p, root, force=force, progress=progress)
     paths = ProjectPaths.of(p, root)
     return ingest(
         source=p.data.source,
@@ -73,6 +86,10 @@ def current_data_version(p: Params, root: Path) -> str | None:
 def validate_stage(
     p: Params, root: Path, data_version: str | None, progress: Progress | None = None
 ) -> ValidationResult:
+    if _detection(p):
+        from visionflow.tasks.detection.validate import validate as validate_detection
+
+        return validate_detection(p, root, data_version, progress=progress)
     paths = ProjectPaths.of(p, root)
     cfg = p.validation.model_copy(update={"quarantine_dir": paths.quarantine, "report_dir": paths.validation_reports})
     return validate(
@@ -87,6 +104,10 @@ def validate_stage(
 
 
 def split_stage(p: Params, root: Path) -> SplitResult:
+    if _detection(p):
+        from visionflow.tasks.detection.split import split as split_detection
+
+        return split_detection(p, root)
     paths = ProjectPaths.of(p, root)
     return split(
         manifest_path=paths.manifest,
@@ -104,7 +125,10 @@ def train_stage(
 
     log: a logger for the input decision and the per-epoch lines (default: the visionflow.training.train logger).
     """
-    from visionflow.training.train import train
+    if _detection(p):
+        from visionflow.tasks.detection.train import train
+    else:
+        from visionflow.training.train import train
 
     paths = ProjectPaths.of(p, root)
     res = train(p=p, root=root, data_version=data_version, flow_run_id=flow_run_id, progress=progress, log=log)
@@ -144,7 +168,12 @@ def _trained(paths: ProjectPaths) -> dict:
     return json.loads(paths.train_report.read_text())
 
 
-def evaluate_stage(p: Params, root: Path) -> EvalResult:
+def evaluate_stage(p: Params, root: Path) -> EvalResult | DetEvalResult:
+    if _detection(p):
+        from visionflow.tasks.detection.evaluate import evaluate as evaluate_detection
+
+        _trained(ProjectPaths.of(p, root))
+        return evaluate_detection(p, root)
     from visionflow.data.cache import project_split
     from visionflow.training.evaluate import evaluate
     from visionflow.training.train import load_classifier
@@ -170,8 +199,16 @@ class GateFailed(DataError):
     """A gate refused the artifact; the message lists every reason."""
 
 
-def export_stage(p: Params, root: Path) -> ExportResult:
+def export_stage(p: Params, root: Path) -> ExportResult | DetExportResult:
     """ONNX export with preprocessing inside, model card, and the parity gate (raises GateFailed on failure)."""
+    if _detection(p):
+        from visionflow.tasks.detection.export import export as export_detection
+
+        _trained(ProjectPaths.of(p, root))
+        res = export_detection(p, root)
+        if not res.passed:
+            raise GateFailed("ONNX parity gate failed: " + "; ".join(res.reasons))
+        return res
     import numpy as np
 
     from visionflow.data.cache import project_split
@@ -209,6 +246,10 @@ def export_stage(p: Params, root: Path) -> ExportResult:
 
 
 def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> RegisterResult:
+    if _detection(p):
+        from visionflow.tasks.detection.promotion import register as register_detection
+
+        return register_detection(p, root, flow_run_id=flow_run_id)
     from visionflow.registry.register import register
     from visionflow.registry.tracking import lineage_tags
     from visionflow.training.train import load_classifier
@@ -230,7 +271,7 @@ def register_stage(p: Params, root: Path, *, flow_run_id: str | None = None) -> 
         data_version=trained.get("data_version"), root=root, params_digest=p.digest(), flow_run_id=flow_run_id
     )
     return register(
-        model_name=p.registry.model_name,
+        model_name=p.model_name,
         net=load_classifier(paths.checkpoint).net,
         onnx_path=paths.resolve(exported["onnx_path"]),
         exported=exported,
@@ -244,7 +285,7 @@ def champion_weights(p: Params, root: Path) -> Path | None:
     """The champion's backbone weights (downloaded from its MLflow run), or None when there is no champion."""
     from visionflow.registry.warm_start import champion_weights as download
 
-    return download(p.registry.model_name, ProjectPaths.of(p, root).warm_start)
+    return download(p.model_name, ProjectPaths.of(p, root).warm_start)
 
 
 def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch: Path | None = None) -> PromoteResult:
@@ -253,6 +294,10 @@ def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch:
     eval_batch: a reviewed production batch (e.g. the drifted data that triggered retraining) added to the paired
     comparison, and reported separately as `eval_batch_accuracy` for challenger and champion.
     """
+    if _detection(p):
+        from visionflow.tasks.detection.promotion import promote as promote_detection
+
+        return promote_detection(p, root, version, eval_batch)
     from visionflow.data.imageio import DecodeRules
     from visionflow.registry.promotion import ComparisonImages, promote
 
@@ -265,7 +310,7 @@ def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch:
         rules=DecodeRules.from_params(p.validation),
     )
     res = promote(
-        model_name=p.registry.model_name,
+        model_name=p.model_name,
         version=version,
         cfg=p.registry,
         seed=p.base.seed,

@@ -128,11 +128,11 @@ def rollback(ctx: typer.Context) -> None:
     run: Invocation = ctx.obj
     p = run.params()
     run.setup_mlflow(p)
-    demoted, restored = do_rollback(p.registry.model_name)
+    demoted, restored = do_rollback(p.model_name)
     if run.as_json:
-        print_json({"model": p.registry.model_name, "champion": restored, "previous": demoted})
+        print_json({"model": p.model_name, "champion": restored, "previous": demoted})
     else:
-        out.print(f"{p.registry.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
+        out.print(f"{p.model_name}: champion v{demoted} -> v{restored} (v{demoted} is now `previous`)")
 
 
 def lineage(

@@ -101,8 +101,8 @@ def emit_drift_event(
     event = emit_event(
         event=DRIFT_EVENT,
         resource={
-            "prefect.resource.id": f"visionflow.model.{p.registry.model_name}",
-            "prefect.resource.name": p.registry.model_name,
+            "prefect.resource.id": f"visionflow.model.{p.model_name}",
+            "prefect.resource.name": p.model_name,
             "visionflow.retrain": "requested" if claim.granted else "suppressed",
         },
         payload={

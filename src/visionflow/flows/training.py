@@ -105,8 +105,9 @@ def train_model(p: Params, root: Path, data_version: str) -> tuple[TrainResult, 
         stages.train_stage, p, root, data_version, flow_run_id=str(flow_run.id), progress=sys.stderr.isatty(), log=log
     )
     log.info(
-        "trained %s: best val acc %.4f after %d/%d steps (%s); MLflow run %s",
-        p.train.model,
+        "trained %s: best %s %.4f after %d/%d steps (%s); MLflow run %s",
+        p.architecture,
+        res.monitor,
         res.best_val_acc,
         res.global_step,
         res.max_steps,
@@ -127,6 +128,9 @@ def audit_labels(p: Params, root: Path) -> dict[str, Any] | None:
     from visionflow.monitoring.audit import audit_train, log_audit
 
     log = get_run_logger()
+    if p.base.task != "classification":  # the audit ranks one label per image; boxes have no such margin yet
+        log.info("label audit: not available for %s", p.base.task)
+        return None
     try:
         res = audit_train(p, root)
     except DataError as exc:
@@ -149,26 +153,14 @@ def audit_labels(p: Params, root: Path) -> dict[str, Any] | None:
 @task
 def evaluate_model(p: Params, root: Path) -> tuple[EvalResult, float]:
     res, secs = _timed(stages.evaluate_stage, p, root)
-    get_run_logger().info(
-        "test accuracy %.4f, macro F1 %.4f, robust accuracy %.4f, ECE %.4f",
-        res.test_accuracy,
-        res.macro_f1,
-        res.robust_accuracy,
-        res.ece,
-    )
+    get_run_logger().info("%s", res.headline())
     return res, secs
 
 
 @task
 def export_model(p: Params, root: Path) -> tuple[ExportResult, float]:
     res, secs = _timed(stages.export_stage, p, root)
-    get_run_logger().info(
-        "ONNX parity passed: max |diff| %.2e, top-1 agreement %.4f; ORT %.2f ms vs torch %.2f ms at batch 1",
-        res.max_abs_diff,
-        res.top1_agreement,
-        res.ort_ms_b1,
-        res.torch_ms_b1,
-    )
+    get_run_logger().info("%s", res.headline())
     return res, secs
 
 
@@ -269,8 +261,6 @@ def _summary(
     decision: PromoteResult,
 ) -> dict[str, Any]:
     """The run's summary (the pipeline report) from each stage's result."""
-    from visionflow.registry.export import PARITY_TAGS  # after the flow's offline_env: it imports albumentations
-
     return {
         "data_version": data_version,
         "n_images": validated["n_images"],
@@ -278,7 +268,7 @@ def _summary(
         "n_quarantined": validated["n_quarantined"],
         "quarantined_by_reason": validated["quarantined_by_reason"],
         "splits": splits["counts"],
-        "onnx": {k: getattr(exported, k) for k in PARITY_TAGS},
+        "onnx": exported.summary(),
         "registry": {
             "model": registered.model,
             "version": registered.version,
@@ -289,13 +279,10 @@ def _summary(
             "clean_accuracy": decision.clean_accuracy,
             "eval_batch_accuracy": decision.eval_batch_accuracy,
         },
-        "test_accuracy": evaluated.test_accuracy,
-        "macro_f1": evaluated.macro_f1,
-        "ece": evaluated.ece,
-        "robust_accuracy": evaluated.robust_accuracy,
+        **evaluated.summary(),
         "mlflow_run_id": trained.mlflow_run_id,
         "train": {
             k: getattr(trained, k)
-            for k in ("best_val_acc", "global_step", "max_steps", "resumed", "reused", "seconds", "runtime")
+            for k in ("best_val_acc", "monitor", "global_step", "max_steps", "resumed", "reused", "seconds", "runtime")
         },
     }

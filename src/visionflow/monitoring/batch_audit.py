@@ -203,4 +203,4 @@ def _champion(p: Params, root: Path):
     from visionflow.monitoring.drift import load_champion
     from visionflow.registry.store import CHAMPION, alias_version
 
-    return load_champion(p, root) if alias_version(p.registry.model_name, CHAMPION) is not None else None
+    return load_champion(p, root) if alias_version(p.model_name, CHAMPION) is not None else None

@@ -44,15 +44,13 @@ def load_champion(p: Params, root: Path):
     from visionflow.onnxrt import ort_session
     from visionflow.registry.store import CHAMPION, alias_version, download_onnx
 
-    version = alias_version(p.registry.model_name, CHAMPION)
+    version = alias_version(p.model_name, CHAMPION)
     if version is None:
         raise DataError(
-            f"{p.registry.model_name} has no champion yet: run the training pipeline "
+            f"{p.model_name} has no champion yet: run the training pipeline "
             "(`make pipeline`) so there is a model to check drift against"
         )
-    path, card = download_onnx(
-        p.registry.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}"
-    )
+    path, card = download_onnx(p.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}")
     return version, ort_session(path, accelerated=True), card
 
 

@@ -227,6 +227,17 @@ class ExportResult(ParityResult):
     onnx_path: str  # relative to the project root
     card: dict[str, Any]
 
+    def headline(self) -> str:
+        """The one line the pipeline logs."""
+        return (
+            f"ONNX parity passed: max |diff| {self.max_abs_diff:.2e}, top-1 agreement {self.top1_agreement:.4f}; "
+            f"ORT {self.ort_ms_b1:.2f} ms vs torch {self.torch_ms_b1:.2f} ms at batch 1"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The parity figures the pipeline report carries (as the training run's tags)."""
+        return {k: getattr(self, k) for k in PARITY_TAGS}
+
 
 # The parity figures a training run carries as visionflow.onnx.* tags (registration reads them back from the report)
 PARITY_TAGS = ("max_abs_diff", "top1_agreement", "ort_ms_b1", "torch_ms_b1", "ort_ms_b32", "torch_ms_b32")

@@ -41,7 +41,7 @@ from visionflow.serving.review import ReviewQueue, docs_router, review_router
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
     """The ASGI application; `holder` may be given (tests), otherwise it follows the registry champion."""
     cfg, paths = p.serve, ProjectPaths.of(p, root)
-    holder = holder or ChampionHolder(p.registry.model_name, cache_dir=paths.serving_models)
+    holder = holder or ChampionHolder(p.model_name, cache_dir=paths.serving_models)
     queue = ReviewQueue(
         paths.review,
         paths.reviewed,
@@ -171,7 +171,7 @@ def serve_champion(p: Params, root: Path, *, host: str, port: int, say=print) ->
     app = create_app(p, root, holder=holder)
     model = holder.current
     say(
-        f"serving {p.registry.model_name} v{model.version} ({len(model.card['classes'])} classes, "
+        f"serving {p.model_name} v{model.version} ({len(model.card['classes'])} classes, "
         f"{model.card['image_size']} px) at http://{host}:{port} (API docs at /docs, review page at /review)"
     )
     uvicorn.run(

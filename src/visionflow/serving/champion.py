@@ -89,7 +89,7 @@ def load_champion(p: Params, root: Path) -> ChampionHolder:
             "(`make pipeline`), or point registry.tracking_uri at the registry"
         )
     mlflow.set_tracking_uri(uri)
-    holder = ChampionHolder(p.registry.model_name, cache_dir=ProjectPaths.of(p, root).serving_models)
+    holder = ChampionHolder(p.model_name, cache_dir=ProjectPaths.of(p, root).serving_models)
     if not holder.refresh():
         raise VisionflowError(
             f"no champion to serve from {uri}: {holder.last_error}; train and promote a model first (`make pipeline`)"

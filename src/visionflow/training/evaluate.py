@@ -34,6 +34,22 @@ class EvalResult:
     report_dir: str
     mlflow_run_id: str | None = None  # the training run the evaluation was logged to
 
+    def headline(self) -> str:
+        """The one line the pipeline logs."""
+        return (
+            f"test accuracy {self.test_accuracy:.4f}, macro F1 {self.macro_f1:.4f}, "
+            f"robust accuracy {self.robust_accuracy:.4f}, ECE {self.ece:.4f}"
+        )
+
+    def summary(self) -> dict[str, float]:
+        """The figures the pipeline report carries at its top level."""
+        return {
+            "test_accuracy": self.test_accuracy,
+            "macro_f1": self.macro_f1,
+            "ece": self.ece,
+            "robust_accuracy": self.robust_accuracy,
+        }
+
 
 LOG = logging.getLogger(__name__)
 # The pipeline's own inference (evaluation, the robustness suite) runs here; a GPU's numbers are the CPU's within

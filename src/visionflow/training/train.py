@@ -62,6 +62,8 @@ class TrainResult:
     # The per-sample training dynamics table (visionflow.training.dynamics) in the run's folder, relative to the
     # project root; None in older states
     training_dynamics: str | None = None
+    # What best_val_acc measures: validation accuracy here; a detector's trainer reports its validation mAP@0.5
+    monitor: str = "val accuracy"
 
 
 LOG = logging.getLogger(__name__)
