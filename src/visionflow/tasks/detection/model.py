@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionflow.errors import ConfigError
+
 # Boxes below this score never leave the graph: low enough for mAP (which ranks every box), high enough to keep
 # the decode cheap. The served answer uses detection.score_threshold on top.
 SCORE_FLOOR = 0.05
@@ -24,7 +26,8 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
     """FCOS for `num_classes` object classes (plus background) at `image_size` (the resized shorter side).
 
     weights: a torchvision-layout MobileNetV2 state dict (e.g. training.weights.resolve('mobilenetv2_100.imagenet'))
-    loaded into the backbone; None starts from random weights.
+    loaded into the backbone, or a whole detector's state dict of the same classes (a champion's, for a warm
+    start: registration logs it); None starts from random weights.
     """
     from torchvision.models import mobilenet_v2
     from torchvision.models.detection import FCOS
@@ -33,12 +36,13 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     body = mobilenet_v2()
-    if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = torch.load(weights, map_location="cpu", weights_only=True) if weights is not None else {}
+    whole = any(k.startswith("head.") for k in state)
+    if state and not whole:
         body.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
     backbone = _mobilenet_extractor(body, fpn=True, trainable_layers=6, extra_blocks=LastLevelP6P7(256, 256))
     anchors = AnchorGenerator(sizes=_ANCHOR_SIZES[: _levels(backbone, image_size)], aspect_ratios=((1.0,),) * 5)
-    return FCOS(
+    net = FCOS(
         backbone,
         num_classes=num_classes + 1,
         anchor_generator=anchors,
@@ -50,6 +54,15 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
         score_thresh=SCORE_FLOOR,
         detections_per_img=MAX_DETECTIONS,
     )
+    if whole:
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:  # another class count or architecture: say so in one line
+            raise ConfigError(
+                f"{weights}: a detector's weights that do not fit this one ({num_classes} classes): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+    return net
 
 
 def _levels(backbone: nn.Module, image_size: int) -> int:
