@@ -204,7 +204,12 @@ def ingest(p: Params, root: Path, *, force: bool = False, progress: Progress | N
 
 def _merge_reviewed(staged, reviewed: dict[str, ImageRecord], images: Path) -> list[ImageRecord]:
     """The source's records, less those a reviewed image replaces (same bytes), plus the reviewed ones copied in."""
-    records = [r for sha, r in staged if sha not in reviewed]
+    records = []
+    for sha, r in staged:
+        if sha in reviewed:
+            r.path.unlink()  # staged already: the reviewed copy takes its place
+        else:
+            records.append(r)
     for _, r in sorted(reviewed.items()):
         _copy(r, images / r.name)
         records.append(replace(r, path=images / r.name))

@@ -135,6 +135,7 @@ def _inspect(records: list[ImageRecord], rules: DecodeRules, paths: ProjectPaths
     for done, r in enumerate(records, 1):
         row = inspect_file(r.path, QUARANTINE_FOLDER, rules)
         row.update(path=paths.relative(r.path), box_list=list(r.boxes), boxes=boxes_json(r.boxes))
+        row["declared_size"] = (r.width, r.height)  # as annotated, for the quarantine's own annotations file
         rows.append(row)
         if progress and (done % 500 == 0 or done == len(records)):
             progress(done, len(records))
@@ -237,8 +238,7 @@ def _annotation_reasons(df: pd.DataFrame, skipped: list[dict[str, str]], paths: 
 def _quarantined_annotations(rejected: pd.DataFrame, paths: ProjectPaths) -> None:
     """The quarantined images' boxes as received, as COCO beside reasons.csv: fix them there and ingest again."""
     records = [
-        ImageRecord(Path(r.path), Path(r.path).name, tuple(r.box_list), int(r.width or 0), int(r.height or 0))
-        for r in rejected.itertuples()
+        ImageRecord(Path(r.path), Path(r.path).name, tuple(r.box_list), *r.declared_size) for r in rejected.itertuples()
     ]
     classes = sorted({b[4] for r in records for b in r.boxes})
     write_coco(paths.quarantine / "annotations.json", records, classes)
