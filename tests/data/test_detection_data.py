@@ -251,6 +251,12 @@ def test_read_yolo_split_folders_symlinks_and_missing_classes(tmp_path):
     assert len(read.records) == 5 and ("train/images/evil.png", "symlink_outside_source") in {
         (s["path"], s["reason"]) for s in read.skipped
     }
+    (tmp_path / "secret.txt").write_text("0 0.5 0.5 0.1 0.1 password\n")
+    os.symlink(tmp_path / "secret.txt", root / "train" / "labels" / "s.txt")
+    read = read_yolo(root)
+    leak = [s for s in read.skipped if s["path"] == "train/images/s.png"]
+    assert [s["reason"] for s in leak] == ["unreadable_label_file"] and "password" not in leak[0]["detail"]
+    assert len(read.records) == 4  # s.png is left out rather than taken as an image without boxes
     (root / "classes.txt").unlink()
     with pytest.raises(DataError, match="no classes.txt or data.yaml"):
         read_yolo(root)

@@ -88,10 +88,12 @@ def _raw_project(root: Path) -> dict[str, tuple]:
         "stranger.png": ((3, 3, 5, 5, "gear"),),
         "dup.png": ((3, 3, 10, 10, "nut"), (3, 3, 10, 10.2, "nut")),
         "garbage.png": ((3, 3, 5, 5, "nut"),),
+        "clash1.png": ((1, 1, 5, 5, "nut"),),  # the same bytes as clash2.png, boxed differently
+        "clash2.png": ((1, 1, 5, 5, "bolt"),),
     }
-    twin = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    twin, clash = rng.integers(0, 255, (2, 30, 40, 3), dtype=np.uint8)
     for name in boxes:
-        arr = twin if name.startswith("twin") else rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+        arr = {"twin": twin, "clas": clash}.get(name[:4], rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
         Image.fromarray(arr).save(images / name)
     (images / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     records = [ImageRecord(images / n, n, b, 40, 30) for n, b in boxes.items()]
@@ -105,6 +107,7 @@ def test_validate_quarantines_bad_annotations_and_split_keeps_twins_together(tmp
     v = validate(p, tmp_path, None)
     assert v.quarantined_by_reason == {
         "box_outside_image": 1, "degenerate_box": 1, "unknown_class": 1, "duplicate_box": 1, "not_an_image": 1,
+        "box_conflict": 2,
     }  # fmt: skip
     reasons = pd.read_csv(tmp_path / "data/quarantine/reasons.csv")
     by_file = dict(zip(reasons["original_path"].map(lambda q: Path(q).name), reasons["reason"]))
@@ -112,13 +115,13 @@ def test_validate_quarantines_bad_annotations_and_split_keeps_twins_together(tmp
     assert by_file["thin.png"] == "degenerate_box"
     assert by_file["stranger.png"] == "unknown_class"
     assert by_file["dup.png"] == "duplicate_box"
-    assert by_file["garbage.png"] == "not_an_image" and len(by_file) == 5
+    assert by_file["garbage.png"] == "not_an_image" and by_file["clash1.png"] == "box_conflict" and len(by_file) == 7
     assert (tmp_path / "data/quarantine/images/outside.png").is_file()
     held = json.loads((tmp_path / "data/quarantine/annotations.json").read_text())
-    assert len(held["images"]) == 5 and {c["name"] for c in held["categories"]} >= {"gear", "bolt"}
+    assert len(held["images"]) == 7 and {c["name"] for c in held["categories"]} >= {"gear", "bolt"}
     assert (v.n_accepted, v.n_negatives, v.n_boxes) == (6, 2, 5)
     report = json.loads(Path(v.report_json).read_text())
-    assert report["n_negatives"] == 2 and report["n_quarantined"] == 5
+    assert report["n_negatives"] == 2 and report["n_quarantined"] == 7
 
     manifest = read_detection_manifest(tmp_path / "data/validated/manifest.csv")
     good2 = manifest[manifest["path"].str.endswith("good2.png")].iloc[0]

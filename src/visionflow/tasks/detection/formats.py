@@ -132,7 +132,11 @@ def _image_size(entry: dict, found: Path) -> tuple[int, int]:
     w, h = entry.get("width"), entry.get("height")
     if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
         return w, h
-    with Image.open(found) as img:  # the header only: no pixel is decoded
+    return _header_size(found)
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:  # the header only: no pixel is decoded
         return img.size
 
 
@@ -185,16 +189,18 @@ def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
 
 
 def _yolo_classes(folder: Path) -> list[str]:
-    if (folder / "classes.txt").is_file():
-        names = [n.strip() for n in (folder / "classes.txt").read_text(encoding="utf-8").splitlines() if n.strip()]
-    elif (folder / "data.yaml").is_file():
-        try:
-            raw = (yaml.safe_load((folder / "data.yaml").read_text(encoding="utf-8")) or {}).get("names")
-        except (yaml.YAMLError, AttributeError) as exc:
-            raise DataError(f"{folder / 'data.yaml'} cannot be read ({exc}): fix its YAML") from None
-        names = [str(raw[k]) for k in sorted(raw)] if isinstance(raw, dict) else [str(n) for n in raw or []]
-    else:
+    txt, data_yaml = folder / "classes.txt", folder / "data.yaml"
+    if not txt.is_file() and not data_yaml.is_file():
         raise DataError(f"YOLO folder {folder} has no classes.txt or data.yaml `names`: add one listing the classes")
+    try:
+        if txt.is_file():
+            names = [n.strip() for n in txt.read_text(encoding="utf-8").splitlines() if n.strip()]
+        else:
+            raw = (yaml.safe_load(data_yaml.read_text(encoding="utf-8")) or {}).get("names")
+            names = [str(raw[k]) for k in sorted(raw)] if isinstance(raw, dict) else [str(n) for n in raw or []]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as exc:
+        why = " ".join(str(exc).split())  # YAML errors span lines; the message is one
+        raise DataError(f"the class list of YOLO folder {folder} cannot be read ({why}): fix it") from None
     if not names or len(set(names)) != len(names):
         raise DataError(f"YOLO folder {folder}: the class list is empty or repeats a name; fix classes.txt/data.yaml")
     check_class_names(names, f"YOLO folder {folder} classes")
@@ -230,15 +236,20 @@ def _yolo_image(out: Annotations, base: Path, image: Path, label: Path, classes:
         out.skip(name, reason)
         return
     try:
-        with Image.open(found) as img:  # the header only: no pixel is decoded
-            w, h = img.size
-        lines = label.read_text(encoding="utf-8").splitlines() if label.is_file() else []  # none: a negative
-    except UnicodeDecodeError as exc:
-        out.skip(name, "unreadable_label_file", f"{label.name}: {exc}")
-        return
+        w, h = _header_size(found)
     except Exception as exc:  # noqa: BLE001 - any Pillow failure on an untrusted header means the same
         out.skip(name, "unreadable_image", f"{type(exc).__name__}: {exc}")
         return
+    lines: list[str] = []  # no label file: a negative
+    if label.exists() or label.is_symlink():
+        text, reason = _inside(label, base)
+        try:
+            if text is None:
+                raise OSError(reason)
+            lines = text.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            out.skip(name, "unreadable_label_file", f"{label.relative_to(base).as_posix()}: {exc}")
+            return
     boxes = []
     for n, line in enumerate(lines, 1):
         if line.strip() and not line.lstrip().startswith("#"):

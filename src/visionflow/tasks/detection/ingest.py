@@ -64,7 +64,8 @@ def _reviewed_entry(folder: Path, meta: Path) -> tuple[ImageRecord | None, str, 
     kept, problems = [], []
     for box in boxes:
         cls = box[4] if isinstance(box, list) and len(box) == 5 else None
-        xywh, why, detail = check_box(box[:4], width, height) if isinstance(cls, str) else (None, "malformed_box", "")
+        malformed = (None, "malformed_box", "a box is [x, y, w, h, class name]")
+        xywh, why, detail = check_box(box[:4], width, height) if isinstance(cls, str) else malformed
         if xywh is not None and (bad := class_name_problem(cls)):
             xywh, why, detail = None, "bad_class_name", f"{cls!r} {bad}"
         if xywh is None:
