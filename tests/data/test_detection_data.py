@@ -97,6 +97,8 @@ def make_coco(root: Path) -> Path:
         {"id": 6, "file_name": "../secret.png", "width": 40, "height": 30},
         {"id": 7, "file_name": str(root.parent / "secret.png"), "width": 40, "height": 30},
         {"id": 8, "file_name": "link.png", "width": 40, "height": 30},
+        {"id": 9, "file_name": "nul\0.png"},
+        {"id": [10], "file_name": "e.png"},
     ]
     anns = [
         {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]},
@@ -131,6 +133,7 @@ def test_read_coco_keeps_every_good_image_and_says_why_for_the_rest(tmp_path):
     assert reasons["../secret.png"] == "unsafe_file_name"
     assert reasons[str(tmp_path / "secret.png")] == "unsafe_file_name"
     assert reasons["link.png"] == "symlink_outside_source"
+    assert reasons["nul\0.png"] == "unsafe_file_name" and reasons["e.png"] == "malformed_image_entry"
     assert all(
         s["detail"] or s["reason"] in ("missing_image", "unsafe_file_name", "symlink_outside_source")
         for s in read.skipped
@@ -170,8 +173,8 @@ def test_coco_source_and_reviewed_images(tmp_path):
     ]
     reasons = sorted(s["reason"] for s in res.skipped_files)
     assert reasons == [
-        "box_outside_image", "missing_image", "symlink_outside_source", "unknown_class_id", "unsafe_file_name",
-        "unsafe_file_name",
+        "box_outside_image", "malformed_image_entry", "missing_image", "symlink_outside_source", "unknown_class_id",
+        "unsafe_file_name", "unsafe_file_name", "unsafe_file_name",
     ]  # fmt: skip
     assert not (raw / "images" / "secret.png").exists()
 

@@ -52,7 +52,7 @@ def _inside(path: Path, base: Path) -> tuple[Path | None, str]:
     """(the regular file to read, "") or (None, why not): no symlink may lead outside base."""
     try:
         st = path.lstat()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
         return None, "missing_image"
     real = Path(os.path.realpath(path))
     if not real.is_relative_to(Path(os.path.realpath(base))):
@@ -68,7 +68,7 @@ def _inside(path: Path, base: Path) -> tuple[Path | None, str]:
 def resolve_image(base: Path, name: str) -> tuple[Path | None, str]:
     """An image named in an annotation file: beside it, or in the images/ folder next to it."""
     rel = PurePosixPath(name.replace("\\", "/"))
-    if not name or rel.is_absolute() or ".." in rel.parts or (len(name) > 1 and name[1] == ":"):
+    if not name or "\0" in name or rel.is_absolute() or ".." in rel.parts or (len(name) > 1 and name[1] == ":"):
         return None, "unsafe_file_name"
     found, reason = None, "missing_image"
     for folder in (base, base / "images"):
@@ -121,8 +121,8 @@ def _categories(data: Any, path: Path) -> dict[Any, str]:
     cats = data.get("categories")
     if not isinstance(cats, list) or not all(isinstance(c, dict) and "id" in c and "name" in c for c in cats):
         raise DataError(f"{path}: 'categories' must be a list of {{'id', 'name'}} objects: re-export it as COCO JSON")
-    by_id = {c["id"]: str(c["name"]) for c in cats}
-    if len(by_id) != len(cats) or len(set(by_id.values())) != len(cats):
+    by_id = {_key(c["id"]): str(c["name"]) for c in cats}
+    if None in by_id or len(by_id) != len(cats) or len(set(by_id.values())) != len(cats):
         raise DataError(f"{path}: category ids and names must be unique; fix 'categories'")
     check_class_names(sorted(by_id.values()), f"{path} categories")
     return by_id
@@ -140,20 +140,19 @@ def _header_size(path: Path) -> tuple[int, int]:
         return img.size
 
 
-def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
-    """A COCO JSON export; images beside it or in its images/ folder. judge_boxes=False: boxes as they are
-    (validation reads data/raw/annotations.json so, to judge them itself)."""
-    path = Path(path)
-    data = _load_json(path)
-    by_id = _categories(data, path)
-    out = Annotations(classes=sorted(by_id.values()))
-    base = path.parent
+def _key(v: Any) -> int | str | None:
+    """An id as COCO writes it (a number or a string); anything else (a list, null) is no id."""
+    return v if isinstance(v, int | str) and not isinstance(v, bool) else None
+
+
+def _coco_images(data: dict, base: Path, out: Annotations) -> dict[Any, tuple[str, Path, int, int]]:
+    """id -> (name, file, width, height) of each image entry whose file is there and safe to read."""
     images: dict[Any, tuple[str, Path, int, int]] = {}
     seen: set[Path] = set()
     for entry in data["images"]:
         name = entry.get("file_name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or "id" not in entry or entry["id"] in images:
-            out.skip(str(name or entry), "malformed_image_entry", "needs a unique 'id' and a 'file_name'")
+        if not isinstance(name, str) or _key(entry.get("id")) is None or entry["id"] in images:
+            out.skip(str(name or entry)[:200], "malformed_image_entry", "needs a unique 'id' and a 'file_name'")
             continue
         found, reason = resolve_image(base, name)
         if found is None or found in seen:
@@ -165,14 +164,27 @@ def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
             out.skip(name, "unreadable_image", f"{type(exc).__name__}: {exc}")
             continue
         seen.add(found)
+    return images
+
+
+def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
+    """A COCO JSON export; images beside it or in its images/ folder. judge_boxes=False: boxes as they are
+    (validation reads data/raw/annotations.json so, to judge them itself)."""
+    path = Path(path)
+    data = _load_json(path)
+    by_id = _categories(data, path)
+    out = Annotations(classes=sorted(by_id.values()))
+    images = _coco_images(data, path.parent, out)
     boxes: dict[Any, list[Box]] = {i: [] for i in images}
-    for ann in data.get("annotations") or []:
-        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+    annotations = data.get("annotations") or []
+    for ann in annotations if isinstance(annotations, list) else []:
+        image_id = _key(ann.get("image_id")) if isinstance(ann, dict) else None
         if image_id not in images:
             continue  # its image was left out (and reported), or never listed
         name, _, w, h = images[image_id]
         which = f"annotation {ann.get('id')}: "  # skipped under its image's name, so a reader can tell whose box
-        if ann.get("category_id") not in by_id:
+        category = _key(ann.get("category_id"))
+        if category not in by_id:
             out.skip(name, "unknown_class_id", f"{which}category_id {ann.get('category_id')!r} is not in 'categories'")
             continue
         if ann.get("iscrowd"):
@@ -182,7 +194,7 @@ def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
         if box is None:
             out.skip(name, reason, which + detail)
             continue
-        boxes[image_id].append((*box, by_id[ann["category_id"]]))
+        boxes[image_id].append((*box, by_id[category]))
     for image_id, (name, found, w, h) in images.items():
         out.records.append(ImageRecord(found, name, tuple(boxes[image_id]), w, h))
     return out

@@ -173,7 +173,7 @@ def ingest(p: Params, root: Path, *, force: bool = False, progress: Progress | N
             d = p.detection
             coco = scenes.write_scenes(
                 staging, n=d.scenes, seed=p.base.seed, size=d.scene_size, max_objects=d.max_objects,
-                cache_dir=paths.external,
+                cache_dir=paths.external, progress=progress,
             )  # fmt: skip
             ann = read_coco(coco)
             staged = [(sha256_file(r.path), replace(r, name=r.path.name)) for r in ann.records]

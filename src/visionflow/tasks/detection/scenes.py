@@ -17,10 +17,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from visionflow.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, locate_fashion_mnist
+from visionflow.data.fashion_mnist import FASHION_MNIST_CLASSES, Progress, load_fashion_mnist, locate_fashion_mnist
 
 # Reused from the camera-like photos so both bundled sources share one look of surface and light.
 from visionflow.data.photos import _background, _lighting
+from visionflow.tasks.detection.formats import ImageRecord, write_coco
 
 SCENES_SOURCE = "fashion-mnist-scenes"
 GENERATOR_VERSION = 1  # part of ingest's record of what raw_dir holds: bump when a seed's scenes change
@@ -137,11 +138,11 @@ def scene_name(index: int) -> str:
     return f"scene_{index:06d}.png"
 
 
-def write_scenes(out_dir: Path, *, n: int, seed: int, size: int, max_objects: int, cache_dir: Path) -> Path:
+def write_scenes(
+    out_dir: Path, *, n: int, seed: int, size: int, max_objects: int, cache_dir: Path, progress: Progress | None = None
+) -> Path:
     """Write n scenes as out_dir/images/scene_<i>.png and their COCO out_dir/annotations.json (returned), with
     every Fashion-MNIST class as a category (1-based, sorted names: the package's contract)."""
-    from visionflow.tasks.detection.formats import ImageRecord, write_coco
-
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -150,4 +151,6 @@ def write_scenes(out_dir: Path, *, n: int, seed: int, size: int, max_objects: in
         path = images_dir / scene_name(i)
         Image.fromarray(image, mode="RGB").save(path, compress_level=1)
         records.append(ImageRecord(path, path.name, tuple(boxes), size, size))
+        if progress and ((i + 1) % 500 == 0 or i + 1 == n):
+            progress(i + 1, n)
     return write_coco(out_dir / "annotations.json", records, sorted(FASHION_MNIST_CLASSES))
