@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -18,6 +19,7 @@ from visionflow.errors import DataError
 from visionflow.tasks.detection import scenes
 from visionflow.tasks.detection.formats import read_coco, read_source, read_yolo
 from visionflow.tasks.detection.ingest import ingest
+from visionflow.tasks.detection.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +164,8 @@ def test_read_coco_refuses_a_broken_file_in_one_line(tmp_path, text, expected):
 
 def test_coco_source_and_reviewed_images(tmp_path):
     coco = make_coco(tmp_path / "export")
-    p = parse_params({"base": {"task": "detection"}, "detection": {"source": str(coco)}})
+    lenient = {"min_images_per_class": 1, "min_class_balance": 0.0, "max_quarantine_fraction": 1.0}
+    p = parse_params({"base": {"task": "detection"}, "detection": {"source": str(coco)}, "validate": lenient})
     res = ingest(p, tmp_path / "proj")
     raw = tmp_path / "proj/data/raw"
     assert res.n_images == 4 and sorted(f.name for f in (raw / "images").iterdir()) == [
@@ -184,9 +187,9 @@ def test_coco_source_and_reviewed_images(tmp_path):
     a = (tmp_path / "export/images/a.png").read_bytes()
     sha = hashlib.sha256(a).hexdigest()
     (reviewed / f"{sha}.png").write_bytes(a)
-    (reviewed / f"{sha}.json").write_text(json.dumps({"file": f"{sha}.png", "width": 40, "height": 30,
-                                                      "boxes": [[2, 2, 8, 8, "bolt"], [1, 1, 3, 3, "washer"]],
-                                                      "reviewed_at": "now"}))  # fmt: skip
+    corrected = [[2, 2, 8, 8, "bolt"], [20, 5, 9, 9, "nut"], [1, 1, 3, 3, "washer"]]
+    review = {"file": f"{sha}.png", "width": 40, "height": 30, "boxes": corrected, "reviewed_at": "now"}
+    (reviewed / f"{sha}.json").write_text(json.dumps(review))
     bad = "0" * 64
     (reviewed / f"{bad}.png").write_bytes(b"not these bytes")
     (reviewed / f"{bad}.json").write_text(json.dumps({"file": f"{bad}.png", "width": 4, "height": 4, "boxes": []}))
@@ -200,9 +203,19 @@ def test_coco_source_and_reviewed_images(tmp_path):
     assert list(cats.values()) == ["bolt", "nut", "washer"]
     rid = next(i["id"] for i in doc["images"] if i["file_name"].startswith("reviewed__"))
     assert sorted((cats[a["category_id"]], a["bbox"]) for a in doc["annotations"] if a["image_id"] == rid) == [
-        ("bolt", [2, 2, 8, 8]), ("washer", [1, 1, 3, 3])
+        ("bolt", [2, 2, 8, 8]), ("nut", [20, 5, 9, 9]), ("washer", [1, 1, 3, 3])
     ]  # fmt: skip
     assert not list(raw.parent.glob("raw.*"))  # no staging or old folder left behind
+
+    # the images whose boxes were left out are kept, and validation quarantines them with the reason
+    v = validate(p, tmp_path / "proj", None)
+    assert (v.n_accepted, v.quarantined_by_reason) == (2, {"box_outside_image": 1, "unknown_class_id": 1})
+    held = pd.read_csv(tmp_path / "proj/data/quarantine/reasons.csv")
+    assert dict(zip(held["original_path"], held["reason"])) == {
+        "data/raw/images/b.png": "box_outside_image",
+        "data/raw/images/c.png": "unknown_class_id",
+    }
+    assert held["detail"].str.contains("annotation").all()
 
 
 # --- YOLO ---------------------------------------------------------------------------------------------------
@@ -233,6 +246,7 @@ def test_read_yolo(tmp_path, classes_file):
     assert by_name["images/p.png"].boxes == ((40.0, 15.0, 20.0, 20.0, "bolt"), (20.0, 10.0, 10.0, 5.0, "nut"))
     assert by_name["images/q.png"].boxes == ((40.0, 20.0, 20.0, 10.0, "nut"),)
     assert by_name["images/s.png"].boxes == ()  # no label file: a negative
+    assert [q[0] for q in by_name["images/q.png"].problems] == ["unknown_class_id"]  # held for validation
     assert (by_name["images/p.png"].width, by_name["images/p.png"].height) == (100, 50)
     reasons = {(s["path"], s["reason"]) for s in read.skipped}
     assert reasons == {

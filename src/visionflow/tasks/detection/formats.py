@@ -2,7 +2,9 @@
 
 Both readers give the same thing: one ImageRecord per usable image (its file, its boxes in COCO pixel xywh with
 class names) and the entries left out, each with its reason. An entry's problem never costs another entry: a bad
-box leaves out that box (its image keeps the others), a missing or unsafe image file leaves out that image. A file
+box leaves out that box (its image keeps the others, and its record the problem, which ingest writes beside the
+image in data/raw/annotations.json so that validation quarantines it), a missing or unsafe image file leaves out
+that image. A file
 that cannot be read at all (malformed JSON, no class list) raises DataError saying what to fix. File names are
 untrusted: absolute names, `..` and symlinks leading out of the source are refused, never followed.
 """
@@ -36,6 +38,9 @@ class ImageRecord:
     boxes: tuple[Box, ...]  # COCO pixels: x, y, w, h, class name
     width: int
     height: int
+    # (reason, detail) of each annotation of this image left out: kept with the image through ingest so that
+    # validation quarantines it (without the box, the object would be taught as background)
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -145,8 +150,11 @@ def _key(v: Any) -> int | str | None:
     return v if isinstance(v, int | str) and not isinstance(v, bool) else None
 
 
-def _coco_images(data: dict, base: Path, out: Annotations) -> dict[Any, tuple[str, Path, int, int]]:
-    """id -> (name, file, width, height) of each image entry whose file is there and safe to read."""
+def _coco_images(
+    data: dict, base: Path, out: Annotations, dropped: dict[Any, list[tuple[str, str]]]
+) -> dict[Any, tuple[str, Path, int, int]]:
+    """id -> (name, file, width, height) of each image entry whose file is there and safe to read; the problems
+    an earlier ingest noted on an image go to `dropped`."""
     images: dict[Any, tuple[str, Path, int, int]] = {}
     seen: set[Path] = set()
     for entry in data["images"]:
@@ -164,6 +172,10 @@ def _coco_images(data: dict, base: Path, out: Annotations) -> dict[Any, tuple[st
             out.skip(name, "unreadable_image", f"{type(exc).__name__}: {exc}")
             continue
         seen.add(found)
+        for problem in entry.get("ingest_problems") or []:  # written by write_coco: see ImageRecord.problems
+            reason, detail = map(str, problem) if isinstance(problem, list) and len(problem) == 2 else ("?", "")
+            dropped.setdefault(entry["id"], []).append((reason, detail))
+            out.skip(name, reason, detail)
     return images
 
 
@@ -174,7 +186,8 @@ def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
     data = _load_json(path)
     by_id = _categories(data, path)
     out = Annotations(classes=sorted(by_id.values()))
-    images = _coco_images(data, path.parent, out)
+    dropped: dict[Any, list[tuple[str, str]]] = {}  # image id -> (reason, detail) of each annotation left out
+    images = _coco_images(data, path.parent, out, dropped)
     boxes: dict[Any, list[Box]] = {i: [] for i in images}
     annotations = data.get("annotations") or []
     for ann in annotations if isinstance(annotations, list) else []:
@@ -183,20 +196,22 @@ def read_coco(path: Path, *, judge_boxes: bool = True) -> Annotations:
             continue  # its image was left out (and reported), or never listed
         name, _, w, h = images[image_id]
         which = f"annotation {ann.get('id')}: "  # skipped under its image's name, so a reader can tell whose box
-        category = _key(ann.get("category_id"))
-        if category not in by_id:
-            out.skip(name, "unknown_class_id", f"{which}category_id {ann.get('category_id')!r} is not in 'categories'")
-            continue
-        if ann.get("iscrowd"):
+        if ann.get("iscrowd"):  # an ignore region, not a missing object: nothing to hold against the image
             out.skip(name, "crowd_region", f"{which}iscrowd regions mark groups, not one object")
             continue
-        box, reason, detail = check_box(ann.get("bbox"), w, h, judge=judge_boxes)
+        category = _key(ann.get("category_id"))
+        if category not in by_id:
+            box, reason, detail = None, "unknown_class_id", f"category_id {ann.get('category_id')!r} is not listed"
+        else:
+            box, reason, detail = check_box(ann.get("bbox"), w, h, judge=judge_boxes)
         if box is None:
             out.skip(name, reason, which + detail)
+            dropped.setdefault(image_id, []).append((reason, which + detail))
             continue
         boxes[image_id].append((*box, by_id[category]))
     for image_id, (name, found, w, h) in images.items():
-        out.records.append(ImageRecord(found, name, tuple(boxes[image_id]), w, h))
+        problems = tuple(dropped.get(image_id, ()))
+        out.records.append(ImageRecord(found, name, tuple(boxes[image_id]), w, h, problems))
     return out
 
 
@@ -262,15 +277,16 @@ def _yolo_image(out: Annotations, base: Path, image: Path, label: Path, classes:
         except (OSError, UnicodeDecodeError) as exc:
             out.skip(name, "unreadable_label_file", f"{label.relative_to(base).as_posix()}: {exc}")
             return
-    boxes = []
+    boxes, problems = [], []
     for n, line in enumerate(lines, 1):
         if line.strip() and not line.lstrip().startswith("#"):
             box, reason, detail = _yolo_line(line, classes, w, h)
             if box is None:
-                out.skip(name, reason, f"{label.relative_to(base).as_posix()} line {n}: {detail}")
+                problems.append((reason, f"{label.relative_to(base).as_posix()} line {n}: {detail}"))
+                out.skip(name, *problems[-1])
             else:
                 boxes.append(box)
-    out.records.append(ImageRecord(found, name, tuple(boxes), w, h))
+    out.records.append(ImageRecord(found, name, tuple(boxes), w, h, tuple(problems)))
 
 
 def read_yolo(folder: Path) -> Annotations:
@@ -315,6 +331,8 @@ def write_coco(path: Path, records: list[ImageRecord], classes: list[str]) -> Pa
     images, annotations = [], []
     for image_id, r in enumerate(records, 1):
         images.append({"id": image_id, "file_name": r.name, "width": r.width, "height": r.height})
+        if r.problems:
+            images[-1]["ingest_problems"] = [list(q) for q in r.problems]
         for x, y, w, h, c in r.boxes:
             bbox = [round(float(v), 3) for v in (x, y, w, h)]
             annotations.append(

@@ -72,7 +72,8 @@ def _reviewed_entry(folder: Path, meta: Path) -> tuple[ImageRecord | None, str, 
             problems.append({"path": f"{meta.name}: {box!r}", "reason": why, "detail": detail})
         else:
             kept.append((*xywh, cls))
-    return ImageRecord(found, f"{REVIEWED_PREFIX}{file}", tuple(kept), width, height), sha, "", problems
+    noted = tuple((q["reason"], q["detail"]) for q in problems)
+    return ImageRecord(found, f"{REVIEWED_PREFIX}{file}", tuple(kept), width, height, noted), sha, "", problems
 
 
 def read_reviewed(folder: Path) -> tuple[dict[str, ImageRecord], list[dict[str, str]]]:
@@ -121,8 +122,9 @@ def _copy(record: ImageRecord, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _stage_source(ann: Annotations, staging: Path, progress: Progress | None) -> list[tuple[str, ImageRecord]]:
-    """Copy the source's images into staging/images: (sha256, record named as in raw) for each one copied."""
+def _stage_source(ann: Annotations, staging: Path, progress: Progress | None) -> list[tuple[str, ImageRecord, str]]:
+    """Copy the source's images into staging/images: (sha256, record named as in raw, its source name) for each
+    one copied."""
     images = staging / "images"
     images.mkdir(parents=True, exist_ok=True)
     out = []

@@ -181,7 +181,7 @@ def validate(p: Params, root: Path, data_version: str | None, progress: Progress
 
     images = run_suite("images", df.drop(columns="box_list"), "path", _image_suite(cfg))
     df["quarantine_reason"] = quarantine_reasons(df, images)
-    _annotation_reasons(df, ann.skipped, paths)
+    _annotation_reasons(df, ann.records)
     table = box_table(df[df["quarantine_reason"].isna()], p.detection.duplicate_iou)
     boxes = _run_boxes(table, p.detection, known)
     _box_reasons(df, boxes, table)
@@ -225,14 +225,12 @@ def validate(p: Params, root: Path, data_version: str | None, progress: Progress
     )
 
 
-def _annotation_reasons(df: pd.DataFrame, skipped: list[dict[str, str]], paths: ProjectPaths) -> None:
-    """An annotation the reader could not take (a malformed box, an unknown category id) quarantines its image:
-    accepting the image without that box would teach the model that the object is background."""
-    by_name = {paths.relative(paths.raw / "images" / s["path"]): s for s in skipped}
-    for i, path in df["path"].items():
-        if (s := by_name.get(path)) is not None and pd.isna(df.at[i, "quarantine_reason"]):
-            df.at[i, "quarantine_reason"] = s["reason"]
-            df.at[i, "decode_detail"] = s["detail"]
+def _annotation_reasons(df: pd.DataFrame, records: list[ImageRecord]) -> None:
+    """An image with an annotation ingest could not take (a malformed box, an unknown category id) is quarantined:
+    accepting it without that box would teach the model that the object is background."""
+    for i, r in zip(df.index, records):
+        if r.problems and pd.isna(df.at[i, "quarantine_reason"]):
+            df.at[i, "quarantine_reason"], df.at[i, "decode_detail"] = r.problems[0]
 
 
 def _quarantined_annotations(rejected: pd.DataFrame, paths: ProjectPaths) -> None:
