@@ -112,6 +112,8 @@ def test_validate_quarantines_bad_annotations_and_split_keeps_twins_together(tmp
     reasons = pd.read_csv(tmp_path / "data/quarantine/reasons.csv")
     by_file = dict(zip(reasons["original_path"].map(lambda q: Path(q).name), reasons["reason"]))
     assert by_file["outside.png"] == "box_outside_image"
+    detail = dict(zip(reasons["original_path"].map(lambda q: Path(q).name), reasons["detail"]))
+    assert detail["outside.png"] == "box 0 [30.0, 20.0, 20.0, 20.0] 'bolt' in 40x30: box_outside_image"
     assert by_file["thin.png"] == "degenerate_box"
     assert by_file["stranger.png"] == "unknown_class"
     assert by_file["dup.png"] == "duplicate_box"

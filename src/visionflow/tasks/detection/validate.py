@@ -98,9 +98,10 @@ def box_table(rows: pd.DataFrame, duplicate_iou: float) -> pd.DataFrame:
                     "overflow": float(max(-x, -y, x + w - r.width, y + h - r.height)),
                     "min_side": float(min(w, h)),
                     "duplicate": dup,
+                    "what": f"box {i} {[round(float(v), 3) for v in xywh]} {cls!r} in {r.width:.0f}x{r.height:.0f}",
                 }
             )
-    return pd.DataFrame(out, columns=["box", "path", "cls", "overflow", "min_side", "duplicate"])
+    return pd.DataFrame(out, columns=["box", "path", "cls", "overflow", "min_side", "duplicate", "what"])
 
 
 # the box suite's reasons, in the order an image's first failing box is reported
@@ -152,12 +153,12 @@ def _inspect(records: list[ImageRecord], rules: DecodeRules, paths: ProjectPaths
 
 def _box_reasons(df: pd.DataFrame, boxes: SuiteOutcome, table: pd.DataFrame) -> None:
     """Give each image not yet quarantined the reason of its first failing box (in the suite's order of checks)."""
-    where = table.set_index("box")["path"].to_dict()
+    by_key = table.set_index("box")
     for reason in BOX_REASONS:
         for key in boxes.failing.get(reason, []):
-            hit = (df["path"] == where.get(key)) & df["quarantine_reason"].isna()
+            hit = (df["path"] == by_key.at[key, "path"]) & df["quarantine_reason"].isna()
             df.loc[hit, "quarantine_reason"] = reason
-            df.loc[hit, "decode_detail"] = f"box {key.rsplit('#', 1)[1]}: {reason}"
+            df.loc[hit, "decode_detail"] = f"{by_key.at[key, 'what']}: {reason}"
 
 
 def _run_boxes(table: pd.DataFrame, d, known: list[str]) -> SuiteOutcome:
