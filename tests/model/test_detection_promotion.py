@@ -124,6 +124,8 @@ def test_gates_robustness_and_latency_each_refuse_alone():
     assert robustness.value == pytest.approx(1.0) and "drop on 20 corrupted test images +1.0000" in robustness.detail
     gates = promotion.detection_gates(p, (True, ""), 1e4, old, old, groups, CLASSES)
     assert [g.name for g in gates if not g.passed] == ["latency"]
+    gates = promotion.detection_gates(p, (False, "export parity gate failed: 3 boxes"), 1.0, old, None, groups, CLASSES)
+    assert [f"{g.name}: {g.detail}" for g in gates if not g.passed] == ["parity: export parity gate failed: 3 boxes"]
 
 
 # --- the registry ---------------------------------------------------------------------------------------------

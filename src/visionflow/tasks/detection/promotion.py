@@ -107,7 +107,7 @@ def register(p: Params, root: Path, *, flow_run_id: str | None = None) -> Regist
         **lineage,
         "visionflow.task": "detection",
         "visionflow.mlflow_run_id": run_id,
-        "visionflow.gate.parity": "passed" if exported.get("passed") else "failed",
+        "visionflow.gate.parity": {True: "passed", False: "failed"}.get(exported.get("passed"), "missing"),
         "visionflow.parity.reasons": "; ".join(exported.get("reasons") or [])[:5000],
         **{f"visionflow.parity.{k}": f"{v:.6g}" for k, v in figures.items()},
     }
@@ -178,12 +178,19 @@ def promote(
                     f"predicts {classes}: promote by hand after review"
                 )
             old = judge(old_path, images, len(classes))
-        parity = (tags.get("visionflow.gate.parity") == "passed", tags.get("visionflow.parity.reasons") or "")
+        parity = (tags.get("visionflow.gate.parity") == "passed", _parity_detail(tags))
         gates = detection_gates(p, parity, latency, new, old, images.groups(), classes)
         d = apply_promotion(name, version, gates)
     res = _result(d, new, old, images, classes, latency, eval_batch, skipped)
     write_json_atomic(paths.registry_report, asdict(res))
     return res
+
+
+def _parity_detail(tags: dict[str, str]) -> str:
+    verdict = tags.get("visionflow.gate.parity", "missing")
+    if verdict == "missing":
+        return "reports/export.json held no parity verdict when this version was registered"
+    return f"export parity gate {verdict}" + (f": {tags['visionflow.parity.reasons']}" if verdict == "failed" else "")
 
 
 def detection_gates(
@@ -199,7 +206,7 @@ def detection_gates(
     reg, det = p.registry, p.detection
     score, _ = map50(new, groups["clean"])
     gates = [
-        Gate("parity", parity[0], "export parity gate passed" if parity[0] else f"export parity failed: {parity[1]}"),
+        Gate("parity", parity[0], parity[1]),
         Gate(
             "map_floor",
             score >= det.map_floor,
