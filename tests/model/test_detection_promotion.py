@@ -128,6 +128,20 @@ def test_gates_robustness_and_latency_each_refuse_alone():
     assert [f"{g.name}: {g.detail}" for g in gates if not g.passed] == ["parity: export parity gate failed: 3 boxes"]
 
 
+def test_comparison_gives_every_model_the_same_corrupted_images():
+    from visionflow.tasks.detection.comparison import Annotated, Comparison
+
+    rng = np.random.default_rng(0)
+    clean = [Annotated(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8), np.zeros((0, 4)), np.zeros(0, int))] * 12
+    comp = Comparison(clean, np.arange(1, 11), [("noise", 1), ("blur", 3), ("jpeg", 5)], clean[:2], seed=3)
+    first, second = [a.image for a in comp], [a.image for a in comp]
+    groups = comp.groups()
+    assert len(first) == 24 and [len(g) for g in groups.values()] == [12, 10, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert all(a.dtype == np.uint8 and a.shape == (24, 32, 3) for a in first)
+    assert not any(np.array_equal(first[i], clean[0].image) for i in groups["corrupted"])
+
+
 # --- the registry ---------------------------------------------------------------------------------------------
 
 
@@ -198,7 +212,7 @@ def _params(proj: Path):
                 "bootstrap_samples": 500,
                 "latency_budget_ms": 500,  # the gate itself is checked above; a loaded runner must not trip it
             },
-            "evaluate": {"corruptions": ["noise"], "severities": [1]},
+            "evaluate": {"corruptions": ["noise", "blur"], "severities": [1]},
             "detection": {"map_floor": 0.3, "max_class_ap_drop": 0.05, "robustness_images": 10},
         },
         "test",
@@ -301,6 +315,7 @@ def test_register_and_promote_first_then_refuse_worse_then_promote_better(projec
     assert alias_version(name, CHAMPION) == better.version and alias_version(name, PREVIOUS) == first.version
     assert d3.map50["clean"] == {"challenger": 1.0, "champion": 0.5, "n_images": 16}
     assert d3.eval_batch_map50 == {"challenger": 1.0, "champion": 0.5, "n_images": 6}
+    assert d3.map50["corrupted"] == {"challenger": 1.0, "champion": 0.5, "n_images": 10}
     assert len(d3.eval_batch_skipped) == 1 and d3.eval_batch_skipped[0].startswith("broken.png")
     beats = next(g for g in d3.gates if g.name == "beats_champion")
     assert "22 clean test + eval-batch images" in beats.detail and beats.value > 0.3
