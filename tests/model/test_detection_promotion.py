@@ -32,7 +32,7 @@ COLOURS = {"green": (30, 210, 40), "red": (220, 30, 30)}
 # --- AP@0.5 and the bootstrap ----------------------------------------------------------------------------------
 
 
-def _random_case(seed: int, n_images: int = 20, k: int = 3):
+def _random_case(seed: int, n_images: int = 20, k: int = 3, ties: bool = True):
     """Random ground truth and detections (most near a ground-truth box, some with the wrong class), as
     torchmetrics' inputs and as Matches."""
     rng = np.random.default_rng(seed)
@@ -49,7 +49,7 @@ def _random_case(seed: int, n_images: int = 20, k: int = 3):
         else:
             xy, wh, dl = rng.uniform(0, 80, (nd, 2)), rng.uniform(5, 40, (nd, 2)), rng.integers(0, k, nd)
         dt = np.c_[xy, xy + wh].astype(np.float32)
-        sc = np.round(rng.random(nd), 2).astype(np.float32)  # ties across images, as real scores have
+        sc = np.round(rng.random(nd), 2 if ties else 12).astype(np.float32)  # ties across images, as real scores have
         preds.append({"boxes": torch.tensor(dt), "scores": torch.tensor(sc), "labels": torch.tensor(dl + 1)})
         targets.append({"boxes": torch.tensor(np.c_[gt[:, :2], gt[:, :2] + gt[:, 2:]]), "labels": torch.tensor(gl + 1)})
         per_image.append(match_image(dt, sc, dl, gt, gl))
@@ -79,6 +79,32 @@ def test_map50_on_hand_cases():
     # two detections on one box: the higher score takes it, the other is a false positive after it
     double = collect([match_image(exact[[0, 0]], np.array([0.5, 0.9]), np.array([0, 0]), gt[:1], gl[:1])], [gl[:1]], 1)
     assert double.tp.tolist() == [True, False] and map50(double)[0] == 1.0
+
+
+def test_weighted_images_are_the_resampled_list():
+    """A bootstrap resample counts an image as often as it is drawn: the same AP as the list with the copies."""
+    from visionflow.tasks.detection.metrics import class_ap
+
+    rng = np.random.default_rng(5)
+    per_image, truth = [], []
+    for pred, target in zip(*_random_case(4, n_images=30, ties=False)[:2]):
+        truth.append(target["labels"].numpy() - 1)
+        gt = target["boxes"].numpy()
+        per_image.append(
+            match_image(
+                pred["boxes"].numpy(),
+                pred["scores"].numpy(),
+                pred["labels"].numpy() - 1,
+                np.c_[gt[:, :2], gt[:, 2:] - gt[:, :2]],
+                truth[-1],
+            )
+        )
+    matches = collect(per_image, truth, 3)
+    for _ in range(5):
+        drawn = np.sort(rng.integers(0, 30, 30))
+        copies = collect([per_image[i] for i in drawn], [truth[i] for i in drawn], 3)
+        weighted = class_ap(matches, np.bincount(drawn, minlength=30))[0]
+        np.testing.assert_allclose(weighted, map50(copies)[1], atol=1e-12)
 
 
 def _synthetic_parts(n: int, hit_rate: float, seed: int) -> tuple[list, list]:

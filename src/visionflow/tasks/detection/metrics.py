@@ -95,30 +95,47 @@ def collect(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gt_label
 def class_ap(m: Matches, weights: np.ndarray) -> np.ndarray:
     """AP@0.5 per class for each row of weights (r, n_images): how many times each image is counted (1 and 0
     select images; a bootstrap resample draws counts). Returns (r, n_classes), NaN where a class has no ground
-    truth among the counted images."""
+    truth among the counted images.
+
+    Only the true positives' ranks matter: recall grows only there, and a false positive's precision never tops
+    the true positive before it, so the envelope the recall points read is the same. The false positives come in
+    as counts per image before each true positive (a sparse matrix), which keeps the work per resample at the
+    number of true positives, not of detections (an untrained detector returns 50 an image).
+    """
+    from scipy.sparse import csr_matrix
+
     weights = np.atleast_2d(np.asarray(weights, float))
     n_classes = m.n_gt.shape[1]
-    out = np.full((len(weights), n_classes), np.nan)
     npos = weights @ m.n_gt
+    out = np.where(npos > 0, 0.0, np.nan)  # a class with ground truth but no true positive: AP 0
     for c in range(n_classes):
         dets = np.flatnonzero(m.label == c)
         # images in list order, each by descending score (match_image), then a stable sort: pycocotools' order
         dets = dets[np.argsort(-m.score[dets], kind="mergesort")]
+        hits = np.flatnonzero(m.tp[dets])
+        if not len(hits):
+            continue
+        misses = np.flatnonzero(~m.tp[dets][: hits[-1]])  # false positives after the last hit change nothing
+        before = csr_matrix(
+            (np.ones(len(misses)), (m.image[dets[misses]], np.searchsorted(hits, misses))),
+            shape=(m.n_images, len(hits)),
+        )
         for lo in range(0, len(weights), _BLOCK):
-            w = weights[lo : lo + _BLOCK][:, m.image[dets]]
-            out[lo : lo + _BLOCK, c] = _ap(w, m.tp[dets], npos[lo : lo + _BLOCK, c])
+            w = weights[lo : lo + _BLOCK]
+            ctp = np.cumsum(w[:, m.image[dets[hits]]], axis=1)
+            cfp = np.cumsum(np.asarray((before.T @ w.T).T), axis=1)
+            out[lo : lo + _BLOCK, c] = _ap(ctp, cfp, npos[lo : lo + _BLOCK, c])
     return out
 
 
-def _ap(w: np.ndarray, tp: np.ndarray, npos: np.ndarray) -> np.ndarray:
-    """101-point interpolated AP per row: w (rows, detections) weights in ranked order, npos (rows,)."""
-    ctp = np.cumsum(w * tp, axis=1)
-    cfp = np.cumsum(w * ~tp, axis=1)
+def _ap(ctp: np.ndarray, cfp: np.ndarray, npos: np.ndarray) -> np.ndarray:
+    """101-point interpolated AP per row from the cumulative true and false positive counts (rows, hits) at each
+    true positive in ranked order, and the ground-truth count per row."""
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = ctp / npos[:, None]
         precision = np.where(ctp + cfp > 0, ctp / np.maximum(ctp + cfp, 1e-300), 0.0)
     # the precision envelope (best precision at this recall or beyond), then each recall point takes the
-    # envelope at the first detection reaching it: detection k covers the points in (recall[k-1], recall[k]]
+    # envelope at the first hit reaching it: hit k covers the points in (recall[k-1], recall[k]]
     envelope = np.flip(np.maximum.accumulate(np.flip(precision, 1), axis=1), 1)
     reached = np.searchsorted(RECALL_POINTS, np.nan_to_num(recall, nan=-1.0), side="right")
     covered = np.diff(reached, axis=1, prepend=0)
