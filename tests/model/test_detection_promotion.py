@@ -369,6 +369,8 @@ def test_eval_batch_errors_are_one_line(tmp_path):
     from visionflow.data.imageio import DecodeRules
     from visionflow.tasks.detection.comparison import eval_batch
 
+    with pytest.raises(DataError, match="is not a folder"):
+        eval_batch(tmp_path / "missing", CLASSES, DecodeRules())
     with pytest.raises(DataError, match="no annotations.json"):
         eval_batch(tmp_path, CLASSES, DecodeRules())
     (tmp_path / "annotations.json").write_text("{not json")

@@ -70,6 +70,8 @@ def test_split(csv: Path, root: Path, classes: list[str], rules: DecodeRules) ->
 def eval_batch(folder: Path, classes: list[str], rules: DecodeRules) -> tuple[list[Annotated], list[str]]:
     """A reviewed batch in the COCO form above: its images with boxes, and the files left out (with why)."""
     spec = Path(folder) / "annotations.json"
+    if not Path(folder).is_dir():
+        raise DataError(f"evaluation batch {folder} is not a folder (images + a COCO annotations.json)")
     if not spec.is_file():
         raise DataError(f"{folder} has no annotations.json: an evaluation batch needs reviewed boxes (COCO JSON)")
     try:

@@ -17,7 +17,7 @@ import numpy as np
 IOU = 0.5
 MAX_DETS = 100
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-# Resamples per block of the vectorised AP: bounds memory at (block x detections of a class) floats.
+# Resamples per block of the vectorised AP: bounds memory at (block x true positives of a class) floats.
 _BLOCK = 256
 
 
@@ -77,12 +77,13 @@ def match_image(
     return np.concatenate(out_labels), np.concatenate(out_scores).astype(float), np.concatenate(out_tp)
 
 
-def collect(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gt_labels: list[np.ndarray], n_classes: int):
+def collect(
+    per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], gt_labels: list[np.ndarray], n_classes: int
+) -> Matches:
     """Matches from match_image's answers for a list of images and each image's 0-based ground-truth labels."""
     image = np.concatenate([np.full(len(m[0]), i, np.int64) for i, m in enumerate(per_image)] or [np.zeros(0, int)])
-    n_gt = np.stack([np.bincount(np.asarray(g, int), minlength=n_classes) for g in gt_labels])
-    if not per_image:
-        n_gt = np.zeros((0, n_classes), int)
+    counts = [np.bincount(np.asarray(g, int), minlength=n_classes) for g in gt_labels]
+    n_gt = np.stack(counts) if counts else np.zeros((0, n_classes), int)
     return Matches(
         image=image,
         label=np.concatenate([m[0] for m in per_image] or [np.zeros(0, np.int64)]),
