@@ -79,13 +79,20 @@ def onnx_signature(model) -> Any:
 
 
 def model_card_markdown(card: dict[str, Any]) -> str:
-    """The card as the registry's version description: what a person reads in the MLflow UI."""
-    shape = " x ".join(str(d) for d in card["input"]["shape"])
+    """The card as the registry's version description: what a person reads in the MLflow UI. A detector's card
+    ("task": "detection") may describe its input and outputs its own way: rows it lacks are left out."""
     rows = [
-        ("architecture", card["architecture"]),
+        ("architecture", str(card.get("architecture", "unknown"))),
         ("data version", card.get("data_version") or "unversioned"),
-        ("input", f"`{card['input']['name']}` {card['input']['dtype']} {card['input']['layout']} ({shape})"),
-        ("outputs", ", ".join(f"`{o}`" for o in card["outputs"])),
+    ]
+    if isinstance(card.get("input"), dict) and {"name", "dtype", "layout", "shape"} <= set(card["input"]):
+        shape = " x ".join(str(d) for d in card["input"]["shape"])
+        rows.append(
+            ("input", f"`{card['input']['name']}` {card['input']['dtype']} {card['input']['layout']} ({shape})")
+        )
+    if isinstance(card.get("outputs"), list):
+        rows.append(("outputs", ", ".join(f"`{o}`" for o in card["outputs"])))
+    rows += [
         ("classes", f"{len(card['classes'])}: " + ", ".join(card["classes"])),
         ("ONNX sha256", f"`{card['onnx_sha256']}`"),
     ]
@@ -107,7 +114,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     ]
     return "\n".join(
         [
-            "**visionflow image classifier** (ONNX, preprocessing inside the graph)",
+            f"**visionflow {'object detector' if card.get('task') == 'detection' else 'image classifier'}** "
+            "(ONNX, preprocessing inside the graph)",
             "",
             "| | |",
             "|---|---|",
