@@ -315,6 +315,9 @@ class DetectionParams(_Section):
     # Promotion: the floor on test mAP@0.5, and the largest per-class AP@0.5 drop against the champion.
     map_floor: float = Field(0.5, ge=0, le=1)
     max_class_ap_drop: float = Field(0.05, ge=0, le=1)
+    # ONNX Runtime batch-1 p50 on CPU (a detector at 128 px: ~10 ms on an idle core, several times that on a
+    # machine also training).
+    latency_budget_ms: float = Field(250, gt=0, le=3_600_000)
     # Matched boxes (ONNX vs PyTorch) must overlap at least this much.
     parity_iou: float = Field(0.99, gt=0, le=1)
     robustness_images: int = Field(200, ge=10, le=10**7)

@@ -319,3 +319,65 @@ def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch:
     )
     write_json_atomic(paths.registry_report, asdict(res))
     return res
+
+
+# The closed loop's steps (flows/monitoring.py), dispatched on the task like the stages above.
+
+
+def drift_stage(
+    p: Params, root: Path, *, batch: Path | None = None, log_path: Path | None = None, since: float | None = None
+) -> dict:
+    """The drift verdict on a batch folder or the prediction log since a time (reports/drift/<batch>/)."""
+    if _detection(p):
+        from visionflow.tasks.detection.drift import check
+    else:
+        from visionflow.monitoring.drift import check
+    return check(p, root, batch=batch, log_path=log_path, since=since)
+
+
+def simulate_stage(p: Params, root: Path, name: str, *, shift: str, severity: int, n: int, seed: int, skip: int = 0):
+    """A simulated production batch under a shift, its true labels (or boxes) kept aside: its folder."""
+    folder = root / p.drift.batches_dir / name
+    if _detection(p):
+        from visionflow.tasks.detection.drift import simulate
+
+        return simulate(p, root, folder, shift=shift, severity=severity, n=n, seed=seed + skip)
+    from visionflow.monitoring.simulate import simulate
+
+    return simulate(p, root, folder, shift=shift, severity=severity, n=n, seed=seed, skip=skip).folder
+
+
+def loop_size_stage(p: Params, root: Path) -> tuple[int, str]:
+    """Images per demo-loop batch and why; 0 when there are too few for a drift verdict."""
+    if _detection(p):  # scenes are generated: as many as asked, new ones
+        n = min(p.drift.batch_size, max(p.drift.min_batch_size, p.detection.scenes // 4))
+        return n, f"{n} new generated scenes per batch (drift.batch_size, at most a quarter of detection.scenes)"
+    from visionflow.monitoring.simulate import loop_batch_size
+
+    size = loop_batch_size(p, root)
+    return size.n, size.note
+
+
+def take_in_stage(
+    p: Params, root: Path, batch: Path, only: list[str] | None = None, predicted_accuracy: float | None = None
+) -> dict:
+    """A reviewed batch into serve.reviewed_dir for the next data version: {"images": counts, "audit": ...}."""
+    if _detection(p):
+        from visionflow.tasks.detection.drift import take_in
+
+        return {"images": {"images": take_in(p, root, batch, only)}, "audit": None}
+    from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
+    from visionflow.monitoring.batch_audit import take_in_audited
+
+    classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
+    return take_in_audited(p, root, batch, classes, set(only) if only is not None else None, predicted_accuracy)
+
+
+def warm_start_overrides(p: Params, weights: Path) -> list[str]:
+    """The params a warm-started retraining runs with: the champion's weights, fewer epochs, a lower rate."""
+    section = "detection" if _detection(p) else "train"
+    return [
+        f"{section}.pretrained_weights={weights}",
+        f"{section}.max_epochs={p.drift.warm_start_epochs}",
+        f"{section}.lr={p.drift.warm_start_lr if not _detection(p) else p.detection.lr / 2}",
+    ]

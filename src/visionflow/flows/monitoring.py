@@ -45,16 +45,14 @@ def _root_params(params_path: str, overrides: list[str] | None) -> tuple[Path, P
 
 @task
 def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bool) -> dict[str, Any]:
-    from visionflow.monitoring.drift import check
-
     if use_prediction_log:
         cursor = ProjectPaths.of(p, root).log_cursor
         since = json.loads(cursor.read_text())["checked_until"] if cursor.is_file() else None
         until = time.time()
-        verdict = check(p, root, log_path=root / p.serve.prediction_log, since=since)
+        verdict = stages.drift_stage(p, root, log_path=root / p.serve.prediction_log, since=since)
         write_json_atomic(cursor, {"checked_until": until})  # only after a successful check
     else:
-        verdict = check(p, root, batch=Path(batch))
+        verdict = stages.drift_stage(p, root, batch=Path(batch))
     log = get_run_logger()
     if verdict.get("drifted") is None:
         log.warning("no drift verdict: %s", verdict.get("message"))
@@ -68,7 +66,7 @@ def check_batch(p: Params, root: Path, batch: str | None, use_prediction_log: bo
             ", ".join(verdict["moved"][:8]) or "nothing",
             verdict["report_html"],
         )
-    if verdict.get("drifted"):
+    if verdict.get("drifted") and (verdict.get("attribution") or {}).get("summary"):
         log.info("%s: %s", verdict["batch"], verdict["attribution"]["summary"])
     if verdict["n_unreadable"]:
         log.warning("%d unreadable image(s) left in place and listed in the verdict", verdict["n_unreadable"])
@@ -191,8 +189,11 @@ def choose_for_review(p: Params, root: Path, batch: str) -> dict[str, Any]:
     """The images of the batch a person is asked to label: review.budget of them, by review.strategy."""
     from visionflow.monitoring.selection import select_batch
 
-    sel = select_batch(p, root, Path(batch))
     log = get_run_logger()
+    if p.base.task != "classification":  # the strategies rank one predicted label per image
+        log.info("budgeted selection is for classification: every image of %s is reviewed", batch)
+        return {"files": None}
+    sel = select_batch(p, root, Path(batch))
     (log.info if sel.budget else log.warning)(
         "the reviewer labels %d of %d image(s), chosen by %s (review.budget %d)%s; list in %s/selection.csv",
         len(sel.table),
@@ -211,13 +212,11 @@ def take_in_batch(
 ) -> dict[str, Any]:
     """The reviewed batch (with `only`, the images chosen for review) audited (visionflow.monitoring.batch_audit),
     then taken in unless held back."""
-    from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
-    from visionflow.monitoring.batch_audit import take_in_audited
-
-    classes = list(FASHION_MNIST_CLASSES) if p.data.source == FASHION_MNIST else None
-    taken = take_in_audited(p, root, Path(batch), classes, set(only) if only is not None else None, predicted_accuracy)
+    taken = stages.take_in_stage(p, root, Path(batch), only, predicted_accuracy)
     audit, log = taken["audit"], get_run_logger()
-    if audit["held"]:
+    if audit is None:
+        log.info("took in %d reviewed image(s) from %s", sum(taken["images"].values()), batch)
+    elif audit["held"]:
         log.warning("reviewed batch %s held back from the next data version: %s", batch, audit["reason"])
     else:
         log.info(
@@ -279,11 +278,7 @@ def retraining_flow(
     extra = list(overrides or []) + ([augment] if augment else [])
     weights = warm_start_weights(p, root) if p.drift.warm_start_epochs else None
     if weights:
-        extra += [
-            f"train.pretrained_weights={weights}",
-            f"train.max_epochs={p.drift.warm_start_epochs}",
-            f"train.lr={p.drift.warm_start_lr}",
-        ]
+        extra += stages.warm_start_overrides(p, Path(weights))
     summary = training_flow(
         params_path=params_path, overrides=extra, report_path=str(paths.retrain_report), eval_batch=eval_batch
     )
@@ -322,22 +317,17 @@ def retraining_flow(
 def simulate_batch(
     p: Params, root: Path, name: str, shift: str, severity: int, n: int, seed: int, skip: int = 0
 ) -> str:
-    from visionflow.monitoring.simulate import simulate
-
-    b = simulate(p, root, root / p.drift.batches_dir / name, shift=shift, severity=severity, n=n, seed=seed, skip=skip)
-    get_run_logger().info("simulated %s: %d held-out images, shift %s at severity %d", b.folder, n, shift, severity)
-    return str(b.folder)
+    folder = stages.simulate_stage(p, root, name, shift=shift, severity=severity, n=n, seed=seed, skip=skip)
+    get_run_logger().info("simulated %s: %d held-out images, shift %s at severity %d", folder, n, shift, severity)
+    return str(folder)
 
 
 @task
 def size_loop(p: Params, root: Path) -> tuple[int, str]:
     """Images per batch, sized to the held-out pool; 0 when it is too small for a drift verdict."""
-    from visionflow.monitoring.simulate import loop_batch_size
-
-    size = loop_batch_size(p, root)
-    log = get_run_logger()
-    (log.warning if size.n == 0 else log.info)(size.note)
-    return size.n, size.note
+    n, note = stages.loop_size_stage(p, root)
+    (get_run_logger().warning if n == 0 else get_run_logger().info)(note)
+    return n, note
 
 
 @flow(name="visionflow-closed-loop", log_prints=True)

@@ -7,7 +7,7 @@ promote: both models (the challenger, and the champion fetched from the registry
 same images (visionflow.tasks.detection.comparison); the gates, each with its reason:
 - parity: the export's parity gate passed (a version tag written at registration);
 - map_floor: challenger mAP@0.5 on the clean test split >= detection.map_floor;
-- latency: ONNX Runtime batch-1 p50 on CPU <= registry.latency_budget_ms;
+- latency: ONNX Runtime batch-1 p50 on CPU <= detection.latency_budget_ms;
 and against a champion (none: the first model is judged on the gates above only):
 - beats_champion: the paired bootstrap over images (clean test + eval batch) of the mAP@0.5 difference has its
   one-sided (1 - registry.bootstrap_alpha) lower bound above registry.min_gain;
@@ -115,12 +115,12 @@ def register(p: Params, root: Path, *, flow_run_id: str | None = None) -> Regist
     version = register_onnx(
         onnx_path=onnx_path,
         card=card,
-        model_name=p.detection.model_name,
+        model_name=p.model_name,
         mlflow_run_id=run_id,
         tags=tags,
         metrics=metrics,
     )
-    return RegisterResult(model=p.detection.model_name, version=version)
+    return RegisterResult(model=p.model_name, version=version)
 
 
 def _comparison(p: Params, paths: ProjectPaths, classes: list[str], eval_batch: Path | None):
@@ -155,7 +155,7 @@ def promote(
     from visionflow.report import write_json_atomic
     from visionflow.tasks.detection.comparison import judge, latency_ms
 
-    paths, name = ProjectPaths.of(p, root), p.detection.model_name
+    paths, name = ProjectPaths.of(p, root), p.model_name
     version = version or alias_version(name, CHALLENGER)
     if version is None:
         raise RegistryError(f"no version given and {name} has no challenger: register a model first")
@@ -203,7 +203,7 @@ def detection_gates(
     classes: list[str],
 ) -> list[Gate]:
     """Every gate (see the module docstring); old is None without a champion."""
-    reg, det = p.registry, p.detection
+    det = p.detection
     score, _ = map50(new, groups["clean"])
     gates = [
         Gate("parity", parity[0], parity[1]),
@@ -215,8 +215,8 @@ def detection_gates(
         ),
         Gate(
             "latency",
-            latency <= reg.latency_budget_ms,
-            f"ONNX Runtime batch-1 p50 {latency:.2f} ms vs budget {reg.latency_budget_ms} ms",
+            latency <= det.latency_budget_ms,
+            f"ONNX Runtime batch-1 p50 {latency:.2f} ms vs budget {det.latency_budget_ms} ms",
             latency,
         ),
     ]
