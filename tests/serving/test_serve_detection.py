@@ -71,6 +71,7 @@ def test_predict_answers_coco_boxes_above_the_score_threshold_and_logs_them(serv
     assert {"brightness", "contrast", "blur", "colorfulness"} <= set(line) and len(line["embedding"]) > 0
     info = client.get("/model").json()
     assert info["task"] == "detection" and info["classes"] == CLASSES
+    assert "bbox" in json.dumps(client.get("/openapi.json").json()["paths"]["/predict"])
 
 
 def test_boxes_are_in_the_uploads_own_pixels(served):
@@ -128,6 +129,8 @@ HOSTILE = [
     ({"boxes": [{"bbox": [0, 0, "10", 10], "label": "cat"}]}, "finite numbers"),
     ({"boxes": [{"bbox": [0, 0, True, 10], "label": "cat"}]}, "finite numbers"),
     ({"boxes": [{"bbox": [0, 0, 1e999, 10], "label": "cat"}]}, "finite numbers"),
+    ({"boxes": [{"bbox": [0, 0, 10**400, 10], "label": "cat"}]}, "finite numbers"),
+    ({"boxes": [{"bbox": [0, 0, None, 10], "label": "cat"}]}, "finite numbers"),
     ({"boxes": [{"bbox": [-1, 0, 10, 10], "label": "cat"}]}, "leaves the 50 x 40 image"),
     ({"boxes": [{"bbox": [45, 0, 10, 10], "label": "cat"}]}, "leaves the 50 x 40 image"),
     ({"boxes": [{"bbox": [0, 0, 0.5, 10], "label": "cat"}]}, "too small"),

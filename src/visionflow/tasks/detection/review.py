@@ -179,7 +179,7 @@ def checked_boxes(sent: Any, width: int, height: int, classes: list[str]) -> lis
         label = box.get("label") if isinstance(box, dict) else None
         if not (isinstance(bbox, list) and len(bbox) == 4):
             raise ValueError(f"box {i}: bbox must be [x, y, w, h]")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+        if not all(_finite(v) for v in bbox):
             raise ValueError(f"box {i}: bbox values must be finite numbers")
         x, y, w, h = (float(v) for v in bbox)
         if w < 1 or h < 1:
@@ -193,3 +193,12 @@ def checked_boxes(sent: Any, width: int, height: int, classes: list[str]) -> lis
         w, h = math.floor(min(w, width - x) * 100) / 100, math.floor(min(h, height - y) * 100) / 100
         out.append([x, y, w, h, label])
     return out
+
+
+def _finite(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float (JSON allows any number of digits)
+        return False
