@@ -176,3 +176,19 @@ def test_a_decision_is_validated_then_written_for_ingest(served):
     assert not list(reviewed.glob("*")) and item in [i["id"] for i in client.get("/review/boxes/queue").json()["items"]]
     assert client.post(url, json={"boxes": []}).status_code == 200  # a negative: nothing to find in it
     assert json.loads((reviewed / f"{sha}.json").read_text())["boxes"] == []
+
+
+def test_an_image_without_boxes_is_answered_logged_and_not_queued():
+    """No box at or above the score threshold (the graph's floor lets weaker ones out): an empty answer, a log line
+    with n_boxes 0, nothing queued."""
+    from visionflow.tasks.detection.serving import Upload, drift_view, served_boxes
+
+    upload = Upload(np.zeros((32, 48, 3), np.uint8), b"", 96, 64)  # decoded at half size
+    weak = [np.array([[0, 0, 10, 10]], np.float32), np.array([0.2], np.float32), np.array([1]), np.zeros((1, 4))]
+    assert served_boxes(weak, upload, CLASSES, 0.3) == []
+    assert drift_view([], 96, 64) == {"n_boxes": 0, "scores": [], "labels": [], "box_areas": [], "box_centres": []}
+    strong = [weak[0], np.array([0.8], np.float32), np.array([2]), weak[3]]
+    (box,) = served_boxes(strong, upload, CLASSES, 0.3)
+    assert box == {"bbox": [0, 0, 20, 20], "label": "dog", "score": pytest.approx(0.8)}
+    view = drift_view([box], 96, 64)
+    assert view["box_areas"] == [round(400 / (96 * 64), 6)] and view["box_centres"] == [[round(10 / 96, 6), 10 / 64]]

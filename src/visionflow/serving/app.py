@@ -91,7 +91,10 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def classes() -> list[str]:
         return model().card["classes"]
 
-    app.include_router(review_router(queue, classes, require_token, require_token_page, task=p.base.task))
+    def task() -> str:  # the loaded model's (its card's), or what the server is set to serve before one loads
+        return holder.current.task if holder.current is not None else p.base.task
+
+    app.include_router(review_router(queue, classes, require_token, require_token_page, task=task))
     app.include_router(box_review_router(boxes, classes, require_token))
     app.include_router(audit_router(SuspectFiles(paths), classes, DecodeRules.from_params(p.validation), require_token))
     app.include_router(docs_router(app.openapi, require_token, require_token_page))

@@ -290,11 +290,11 @@ def review_router(
     classes: Callable[[], list[str]],
     require_token,
     require_token_page,
-    task: str = "classification",
+    task: Callable[[], str] = lambda: "classification",
 ) -> APIRouter:
     """/review (the page) and its API, the label writes included. `classes()` gives the serving model's classes,
     or raises 503 without one; `require_token` checks the Authorization header, `require_token_page` also takes
-    ?token= (page addresses). `task` is the served task: the page shows the box review for detection."""
+    ?token= (page addresses). `task()` is the served model's task: the page shows the box review for detection."""
     router = APIRouter()
     api = [Depends(require_token)]
 
@@ -318,7 +318,7 @@ def review_router(
             "items": queue.pending(min(max(limit, 1), 500)),
             "classes": names,
             "total": queue.count(),
-            "task": task,
+            "task": task(),
         }
 
     @router.get("/review/image/{item_id}", dependencies=api, include_in_schema=False)
