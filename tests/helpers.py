@@ -325,3 +325,57 @@ def use_mlflow(p, proj: Path) -> str:
     from visionflow.registry.tracking import setup_mlflow
 
     return setup_mlflow(p.registry.tracking_uri, proj, p.base.project, p.registry.artifact_location)
+
+
+# The test detector's classes and the score of the whole-image box it finds for each (detector_onnx): served
+# (>= detection.score_threshold 0.3): cat and dog; dog is under detection.review_threshold 0.5, so the image is queued.
+DETECTOR_CLASSES = ["cat", "dog", "fox"]
+DETECTOR_SCORES = [0.9, 0.4, 0.1]
+
+
+def detector_onnx(path: Path, classes: list[str], scores: list[float], image_size: int = 64) -> Path:
+    """The real detector (FCOS, untrained backbone) with its head set so that it finds, in any image, one box per
+    class covering the whole image, scoring scores[k] for classes[k] (zero weights: the head's outputs are its
+    biases; a huge box regression is clipped to the image), exported to ONNX."""
+    import math
+
+    import torch
+
+    from visionflow.tasks.detection.model import build_detector, export_onnx
+
+    torch.manual_seed(0)
+    net = build_detector(len(classes), image_size, weights=None).eval()
+    head = net.head
+    with torch.no_grad():
+        # score = sqrt(sigmoid(class logit) * sigmoid(centredness)), the centredness's sigmoid 1
+        logits = [-30.0] + [math.log(s * s / (1 - s * s)) for s in scores]  # (label 0: the background)
+        head.classification_head.cls_logits.weight.zero_()
+        head.classification_head.cls_logits.bias.copy_(torch.tensor(logits))
+        for conv, bias in ((head.regression_head.bbox_reg, 50.0), (head.regression_head.bbox_ctrness, 30.0)):
+            conv.weight.zero_()
+            conv.bias.fill_(bias)
+    return export_onnx(net, image_size, path)
+
+
+def register_detector(proj: Path, p, onnx_path: Path, classes: list[str], image_size: int = 64) -> str:
+    """The detector ONNX registered as detection.model_name's champion with a detection model card."""
+    import mlflow
+
+    from visionflow.data.imageio import sha256_file
+    from visionflow.registry.gates import Gate
+    from visionflow.registry.store import apply_promotion, register_onnx
+    from visionflow.registry.tracking import setup_mlflow
+
+    card = {"task": "detection", "format": "onnx", "classes": list(classes), "image_size": image_size,
+            "input": {"name": "image", "dtype": "uint8", "layout": "NCHW", "shape": [1, 3, "height", "width"]},
+            "score_threshold": p.detection.score_threshold, "outputs": ["boxes", "scores", "labels", "embedding"],
+            "architecture": "fcos_mobilenetv2", "data_version": "dv",
+            "onnx_sha256": sha256_file(onnx_path)}  # fmt: skip
+    with mlflow.start_run(experiment_id=setup_mlflow(p.registry.tracking_uri, proj, p.base.project)) as run:
+        pass
+    version = register_onnx(
+        onnx_path=onnx_path, card=card, model_name=p.detection.model_name, mlflow_run_id=run.info.run_id,
+        tags=DV, metrics={},
+    )  # fmt: skip
+    apply_promotion(p.detection.model_name, version, [Gate("test", True, "set up by the test")])
+    return version

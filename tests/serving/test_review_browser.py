@@ -25,7 +25,17 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import CLASSES, DV, free_port, make_folder_dataset, make_project, png, register_champion
+from tests.helpers import (
+    CLASSES,
+    DETECTOR_CLASSES,
+    DV,
+    free_port,
+    make_folder_dataset,
+    make_project,
+    png,
+    register_champion,
+    register_detector,
+)
 from visionflow.config import load_params
 from visionflow.serving.review import ReviewQueue
 
@@ -153,7 +163,7 @@ def browser():
 
 
 def _press(browser: DevTools, key: str) -> None:
-    code = {"Backspace": 8}.get(key)
+    code = {"Backspace": 8, "Enter": 13, "Escape": 27}.get(key)
     down = {"key": key, "windowsVirtualKeyCode": code} if code else {"key": key, "text": key}
     browser.call("Input.dispatchKeyEvent", type="keyDown", **down)
     browser.call("Input.dispatchKeyEvent", type="keyUp", key=key)
@@ -477,3 +487,92 @@ def test_a_key_accepts_a_suspected_label_error_into_the_overrides_file(hostile, 
     browser.wait_js("!document.getElementById('audit-empty').hidden")
     kept = read_overrides(proj / p.data.label_overrides)[rows[1]["sha256"]]
     assert kept.label == kept.was == EVIL_CLASSES[1]
+
+
+@pytest.fixture
+def detection_server(tmp_path, detector):
+    """A real server on a detector champion (one whole-image box per class: cat 0.9, dog 0.4, fox 0.1)."""
+    proj = make_project(
+        tmp_path / "proj",
+        tmp_path,
+        base={"task": "detection"},
+        registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
+    )
+    p = load_params(proj / "params.yaml")
+    register_detector(proj, p, detector[0], DETECTOR_CLASSES)
+    with _serving(p, proj) as base:
+        _wait_http(f"{base}/ready")
+        yield proj, p, base
+
+
+def _drag(browser: DevTools, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A real mouse drag on the box canvas, from and to points given in the canvas's own pixels."""
+    left, top = browser.js(
+        "(() => { const c = document.getElementById('boxes-canvas'); c.scrollIntoView({block: 'center'}); "
+        "const r = c.getBoundingClientRect(); return [r.left, r.top]; })()"
+    )
+    steps = [("mousePressed", start), ("mouseMoved", ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)),
+             ("mouseMoved", end), ("mouseReleased", end)]  # fmt: skip
+    for kind, (x, y) in steps:
+        browser.call("Input.dispatchMouseEvent", type=kind, x=left + x, y=top + y, button="left", clickCount=1)
+
+
+def test_a_reviewer_fixes_the_boxes_of_an_image(detection_server, browser):
+    """Relabel one predicted box (a click and a key), delete the other, draw the missing one with the mouse, save
+    with Enter: data/reviewed/detection holds the image and the corrected boxes, as ingest reads them."""
+    proj, p, base = detection_server
+    upload = _rgb_png(50, 40)
+    assert _post_image(base, upload)["review_id"]
+    browser.call("Page.enable")
+    browser.call("Page.navigate", url=f"{base}/review")
+    browser.wait_js("document.querySelectorAll('#box-list li').length === 2")
+    browser.wait_js("document.getElementById('boxes-canvas').dataset.loaded !== ''")
+    assert browser.js("document.getElementById('classify').hidden") is True
+    assert browser.js("document.getElementById('boxes-canvas').width") == 400  # 50 px at the page's 8x
+    labels = "[...document.querySelectorAll('#box-list select')].map(s => s.value)"
+    assert browser.js(labels) == ["cat", "dog"]
+    # The first box (cat) is wrong: select it in the list, press 3 (fox).
+    _click(browser, "#box-list li:nth-child(1) .box-info")
+    _press(browser, "3")
+    browser.wait_js("document.getElementById('boxes-status').textContent === 'relabelled fox'")
+    # The second (dog) is not there: delete it.
+    _click(browser, "#box-list li:nth-child(2) button.delete")
+    browser.wait_js("document.getElementById('boxes-status').textContent === 'deleted dog'")
+    assert browser.js(labels) == ["fox"]
+    # A missing dog: Esc (no box selected), 2 chooses dog for new boxes, a drag draws it.
+    _press(browser, "Escape")
+    _press(browser, "2")
+    assert browser.js("document.getElementById('draw-class').value") == "dog"
+    _drag(browser, (80, 40), (240, 200))  # canvas pixels: image pixels x 8
+    browser.wait_js("document.getElementById('boxes-status').textContent === 'drew dog'")
+    assert browser.js(labels) == ["fox", "dog"]
+    _press(browser, "Enter")
+    browser.wait_js("document.getElementById('boxes-status').textContent === 'saved 2 boxes'")
+    browser.wait_js("!document.getElementById('boxes-empty').hidden")
+
+    reviewed = proj / p.serve.reviewed_dir / "detection"
+    sha = hashlib.sha256(upload).hexdigest()
+    assert sorted(f.name for f in reviewed.iterdir()) == [f"{sha}.json", f"{sha}.png"]
+    assert (reviewed / f"{sha}.png").read_bytes() == upload
+    doc = json.loads((reviewed / f"{sha}.json").read_text())
+    assert (doc["file"], doc["width"], doc["height"]) == (f"{sha}.png", 50, 40)
+    (fixed, drawn) = doc["boxes"]
+    assert fixed == [0, 0, 50, 40, "fox"]
+    assert drawn[4] == "dog" and drawn[:4] == pytest.approx([10, 5, 20, 20], abs=0.25)
+    # Backspace takes the save back: the item is shown again and its files leave the labelled data.
+    _press(browser, "Backspace")
+    browser.wait_js("document.getElementById('boxes-status').textContent === 'undid the last save'")
+    assert not any(reviewed.iterdir())
+    assert browser.js("window.__xss === undefined") and browser.js(INJECTED) == 0
+
+
+def _rgb_png(width: int, height: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(3).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()

@@ -335,11 +335,22 @@ def decode_with_properties(
     """decode_for_model plus the image's visual properties, from one decode (serving and the drift check).
     Width and height are the image's as received; the others are measured on the decoded pixels, which for an
     image at least twice the model's size are a reduced copy (the same for the reference and the live images)."""
+    pixels, props, _ = decode_reduced(data, image_size, channels, rules, budget)
+    return _to_model_size(pixels, image_size, channels), props
+
+
+def decode_reduced(
+    data: bytes, fit: int, channels: int, rules: DecodeRules, budget: PixelBudget | None = None
+) -> tuple[np.ndarray, dict[str, float], tuple[int, int]]:
+    """The image's upright pixels, reduced when at least twice `fit` on its shorter side (see _loaded), its
+    visual properties (as decode_with_properties), and its upright (width, height) at full size: the frame that
+    coordinates on the reduced pixels scale back to (a detector's boxes)."""
     img = open_checked(data, rules)
     width, height = img.size
-    img = _loaded(img, rules, fit=image_size, budget=budget)
+    img = _loaded(img, rules, fit=fit, budget=budget)
     pixels = to_array(img, channels)
     # a grey model's pixels are the grey version the properties need: converted once, not twice
     props = visual_properties(img, gray=pixels if channels == 1 else None)
     props.update(width=float(width), height=float(height))
-    return _to_model_size(pixels, image_size, channels), props
+    turned = pixels.shape[:2] != (img.height, img.width)  # EXIF orientation swapped the sides
+    return pixels, props, (height, width) if turned else (width, height)

@@ -30,12 +30,15 @@ from visionflow.serving.auth import bearer_token, token_dependencies
 from visionflow.serving.batcher import Batcher
 from visionflow.serving.champion import ChampionHolder, LoadedModel, load_champion
 from visionflow.serving.http import BodyLimit, header_deadline_protocol
-from visionflow.serving.inference import BatchInference
+from visionflow.serving.inference import BatchInference, ClassifyImages
 from visionflow.serving.metrics import ServingMetrics
 from visionflow.serving.openapi import openapi_builder
 from visionflow.serving.predict import PredictHandler
 from visionflow.serving.predictions import PredictionLog
 from visionflow.serving.review import ReviewQueue, docs_router, review_router
+from visionflow.tasks.detection.review import BoxReviewQueue
+from visionflow.tasks.detection.review_api import box_review_router
+from visionflow.tasks.detection.serving import DetectImages
 
 
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
@@ -50,18 +53,27 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         strategy=p.review.strategy,
         seed=p.base.seed,
     )
+    boxes = BoxReviewQueue(paths.review / "detection", paths.reviewed / "detection")
     log = PredictionLog(paths.prediction_log)
     rules = DecodeRules.from_params(p.validation, cfg)
     metrics = ServingMetrics()
     require_token, require_token_page = token_dependencies(bearer_token(cfg.auth_token_env))
     batcher = Batcher(
-        BatchInference(cfg, rules, queue, log), max_jobs=cfg.max_concurrency, observe=metrics.observe_batch
+        # the handler for each model card's task: BatchInference picks it by the task of the model it runs
+        BatchInference(
+            cfg,
+            rules,
+            {"classification": ClassifyImages(cfg, queue), "detection": DetectImages(p.detection, boxes)},
+            log,
+        ),
+        max_jobs=cfg.max_concurrency,
+        observe=metrics.observe_batch,
     )
 
     # /docs and /openapi.json come from docs_router (offline assets, behind the token); FastAPI's own are off.
     app = FastAPI(
         title="visionflow",
-        description="Image classification with the registry's champion model.",
+        description="Image classification or object detection with the registry's champion model.",
         version="1",
         docs_url=None,
         redoc_url=None,
@@ -79,7 +91,11 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     def classes() -> list[str]:
         return model().card["classes"]
 
-    app.include_router(review_router(queue, classes, require_token, require_token_page))
+    def task() -> str:  # the loaded model's (its card's), or what the server is set to serve before one loads
+        return holder.current.task if holder.current is not None else p.base.task
+
+    app.include_router(review_router(queue, classes, require_token, require_token_page, task=task))
+    app.include_router(box_review_router(boxes, classes, require_token))
     app.include_router(audit_router(SuspectFiles(paths), classes, DecodeRules.from_params(p.validation), require_token))
     app.include_router(docs_router(app.openapi, require_token, require_token_page))
     predict = PredictHandler(
@@ -149,9 +165,10 @@ def info_router(holder: ChampionHolder, metrics: ServingMetrics, require_token) 
         return {
             "name": holder.model_name,
             "version": m.version,
+            "task": m.task,
             "classes": m.card["classes"],
             "image_size": m.card["image_size"],
-            "channels": m.card["channels"],
+            "channels": m.card.get("channels", 3),  # (a detector's card has none: it takes RGB)
             "lineage": {k: v for k, v in m.tags.items() if k.startswith("visionflow.")},
         }
 
@@ -171,7 +188,7 @@ def serve_champion(p: Params, root: Path, *, host: str, port: int, say=print) ->
     app = create_app(p, root, holder=holder)
     model = holder.current
     say(
-        f"serving {p.model_name} v{model.version} ({len(model.card['classes'])} classes, "
+        f"serving {holder.model_name} v{model.version} ({model.task}, {len(model.card['classes'])} classes, "
         f"{model.card['image_size']} px) at http://{host}:{port} (API docs at /docs, review page at /review)"
     )
     uvicorn.run(

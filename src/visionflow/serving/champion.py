@@ -15,6 +15,9 @@ from visionflow.config import Params
 from visionflow.errors import VisionflowError
 from visionflow.paths import ProjectPaths
 
+# What a model card's "task" may name; the serving half of each is picked by it (serving.inference.BatchInference).
+TASKS = ("classification", "detection")
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -22,6 +25,11 @@ class LoadedModel:
     session: Any
     card: dict[str, Any]
     tags: dict[str, str]
+
+    @property
+    def task(self) -> str:
+        """The card's task (cards from before detection have none: they are classifiers)."""
+        return self.card.get("task", "classification")
 
 
 class ChampionHolder:
@@ -48,6 +56,8 @@ class ChampionHolder:
             if self.current is not None and self.current.version == version:
                 return False
             path, card = download_onnx(self.model_name, version, self.cache_dir / version)
+            if card.get("task", "classification") not in TASKS:
+                raise VisionflowError(f"v{version}'s model card names the task {card['task']!r}; known: {TASKS}")
             # One ONNX Runtime thread: the batcher's thread and the event loop already keep two cores busy, and
             # threads on top of that oversubscribe the cores and stretch the latency tail.
             loaded = LoadedModel(

@@ -1,5 +1,5 @@
 """What the inference thread does with a batch of predict requests: parse and decode every upload, run each
-model once on all their images, queue the uncertain predictions for review, log every one, and encode each answer
+model on all their images, queue the uncertain predictions for review, log every one, and encode each answer
 (the event loop only sends them)."""
 
 from __future__ import annotations
@@ -7,19 +7,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from visionflow.config import ServeParams
-from visionflow.data.imageio import DecodeRules
+from visionflow.data.imageio import DecodeRules, PixelBudget, decode_with_properties
 from visionflow.onnxrt import ort_outputs, softmax
 from visionflow.serving.champion import LoadedModel
 from visionflow.serving.multipart import multipart_files
 from visionflow.serving.predictions import PredictionLog
 from visionflow.serving.review import ReviewQueue
 
-Prepared = tuple[list[np.ndarray], list[dict[str, float]]]  # one request's images and their properties
+Prepared = tuple[list[Any], list[dict[str, float]]]  # one request's decoded images and their properties
 
 
 class Job(NamedTuple):
@@ -32,10 +33,14 @@ class Job(NamedTuple):
 
 
 class BatchInference:
-    """The Batcher's `handle`: one outcome per job, (results, answer bytes) or the exception that request gets."""
+    """The Batcher's `handle`: one outcome per job, (results, answer bytes) or the exception that request gets.
 
-    def __init__(self, cfg: ServeParams, rules: DecodeRules, queue: ReviewQueue, log: PredictionLog):
-        self.cfg, self.rules, self.queue, self.log = cfg, rules, queue, log
+    What a task does differently (decoding, the model call, the answer, its review queue and log line) is its
+    handler's: `tasks` maps a model card's task to it (ClassifyImages below, tasks.detection.serving for boxes),
+    looked up by the task of the model each request was taken in with."""
+
+    def __init__(self, cfg: ServeParams, rules: DecodeRules, tasks: Mapping[str, Any], log: PredictionLog):
+        self.cfg, self.rules, self.tasks, self.log = cfg, rules, tasks, log
 
     def __call__(self, jobs: list[Job]) -> list[Any]:
         outcomes: list[Any] = [None] * len(jobs)
@@ -58,8 +63,6 @@ class BatchInference:
 
     def prepare(self, job: Job) -> Prepared:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
-        from visionflow.data.imageio import PixelBudget, decode_with_properties
-
         files = multipart_files(
             job.body,
             job.content_type,
@@ -67,9 +70,9 @@ class BatchInference:
             max_fields=self.cfg.max_form_fields,
             max_file_bytes=self.rules.max_bytes,
         )
-        size, channels = job.model.card["image_size"], job.model.card["channels"]
         budget = PixelBudget(self.cfg.max_request_pixels)  # one request's images together
-        decoded = [decode_with_properties(data, size, channels, self.rules, budget) for data in files]
+        task = self.tasks[job.model.task]
+        decoded = [task.decode(data, job.model.card, self.rules, budget) for data in files]
         # properties are measured on the image as received, like the drift check's reference
         return [a for a, _ in decoded], [props for _, props in decoded]
 
@@ -83,36 +86,58 @@ class BatchInference:
         records: list[dict[str, Any]],
     ) -> None:
         """One model call for the requests `mine`; fills in their outcomes and adds their log records."""
-        arrays = np.stack([a for i in mine for a in prepared[i][0]])
+        task = self.tasks[model.task]
+        images = [a for i in mine for a in prepared[i][0]]
         try:
-            logits, embedding = ort_outputs(model.session, arrays, ("logits", "embedding"), batch_size=None)
+            outputs = task.infer(model, images)
         except Exception as exc:  # noqa: BLE001 - fails this model's group; another group may still run
             for i in mine:
                 outcomes[i] = exc
             return
-        probs, now, k = softmax(logits), time.time(), 0
+        now, k = time.time(), 0
         for i in mine:
             results = []
             try:
                 for props in prepared[i][1]:
-                    results.append(self._result(model, probs[k], arrays[k], props, embedding[k], now, records))
+                    result, record = task.answer(model, outputs[k], images[k], props, now)
+                    results.append(result)
+                    records.append(record)
                     k += 1
             except (OSError, sqlite3.Error) as exc:  # the review queue cannot be written
+                k += len(prepared[i][1]) - len(results)
                 outcomes[i] = exc
                 continue
             answer = results[0] if jobs[i].max_files == 1 else {"predictions": results}
             outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
 
-    def _result(
+
+class ClassifyImages:
+    """Classification's handler: images at the model's size, one batched model call, a label per image; the
+    uncertain ones go to the review queue as PNGs of what the model saw."""
+
+    def __init__(self, cfg: ServeParams, queue: ReviewQueue):
+        self.cfg, self.queue = cfg, queue
+
+    def decode(
+        self, data: bytes, card: dict[str, Any], rules: DecodeRules, budget: PixelBudget
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        return decode_with_properties(data, card["image_size"], card["channels"], rules, budget)
+
+    def infer(self, model: LoadedModel, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(probabilities, embedding) per image."""
+        logits, embedding = ort_outputs(model.session, np.stack(images), ("logits", "embedding"), batch_size=None)
+        return list(zip(softmax(logits), embedding))
+
+    def answer(
         self,
         model: LoadedModel,
-        probs: np.ndarray,
+        output: tuple[np.ndarray, np.ndarray],
         array: np.ndarray,
         props: dict[str, float],
-        embedding: np.ndarray,
         now: float,
-        records: list[dict],
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the answer, its prediction-log record) for one image; an uncertain one is queued for review."""
+        probs, embedding = output
         classes = model.card["classes"]
         k = int(probs.argmax())
         label, confidence = classes[k], float(probs[k])
@@ -127,24 +152,23 @@ class BatchInference:
                 probabilities=probabilities,
                 embedding=embedding,  # the budgeted queue spreads its offer over the embedding space
             )
-        records.append(
-            {
-                "time": now,
-                "model_version": model.version,
-                "label": label,
-                "confidence": round(confidence, 6),
-                "review_id": review_id,
-                **props,
-                "embedding": np.round(embedding.astype(np.float64), 4).tolist(),
-            }
-        )
-        return {
+        record = {
+            "time": now,
+            "model_version": model.version,
+            "label": label,
+            "confidence": round(confidence, 6),
+            "review_id": review_id,
+            **props,
+            "embedding": np.round(embedding.astype(np.float64), 4).tolist(),
+        }
+        result = {
             "label": label,
             "confidence": confidence,
             "probabilities": probabilities,
             "model_version": model.version,
             "review_id": review_id,
         }
+        return result, record
 
 
 def _png(arr: np.ndarray) -> bytes:

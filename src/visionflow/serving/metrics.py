@@ -26,7 +26,7 @@ class ServingMetrics:
         )
         self.requests = Counter("visionflow_requests_total", "requests", ["endpoint", "status"], registry=registry)
         self.predictions = Counter(
-            "visionflow_predictions_total", "predictions per class", ["label"], registry=registry
+            "visionflow_predictions_total", "predictions (a detector's: boxes) per class", ["label"], registry=registry
         )
         self.low_confidence = Counter(
             "visionflow_low_confidence_total", "predictions sent to review", registry=registry
@@ -64,7 +64,8 @@ class ServingMetrics:
             return
         self.latency.labels(endpoint).observe(seconds)
         for r in results:
-            self.predictions.labels(r["label"]).inc()
+            for label in [b["label"] for b in r["boxes"]] if "boxes" in r else [r["label"]]:  # a detector's: per box
+                self.predictions.labels(label).inc()
             if r["review_id"] is not None:
                 self.low_confidence.inc()
 

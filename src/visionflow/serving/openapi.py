@@ -26,7 +26,28 @@ def openapi_builder(app: FastAPI, max_batch: int) -> Callable[[], dict[str, Any]
 
 def predict_paths(max_batch: int) -> dict[str, Any]:
     """OpenAPI entries for the two predict routes (served by a plain ASGI handler, see predict.py)."""
-    prediction = {
+    review_id = {"type": ["string", "null"], "description": "set when the prediction went to the review queue"}
+    detection = {
+        "type": "object",
+        "description": "a detector's answer: the boxes at or above detection.score_threshold, best first",
+        "required": ["boxes", "model_version"],
+        "properties": {
+            "boxes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "bbox": {"type": "array", "items": {"type": "number"}, "description": "[x, y, w, h] px"},
+                        "label": {"type": "string"},
+                        "score": {"type": "number"},
+                    },
+                },
+            },
+            "model_version": {"type": "string"},
+            "review_id": review_id,
+        },
+    }
+    classification = {
         "type": "object",
         "required": ["label", "confidence", "probabilities", "model_version"],
         "properties": {
@@ -34,12 +55,10 @@ def predict_paths(max_batch: int) -> dict[str, Any]:
             "confidence": {"type": "number"},
             "probabilities": {"type": "object", "additionalProperties": {"type": "number"}},
             "model_version": {"type": "string"},
-            "review_id": {
-                "type": ["string", "null"],
-                "description": "set when the prediction went to the review queue",
-            },
+            "review_id": review_id,
         },
     }
+    prediction = {"oneOf": [classification, detection]}  # which: the served model's task (GET /model)
     errors = {
         "401": "missing or wrong bearer token (when serve.auth_token_env is set)",
         "413": "body or image over serve.max_upload_mb",
@@ -67,9 +86,9 @@ def predict_paths(max_batch: int) -> dict[str, Any]:
 
     binary = {"type": "string", "format": "binary"}
     return {
-        "/predict": operation("Classify one uploaded image", {"file": binary}, prediction),
+        "/predict": operation("Classify one uploaded image, or find the objects in it", {"file": binary}, prediction),
         "/predict/batch": operation(
-            f"Classify up to {max_batch} images in one request",
+            f"Classify (or find the objects in) up to {max_batch} images in one request",
             {"files": {"type": "array", "items": binary}},
             {"type": "object", "properties": {"predictions": {"type": "array", "items": prediction}}},
         ),

@@ -42,6 +42,7 @@ PAGE_FILES = {
     "audit.js": "text/javascript",  # the label audit view (visionflow.serving.audit_view)
     "review.css": "text/css",
     "docs.js": "text/javascript",
+    "review_boxes.js": "text/javascript",  # the box review view (visionflow.tasks.detection.review_api)
 }
 
 
@@ -188,7 +189,7 @@ class ReviewQueue:
             try:
                 for other in classes:  # an image a crash left between its write and its mark, under any class
                     self._saved_as(item_id, other).unlink(missing_ok=True)
-                _write_atomically(dest, src.read_bytes())
+                write_atomically(dest, src.read_bytes())
                 c.execute(
                     "UPDATE items SET status='reviewed', label=?, reviewed_at=? WHERE id=?",
                     (label, time.time(), item_id),
@@ -242,7 +243,7 @@ def _item(row: sqlite3.Row) -> dict[str, Any]:
     return {k: row[k] for k in row.keys() if k != "embedding"} | {"probabilities": json.loads(row["probabilities"])}
 
 
-def _write_atomically(dest: Path, data: bytes) -> None:
+def write_atomically(dest: Path, data: bytes) -> None:
     """Write to a dot file beside dest (ingest skips dot files), fsync, then rename over dest: dest is either
     absent or whole, never empty or cut short."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -284,10 +285,16 @@ def page_file(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=PAGE_FILES[name], headers={"X-Content-Type-Options": "nosniff"})
 
 
-def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_token, require_token_page) -> APIRouter:
+def review_router(
+    queue: ReviewQueue,
+    classes: Callable[[], list[str]],
+    require_token,
+    require_token_page,
+    task: Callable[[], str] = lambda: "classification",
+) -> APIRouter:
     """/review (the page) and its API, the label writes included. `classes()` gives the serving model's classes,
     or raises 503 without one; `require_token` checks the Authorization header, `require_token_page` also takes
-    ?token= (page addresses)."""
+    ?token= (page addresses). `task()` is the served model's task: the page shows the box review for detection."""
     router = APIRouter()
     api = [Depends(require_token)]
 
@@ -307,7 +314,12 @@ def review_router(queue: ReviewQueue, classes: Callable[[], list[str]], require_
             names = classes()
         except HTTPException:  # no model yet: the queue can still be seen
             names = []
-        return {"items": queue.pending(min(max(limit, 1), 500)), "classes": names, "total": queue.count()}
+        return {
+            "items": queue.pending(min(max(limit, 1), 500)),
+            "classes": names,
+            "total": queue.count(),
+            "task": task(),
+        }
 
     @router.get("/review/image/{item_id}", dependencies=api, include_in_schema=False)
     def review_image(item_id: str) -> FileResponse:

@@ -40,6 +40,12 @@ function say(text) { $("status").textContent = text; }
 async function refill() {
   // Labelled items leave the pending set, so the first page is always the next one: this walks the whole queue.
   const d = await (await api(`/review/queue?limit=${PAGE}`)).json();
+  if (d.task === "detection") {  // a detector is served: the box review (review_boxes.js) takes this view
+    document.body.dataset.task = "detection";
+    $("classify").hidden = true;
+    window.dispatchEvent(new Event("vf-box-review"));
+    return;
+  }
   items = d.items;
   pending = d.total;
   if (JSON.stringify(d.classes) !== JSON.stringify(classes)) {
@@ -145,7 +151,10 @@ function undo() {
 }
 
 document.addEventListener("keydown", e => {
-  if (document.body.dataset.view === "audit" || e.altKey || e.metaKey) return;  // the label audit's keys (audit.js)
+  // the label audit's keys are audit.js's, the box review's review_boxes.js's
+  if (document.body.dataset.view === "audit" || document.body.dataset.task === "detection" || e.altKey || e.metaKey) {
+    return;
+  }
   if (e.key === "Backspace" || (e.ctrlKey && e.key.toLowerCase() === "z")) {
     e.preventDefault();
     undo();
