@@ -100,11 +100,20 @@ def test_a_noisy_batch_drifts_and_a_clean_one_does_not(project):
 def test_darker_light_moves_even_an_untrained_detectors_answers(project):
     """An untrained detector answers nothing at score_threshold (n_boxes and the class are constant), but its
     scores and its best guesses' sizes and places still respond to the light."""
+    import mlflow
+
+    from tests.helpers import use_mlflow
+
     root, p, onnx_path, card = project
-    v = check_batch(p, root, _batch(project, "darker", 4, seed=3, n=30), onnx_path, card, html=False)
+    use_mlflow(p, root)
+    batch = _batch(project, "darker", 4, seed=3, n=30)
+    v = check_batch(p, root, batch, onnx_path, card, html=False, log_to_mlflow=True)
     assert v["drifted"] is True and "brightness" in v["moved"]
     assert {"mean_score", "box_area"} <= set(v["views"]["prediction"]["drifted_features"])
     assert v["features"]["n_boxes"]["current_mean"] == v["features"]["n_boxes"]["reference_mean"] == 0
+    run = mlflow.get_run(v["mlflow_run_id"])  # logged like a classification check, in the drift experiment
+    assert run.data.tags["visionflow.drifted"] == "true" and run.data.tags["visionflow.batch"] == batch.name
+    assert run.data.metrics["score/mean_score"] == pytest.approx(v["features"]["mean_score"]["score"])
 
 
 def test_a_small_or_broken_batch_gets_no_verdict_but_a_reason(project):
@@ -119,6 +128,23 @@ def test_a_small_or_broken_batch_gets_no_verdict_but_a_reason(project):
         check_batch(p, root, root / "empty", onnx_path, card)
     with pytest.raises(DataError, match="not a detection model"):
         check_batch(p, root, batch, onnx_path, {**card, "task": "classification"})
+    with pytest.raises(DataError, match="no ONNX file"):
+        check_batch(p, root, batch, root / "missing.onnx", card)
+
+
+def test_the_reference_is_cached_per_model(project):
+    from visionflow.onnxrt import ort_session
+    from visionflow.tasks.detection.drift import reference_features
+
+    root, p, onnx_path, card = project
+    session = ort_session(onnx_path)
+    fresh = reference_features(p, root, session, card, "model-a")
+    cached = reference_features(p, root, session, card, "model-a")
+    pd.testing.assert_frame_equal(fresh.frame, cached.frame)
+    np.testing.assert_array_equal(fresh.embeddings, cached.embeddings)
+    assert len(fresh.frame) == 40 and fresh.embeddings.shape[0] == 40
+    reference_features(p, root, session, card, "model-b")  # another champion: its own file
+    assert len(list((root / "data" / "drift").glob("detection-reference-*.npz"))) >= 2
 
 
 def test_answer_features_summarise_the_detectors_boxes():
@@ -152,8 +178,25 @@ def test_a_simulated_batch_keeps_its_true_boxes_and_follows_a_rescaling_shift(pr
         _batch(project, "sepia", 1, seed=5)
     with pytest.raises(DataError, match="no path separators"):
         simulate(p, root, shift="none", severity=1, n=2, seed=5, name="../escape", source=scenes)
-    with pytest.raises(DataError, match="only 2"):
-        simulate(p, root, shift="none", severity=1, n=5, seed=5, source=lambda n, seed: scenes(2, seed))
+    with pytest.raises(DataError, match="after the first 1 but the source gave only 1"):
+        simulate(p, root, shift="none", severity=1, n=5, seed=5, skip=1, source=lambda n, seed: scenes(2, seed))
+    assert not list((root / "data" / "batches").glob("*.partial"))
+
+
+def test_a_users_dataset_gives_disjoint_batches_from_its_test_split(project):
+    """Not the bundled scenes: batches are drawn from the test split, with its boxes; skip keeps them apart."""
+    root, p, *_ = project
+    p = p.model_copy(update={"detection": p.detection.model_copy(update={"source": "export/annotations.json"})})
+    first = read_batch(simulate(p, root, shift="none", severity=1, n=15, seed=p.base.seed, name="a"))
+    second = read_batch(simulate(p, root, shift="none", severity=1, n=15, seed=p.base.seed, name="b", skip=15))
+    split = pd.read_csv(root / p.data.splits_dir / "test.csv")
+    truth = {sha: json.loads(b) for sha, b in zip(split["sha256"], split["boxes"])}
+    shas = [sha256_bytes(f.read_bytes()) for f, _ in first + second]
+    assert len(set(shas)) == 30 and set(shas) <= set(truth)  # lossless PNG: the split's own bytes back
+    for sha, (_, boxes) in zip(shas, first + second):
+        assert boxes == truth[sha]
+    with pytest.raises(DataError, match="gave only 10"):
+        simulate(p, root, shift="none", severity=1, n=15, seed=p.base.seed, name="c", skip=30)
 
 
 def test_take_in_writes_each_reviewed_image_beside_its_boxes(project):

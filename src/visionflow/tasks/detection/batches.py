@@ -14,6 +14,7 @@ follow the image when a shift rescales it. take_in copies a reviewed batch into 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -32,11 +33,33 @@ from visionflow.paths import ProjectPaths
 from visionflow.report import write_json_atomic
 
 ANNOTATIONS = "annotations.json"
+SCENES_SOURCE = "fashion-mnist-scenes"  # detection.source's bundled default (tasks.detection.scenes)
 Box = tuple[float, float, float, float, str]
 # (n, seed) -> n (HxWx3 uint8 RGB image, [(x, y, w, h, class_name), ...]) pairs
 ImageSource = Callable[[int, int], Iterable[tuple[np.ndarray, list[Box]]]]
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _FORMATS = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "WEBP": "webp"}
+
+
+def test_split_source(p: Params, root: Path) -> ImageSource:
+    """A user's dataset: its test split's images (a seeded draw, the same order for any n) with their boxes."""
+
+    def images(n: int, seed: int) -> Iterator[tuple[np.ndarray, list[Box]]]:
+        import pandas as pd
+
+        from visionflow.monitoring.simulate import as_taken
+
+        paths = ProjectPaths.of(p, root)
+        test = paths.splits / "test.csv"
+        if not test.is_file():
+            raise DataError(f"{test} not found: run the detection pipeline before simulating batches")
+        rows = pd.read_csv(test, dtype=str, keep_default_na=False).sort_values("path").reset_index(drop=True)
+        for i in np.random.default_rng(seed).permutation(len(rows))[:n]:
+            img = as_taken(paths.resolve(rows.at[i, "path"]))
+            rgb = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+            yield rgb, [tuple(b) for b in json.loads(rows.at[i, "boxes"] or "[]")]
+
+    return images
 
 
 def scenes_source(p: Params, root: Path) -> ImageSource:
@@ -61,50 +84,69 @@ def simulate(
     n: int,
     seed: int,
     name: str | None = None,
+    skip: int = 0,
     source: ImageSource | None = None,
 ) -> Path:
-    """Write n scenes under `shift` at `severity`, with their true boxes, to drift.batches_dir/<name>/ (replaced
+    """Write n images under `shift` at `severity`, with their true boxes, to drift.batches_dir/<name>/ (replaced
     if it exists; name defaults to detection-<shift><severity>-seed<seed>). Returns the folder.
 
-    source: where the images come from (default: the bundled scenes). Its scenes must be new to the model, so
-    seed may not be base.seed, the seed the training scenes were rendered from."""
-    from visionflow.monitoring.simulate import SHIFT_HELP, SHIFTS, apply_shift, encode
+    source: where the images come from: by default the bundled scenes (under a seed other than base.seed, which
+    rendered the training scenes) or, for a user's dataset, its test split. skip: leave out the seed's first
+    `skip` images, so that batches of one seed with skip 0, n, 2n, ... never share an image."""
+    from visionflow.monitoring.simulate import SHIFT_HELP, SHIFTS
 
     if shift not in SHIFTS:
         raise DataError(f"unknown shift {shift!r}: choose one of {SHIFT_HELP}")
     if n < 1:
         raise DataError("a batch needs at least one image (n)")
-    if source is None and seed == p.base.seed:
+    scenes = p.detection.source == SCENES_SOURCE
+    if source is None and scenes and seed == p.base.seed:
         raise DataError(f"seed {seed} is base.seed, which rendered the training scenes: choose another seed")
+    source = source or (scenes_source if scenes else test_split_source)(p, root)
     name = _safe_name(name or f"detection-{shift}{severity}-seed{seed}", "batch name")
     out = ProjectPaths.of(p, root).batches / name
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    records = []
-    for k, (img, boxes) in enumerate((source or scenes_source(p, root))(n, seed)):
-        shifted = apply_shift(np.asarray(img, dtype=np.uint8), shift, severity, rng)
-        data, ext = encode(shifted, shift, severity)
-        file_name = f"{name}_{k:05d}.{ext}"
-        (partial / file_name).write_bytes(data)
-        sx, sy = shifted.shape[1] / img.shape[1], shifted.shape[0] / img.shape[0]
-        scaled = [(x * sx, y * sy, w * sx, h * sy, c) for x, y, w, h, c in boxes]
-        records.append((file_name, shifted.shape[1], shifted.shape[0], scaled))
+    try:
+        drawn = itertools.islice(source(n + skip, seed), skip, skip + n)
+        records = _write_shifted(partial, name, drawn, shift, severity, np.random.default_rng(seed))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if len(records) < n:
         shutil.rmtree(partial)
-        raise DataError(f"asked for {n} images but the source gave only {len(records)}")
+        raise DataError(
+            f"asked for {n} images{f' after the first {skip}' if skip else ''} but the source gave only {len(records)}"
+        )
     write_json_atomic(partial / ANNOTATIONS, to_coco(records))
     counts: dict[str, int] = {}
     for *_, boxes in records:
         for box in boxes:
             counts[box[4]] = counts.get(box[4], 0) + 1
-    meta = {"task": "detection", "shift": shift, "severity": severity, "seed": seed, "n": n, "box_counts": counts}
+    meta = {"task": "detection", "shift": shift, "severity": severity, "seed": seed, "skip": skip, "n": n}
+    meta["box_counts"] = counts
     write_json_atomic(partial / "batch.json", meta)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     return out
+
+
+def _write_shifted(folder: Path, name: str, drawn, shift: str, severity: int, rng: np.random.Generator) -> list:
+    """Each image shifted and encoded into `folder`; its boxes scaled as the shift scaled the image."""
+    from visionflow.monitoring.simulate import apply_shift, encode
+
+    records = []
+    for k, (img, boxes) in enumerate(drawn):
+        shifted = apply_shift(np.asarray(img, dtype=np.uint8), shift, severity, rng)
+        data, ext = encode(shifted, shift, severity)
+        file_name = f"{name}_{k:05d}.{ext}"
+        (folder / file_name).write_bytes(data)
+        sx, sy = shifted.shape[1] / img.shape[1], shifted.shape[0] / img.shape[0]
+        scaled = [(x * sx, y * sy, w * sx, h * sy, c) for x, y, w, h, c in boxes]
+        records.append((file_name, shifted.shape[1], shifted.shape[0], scaled))
+    return records
 
 
 def to_coco(records: list[tuple[str, int, int, list[Box]]]) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def extract(files: list[Path], session, card: dict[str, Any], threshold: float, 
     return Features(frame, emb, rejected=rejected)
 
 
-def reference_features(p: Params, root: Path, session, card: dict[str, Any]) -> Features:
+def reference_features(p: Params, root: Path, session, card: dict[str, Any], model_sha256: str) -> Features:
     """The champion's test split (data/splits/test.csv) as the reference, cached per (model, test images,
     threshold, size cap) under data/drift/."""
     paths = ProjectPaths.of(p, root)
@@ -113,7 +113,7 @@ def reference_features(p: Params, root: Path, session, card: dict[str, Any]) -> 
         pick = np.sort(np.random.default_rng(p.base.seed).choice(len(manifest), p.drift.reference_size, replace=False))
         manifest = manifest.iloc[pick].reset_index(drop=True)
     threshold = p.detection.score_threshold
-    key = json.dumps([card.get("onnx_sha256"), card.get("version"), threshold, list(manifest["sha256"])])
+    key = json.dumps([model_sha256, card.get("classes"), threshold, list(manifest["sha256"])])
     cache = paths.drift / f"detection-reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
@@ -161,29 +161,34 @@ def check_batch(
     card: dict[str, Any],
     *,
     name: str | None = None,
+    version: str | None = None,
     log_to_mlflow: bool = False,
     html: bool = True,
 ) -> dict[str, Any]:
     """The drift verdict for a folder batch against the champion detector (onnx_path and its model card): the
     classification verdict's keys (drifted, drift_share, features, moved, views, n_images, ...), written to
-    reports/drift/<name>/verdict.json (with evidently's drift.html when html)."""
+    reports/drift/<name>/verdict.json (with evidently's drift.html when html). version: the champion's registry
+    version, for the verdict (the card's "version" when not given)."""
+    from visionflow.data.imageio import sha256_file
     from visionflow.monitoring import drift
     from visionflow.monitoring.attribution import skipped
     from visionflow.onnxrt import ort_session
 
     if card.get("task") != "detection":
         raise DataError(f"the model card beside {onnx_path} is not a detection model's (task {card.get('task')!r})")
+    if not Path(onnx_path).is_file():
+        raise DataError(f"no ONNX file at {onnx_path}: give the champion detector's exported model")
     start = time.perf_counter()
     files = batch_images(Path(batch_dir))
     session = ort_session(Path(onnx_path), accelerated=True)
-    ref = reference_features(p, root, session, card)
+    ref = reference_features(p, root, session, card, card.get("onnx_sha256") or sha256_file(Path(onnx_path)))
     t_ref = time.perf_counter() - start
     cur = extract(files, session, card, p.detection.score_threshold, DecodeRules.from_params(p.validation))
     t_extract = time.perf_counter() - start - t_ref
     name = name or Path(batch_dir).name
     out_dir = ProjectPaths.of(p, root).drift_reports / name
     source = {"kind": "folder", "path": str(batch_dir), "meta": _meta(Path(batch_dir))}
-    base = drift.batch_facts(name, source, str(card.get("version")), cur)
+    base = drift.batch_facts(name, source, str(version or card.get("version")), cur)
     if base["n_checked"] < p.drift.min_batch_size:
         verdict = {**drift.insufficient_data(base, p), "attribution": skipped("too few readable images")}
         write_json_atomic(out_dir / "verdict.json", verdict)
