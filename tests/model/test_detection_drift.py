@@ -215,6 +215,10 @@ def test_take_in_writes_each_reviewed_image_beside_its_boxes(project):
         assert (record["width"], record["height"]) == (SIZE, SIZE) and record["boxes"] == boxes
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", record["reviewed_at"])
     assert take_in(p, root, batch) == 4 and len(list(out.glob("*.json"))) == 4  # again: the same files, no copies
+    twin = batch / "twin.png"  # the same bytes under another name: one reviewed image
+    twin.write_bytes(entries[0][0].read_bytes())
+    _annotations(batch, lambda c: c["images"].append({**c["images"][0], "id": 99, "file_name": twin.name}))
+    assert take_in(p, root, batch) == 4 and len(list(out.glob("*.json"))) == 4
 
 
 def _annotations(batch, edit) -> None:
@@ -233,6 +237,7 @@ def _annotations(batch, edit) -> None:
         (lambda c: c["annotations"][0].update(category_id=99), "not in its categories"),
         (lambda c: c["annotations"][0].update(bbox=[1, 2, "x", 4]), "four finite numbers"),
         (lambda c: c.update(images=[]), "the batch is empty"),
+        (lambda c: c["images"].append({**c["images"][0], "id": 99}), "listed twice"),
         (lambda c: c.pop("images"), "not COCO JSON"),
     ],
 )

@@ -167,8 +167,8 @@ def to_coco(records: list[tuple[str, int, int, list[Box]]]) -> dict[str, Any]:
 
 def read_batch(batch_dir: Path) -> list[tuple[Path, list[list]]]:
     """A reviewed batch's images and boxes ([x, y, w, h, class]) from its annotations.json. Raises a one-line
-    DataError for a missing or malformed file, an image outside the folder or missing, or a box that is not four
-    finite numbers of a listed category."""
+    DataError for a missing or malformed file, an image outside the folder, missing or listed twice, or a box that
+    is not four finite numbers of a listed category."""
     batch_dir = Path(batch_dir)
     path = batch_dir / ANNOTATIONS
     if not path.is_file():
@@ -188,7 +188,7 @@ def read_batch(batch_dir: Path) -> list[tuple[Path, list[list]]]:
             raise DataError(f"{path}: annotation {a.get('id')} names category {category!r}, not in its categories")
         boxes.setdefault(a.get("image_id"), []).append([*bbox, names[category]])
     base = batch_dir.resolve()
-    out = []
+    out, seen = [], set()
     for im in images:
         file_name = im.get("file_name") if isinstance(im, dict) else None
         if not isinstance(file_name, str) or not file_name:
@@ -198,6 +198,9 @@ def read_batch(batch_dir: Path) -> list[tuple[Path, list[list]]]:
             raise DataError(f"{path}: file_name {file_name!r} is outside the batch folder")
         if not file.is_file():
             raise DataError(f"{path}: image {file_name!r} is missing from {batch_dir}")
+        if file in seen:
+            raise DataError(f"{path}: image {file_name!r} is listed twice")
+        seen.add(file)
         out.append((file, boxes.get(im.get("id"), [])))
     return out
 
@@ -213,7 +216,7 @@ def _box(a: Any, path: Path) -> list[float]:
 def take_in(p: Params, root: Path, batch_dir: Path, only: list[str] | None = None) -> int:
     """Copy a reviewed batch's images with their boxes (with `only`, just those file_names) into
     serve.reviewed_dir/detection/ as <sha256>.<ext> and <sha256>.json (file, width, height, boxes, reviewed_at),
-    each written atomically, the image first. The batch is left untouched. Returns the images taken in."""
+    each written atomically, the image first. The batch is left untouched. Returns the distinct images taken in."""
     from visionflow.data.imageio import DecodeRules, RejectedImage, open_guarded, read_limited, sha256_bytes
 
     entries = read_batch(batch_dir)
@@ -234,13 +237,15 @@ def take_in(p: Params, root: Path, batch_dir: Path, only: list[str] | None = Non
         except RejectedImage as exc:
             raise DataError(f"{file}: {exc.reason} ({exc.detail}); fix or drop it from {ANNOTATIONS}") from None
         taken.append((data, _FORMATS.get(img.format, str(img.format).lower()), img.width, img.height, boxes))
+    written = set()  # two files with the same bytes are one reviewed image
     for data, ext, width, height, boxes in taken:
         sha = sha256_bytes(data)
+        written.add(sha)
         image = dest_dir / f"{sha}.{ext}"
         _write_bytes_atomic(image, data)
         record = {"file": image.name, "width": width, "height": height, "boxes": boxes, "reviewed_at": now}
         write_json_atomic(dest_dir / f"{sha}.json", record)
-    return len(taken)
+    return len(written)
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
