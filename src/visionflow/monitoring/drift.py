@@ -81,14 +81,14 @@ def check(
         name = name or time.strftime("log-%Y%m%d-%H%M%S")
     t_extract = time.perf_counter() - start - t_ref
     out_dir = ProjectPaths.of(p, root).drift_reports / name
-    base = _batch_facts(name, source, version, cur)
+    base = batch_facts(name, source, version, cur)
     if base["n_checked"] < p.drift.min_batch_size:
-        verdict = _insufficient_data(base, p)
+        verdict = insufficient_data(base, p)
         verdict["attribution"] = skipped("too few readable images for a drift verdict")
         write_json_atomic(out_dir / "verdict.json", verdict)
         return verdict
     html_path = out_dir / "drift.html" if html else None
-    comparison, t_evidently = _compare(p, ref, cur, html_path)
+    comparison, t_evidently = compare(p, ref, cur, html_path)
     verdict = {
         **base,
         "status": "ok",
@@ -107,7 +107,7 @@ def check(
         _headline(html_path, verdict["attribution"]["summary"])
     write_json_atomic(out_dir / "verdict.json", verdict)
     if log_to_mlflow:
-        verdict["mlflow_run_id"] = _log(p, root, verdict, out_dir)
+        verdict["mlflow_run_id"] = log_verdict(p, root, verdict, out_dir)
         write_json_atomic(out_dir / "verdict.json", verdict)
     return verdict
 
@@ -136,7 +136,7 @@ def _headline(html: Path, sentence: str) -> None:
     html.write_text(text.replace("<body>", "<body>" + banner, 1), encoding="utf-8")
 
 
-def _batch_facts(name: str, source: dict[str, Any], version: str, cur: Features) -> dict[str, Any]:
+def batch_facts(name: str, source: dict[str, Any], version: str, cur: Features) -> dict[str, Any]:
     """What every verdict says about the batch, whether or not it was large enough to judge."""
     rejected = cur.rejected or []
     n_ok = len(cur.frame)
@@ -151,7 +151,7 @@ def _batch_facts(name: str, source: dict[str, Any], version: str, cur: Features)
     }
 
 
-def _insufficient_data(base: dict[str, Any], p: Params) -> dict[str, Any]:
+def insufficient_data(base: dict[str, Any], p: Params) -> dict[str, Any]:
     n_ok, n_unreadable = base["n_checked"], base["n_unreadable"]
     return {
         **base,
@@ -163,7 +163,7 @@ def _insufficient_data(base: dict[str, Any], p: Params) -> dict[str, Any]:
     }
 
 
-def _compare(p: Params, ref: Features, cur: Features, html: Path | None) -> tuple[dict[str, Any], float]:
+def compare(p: Params, ref: Features, cur: Features, html: Path | None) -> tuple[dict[str, Any], float]:
     """The verdict's comparison fields, and the seconds evidently took."""
     ref_pc, cur_pc, explained = project_embeddings(
         ref.embeddings, cur.embeddings, p.drift.embedding_components, p.base.seed
@@ -180,7 +180,7 @@ def _compare(p: Params, ref: Features, cur: Features, html: Path | None) -> tupl
     }, t_evidently
 
 
-def _log(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
+def log_verdict(p: Params, root: Path, verdict: dict[str, Any], out_dir: Path) -> str:
     import mlflow
 
     from visionflow.registry.tracking import ensure_experiment

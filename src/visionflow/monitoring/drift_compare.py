@@ -36,16 +36,19 @@ def project_embeddings(ref: np.ndarray, cur: np.ndarray, components: int, seed: 
 
 
 def feature_table(feats: Features, pcs: np.ndarray) -> pd.DataFrame:
-    table = feats.frame[[*PROPERTY_NAMES, "confidence", "predicted_class"]].copy()
+    """The compared columns: the frame's own (image properties and the task's prediction columns) and the PCs."""
+    table = feats.frame.copy()
     for j in range(pcs.shape[1]):
         table[f"embedding_pc{j + 1}"] = pcs[:, j]
     return table
 
 
 def view_of(column: str) -> str:
+    """Image properties and embedding directions are named; any other column is the task's prediction view
+    (classification's confidence and class, detection's box counts, scores, sizes and places)."""
     if column.startswith("embedding_"):
         return "embedding"
-    return "prediction" if column in ("confidence", "predicted_class") else "properties"
+    return "properties" if column in PROPERTY_NAMES else "prediction"
 
 
 def run_evidently(ref: pd.DataFrame, cur: pd.DataFrame, p: Params, html: Path | None) -> dict[str, Any]:
