@@ -329,21 +329,37 @@ def drift_stage(
 ) -> dict:
     """The drift verdict on a batch folder or the prediction log since a time (reports/drift/<batch>/)."""
     if _detection(p):
-        from visionflow.tasks.detection.drift import check
-    else:
-        from visionflow.monitoring.drift import check
+        return _detection_drift(p, root, batch)
+    from visionflow.monitoring.drift import check
+
     return check(p, root, batch=batch, log_path=log_path, since=since)
+
+
+def _detection_drift(p: Params, root: Path, batch: Path | None) -> dict:
+    from visionflow.registry.store import CHAMPION, alias_version, download_onnx
+    from visionflow.tasks.detection.drift import check_batch
+
+    if batch is None:
+        raise DataError(
+            "the detection drift check reads batch folders; the prediction log (which records boxes per image) is "
+            "not read for detection yet: check a folder of production images with --batch"
+        )
+    version = alias_version(p.model_name, CHAMPION)
+    if version is None:
+        raise DataError(f"{p.model_name} has no champion yet: run the pipeline first (`make pipeline`)")
+    onnx, card = download_onnx(p.model_name, version, ProjectPaths.of(p, root).drift_models / f"v{version}")
+    return check_batch(p, root, batch, onnx, card, version=version, log_to_mlflow=True)
 
 
 def simulate_stage(p: Params, root: Path, name: str, *, shift: str, severity: int, n: int, seed: int, skip: int = 0):
     """A simulated production batch under a shift, its true labels (or boxes) kept aside: its folder."""
-    folder = root / p.drift.batches_dir / name
     if _detection(p):
-        from visionflow.tasks.detection.drift import simulate
+        from visionflow.tasks.detection.batches import simulate as simulate_scenes
 
-        return simulate(p, root, folder, shift=shift, severity=severity, n=n, seed=seed + skip)
+        return simulate_scenes(p, root, shift=shift, severity=severity, n=n, seed=seed, name=name, skip=skip)
     from visionflow.monitoring.simulate import simulate
 
+    folder = root / p.drift.batches_dir / name
     return simulate(p, root, folder, shift=shift, severity=severity, n=n, seed=seed, skip=skip).folder
 
 
@@ -363,7 +379,7 @@ def take_in_stage(
 ) -> dict:
     """A reviewed batch into serve.reviewed_dir for the next data version: {"images": counts, "audit": ...}."""
     if _detection(p):
-        from visionflow.tasks.detection.drift import take_in
+        from visionflow.tasks.detection.batches import take_in
 
         return {"images": {"images": take_in(p, root, batch, only)}, "audit": None}
     from visionflow.data.fashion_mnist import FASHION_MNIST, FASHION_MNIST_CLASSES
