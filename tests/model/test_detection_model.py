@@ -135,3 +135,23 @@ def test_an_interrupted_run_resumes_in_its_mlflow_run_from_its_last_checkpoint(t
     # to train, and its best checkpoint is the last one
     assert again.global_step == res.max_steps and (root / again.best_checkpoint).is_file()
     assert json.loads(state_path.read_text())["status"] == "completed"
+
+
+def test_evaluate_writes_the_report_plots_and_logs_to_the_training_run(trained):
+    from visionflow.tasks.detection.evaluate import evaluate
+
+    root, res = trained
+    p = _params(root)
+    r = evaluate(p, root)
+    assert r.n_test == 6 and r.n_negatives == 1 and r.mlflow_run_id == res.mlflow_run_id
+    assert 0.0 <= r.map <= r.map_50 <= 1.0 and set(r.per_class_ap) == {"blue", "red"}
+    assert set(r.robustness) == {"noise", "blur"} and set(r.robustness["noise"]) == {"1", "5", "mean"}
+    report = root / "reports/evaluation"
+    saved = json.loads((report / "evaluation.json").read_text())
+    assert saved["map_50"] == r.map_50 and saved["robust_map_50"] == r.robust_map_50
+    for png in ("pr_curves.png", "worst_detections.png"):
+        assert (report / png).stat().st_size > 1000
+    run = mlflow.MlflowClient().get_run(res.mlflow_run_id)
+    assert run.data.metrics["test/map_50"] == r.map_50 and "robust/map_50" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "evaluation")}
+    assert {"evaluation/pr_curves.png", "evaluation/worst_detections.png"} <= artifacts

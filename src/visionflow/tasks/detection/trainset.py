@@ -98,14 +98,24 @@ def to_target(xywh: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
     return {"boxes": torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1), "labels": torch.as_tensor(labels).long()}
 
 
+def class_labels(split: Split, classes: list[str]) -> list[np.ndarray]:
+    """Per image, each box's model label (1-based); 0 for a class the model does not know (absent from train)."""
+    index = {c: i + 1 for i, c in enumerate(classes)}
+    return [np.array([index.get(n, 0) for n in names], dtype=np.int64) for names in split.names]
+
+
+def split_targets(split: Split, classes: list[str]) -> list[dict[str, torch.Tensor]]:
+    """The ground truth of every image as torchvision targets (boxes of unknown classes left out)."""
+    return [to_target(b[lab > 0], lab[lab > 0]) for b, lab in zip(split.boxes, class_labels(split, classes))]
+
+
 class DetectionDataset(Dataset):
     """(image float [3, H, W] in 0..1, target) pairs; `augment` (an albumentations Compose) for training only."""
 
     def __init__(self, split: Split, classes: list[str], augment=None, seed: int = 0):
-        index = {c: i + 1 for i, c in enumerate(classes)}
         self.split, self.augment, self.seed = split, augment, seed
-        # boxes of a class the model does not know (absent from train) are not targets it could learn
-        self.labels = [np.array([index.get(n, 0) for n in names], dtype=np.int64) for names in split.names]
+        # boxes of a class the model does not know (label 0) are not targets it could learn: left out
+        self.labels = class_labels(split, classes)
         self._seeded = False
 
     def __len__(self) -> int:
