@@ -155,3 +155,38 @@ def test_evaluate_writes_the_report_plots_and_logs_to_the_training_run(trained):
     assert run.data.metrics["test/map_50"] == r.map_50 and "robust/map_50" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "evaluation")}
     assert {"evaluation/pr_curves.png", "evaluation/worst_detections.png"} <= artifacts
+
+
+def test_export_passes_parity_and_a_tampered_graph_fails_it(trained, tmp_path):
+    import copy
+
+    import torch
+
+    from visionflow.tasks.detection.export import export, parity_check
+    from visionflow.tasks.detection.model import export_onnx
+    from visionflow.tasks.detection.train import load_detector
+    from visionflow.tasks.detection.trainset import load_rgb, read_split
+    from visionflow.paths import ProjectPaths
+
+    root, res = trained
+    p = _params(root)
+    r = export(p, root)
+    assert r.passed and not r.reasons and r.n_images == 6
+    assert r.card["task"] == "detection" and r.card["classes"] == ["blue", "red"] and r.card["score_threshold"] == 0.3
+    assert json.loads((root / "reports/export.json").read_text())["onnx_path"] == "models/onnx/model.onnx"
+    tags = mlflow.MlflowClient().get_run(res.mlflow_run_id).data.tags
+    assert tags["visionflow.onnx.n_images"] == "6"
+
+    # a one-epoch net scores below the threshold everywhere: raise its class scores so that there are boxes to match
+    net, hp = load_detector(root / "models/model.ckpt")
+    confident = copy.deepcopy(net)
+    with torch.no_grad():
+        confident.head.classification_head.cls_logits.bias += 4.0
+    onnx = export_onnx(confident, 64, tmp_path / "confident.onnx")
+    images = [load_rgb(x) for x in read_split(ProjectPaths.of(p, root), "test").paths]
+    kw = {"score_threshold": 0.3, "iou_floor": 0.99, "tolerance": 1e-4}
+    same = parity_check(confident, onnx, images, **kw)
+    assert same.passed and same.boxes_compared > 0 and same.worst_iou >= 0.99, same
+    # the graph of another model (the tampered head) against the published one
+    tampered = parity_check(net, onnx, images, **kw)
+    assert not tampered.passed and "images differ between ONNX and PyTorch" in tampered.reasons[0]

@@ -49,7 +49,10 @@ def predict(net: torch.nn.Module, images: list[np.ndarray], device: str = "cpu",
     net.to(device).eval()
 
     def batch(i: int, j: int) -> list[Found]:
-        x = [torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(device).float().div_(255) for im in images[i:j]]
+        x = [
+            torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(device).float().div_(255)
+            for im in images[i:j]
+        ]
         return [{k: v.float().cpu() if k != "labels" else v.cpu() for k, v in f.items()} for f in net(x)]
 
     return [f for part in in_batches(batch, len(images), batch_size) for f in part]

@@ -45,12 +45,14 @@ def _decision(paths: ProjectPaths, image_size: int) -> InputDecision:
     """What the detector's input is (recorded with the run's params as the classifier's input decision is)."""
     df = pd.read_csv(paths.splits / "train.csv", usecols=lambda c: c in ("width", "height"))
     median = (
-        (int(df["height"].median()), int(df["width"].median())) if {"width", "height"} <= set(df) and len(df) else (0, 0)
+        (int(df["height"].median()), int(df["width"].median()))
+        if {"width", "height"} <= set(df) and len(df)
+        else (0, 0)
     )
-    note = f"detection: RGB, resized inside the model to {image_size} px (training images median {median[1]}x{median[0]})"
-    return InputDecision(
-        channels=3, image_size=image_size, colour_share=1.0, median_size=median, note=note, hint=None
+    note = (
+        f"detection: RGB, resized inside the model to {image_size} px (training images median {median[1]}x{median[0]})"
     )
+    return InputDecision(channels=3, image_size=image_size, colour_share=1.0, median_size=median, note=note, hint=None)
 
 
 def _loaders(p: Params, plan: RunPlan) -> tuple[DataLoader, DataLoader]:
