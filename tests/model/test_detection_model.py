@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -162,11 +162,11 @@ def test_export_passes_parity_and_a_tampered_graph_fails_it(trained, tmp_path):
 
     import torch
 
+    from visionflow.paths import ProjectPaths
     from visionflow.tasks.detection.export import export, parity_check
     from visionflow.tasks.detection.model import export_onnx
     from visionflow.tasks.detection.train import load_detector
     from visionflow.tasks.detection.trainset import load_rgb, read_split
-    from visionflow.paths import ProjectPaths
 
     root, res = trained
     p = _params(root)

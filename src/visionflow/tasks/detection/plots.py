@@ -45,7 +45,7 @@ def _draw(ax, img: np.ndarray, gt: list[tuple[np.ndarray, str]], pred: list[tupl
     from matplotlib.patches import Rectangle
 
     ax.imshow(img)
-    for (x1, y1, x2, y2), name in gt:
+    for (x1, y1, x2, y2), _name in gt:
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=GROUND_TRUTH, linewidth=1.5))
     for (x1, y1, x2, y2), name, score in pred:
         ax.add_patch(
@@ -64,7 +64,7 @@ def plot_worst(items: list[dict], path: Path, cols: int = 4) -> None:
     for ax, item in zip(np.atleast_1d(axes).ravel(), items):
         _draw(ax, item["image"], item["gt"], item["pred"])
         ax.set_title(item["title"], fontsize=7)
-    fig.suptitle(f"Worst detections (test split): ground truth solid green, predictions dashed red", fontsize=9)
+    fig.suptitle("Worst detections (test split): ground truth solid green, predictions dashed red", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
