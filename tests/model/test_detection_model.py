@@ -190,3 +190,56 @@ def test_export_passes_parity_and_a_tampered_graph_fails_it(trained, tmp_path):
     # the graph of another model (the tampered head) against the published one
     tampered = parity_check(net, onnx, images, **kw)
     assert not tampered.passed and "images differ between ONNX and PyTorch" in tampered.reasons[0]
+
+
+def test_parity_compare_allows_the_threshold_boundary_and_names_each_difference():
+    from visionflow.tasks.detection.export import compare
+
+    def answer(boxes, scores, labels):
+        return {
+            "boxes": np.array(boxes, np.float32),
+            "scores": np.array(scores, np.float32),
+            "labels": np.array(labels),
+        }
+
+    ref = answer([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.30004], [1, 2])
+    # the second box falls just under the threshold in ONNX, within the tolerance: the same answer
+    assert compare(ref, answer([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.29997], [1, 2]), 0.3, 1e-4, 0.99)[0] == []
+    problems, ious, diffs = compare(
+        ref, answer([[0, 0, 10, 10], [20, 20, 30, 30]], [0.9, 0.3], [1, 1]), 0.3, 1e-4, 0.99
+    )
+    assert problems == ["box 1 (label 2, score 0.300) has no ONNX match"] and ious == [1.0]
+    shifted = answer([[0, 0, 10, 11], [20, 20, 30, 30], [50, 50, 60, 60]], [0.9, 0.30004, 0.5], [1, 2, 1])
+    problems, _, _ = compare(ref, shifted, 0.3, 1e-4, 0.99)
+    assert problems == [
+        "box 0 (label 1, score 0.900) has no ONNX match",
+        "2 ONNX box(es) at or above the threshold that PyTorch does not give",  # the shifted one and the new one
+    ]
+    problems, _, diffs = compare(
+        ref, answer([[0, 0, 10, 10], [20, 20, 30, 30]], [0.8, 0.30004], [1, 2]), 0.3, 1e-4, 0.99
+    )
+    assert problems == ["box 0 scores 0.90000 in PyTorch, 0.80000 in ONNX"] and max(diffs) > 0.09
+
+
+def test_bad_split_and_checkpoint_inputs_are_one_line_data_errors(tmp_path):
+    import torch
+
+    from visionflow.errors import DataError
+    from visionflow.paths import ProjectPaths
+    from visionflow.tasks.detection.train import load_detector
+    from visionflow.tasks.detection.trainset import class_names, read_split
+
+    root = make_detection_project(tmp_path / "proj", n=8)
+    paths = ProjectPaths.of(_params(root), root)
+    (root / "data/splits/val.csv").write_text('path,boxes\na.png,"[[1, 2, 3]]"\n')
+    with pytest.raises(DataError, match=r"val.csv row 2: the boxes column is not JSON"):
+        read_split(paths, "val")
+    (root / "data/splits/val.csv").write_text("path,label\na.png,cat\n")
+    with pytest.raises(DataError, match="no path/boxes columns"):
+        read_split(paths, "val")
+    (root / "data/splits/val.csv").write_text("path,boxes\na.png,[]\nb.png,\n")
+    with pytest.raises(DataError, match="the val split has no boxes"):
+        class_names(read_split(paths, "val"))
+    torch.save({"state_dict": {}, "hyper_parameters": {"classes": ["a"]}}, tmp_path / "cls.ckpt")
+    with pytest.raises(DataError, match="is not a detector checkpoint"):
+        load_detector(tmp_path / "cls.ckpt")

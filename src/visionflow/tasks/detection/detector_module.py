@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from visionflow.errors import DataError
 from visionflow.tasks.detection.model import build_detector
 from visionflow.training.weights import resolve
 
@@ -65,7 +66,9 @@ class DetectorModule(L.LightningModule):
 def load_detector(checkpoint: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     """The trained network in eval mode on CPU, and its hyperparameters (classes, image_size, model, ...)."""
     ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
-    hp = dict(ckpt["hyper_parameters"])
+    hp = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    if not {"classes", "image_size", "model"} <= set(hp) or "state_dict" not in ckpt:
+        raise DataError(f"{checkpoint} is not a detector checkpoint (no classes/image_size/model hyperparameters)")
     net = build_detector(len(hp["classes"]), hp["image_size"], weights=None)  # the weights are in the checkpoint
     prefix = "net."
     net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
