@@ -30,9 +30,11 @@ class EpochLog(L.Callback):
     can end the run sooner).
     """
 
-    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int, timing: RunFigures):
-        # timing: the run's RunFigures, which already times each epoch's batches and counts its images
+    def __init__(self, log: Log, max_steps: int, steps_per_epoch: int, timing: RunFigures, monitor: str = "val/acc"):
+        # timing: the run's RunFigures, which already times each epoch's batches and counts its images;
+        # monitor: the validation metric the line shows (with val/loss when the module logs one)
         self.out, self.max_steps, self.steps_per_epoch, self.timing = log, max_steps, steps_per_epoch, timing
+        self.monitor = monitor
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start, self.fit_first_step = time.perf_counter(), trainer.global_step
@@ -50,9 +52,9 @@ class EpochLog(L.Callback):
             return
         now, m, step = time.perf_counter(), trainer.callback_metrics, trainer.global_step
         per_step = (now - self.fit_start) / max(step - self.fit_first_step, 1)
-        val = (
-            f"val loss {float(m['val/loss']):.4f} acc {float(m['val/acc']):.4f}" if "val/acc" in m else "no validation"
-        )
+        loss = f"loss {float(m['val/loss']):.4f} " if "val/loss" in m else ""
+        name = self.monitor.split("/")[-1]
+        val = f"val {loss}{name} {float(m[self.monitor]):.4f}" if self.monitor in m else "no validation"
         self.out.info(
             "epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
             trainer.current_epoch + 1,

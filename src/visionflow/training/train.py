@@ -69,9 +69,11 @@ class TrainResult:
 LOG = logging.getLogger(__name__)
 
 
-def run_key(p: Params, data_version: str | None, splits_dir: Path) -> str:
+def run_key(
+    p: Params, data_version: str | None, splits_dir: Path, reads: tuple[str, ...] = ("base", "data", "train")
+) -> str:
     """What a training run depends on: the sections it reads, the data version and the split manifests."""
-    sections = {k: v for k, v in p.as_dict().items() if k in ("base", "data", "train")}
+    sections = {k: v for k, v in p.as_dict().items() if k in reads}
     h = hashlib.sha256(json.dumps(sections, sort_keys=True).encode())
     h.update(str(data_version).encode())
     for name in ("train", "val", "test"):
@@ -178,14 +180,21 @@ def _mlflow_logger(
 
 
 def _trainer(
-    plan: RunPlan, logger: MLFlowLogger, figures_cb: RunFigures, dynamics: TrainingDynamics, progress: bool, log: Log
+    plan: RunPlan,
+    logger: MLFlowLogger,
+    figures_cb: RunFigures,
+    extra: list[L.Callback],
+    progress: bool,
+    log: Log,
+    monitor: str = "val/acc",
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """The Lightning trainer with its callbacks; returns it and the best-checkpoint callback."""
+    """The Lightning trainer with its callbacks (`extra` after the shared ones); returns it and the best-checkpoint
+    callback. monitor: the validation metric (higher is better) that picks the best checkpoint and stops early."""
     cfg, ckpt_dir = plan.cfg, plan.run_dir / "checkpoints"
     best_cb = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
-        monitor="val/acc",
+        monitor=monitor,
         mode="max",
         save_top_k=1,
         auto_insert_metric_name=False,
@@ -204,14 +213,14 @@ def _trainer(
         best_cb,
         last_cb,
         LearningRateMonitor(logging_interval="epoch"),
-        EarlyStopping(monitor="val/acc", mode="max", patience=cfg.early_stopping_patience),
+        EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience),
     ]
     # EpochLog reads figures_cb's timing of the epoch at its end; neither resets it before the next epoch starts
     callbacks += [
         figures_cb,
-        EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb),
+        EpochLog(log, plan.max_steps, plan.steps_per_epoch, figures_cb, monitor),
         StartValWorkers(),
-        dynamics,
+        *extra,
     ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
@@ -325,7 +334,7 @@ def _fit(
         log_run_config(logger.experiment, mlflow_run_id, p, plan)
     figures_cb = RunFigures(start, plan.cache_done)
     dynamics = TrainingDynamics(len(plan.dm.load("train").labels), len(plan.classes))
-    trainer, best_cb = _trainer(plan, logger, figures_cb, dynamics, progress, log)
+    trainer, best_cb = _trainer(plan, logger, figures_cb, [dynamics], progress, log)
     with SystemMetrics(mlflow_run_id, uri, plan.cfg.system_metrics_interval_s, resumed):
         trainer.fit(_classifier(plan), datamodule=plan.dm, ckpt_path=str(resume_from) if resumed else None)
     figures = figures_cb.figures()

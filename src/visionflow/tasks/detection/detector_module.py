@@ -1,0 +1,75 @@
+"""The LightningModule that trains the detector (tasks/detection/model.py), and loading it back from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.detection import MeanAveragePrecision
+
+from visionflow.errors import DataError
+from visionflow.tasks.detection.model import build_detector
+from visionflow.training.weights import resolve
+
+# The monitored validation metric: mAP at IoU 0.5 (higher is better); it picks the best checkpoint.
+MONITOR = "val/map_50"
+
+
+class DetectorModule(L.LightningModule):
+    def __init__(
+        self,
+        classes: list[str],
+        image_size: int,
+        model: str,
+        lr: float,
+        weight_decay: float,
+        pretrained_weights: str | None = None,
+        score_threshold: float = 0.3,
+    ):
+        super().__init__()
+        # classes, image_size and model go into the checkpoint: load_detector rebuilds the network from them
+        self.save_hyperparameters()
+        weights = resolve(pretrained_weights) if pretrained_weights else None
+        self.net = build_detector(len(classes), image_size, weights)
+        self.val_map = MeanAveragePrecision(iou_thresholds=[0.5])
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.net(images, targets)
+        loss = sum(losses.values())
+        n = len(images)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        found = self.net(images)
+        self.val_map.update([{k: v.float() if k != "labels" else v for k, v in f.items()} for f in found], targets)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log(MONITOR, self.val_map.compute()["map_50"].float(), prog_bar=True)
+        self.val_map.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def load_detector(checkpoint: Path | str) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained network in eval mode on CPU, and its hyperparameters (classes, image_size, model, ...)."""
+    ckpt = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+    hp = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
+    if not {"classes", "image_size", "model"} <= set(hp) or "state_dict" not in ckpt:
+        raise DataError(f"{checkpoint} is not a detector checkpoint (no classes/image_size/model hyperparameters)")
+    net = build_detector(len(hp["classes"]), hp["image_size"], weights=None)  # the weights are in the checkpoint
+    prefix = "net."
+    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return net.eval(), hp
