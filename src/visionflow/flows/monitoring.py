@@ -298,8 +298,12 @@ def retraining_flow(
         "gate_reasons": reg["reasons"],
         "champion_before": reg["champion_before"],
         "champion_after": reg["champion"],
-        "clean_accuracy": reg["clean_accuracy"],
-        "eval_batch_accuracy": reg["eval_batch_accuracy"],
+        # classification's accuracy, a detector's mAP@0.5 (`metric` says which); *_accuracy for classification
+        "metric": reg["metric"],
+        "clean_metric": reg["clean_metric"],
+        "eval_batch_metric": reg["eval_batch_metric"],
+        "clean_accuracy": reg.get("clean_accuracy"),
+        "eval_batch_accuracy": reg.get("eval_batch_accuracy"),
         "seconds": round(time.perf_counter() - start, 1),
     }
     if claim_id:
@@ -383,6 +387,9 @@ def closed_loop_flow(
             "gate_reasons",
             "champion_before",
             "champion_after",
+            "metric",
+            "clean_metric",
+            "eval_batch_metric",
             "clean_accuracy",
             "eval_batch_accuracy",
             "seconds",
@@ -393,10 +400,13 @@ def closed_loop_flow(
             "augment_override",
         )
     }
-    ev = r.get("eval_batch_accuracy") or {}
-    retrain["drifted_accuracy_before"] = ev.get("champion")
-    # After: the champion's accuracy once the gate has decided (the challenger if promoted).
-    retrain["drifted_accuracy_after"] = ev.get("challenger") if r.get("promoted") else ev.get("champion")
+    ev = r.get("eval_batch_metric") or {}
+    # Before and after on the drifted hold-out batch: after is the champion's once the gate has decided (the
+    # challenger if promoted). In the task's metric: accuracy, or a detector's mAP@0.5.
+    before, after = ev.get("champion"), ev.get("challenger") if r.get("promoted") else ev.get("champion")
+    retrain["drifted_metric_before"], retrain["drifted_metric_after"] = before, after
+    if p.base.task == "classification":
+        retrain["drifted_accuracy_before"], retrain["drifted_accuracy_after"] = before, after
     retrain["holdout_batch"] = holdout
     loop = {"skipped": False, "note": note, "batch_size": n}
     update_report(report, drift=drift, retrain=retrain, closed_loop=loop)

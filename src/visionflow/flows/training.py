@@ -269,16 +269,7 @@ def _summary(
         "quarantined_by_reason": validated["quarantined_by_reason"],
         "splits": splits["counts"],
         "onnx": exported.summary(),
-        "registry": {
-            "model": registered.model,
-            "version": registered.version,
-            "promoted": decision.promoted,
-            "reasons": decision.reasons,
-            "champion": decision.champion_after,
-            "champion_before": decision.champion_before,
-            "clean_accuracy": decision.clean_accuracy,
-            "eval_batch_accuracy": decision.eval_batch_accuracy,
-        },
+        "registry": decision.summary(),
         **evaluated.summary(),
         "mlflow_run_id": trained.mlflow_run_id,
         "train": {

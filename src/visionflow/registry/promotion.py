@@ -36,6 +36,22 @@ class PromoteResult:
     eval_batch: str | None = None
     eval_batch_accuracy: dict[str, Any] | None = None  # as clean_accuracy, on the eval batch (when one was given)
 
+    def summary(self) -> dict[str, Any]:
+        """The decision as the pipeline report carries it (metric: what the *_metric entries measure)."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "promoted": self.promoted,
+            "reasons": self.reasons,
+            "champion": self.champion_after,
+            "champion_before": self.champion_before,
+            "metric": "accuracy",
+            "clean_accuracy": self.clean_accuracy,
+            "eval_batch_accuracy": self.eval_batch_accuracy,
+            "clean_metric": self.clean_accuracy,
+            "eval_batch_metric": self.eval_batch_accuracy,
+        }
+
 
 @dataclass(frozen=True)
 class Comparison:

@@ -16,14 +16,15 @@ if TYPE_CHECKING:  # torch is imported when weights are saved, not when the cham
 WEIGHTS_ARTIFACT = "weights/backbone.pt"
 
 
-def log_backbone_weights(net: nn.Module, run_id: str) -> None:
-    """The backbone's state dict as an artifact of the training run (MLflow set up by the entry point)."""
+def log_backbone_weights(net: nn.Module, run_id: str, *, whole: bool = False) -> None:
+    """The backbone's state dict (whole: the whole network's, as a detector warm-starts) as an artifact of the
+    training run (MLflow set up by the entry point)."""
     import mlflow
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(WEIGHTS_ARTIFACT).name
-        torch.save(net.backbone.state_dict(), path)
+        torch.save((net if whole else net.backbone).state_dict(), path)
         mlflow.MlflowClient().log_artifact(run_id, str(path), str(Path(WEIGHTS_ARTIFACT).parent))
 
 

@@ -39,6 +39,22 @@ class DetEvalResult:
     report_dir: str
     mlflow_run_id: str | None = None  # the training run the evaluation was logged to
 
+    def headline(self) -> str:
+        """The one line the pipeline logs."""
+        return (
+            f"test mAP@0.5 {self.map_50:.4f}, mAP@[.5:.95] {self.map:.4f}, robust mAP@0.5 {self.robust_map_50:.4f} "
+            f"({self.n_test} test images, {self.n_negatives} without boxes)"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The figures the pipeline report carries at its top level."""
+        return {
+            "test_map_50": self.map_50,
+            "test_map": self.map,
+            "robust_map_50": self.robust_map_50,
+            "per_class_ap_50": self.per_class_ap,
+        }
+
 
 Found = dict[str, torch.Tensor]  # boxes (x1 y1 x2 y2), scores, labels of one image, on CPU
 

@@ -52,6 +52,19 @@ class DetExportResult(DetParity):
     onnx_path: str  # relative to the project root
     card: dict[str, Any]
 
+    def headline(self) -> str:
+        """The one line the pipeline logs."""
+        return (
+            f"ONNX parity passed on {self.n_images} images: {self.boxes_compared} boxes at score >= "
+            f"{self.score_threshold}, worst IoU {self.worst_iou:.4f}, max score diff {self.max_score_diff:.2e}; "
+            f"ORT {self.ort_ms:.2f} ms vs torch {self.torch_ms:.2f} ms per image"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The parity figures the pipeline report carries."""
+        keys = ("n_images", "boxes_compared", "worst_iou", "max_score_diff", "ort_ms", "torch_ms")
+        return {k: getattr(self, k) for k in keys}
+
 
 Answer = dict[str, np.ndarray]
 

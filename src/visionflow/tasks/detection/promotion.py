@@ -55,6 +55,22 @@ class DetectionPromoteResult:
     eval_batch_map50: dict[str, Any] | None = None  # as map50's entries, on the eval batch (when one was given)
     eval_batch_skipped: list[str] | None = None  # eval batch images left out, with why
 
+    def summary(self) -> dict[str, Any]:
+        """The decision as the pipeline report carries it (metric: what the *_metric entries measure)."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "promoted": self.promoted,
+            "reasons": self.reasons,
+            "champion": self.champion_after,
+            "champion_before": self.champion_before,
+            "metric": "mAP@0.5",
+            "clean_metric": self.map50.get("clean"),
+            "corrupted_metric": self.map50.get("corrupted"),
+            "eval_batch_metric": self.eval_batch_map50,
+            "latency_ms": self.latency_ms,
+        }
+
 
 def _reports(paths: ProjectPaths) -> tuple[dict, dict, dict]:
     """train.json, export.json and the evaluation of the same training run, or a DataError saying what to run."""
@@ -120,6 +136,11 @@ def register(p: Params, root: Path, *, flow_run_id: str | None = None) -> Regist
         tags=tags,
         metrics=metrics,
     )
+    if paths.checkpoint.is_file():  # the whole detector's weights, for a warm-started retraining
+        from visionflow.registry.warm_start import log_backbone_weights
+        from visionflow.tasks.detection.detector_module import load_detector
+
+        log_backbone_weights(load_detector(paths.checkpoint)[0], run_id, whole=True)
     return RegisterResult(model=p.model_name, version=version)
 
 

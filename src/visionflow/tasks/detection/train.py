@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,9 @@ def _fit(
     log.info("training figures: %s", ", ".join(f"{k} {v}" for k, v in figures.items()))
     best = plan.paths.relative(best_cb.best_model_path or resume_from)
     kwargs = {"mlflow_run_id": run_id, "resumed": resumed, "start": start, "figures": figures}
-    result = _result(plan, trainer, best_cb, best=best, data_version=data_version, **kwargs)
+    result = replace(
+        _result(plan, trainer, best_cb, best=best, data_version=data_version, **kwargs), monitor="val mAP@0.5"
+    )
     if not np.isfinite(result.best_val_acc):
         log.warning("no validation mAP was recorded: the val split may be empty")
     logger.experiment.set_tag(run_id, "visionflow.train.global_step", str(result.global_step))
