@@ -18,8 +18,10 @@ from visionflow.errors import ConfigError
 # the decode cheap. The served answer uses detection.score_threshold on top.
 SCORE_FLOOR = 0.05
 MAX_DETECTIONS = 50
-# FPN levels P3-P7 at 128 px are 16..1 cells; object sizes per level follow torchvision's FCOS (8 px per stride).
+# FPN levels P3-P7 (strides 8..128; at 128 px 16x16 down to 1x1 cells); a level's size is its stride, as in
+# torchvision's FCOS, and sets which object sizes it is assigned.
 _ANCHOR_SIZES = ((8,), (16,), (32,), (64,), (128,))
+FPN_CHANNELS = 128
 
 
 def build_detector(num_classes: int, image_size: int, weights: Path | None = None) -> nn.Module:
@@ -30,9 +32,8 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
     start: registration logs it); None starts from random weights.
     """
     from torchvision.models import mobilenet_v2
-    from torchvision.models.detection import FCOS
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
     body = mobilenet_v2()
@@ -40,8 +41,20 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
     whole = any(k.startswith("head.") for k in state)
     if state and not whole:
         body.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
-    backbone = _mobilenet_extractor(body, fpn=True, trainable_layers=6, extra_blocks=LastLevelP6P7(256, 256))
-    anchors = AnchorGenerator(sizes=_ANCHOR_SIZES[: _levels(backbone, image_size)], aspect_ratios=((1.0,),) * 5)
+    # The pyramid starts at stride 8 (MobileNetV2 blocks 4, 7 and 14: strides 8, 16, 32), so a 20 px item at 128 px
+    # covers several cells; torchvision's _mobilenet_extractor takes the two stride-32 outputs (4x4 cells at
+    # 128 px), on which items this small barely train. The blocks after 14 are never run. 128 channels, not 256:
+    # the head's convolutions are most of the cost on a CPU.
+    backbone = BackboneWithFPN(
+        body.features,
+        return_layers={"4": "0", "7": "1", "14": "2"},
+        in_channels_list=[32, 64, 160],
+        out_channels=FPN_CHANNELS,
+        extra_blocks=LastLevelP6P7(FPN_CHANNELS, FPN_CHANNELS),
+    )
+    anchors = AnchorGenerator(sizes=_ANCHOR_SIZES, aspect_ratios=((1.0,),) * len(_ANCHOR_SIZES))
+    from torchvision.models.detection import FCOS
+
     net = FCOS(
         backbone,
         num_classes=num_classes + 1,
@@ -63,11 +76,6 @@ def build_detector(num_classes: int, image_size: int, weights: Path | None = Non
                 f"{str(exc).splitlines()[0]}"
             ) from None
     return net
-
-
-def _levels(backbone: nn.Module, image_size: int) -> int:
-    with torch.no_grad():
-        return len(backbone(torch.zeros(1, 3, image_size, image_size)))
 
 
 class Exportable(nn.Module):
