@@ -243,3 +243,12 @@ def test_bad_split_and_checkpoint_inputs_are_one_line_data_errors(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"classes": ["a"]}}, tmp_path / "cls.ckpt")
     with pytest.raises(DataError, match="is not a detector checkpoint"):
         load_detector(tmp_path / "cls.ckpt")
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    from visionflow.tasks.detection.detector_module import warmup_cosine, warmup_steps
+
+    assert warmup_steps(600) == 60 and warmup_steps(5000) == 100 and warmup_steps(3) == 1
+    f = [warmup_cosine(s, warmup=60, total=600) for s in range(601)]
+    assert f[0] == pytest.approx(1 / 60) and f[59] == 1.0 and f[60] == 1.0
+    assert all(a >= b for a, b in zip(f[60:], f[61:])) and f[600] == pytest.approx(0.0)
