@@ -91,8 +91,20 @@ def _publish(root: Path, res) -> None:
     (root / "reports/train.json").write_text(json.dumps(asdict(res)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: a 64 px detector is all per-op overhead, and on a busy 2-core runner two threads wait
+    on each other (a training step measured 10x slower), so the module's seconds stay seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(_one_thread, tmp_path_factory):
     from visionflow.tasks.detection.train import train
 
     root = make_detection_project(tmp_path_factory.mktemp("det"))
