@@ -91,8 +91,20 @@ def _publish(root: Path, res) -> None:
     (root / "reports/train.json").write_text(json.dumps(asdict(res)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: a 64 px detector is all per-op overhead, and on a busy 2-core runner two threads wait
+    on each other (a training step measured 10x slower), so the module's seconds stay seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(_one_thread, tmp_path_factory):
     from visionflow.tasks.detection.train import train
 
     root = make_detection_project(tmp_path_factory.mktemp("det"))
@@ -243,3 +255,12 @@ def test_bad_split_and_checkpoint_inputs_are_one_line_data_errors(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"classes": ["a"]}}, tmp_path / "cls.ckpt")
     with pytest.raises(DataError, match="is not a detector checkpoint"):
         load_detector(tmp_path / "cls.ckpt")
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero():
+    from visionflow.tasks.detection.detector_module import warmup_cosine, warmup_steps
+
+    assert warmup_steps(600) == 60 and warmup_steps(5000) == 100 and warmup_steps(3) == 1
+    f = [warmup_cosine(s, warmup=60, total=600) for s in range(601)]
+    assert f[0] == pytest.approx(1 / 60) and f[59] == 1.0 and f[60] == 1.0
+    assert all(a >= b for a, b in zip(f[60:], f[61:])) and f[600] == pytest.approx(0.0)
