@@ -55,14 +55,16 @@ class EpochLog(L.Callback):
         loss = f"loss {float(m['val/loss']):.4f} " if "val/loss" in m else ""
         name = self.monitor.split("/")[-1]
         val = f"val {loss}{name} {float(m[self.monitor]):.4f}" if self.monitor in m else "no validation"
+        # a detector has no training accuracy: its line says nothing of one
+        acc = f" acc {float(m['train/acc']):.4f}" if "train/acc" in m else ""
         self.out.info(
-            "epoch %d/%d (step %d/%d): train loss %.4f acc %s, %s, %.0f images/s, elapsed %s, ETA %s",
+            "epoch %d/%d (step %d/%d): train loss %.4f%s, %s, %.0f images/s, elapsed %s, ETA %s",
             trainer.current_epoch + 1,
             math.ceil(self.max_steps / self.steps_per_epoch),
             step,
             self.max_steps,
             self.loss_sum / max(t.epoch_images, 1),
-            f"{float(m['train/acc']):.4f}" if "train/acc" in m else "?",
+            acc,
             val,
             t.epoch_images / max(t.epoch_last - t.epoch_first, 1e-9),
             _duration(now - self.fit_start),

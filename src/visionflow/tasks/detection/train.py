@@ -29,7 +29,7 @@ from visionflow.report import write_json_atomic
 from visionflow.tasks.detection.detector_module import MONITOR, DetectorModule, load_detector
 from visionflow.tasks.detection.trainset import DetectionDataset, augmentation, class_names, collate, read_split
 from visionflow.training.callbacks import Log, RunFigures
-from visionflow.training.datamodule import InputDecision
+from visionflow.training.datamodule import InputDecision, worker_context
 from visionflow.training.run_records import log_figures, log_run_config
 from visionflow.training.runtime import resolve_runtime
 from visionflow.training.train import RunPlan, TrainResult, _mlflow_logger, _result, _trainer, run_key
@@ -65,6 +65,9 @@ def _loaders(p: Params, plan: RunPlan) -> tuple[DataLoader, DataLoader]:
         "collate_fn": collate,
         "persistent_workers": cfg.num_workers > 0,
         "pin_memory": plan.rt.accelerator == "gpu",
+        # forkserver workers, as the classifier's: a worker forked from a running flow inherits Prefect's threads
+        # and dies at shutdown with exit code 1 (seen here at the end of the pipeline's detection training)
+        "multiprocessing_context": worker_context() if cfg.num_workers > 0 else None,
     }
     return DataLoader(train, shuffle=True, **common), DataLoader(val, shuffle=False, **common)
 
