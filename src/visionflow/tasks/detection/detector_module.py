@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from functools import partial
 from pathlib import Path
@@ -22,6 +24,14 @@ from visionflow.training.weights import resolve
 WARMUP_STEPS = 100
 # The monitored validation metric: mAP at IoU 0.5 (higher is better); it picks the best checkpoint.
 MONITOR = "val/map_50"
+
+
+@contextlib.contextmanager
+def quiet_cocoeval():
+    """pycocotools prints a dozen lines per evaluation to stdout, which a flow with log_prints turns into log
+    records: the figures that matter are logged as metrics instead."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 class DetectorModule(L.LightningModule):
@@ -58,7 +68,9 @@ class DetectorModule(L.LightningModule):
         self.val_map.update([{k: v.float() if k != "labels" else v for k, v in f.items()} for f in found], targets)
 
     def on_validation_epoch_end(self) -> None:
-        self.log(MONITOR, self.val_map.compute()["map_50"].float(), prog_bar=True)
+        with quiet_cocoeval():
+            score = self.val_map.compute()["map_50"].float()
+        self.log(MONITOR, score, prog_bar=True)
         self.val_map.reset()
 
     def configure_optimizers(self):

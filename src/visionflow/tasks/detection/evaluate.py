@@ -18,7 +18,7 @@ from visionflow.data.corruptions import ROBUSTNESS, corrupter
 from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
 from visionflow.report import write_json_atomic
-from visionflow.tasks.detection.detector_module import load_detector
+from visionflow.tasks.detection.detector_module import load_detector, quiet_cocoeval
 from visionflow.tasks.detection.plots import plot_pr_curves, plot_worst
 from visionflow.tasks.detection.trainset import load_rgb, read_split, split_targets
 from visionflow.training.evaluate import in_batches, inference_device, robustness_subset
@@ -77,7 +77,8 @@ def predict(net: torch.nn.Module, images: list[np.ndarray], device: str = "cpu",
 def _map(found: list[Found], targets: list[Found], **kwargs: Any) -> dict[str, torch.Tensor]:
     metric = MeanAveragePrecision(**kwargs)
     metric.update(found, targets)
-    return metric.compute()
+    with quiet_cocoeval():
+        return metric.compute()
 
 
 def detection_metrics(found: list[Found], targets: list[Found], classes: list[str]) -> dict[str, Any]:
