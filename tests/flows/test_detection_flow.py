@@ -73,10 +73,11 @@ def test_detection_pipeline_and_closed_loop(tmp_path, harness, monkeypatch):
     drift, retrain = loop["drift"], loop["retrain"]
     assert drift["drifted"] is True and drift["features"]  # sensor noise at severity 5 moves the image properties
     assert retrain["triggered"] and retrain["new_version"] == "2"
-    assert retrain["reviewed_images_added"] == {"images": 24}
+    # a quarter of detection.scenes (12), within drift.min_batch_size and drift.batch_size
+    assert loop["closed_loop"]["batch_size"] == 12 and retrain["reviewed_images_added"] == {"images": 12}
     assert retrain["new_data_version"] != report["data_version"]
     assert retrain["metric"] == "mAP@0.5" and isinstance(retrain["drifted_metric_before"], float)
     reviewed = sorted((proj / "data/reviewed/detection").glob("*.json"))
-    assert len(reviewed) == 24
+    assert len(reviewed) == 12
     doc = json.loads((proj / "data/raw/annotations.json").read_text())
-    assert len(doc["images"]) == 48 + 24  # the reviewed batch joined the next data version with its boxes
+    assert len(doc["images"]) == 48 + 12  # the reviewed batch joined the next data version with its boxes
