@@ -559,6 +559,19 @@ def test_a_reviewer_fixes_the_boxes_of_an_image(detection_server, browser):
     (fixed, drawn) = doc["boxes"]
     assert fixed == [0, 0, 50, 40, "fox"]
     assert drawn[4] == "dog" and drawn[:4] == pytest.approx([10, 5, 20, 20], abs=0.25)
+    # The next data version holds the image with the corrected boxes (ingest beside a few bundled scenes).
+    from visionflow.config import parse_params
+    from visionflow.tasks.detection.ingest import ingest
+
+    raw = p.as_dict()
+    raw["detection"].update(scenes=10, scene_size=64)
+    assert ingest(parse_params(raw), proj).n_reviewed == 1
+    coco = json.loads((proj / p.data.raw_dir / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    (entry,) = [i for i in coco["images"] if sha in i["file_name"]]
+    got = sorted((names[a["category_id"]], a["bbox"]) for a in coco["annotations"] if a["image_id"] == entry["id"])
+    assert [n for n, _ in got] == ["dog", "fox"] and got[1][1] == [0, 0, 50, 40]
+    assert (proj / p.data.raw_dir / "images" / entry["file_name"]).read_bytes() == upload
     # Backspace takes the save back: the item is shown again and its files leave the labelled data.
     _press(browser, "Backspace")
     browser.wait_js("document.getElementById('boxes-status').textContent === 'undid the last save'")
