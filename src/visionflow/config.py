@@ -261,6 +261,10 @@ class ServeParams(_Section):
     # requests during ordinary GC and scheduling pauses at 70% load. Lower it for slow models.
     max_concurrency: int = Field(4, ge=1, le=1 << 16)
     queue_depth: int = Field(64, ge=0, le=1 << 20)
+    # Inference processes the event loop feeds (visionflow.serving.workers): null is one per core this process may
+    # run on (its CPU affinity, so a server pinned to one core gets one); 0 runs inference in a thread of the
+    # server process instead (one GIL for the event loop and inference: about half the throughput).
+    workers: int | None = Field(None, ge=0, le=256)
     reload_interval_s: float = Field(10, gt=0, le=86_400)
     # uvicorn's per-request access log line; off, since every prediction is in the prediction log and the
     # request counts and latencies are on /metrics (the line cost about a tenth of the event loop's time).

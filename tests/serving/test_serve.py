@@ -246,8 +246,8 @@ def test_work_that_fails_after_its_504_is_logged_once_as_such(tmp_path, caplog):
         tmp_path / "proj",
         tmp_path,
         registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"},
-        serve={"request_timeout_s": 0.0001},
-    )  # shorter than any inference
+        serve={"request_timeout_s": 0.0001, "workers": 0},
+    )  # shorter than any inference (in the server's own thread: test_serve_workers has the processes' case)
     p = load_params(proj / "params.yaml")
     register_champion(proj, p, CLASSES, tags=DV, seed=3)
     log = proj / p.serve.prediction_log
@@ -294,6 +294,8 @@ def test_a_bad_upload_fails_only_its_own_request_in_a_batch(served):
     import httpx
 
     proj, p, _, holder, _ = served
+    # one inference process, held by the lock; its start (spawn + imports) must not time the first request out
+    p = p.model_copy(update={"serve": p.serve.model_copy(update={"workers": 1, "request_timeout_s": 120})})
     app = create_app(p, proj, holder=holder, watch=False)
     images = proj / p.serve.review_dir / "images"
     exif_a, exif_b = corrupt_exif_jpegs(2, seed=1)

@@ -2,8 +2,9 @@
 
 create_app composes the pieces, each in a module of its own:
 - champion: the champion, loaded, and swapped when the registry alias moves (requests keep the session they hold);
-- predict, batcher, inference: the predict routes, a plain ASGI handler that hands uploads to one batching
-  inference thread, off the event loop, behind a concurrency limit that answers 503 when full;
+- predict, batcher, inference, workers: the predict routes, a plain ASGI handler that hands uploads to the
+  batching inference threads, off the event loop, behind a concurrency limit that answers 503 when full; each
+  thread feeds one inference process (serve.workers; 0: the thread does the work itself);
 - http, multipart: uploads are bounded (body size and time, request-head time, multipart parts, decode pixels,
   formats) and never name a server path;
 - review: low-confidence predictions wait in the review queue (SQLite + image files); a reviewed label turns the
@@ -16,6 +17,7 @@ create_app composes the pieces, each in a module of its own:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +32,29 @@ from visionflow.serving.auth import bearer_token, token_dependencies
 from visionflow.serving.batcher import Batcher
 from visionflow.serving.champion import ChampionHolder, LoadedModel, load_champion
 from visionflow.serving.http import BodyLimit, header_deadline_protocol
-from visionflow.serving.inference import BatchInference, ClassifyImages
+from visionflow.serving.inference import batch_inference, review_queues
 from visionflow.serving.metrics import ServingMetrics
 from visionflow.serving.openapi import openapi_builder
 from visionflow.serving.predict import PredictHandler
 from visionflow.serving.predictions import PredictionLog
-from visionflow.serving.review import ReviewQueue, docs_router, review_router
-from visionflow.tasks.detection.review import BoxReviewQueue
+from visionflow.serving.review import docs_router, review_router
+from visionflow.serving.workers import inference_processes
 from visionflow.tasks.detection.review_api import box_review_router
-from visionflow.tasks.detection.serving import DetectImages
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
     """The ASGI application; `holder` may be given (tests), otherwise it follows the registry champion."""
     cfg, paths = p.serve, ProjectPaths.of(p, root)
     holder = holder or ChampionHolder(p.model_name, cache_dir=paths.serving_models)
-    queue = ReviewQueue(
-        paths.review,
-        paths.reviewed,
-        budget=p.review.budget,
-        window_hours=p.review.window_hours,
-        strategy=p.review.strategy,
-        seed=p.base.seed,
-    )
-    boxes = BoxReviewQueue(paths.review / "detection", paths.reviewed / "detection")
+    queue, boxes = review_queues(p, root)
     log = PredictionLog(paths.prediction_log)
-    rules = DecodeRules.from_params(p.validation, cfg)
     metrics = ServingMetrics()
     require_token, require_token_page = token_dependencies(bearer_token(cfg.auth_token_env))
-    batcher = Batcher(
-        # the handler for each model card's task: BatchInference picks it by the task of the model it runs
-        BatchInference(
-            cfg,
-            rules,
-            {"classification": ClassifyImages(cfg, queue), "detection": DetectImages(p.detection, boxes)},
-            log,
-        ),
-        max_jobs=cfg.max_concurrency,
-        observe=metrics.observe_batch,
-    )
+    # serve.workers inference processes, each fed by a thread of its own; with none, one thread does the work
+    handlers = inference_processes(p, root, log) or [batch_inference(p, root, log)]
+    batcher = Batcher(handlers, max_jobs=cfg.max_concurrency, observe=metrics.observe_batch)
 
     # /docs and /openapi.json come from docs_router (offline assets, behind the token); FastAPI's own are off.
     app = FastAPI(
@@ -131,6 +117,12 @@ def _lifecycle(
             holder.refresh()
         if watch:
             holder.watch(reload_interval_s)
+        for h in batcher.handles:  # the inference processes started with the app: serve once they are up
+            if (wait_ready := getattr(h, "wait_ready", None)) is not None:
+                try:
+                    wait_ready()
+                except RuntimeError as exc:  # its thread starts another when the first request comes
+                    logger.error("%s", exc)
 
     @app.on_event("shutdown")
     def _stop() -> None:

@@ -13,22 +13,30 @@ logger = logging.getLogger(__name__)
 
 
 class Batcher:
-    """One inference thread that takes every request waiting when it comes round and runs them as one batch.
+    """Inference threads, one per handler, each taking every request waiting when it comes round and running
+    them as one batch. A handler is the batch work itself (the server's own thread) or the proxy of an
+    inference process (visionflow.serving.workers), whose thread only waits on a pipe.
 
     Nothing waits for a batch to fill: on an idle server a lone request runs at once; on a busy one the thread
     hand-offs, the ONNX Runtime call and the prediction-log write are shared by everything that queued meanwhile,
     so the more requests wait, the less each costs. One thread, not a pool: the Python part of inference holds
     the GIL, and a pool of four threads plus the event loop fought over it (stalls of 30-80 ms under load).
-    `handle` gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it.
+    A handler gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it;
+    one with a `close()` has it called when its thread stops.
     `observe(waits_s, seconds)`, when given, hears of every batch: how long each of its jobs waited for the thread
     and how long the batch took (the /metrics histograms that tell a busy inference thread from a slow model).
     """
 
-    def __init__(self, handle, max_jobs: int, observe=None):
-        self.handle, self.max_jobs, self.observe = handle, max_jobs, observe
+    def __init__(self, handles, max_jobs: int, observe=None):
+        self.handles = handles if isinstance(handles, list) else [handles]
+        self.max_jobs, self.observe = max_jobs, observe
         self._jobs: queues.SimpleQueue = queues.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, args=(h,), name=f"infer-{i}", daemon=True)
+            for i, h in enumerate(self.handles)
+        ]
+        for t in self._threads:
+            t.start()
 
     def submit(self, job: Any) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -37,9 +45,17 @@ class Batcher:
         return future
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        for _ in self._threads:  # one stop for each thread
+            self._jobs.put(None)
 
-    def _run(self) -> None:
+    def _run(self, handle) -> None:
+        try:
+            self._serve(handle)
+        finally:
+            if (close := getattr(handle, "close", None)) is not None:
+                close()
+
+    def _serve(self, handle) -> None:
         while (first := self._jobs.get()) is not None:
             batch = [first]
             while len(batch) < self.max_jobs:
@@ -53,7 +69,7 @@ class Batcher:
                 batch.append(nxt)
             start = time.perf_counter()
             try:
-                outcomes = self.handle([job for job, _, _, _ in batch])
+                outcomes = handle([job for job, _, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the failure, the thread lives on
                 outcomes = [exc] * len(batch)
             if self.observe is not None:

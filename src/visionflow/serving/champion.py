@@ -25,6 +25,7 @@ class LoadedModel:
     session: Any
     card: dict[str, Any]
     tags: dict[str, str]
+    path: Path | None = None  # the ONNX file: inference processes load their own session from it
 
     @property
     def task(self) -> str:
@@ -61,7 +62,7 @@ class ChampionHolder:
             # One ONNX Runtime thread: the batcher's thread and the event loop already keep two cores busy, and
             # threads on top of that oversubscribe the cores and stretch the latency tail.
             loaded = LoadedModel(
-                version, ort_session(path, threads=1), card, version_info(self.model_name, version)["tags"]
+                version, ort_session(path, threads=1), card, version_info(self.model_name, version)["tags"], path
             )
             with self._lock:
                 self.current = loaded  # one reference swap: in-flight requests keep the session they hold

@@ -8,17 +8,21 @@ import json
 import sqlite3
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from visionflow.config import ServeParams
+from visionflow.config import Params, ServeParams
 from visionflow.data.imageio import DecodeRules, PixelBudget, decode_with_properties
 from visionflow.onnxrt import ort_outputs, softmax
+from visionflow.paths import ProjectPaths
 from visionflow.serving.champion import LoadedModel
 from visionflow.serving.multipart import multipart_files
 from visionflow.serving.predictions import PredictionLog
 from visionflow.serving.review import ReviewQueue
+from visionflow.tasks.detection.review import BoxReviewQueue
+from visionflow.tasks.detection.serving import DetectImages
 
 Prepared = tuple[list[Any], list[dict[str, float]]]  # one request's decoded images and their properties
 
@@ -54,12 +58,8 @@ class BatchInference:
         for model in {id(jobs[i].model): jobs[i].model for i in prepared}.values():  # one group per model (a swap)
             mine = [i for i in prepared if jobs[i].model is model]
             self._run_group(model, mine, jobs, prepared, outcomes, records)
-        try:
-            # A request that timed out (504) still lands here: the model did see that image, so it is logged.
-            self.log.append(*records)
-        except OSError as exc:
-            outcomes = [exc if isinstance(o, tuple) else o for o in outcomes]
-        return outcomes
+        # A request that timed out (504) still lands here: the model did see that image, so it is logged.
+        return logged(self.log, records, outcomes)
 
     def prepare(self, job: Job) -> Prepared:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
@@ -109,6 +109,44 @@ class BatchInference:
                 continue
             answer = results[0] if jobs[i].max_files == 1 else {"predictions": results}
             outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
+
+
+def logged(log, records: list[dict[str, Any]], outcomes: list[Any]) -> list[Any]:
+    """Append a batch's records to the prediction log; when the log cannot be written, the batch's answers become
+    that error (a 503), since a prediction that is not logged is invisible to the drift check."""
+    try:
+        log.append(*records)
+    except OSError as exc:
+        return [exc if isinstance(o, tuple) else o for o in outcomes]
+    return outcomes
+
+
+def batch_inference(p: Params, root: Path, log) -> BatchInference:
+    """The handler the server runs on each batch, for the server's own inference thread or an inference process
+    (which builds its own: the review queues are SQLite and files, shared safely between processes)."""
+    cfg = p.serve
+    queue, boxes = review_queues(p, root)
+    return BatchInference(
+        cfg,
+        DecodeRules.from_params(p.validation, cfg),
+        # the handler for each model card's task: BatchInference picks it by the task of the model it runs
+        {"classification": ClassifyImages(cfg, queue), "detection": DetectImages(p.detection, boxes)},
+        log,
+    )
+
+
+def review_queues(p: Params, root: Path) -> tuple[ReviewQueue, BoxReviewQueue]:
+    """Where uncertain predictions wait for a person: the labels queue, and the boxes queue of a detector."""
+    paths = ProjectPaths.of(p, root)
+    queue = ReviewQueue(
+        paths.review,
+        paths.reviewed,
+        budget=p.review.budget,
+        window_hours=p.review.window_hours,
+        strategy=p.review.strategy,
+        seed=p.base.seed,
+    )
+    return queue, BoxReviewQueue(paths.review / "detection", paths.reviewed / "detection")
 
 
 class ClassifyImages:

@@ -112,8 +112,30 @@ def _late_failure(job: asyncio.Future) -> None:
         logger.error("predict: a request answered 504 failed afterwards: %s: %s", type(exc).__name__, exc)
 
 
+class Answered(Exception):
+    """A failure already turned into its answer (an inference process sends these: they survive pickling)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(status, detail, headers)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.detail}"
+
+
+def failure_answer(exc: BaseException) -> Answered:
+    """`exc` as the answer its request gets (logs an unforeseen one, with its traceback, where it happened)."""
+    try:
+        raise exc
+    except Exception as e:  # noqa: BLE001 - re-raised so that _failure's log has the traceback
+        status, body, headers = _failure(e)
+    return Answered(status, json.loads(body)["detail"], headers)
+
+
 def _failure(exc: Exception) -> tuple[int, bytes, dict[str, str]]:
     """(status, JSON body, headers) for a predict request that failed with `exc` (called in its except block)."""
+    if isinstance(exc, Answered):
+        return exc.status, json.dumps({"detail": exc.detail}).encode(), exc.headers
     if isinstance(exc, HTTPException):
         return exc.status_code, json.dumps({"detail": exc.detail}).encode(), exc.headers or {}
     if isinstance(exc, RejectedImage):
