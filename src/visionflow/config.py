@@ -265,6 +265,9 @@ class ServeParams(_Section):
     # run on (its CPU affinity, so a server pinned to one core gets one); 0 runs inference in a thread of the
     # server process instead (one GIL for the event loop and inference: about half the throughput).
     workers: int | None = Field(None, ge=0, le=256)
+    # Where the model runs: cpu, or cuda (ONNX Runtime's CUDA provider, from onnxruntime-gpu; refused at start
+    # where it is missing). On a GPU one or two processes suffice and larger batches pay: raise max_concurrency.
+    device: Literal["cpu", "cuda"] = "cpu"
     reload_interval_s: float = Field(10, gt=0, le=86_400)
     # uvicorn's per-request access log line; off, since every prediction is in the prediction log and the
     # request counts and latencies are on /metrics (the line cost about a tenth of the event loop's time).

@@ -8,19 +8,34 @@ from pathlib import Path
 
 import numpy as np
 
+from visionflow.errors import VisionflowError
 
-def ort_session(path: Path, threads: int | None = None, accelerated: bool = False):
-    """accelerated: the pipeline's batch inference (drift embeddings, promotion comparisons) runs on CUDA when
-    this ONNX Runtime has its CUDA provider (the onnxruntime-gpu build) and a GPU is there; serving stays on CPU."""
+
+def ort_session(path: Path, threads: int | None = None, device: str = "cpu"):
+    """An ONNX Runtime session on `device` (see `providers`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if accelerated and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers(device))
+
+
+def providers(device: str) -> list[str]:
+    """ONNX Runtime's providers for `device`: "cpu"; "cuda", the CUDA provider, which must be there (a server set
+    to serve on the GPU must not quietly serve on CPU); or "auto", CUDA when this ONNX Runtime has it (the
+    onnxruntime-gpu build) and a GPU is there, else CPU: the pipeline's batch inference (drift embeddings,
+    promotion comparisons)."""
+    import onnxruntime as ort
+
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise VisionflowError(
+            f"serve.device is cuda, but this ONNX Runtime ({ort.__version__}) has no CUDA provider: install "
+            "onnxruntime-gpu on a machine with an NVIDIA GPU, or set serve.device: cpu"
+        )
+    return ["CPUExecutionProvider"]
 
 
 def ort_outputs(

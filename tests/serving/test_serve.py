@@ -438,3 +438,24 @@ def test_serve_without_a_champion_says_so_and_creates_no_registry(tmp_path):
     setup_mlflow(f"sqlite:///{store}", proj, "visionflow")  # a store, but nothing promoted in it
     r = run_cli(proj, "serve", check=False, timeout=60)
     assert r.returncode == 2 and "no champion" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_serving_on_a_gpu_this_onnx_runtime_cannot_use_is_refused_in_one_line(tmp_path):
+    """serve.device: cuda without onnxruntime-gpu (or without a GPU) must not quietly serve on CPU."""
+    import onnxruntime as ort
+
+    from tests.helpers import run_cli
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    proj = make_project(
+        tmp_path / "proj", tmp_path, registry={"tracking_uri": f"sqlite:///{tmp_path / 'db'}"}, serve={"device": "cuda"}
+    )
+    register_champion(proj, load_params(proj / "params.yaml"), CLASSES, tags=DV)
+    r = run_cli(proj, "serve", check=False, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "no CUDA provider" in r.stderr and "serve.device: cpu" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad = make_project(tmp_path / "bad", tmp_path, serve={"device": "tpu"})
+    r = run_cli(bad, "serve", check=False, timeout=60)
+    assert r.returncode == 2 and "serve.device" in r.stderr and "Traceback" not in r.stderr, r.stderr

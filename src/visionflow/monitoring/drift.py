@@ -51,7 +51,7 @@ def load_champion(p: Params, root: Path):
             "(`make pipeline`) so there is a model to check drift against"
         )
     path, card = download_onnx(p.model_name, version, dest=ProjectPaths.of(p, root).drift_models / f"v{version}")
-    return version, ort_session(path, accelerated=True), card
+    return version, ort_session(path, device="auto"), card
 
 
 def check(

@@ -129,7 +129,7 @@ def _correct(onnx_path: Path, images: Comparison) -> tuple[np.ndarray, np.ndarra
     """Per-image correctness of a model on the clean split and on every image of the comparison."""
     from visionflow.onnxrt import ort_logits, ort_session
 
-    session = ort_session(onnx_path, accelerated=True)
+    session = ort_session(onnx_path, device="auto")
     return (
         ort_logits(session, images.clean).argmax(1) == images.clean_labels,
         ort_logits(session, images.every).argmax(1) == images.every_labels,

@@ -36,10 +36,11 @@ class LoadedModel:
 class ChampionHolder:
     """Holds the current champion; `refresh()` reloads when the alias points at a different version."""
 
-    def __init__(self, model_name: str, alias: str = "champion", *, cache_dir: Path):
+    def __init__(self, model_name: str, alias: str = "champion", *, cache_dir: Path, device: str = "cpu"):
         self.model_name = model_name
         self.alias = alias
         self.cache_dir = cache_dir
+        self.device = device  # serve.device
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
@@ -59,11 +60,10 @@ class ChampionHolder:
             path, card = download_onnx(self.model_name, version, self.cache_dir / version)
             if card.get("task", "classification") not in TASKS:
                 raise VisionflowError(f"v{version}'s model card names the task {card['task']!r}; known: {TASKS}")
-            # One ONNX Runtime thread: the batcher's thread and the event loop already keep two cores busy, and
-            # threads on top of that oversubscribe the cores and stretch the latency tail.
-            loaded = LoadedModel(
-                version, ort_session(path, threads=1), card, version_info(self.model_name, version)["tags"], path
-            )
+            # One ONNX Runtime thread: the parallelism is the inference processes', one per core; threads on top
+            # of them oversubscribe the cores and stretch the latency tail.
+            session = ort_session(path, threads=1, device=self.device)
+            loaded = LoadedModel(version, session, card, version_info(self.model_name, version)["tags"], path)
             with self._lock:
                 self.current = loaded  # one reference swap: in-flight requests keep the session they hold
             self.last_error = None
@@ -100,7 +100,10 @@ def load_champion(p: Params, root: Path) -> ChampionHolder:
             "(`make pipeline`), or point registry.tracking_uri at the registry"
         )
     mlflow.set_tracking_uri(uri)
-    holder = ChampionHolder(p.model_name, cache_dir=ProjectPaths.of(p, root).serving_models)
+    from visionflow.onnxrt import providers
+
+    providers(p.serve.device)  # a GPU asked for and not there is refused here, in one line, not as "no champion"
+    holder = ChampionHolder(p.model_name, cache_dir=ProjectPaths.of(p, root).serving_models, device=p.serve.device)
     if not holder.refresh():
         raise VisionflowError(
             f"no champion to serve from {uri}: {holder.last_error}; train and promote a model first (`make pipeline`)"

@@ -137,7 +137,8 @@ def _ref(model: LoadedModel) -> ModelRef:
 class _Models:
     """An inference process's sessions, by version and file: loaded on first use, the least recent dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
 
     def resolve(self, job: Job) -> Job:
@@ -149,7 +150,8 @@ class _Models:
         key = (ref.version, ref.path)
         if key not in self._loaded:
             # One ONNX Runtime thread: parallelism comes from the processes, one per core.
-            self._loaded[key] = LoadedModel(ref.version, ort_session(ref.path, threads=1), ref.card, ref.tags)
+            session = ort_session(ref.path, threads=1, device=self.device)
+            self._loaded[key] = LoadedModel(ref.version, session, ref.card, ref.tags)
             while len(self._loaded) > MODELS_KEPT:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(key)
@@ -176,7 +178,7 @@ def _serve(conn, p: Params, root: str) -> None:
     try:
         records = _Records()
         handle = batch_inference(p, Path(root), records)
-        models = _Models()
+        models = _Models(p.serve.device)
     except Exception as exc:  # noqa: BLE001 - told to the server, which says why it cannot start us
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

@@ -131,7 +131,7 @@ def judge(onnx_path: Path, images: Comparison, n_classes: int) -> Matches:
     """A detection model's detections (ONNX Runtime, every box the graph returns) matched on every image."""
     from visionflow.onnxrt import ort_session
 
-    session = ort_session(onnx_path, accelerated=True)
+    session = ort_session(onnx_path, device="auto")
     per_image, truth = [], []
     for a in images:
         boxes, scores, labels = session.run(

@@ -180,7 +180,7 @@ def check_batch(
         raise DataError(f"no ONNX file at {onnx_path}: give the champion detector's exported model")
     start = time.perf_counter()
     files = batch_images(Path(batch_dir))
-    session = ort_session(Path(onnx_path), accelerated=True)
+    session = ort_session(Path(onnx_path), device="auto")
     ref = reference_features(p, root, session, card, card.get("onnx_sha256") or sha256_file(Path(onnx_path)))
     t_ref = time.perf_counter() - start
     cur = extract(files, session, card, p.detection.score_threshold, DecodeRules.from_params(p.validation))
