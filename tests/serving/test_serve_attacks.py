@@ -42,7 +42,7 @@ from tests.helpers import (
     run_cli,
 )
 from visionflow.config import Params, load_params
-from visionflow.tools.loadtest.cpus import process_affinity
+from visionflow.tools.loadtest.cpus import format_cpus, process_affinity
 
 TWO_CPUS = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2  # pinning to disjoint sets
 
@@ -598,6 +598,7 @@ def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
     if TWO_CPUS:
         assert cpus["pinned"] and cpus["server"].startswith(f"found listening on port {server.port}")
         assert cpus["server_processes"][0]["pid"] == server.proc.pid and cpus["all_on_their_sets"] is True
+        assert cpus["usable_cpus"] == format_cpus(os.sched_getaffinity(0))
         assert (summary["server_cpus"], summary["client_cpus"]) == (cpus["server_cpus"], cpus["client_cpus"])
         assert f"server on CPU {cpus['server_cpus']}, generator on CPU {cpus['client_cpus']}" in proc.stdout
         assert process_affinity(server.proc.pid) == tuple(sorted(os.sched_getaffinity(0)))

@@ -25,6 +25,7 @@ class Placement:
     how: str
     note: str = ""
     restore_server: bool = False  # a server found running goes back to its own CPUs afterwards; one we start ends
+    usable: tuple[int, ...] = field(default_factory=cpu.usable_cpus)  # read before this process is pinned
     _before: dict[int, tuple[int, ...]] = field(default_factory=dict)
     _pinned: dict[int, str] = field(default_factory=dict)  # pid -> process name, every server process pinned
 
@@ -94,7 +95,7 @@ class Placement:
             "pinned": self.pinned,
             "server_cpus": cpu.format_cpus(self.server_cpus) if self.pinned else None,
             "client_cpus": cpu.format_cpus(self.client_cpus) if self.pinned else None,
-            "usable_cpus": cpu.format_cpus(cpu.usable_cpus()),
+            "usable_cpus": cpu.format_cpus(self.usable),
             "server": self.how,
             "note": self.note,
         }
