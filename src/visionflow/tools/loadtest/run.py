@@ -169,9 +169,10 @@ async def _run(
         # The load's idle keep-alive connections go first: a server may count them against a connection limit,
         # and the question is whether a new client is served after the load.
         load.close()
-        health = await client.get(f"{base}/health")
+        health, ready_after = await client.get(f"{base}/health"), await client.get(f"{base}/ready")
         after = await sequential(target, 3, max_s=s.timeout_s, name="after")
-        report["healthy_after"] = health.status_code == 200 and after.ok == after.requests
+        report["after"] = {"health": health.status_code, "ready": ready_after.status_code, "predictions_ok": after.ok}
+        report["healthy_after"] = health.status_code == ready_after.status_code == 200 and after.ok == after.requests
         report["cpus"] = placement.reported()  # read back after the load: workers started meanwhile included
         report["summary"] = summary(report, single, phases, s.overload_concurrency)
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
