@@ -236,3 +236,13 @@ import socket, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
 print(s.getsockname()[1], flush=True); time.sleep(60)
 """
+
+
+def test_a_phase_too_short_for_cpu_accounting_gets_a_note_not_a_figure():
+    from visionflow.tools.loadtest.placement import MIN_CPU_S, Placement
+
+    placement = Placement.unpinned("test", [os.getpid()])
+    before = placement.cpu_snapshot()
+    assert "too short" in placement.cpu_used(before, MIN_CPU_S / 2)["note"]
+    used = placement.cpu_used(before, MIN_CPU_S)
+    assert set(used) == {"generator_cores", "server_cores", "server_processes"} and used["server_processes"] >= 1

@@ -11,6 +11,8 @@ import psutil
 
 from visionflow.tools.loadtest import cpus as cpu
 
+MIN_CPU_S = 1.0
+
 
 @dataclass
 class Placement:
@@ -76,7 +78,10 @@ class Placement:
         return cpu.cpu_seconds([psutil.Process()]), cpu.cpu_seconds(cpu.process_tree(self.roots))
 
     def cpu_used(self, before: tuple[dict[int, float], dict[int, float]], elapsed_s: float) -> dict[str, Any]:
-        """CPU cores each side kept busy since `before` (1.0: one core all the time)."""
+        """CPU cores each side kept busy since `before` (1.0: one core all the time); nothing for a phase under
+        MIN_CPU_S, which the kernel's CPU accounting (10 ms ticks) cannot resolve."""
+        if elapsed_s < MIN_CPU_S:
+            return {"note": f"phase under {MIN_CPU_S:g} s: too short for CPU accounting"}
         after = self.cpu_snapshot()
 
         def busy(a: dict[int, float], b: dict[int, float]) -> float:
