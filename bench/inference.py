@@ -5,11 +5,12 @@
    batch 1.
 2. A: requests/s per server core of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1,
    pinned to all CPUs but the last) with a champion registered in a temporary SQLite MLflow store, driven from the
-   last CPU by a closed loop of serve.max_concurrency keep-alive clients (one connection each, each sending its
-   next request when the last is answered); B: in-process single-image predictions/s on ONE of the server's CPUs
-   on the same image bytes (decode_for_model + ONNX Runtime with one thread, one image per call). Goal >= 0.8x.
+   last CPU by a closed loop of 4 x serve.max_concurrency keep-alive clients per server core (one connection
+   each, each sending its next request when the last is answered); B: in-process single-image predictions/s on ONE
+   of the server's CPUs on the same image bytes (decode_for_model + ONNX Runtime with one thread, one image per
+   call). Goal >= 0.8x.
 The model is params.yaml's train.model at its image size and channels, untrained (speed does not depend on the
-weights). Torch and ONNX Runtime use their default thread counts.
+weights). Torch and ONNX Runtime use their default thread counts in (1).
 """
 
 from __future__ import annotations
