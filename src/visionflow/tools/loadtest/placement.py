@@ -10,6 +10,7 @@ from typing import Any
 import psutil
 
 from visionflow.tools.loadtest import cpus as cpu
+from visionflow.tools.loadtest.client import LoadTestError
 
 MIN_CPU_S = 1.0
 
@@ -63,6 +64,10 @@ class Placement:
                 self._pinned[p.pid], new = p.name(), new + 1
             except psutil.NoSuchProcess:  # a worker that exited between the listing and the pin
                 continue
+            except (PermissionError, psutil.AccessDenied):
+                raise LoadTestError(
+                    f"may not pin the server's process {p.pid} (another user's?): run as its user, or with --no-pin"
+                ) from None
         return new
 
     def restore(self) -> None:
