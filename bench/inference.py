@@ -3,12 +3,14 @@
 1. A: ONNX Runtime (visionflow.registry.export.export_onnx of a freshly built net, ort_session on CPU) images/s at
    batch 1 and 32; B: the same net in PyTorch eager (eval, inference_mode) on the same uint8 batch. Goal >= 1.5x at
    batch 1.
-2. A: requests/s of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1) with a champion
-   registered in a temporary SQLite MLflow store, driven by a closed loop of serve.max_concurrency keep-alive clients
-   (one connection each, each sending its next request when the last is answered); B: in-process single-image
-   predictions/s on the same image bytes (decode_for_model + ONNX Runtime, one at a time). Goal >= 0.8x.
+2. A: requests/s per server core of the real serving app (`visionflow serve`, uvicorn in a subprocess on 127.0.0.1,
+   pinned to all CPUs but the last) with a champion registered in a temporary SQLite MLflow store, driven from the
+   last CPU by a closed loop of 4 x serve.max_concurrency keep-alive clients per server core (one connection
+   each, each sending its next request when the last is answered); B: in-process single-image predictions/s on ONE
+   of the server's CPUs on the same image bytes (decode_for_model + ONNX Runtime with one thread, one image per
+   call). Goal >= 0.8x.
 The model is params.yaml's train.model at its image size and channels, untrained (speed does not depend on the
-weights). Torch and ONNX Runtime use their default thread counts.
+weights). Torch and ONNX Runtime use their default thread counts in (1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
-"""The load-test tool's guards and arithmetic (the run against a real server is in test_serve_attacks.py)."""
+"""The load-test tool's guards and arithmetic, and its CPU pinning on real processes (the runs against a real
+server are in test_serve_attacks.py)."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
+import psutil
 import pytest
 
 from tests.helpers import REPO, run_cli
@@ -80,3 +87,162 @@ def test_server_view_reads_the_phase_from_metric_differences():
     assert view["inference_busy"] == 0.25 and view["batches"] == 500 and view["requests_per_batch"] == 2.0
     assert view["inference_ms_per_batch"] == 1.0
     assert server_view(None, after, 2.0) is None  # a server without /metrics: no view, no crash
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU sets and pinning (issue 22: the server and the load generator on disjoint CPUs)
+
+
+@pytest.mark.parametrize(
+    "text, cpus", [("0", (0,)), ("0-2", (0, 1, 2)), ("3,0-1", (0, 1, 3)), (" 1 , 2 ", (1, 2)), ("2-2", (2,))]
+)
+def test_cpu_lists_are_parsed_as_taskset_writes_them(text, cpus):
+    from visionflow.tools.loadtest.cpus import format_cpus, parse_cpus
+
+    assert parse_cpus(text, (0, 1, 2, 3)) == cpus
+    assert parse_cpus(format_cpus(cpus), (0, 1, 2, 3)) == cpus
+
+
+@pytest.mark.parametrize(
+    "usable, split", [((0,), None), ((0, 1), ((0,), (1,))), ((0, 1, 2, 3), ((0, 1, 2), (3,))), ((2, 5), ((2,), (5,)))]
+)
+def test_the_default_split_gives_the_generator_one_cpu(usable, split):
+    from visionflow.tools.loadtest.cpus import choose_sets, default_split
+
+    assert default_split(usable) == split
+    assert choose_sets(None, None, usable) == split
+
+
+def test_one_given_set_leaves_the_rest_to_the_other_side():
+    from visionflow.tools.loadtest.cpus import choose_sets
+
+    assert choose_sets("0", None, (0, 1, 2, 3)) == ((0,), (1, 2, 3))
+    assert choose_sets(None, "0", (0, 1, 2, 3)) == ((1, 2, 3), (0,))
+    assert choose_sets("0-1", "3", (0, 1, 2, 3)) == ((0, 1), (3,))
+
+
+@pytest.mark.parametrize(
+    "server, client, message",
+    [
+        ("5", None, "--server-cpus '5': CPU 5 is not one this process may use (usable: 0-1)"),
+        (None, "0,7", "CPU 7 is not one"),
+        ("0", "0-1", "overlap on CPU 0: they must be disjoint"),
+        ("0-1", None, "none left for the generator"),
+        ("one", None, "is not a CPU list"),
+        ("1-0", None, "runs backwards"),
+        ("", "x", "--client-cpus 'x' is not a CPU list"),
+    ],
+)
+def test_bad_cpu_sets_get_one_line_errors(server, client, message):
+    from visionflow.tools.loadtest.cpus import choose_sets
+
+    with pytest.raises(LoadTestError, match=re.escape(message)) as err:
+        choose_sets(server, client, (0, 1))
+    assert "\n" not in str(err.value)
+
+
+def test_cli_refuses_a_cpu_the_machine_lacks(tmp_path):
+    proc = run_cli(
+        tmp_path,
+        "--params",
+        str(REPO / "params.yaml"),
+        "loadtest",
+        "--url",
+        "http://127.0.0.1:9",
+        "--server-cpus",
+        "4096",
+        check=False,
+    )
+    assert proc.returncode == 2 and "CPU 4096 is not one" in proc.stderr and "Traceback" not in proc.stderr
+
+
+PARENT = """
+import os, subprocess, sys, threading, time
+for _ in range(3):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
+print(kids[0].pid, flush=True)
+for line in sys.stdin:  # each line: one more child, which puts itself back on every CPU (as a worker might)
+    kids.append(subprocess.Popen([sys.executable, "-c",
+        "import os, time; os.sched_setaffinity(0, os.sched_getaffinity(1)); print(1, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE))
+    kids[-1].stdout.readline()
+    print(kids[-1].pid, flush=True)
+"""
+
+
+@pytest.fixture
+def process_tree():
+    """A real process with 3 extra threads and a child; write a line to its stdin for one more child."""
+    proc = subprocess.Popen([sys.executable, "-c", PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    yield proc, child
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        p.kill()
+    proc.kill()
+    proc.wait()
+
+
+needs_two = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="pinning to a strict subset needs 2 usable CPUs (Linux)",
+)
+
+
+@needs_two
+def test_pinning_moves_every_thread_and_every_process_of_the_tree(process_tree):
+    from visionflow.tools.loadtest import cpus
+    from visionflow.tools.loadtest.placement import Placement
+
+    proc, child = process_tree
+    first = min(os.sched_getaffinity(0))
+    before = cpus.process_affinity(proc.pid)
+    placement = Placement(
+        (first,), tuple(sorted(os.sched_getaffinity(0) - {first})), [proc.pid], "test", restore_server=True
+    )
+    assert placement.refresh() == 2  # the parent and its child
+    assert len(cpus.thread_ids(proc.pid)) >= 4
+    for pid in (proc.pid, child):  # read back, thread by thread
+        assert all(os.sched_getaffinity(tid) == {first} for tid in cpus.thread_ids(pid))
+    # a worker started later that puts itself on every CPU is found and pinned by the next check
+    proc.stdin.write("more\n")
+    proc.stdin.flush()
+    late = int(proc.stdout.readline())
+    assert cpus.process_affinity(late) == before
+    assert placement.refresh() == 1 and cpus.process_affinity(late) == (first,)
+    assert placement.refresh() == 0
+    seen = placement.reported()
+    assert {p["pid"] for p in seen["server_processes"]} == {proc.pid, child, late}
+    assert all(p["cpus"] == str(first) for p in seen["server_processes"])
+    placement.restore()  # a server found running goes back where it was
+    assert cpus.process_affinity(proc.pid) == before and cpus.process_affinity(late) == before
+
+
+def test_a_server_is_found_by_its_listening_port():
+    from visionflow.tools.loadtest.cpus import listening_pids
+
+    listener = subprocess.Popen([sys.executable, "-c", LISTENER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listener.stdout.readline())
+        assert listening_pids(port) == [listener.pid]
+    finally:
+        listener.kill()
+        listener.wait()
+    assert listening_pids(port) == []
+
+
+LISTENER = """
+import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print(s.getsockname()[1], flush=True); time.sleep(60)
+"""
+
+
+def test_a_phase_too_short_for_cpu_accounting_gets_a_note_not_a_figure():
+    from visionflow.tools.loadtest.placement import MIN_CPU_S, Placement
+
+    placement = Placement.unpinned("test", [os.getpid()])
+    before = placement.cpu_snapshot()
+    assert "too short" in placement.cpu_used(before, MIN_CPU_S / 2)["note"]
+    used = placement.cpu_used(before, MIN_CPU_S)
+    assert set(used) == {"generator_cores", "server_cores", "server_processes"} and used["server_processes"] >= 1

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -41,6 +42,9 @@ from tests.helpers import (
     run_cli,
 )
 from visionflow.config import Params, load_params
+from visionflow.tools.loadtest.cpus import format_cpus, process_affinity
+
+TWO_CPUS = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2  # pinning to disjoint sets
 
 pytestmark = pytest.mark.slow  # starts a server process: ~30-60 s of setup on a small machine
 QUICK_S = 5.0  # "answered quickly": generous, the machine may be busy with other work
@@ -564,7 +568,7 @@ def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
         "--duration",
         "3",
         "--step",
-        "0.5",
+        "1",
         "--overload-s",
         "1",
         "--out",
@@ -585,6 +589,55 @@ def test_loadtest_cli_full_mode_ramps_sustains_and_overloads(server):
     assert report["healthy_after"] is True and report["summary"]["overload_503"] == overload["errors"].get("503", 0)
     assert "load test of" in proc.stdout and "summary" in proc.stdout
     assert_healthy(server)
+    summary = report["summary"]
+    assert summary["overload_only_503"] is True and isinstance(summary["p99_within_4x_single_no_errors"], bool)
+    assert summary["generator_cores_at_max"] > 0 and summary["server_cores_at_max"] > 0
+    assert all(step["cpu"]["server_processes"] >= 1 for step in report["ramp"])  # 1 s steps: long enough to count
+    # The server was found by its port, pinned (every process and thread) for the run, and put back after it.
+    cpus = report["cpus"]
+    if TWO_CPUS:
+        assert cpus["pinned"] and cpus["server"].startswith(f"found listening on port {server.port}")
+        assert cpus["server_processes"][0]["pid"] == server.proc.pid and cpus["all_on_their_sets"] is True
+        assert cpus["usable_cpus"] == format_cpus(os.sched_getaffinity(0))
+        assert (summary["server_cpus"], summary["client_cpus"]) == (cpus["server_cpus"], cpus["client_cpus"])
+        assert f"server on CPU {cpus['server_cpus']}, generator on CPU {cpus['client_cpus']}" in proc.stdout
+        assert process_affinity(server.proc.pid) == tuple(sorted(os.sched_getaffinity(0)))
+    else:
+        assert not cpus["pinned"] and summary["not_pinned"]
+
+
+def test_loadtest_starts_its_own_pinned_server_and_stops_it(server):
+    """--start-server: `visionflow serve` with the same params, on the server's CPUs from its first instruction,
+    on a free port; stopped after the run."""
+    proc = run_cli(
+        server.proj,
+        "--json",
+        "loadtest",
+        "--start-server",
+        "--server-cpus",
+        "0",
+        *(("--client-cpus", str(max(os.sched_getaffinity(0)))) if TWO_CPUS else ("--no-pin",)),
+        "--mode",
+        "rate",
+        "--rate",
+        "5",
+        "--duration",
+        "2",
+        "--out",
+        "own.json",
+        timeout=240,
+    )
+    report = json.loads(proc.stdout)
+    assert report["url"] != server.base and report["summary"]["n_errors"] == 0 and report["healthy_after"]
+    cpus = report["cpus"]
+    pids = [p["pid"] for p in cpus.get("server_processes", [])]
+    if TWO_CPUS:
+        assert cpus["server"].startswith("started by the load test") and cpus["server_cpus"] == "0"
+        assert pids and all(p["cpus"] == "0" for p in cpus["server_processes"]) and cpus["all_on_their_sets"]
+        assert report["phases"][0]["cpu"]["server_cores"] > 0
+    assert (server.proj / "own.server.log").read_text().strip()  # its output, kept
+    assert not any(psutil.pid_exists(pid) for pid in pids)  # stopped
+    assert_healthy(server)  # the module's server was not touched
 
 
 def test_loadtest_sends_the_token_of_a_server_with_auth(tmp_path_factory, monkeypatch):

@@ -32,7 +32,7 @@ def serve(
     )
 
 
-# Over 60 lines for its 12 Typer option declarations; the body is one run_loadtest call and its report.
+# Over 60 lines for its 16 Typer option declarations; the body is one run_loadtest call and its report.
 def loadtest(
     ctx: typer.Context,
     url: Annotated[
@@ -67,35 +67,65 @@ def loadtest(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="JSON report (default reports/loadtest/loadtest.json).")
     ] = None,
+    start_server: Annotated[
+        bool,
+        typer.Option(
+            help="start `visionflow serve` with these params (on --url's port, else a free one) on the server's "
+            "CPUs, wait for /ready, stop it afterwards."
+        ),
+    ] = False,
+    server_cpus: Annotated[
+        str | None,
+        typer.Option(help="CPUs for every server process, e.g. 0 or 0-2 (default: all usable but the last)."),
+    ] = None,
+    client_cpus: Annotated[
+        str | None, typer.Option(help="CPUs for the load generator (default: the last usable one).")
+    ] = None,
+    pin: Annotated[bool, typer.Option(help="pin the server and the generator to disjoint CPU sets (Linux).")] = True,
 ) -> None:
-    """Load-test a running `visionflow serve` on loopback: req/s, p50/p90/p99 latency, errors by status.
+    """Load-test `visionflow serve` on loopback: req/s, p50/p90/p99 latency, errors by status.
+
+    The server (every process of it, found by its listening port or started with --start-server) and the load
+    generator run on disjoint CPU sets, reported with the CPU each used: on 2 CPUs, 1 + 1.
 
     Every request is a real prediction (prediction log, review queue): serve a disposable root, or point
     serve.prediction_log and serve.review_dir elsewhere with --set, when the data there matters. A server with
     serve.auth_token_env set gets the token from that same environment variable.
     """
     from visionflow.tools.loadtest import render, run_loadtest
+    from visionflow.tools.loadtest.local import placed_server
 
     run: Invocation = ctx.obj
     p = run.params()
     slots = p.serve.max_concurrency + p.serve.queue_depth
-    report = run_loadtest(
-        url or f"http://{p.serve.host}:{p.serve.port}",
-        mode=mode,
-        duration_s=duration,
-        concurrency=concurrency,
-        rate=rate,
-        fraction=fraction,
-        step_s=step,
-        ramp_max=slots,
-        overload_concurrency=overload_concurrency or 3 * slots,
-        overload_s=overload_s,
-        max_requests=max_requests,
-        image=image,
-        token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
-        out=out_file or run.paths(p).loadtest_report,
-        progress=lambda msg: console.print(f"[dim]{msg}[/]"),
-    )
+    report_path = out_file or run.paths(p).loadtest_report
+    with placed_server(
+        url or (None if start_server else f"http://{p.serve.host}:{p.serve.port}"),
+        start=(run.params_path.resolve(), run.overrides) if start_server else None,
+        server_cpus=server_cpus,
+        client_cpus=client_cpus,
+        pin=pin,
+        log=Path(report_path).with_suffix(".server.log"),
+        say=lambda msg: console.print(f"[dim]{msg}[/]"),
+    ) as (base, placement):
+        report = run_loadtest(
+            base,
+            mode=mode,
+            duration_s=duration,
+            concurrency=concurrency,
+            rate=rate,
+            fraction=fraction,
+            step_s=step,
+            ramp_max=slots,
+            overload_concurrency=overload_concurrency or 3 * slots,
+            overload_s=overload_s,
+            max_requests=max_requests,
+            image=image,
+            token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
+            out=report_path,
+            progress=lambda msg: console.print(f"[dim]{msg}[/]"),
+            placement=placement,
+        )
     if run.as_json:
         print_json(report)
     else:
@@ -104,6 +134,11 @@ def loadtest(
         console.print(
             "[yellow]warning:[/] the client fell behind its arrival schedule (late starts or dropped "
             "arrivals): the machine is too busy, or the rate is past what the server takes"
+        )
+    if report["summary"].get("generator_saturated"):
+        console.print(
+            "[yellow]warning:[/] the load generator kept its CPU busy at the maximum: the maximum may be the "
+            "generator's, not the server's (give it a faster core, or the server fewer)"
         )
     if not report["healthy_after"]:
         console.print("[bold red]the server was not healthy after the load test[/]")

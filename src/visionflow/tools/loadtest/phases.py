@@ -34,6 +34,7 @@ class Phase:
     late_starts: int = 0  # rate mode: requests the client started >50 ms behind schedule (client overloaded)
     dropped: int = 0  # rate mode: arrivals skipped because max_in_flight requests were already open
     server: dict[str, Any] | None = None  # rate mode: the server's own view of the phase (see server_view)
+    cpu: dict[str, Any] | None = None  # cores the generator and the server kept busy (Placement.cpu_used)
 
     @property
     def n_errors(self) -> int:

@@ -42,8 +42,35 @@ def summary(report: dict[str, Any], single: Phase, phases: list[Phase], overload
         )
     if out.get("p99_ms") and out.get("single_ms_p50"):
         out["p99_over_single"] = round(out["p99_ms"] / out["single_ms_p50"], 2)
+        # issue 22's goal for the sustained phase: p99 within 4x one lone request's latency, and no error
+        out["p99_within_4x_single_no_errors"] = out["p99_over_single"] <= 4 and main.n_errors == 0
+    if report["mode"] == "full":
+        out["overload_only_503"] = not out["overload_other_errors"]
+    out.update(_placement(report))
     if main.server:  # the server's side of the same phase: where the latency was spent
         out.update({f"server_{k}": v for k, v in main.server.items() if k != "ok_requests"})
+    return out
+
+
+_CORES = ("generator_cores", "server_cores")
+GENERATOR_SATURATED = 0.9  # of its one core: above this the generator, not the server, may have set the maximum
+
+
+def _placement(report: dict[str, Any]) -> dict[str, Any]:
+    """Both CPU sets, and the CPU each side used at the maximum (full mode) or in the main phase."""
+    cpus = report["cpus"]
+    out: dict[str, Any] = {"server_cpus": cpus["server_cpus"], "client_cpus": cpus["client_cpus"]}
+    if not cpus["pinned"]:
+        out["not_pinned"] = cpus["note"]
+    at = next((r for r in report.get("ramp", []) if r["concurrency"] == report.get("max_at_concurrency")), None)
+    use = (at or report["phases"][0]).get("cpu") or {}
+    if "generator_cores" in use:
+        where = "at_max" if at else "main"
+        out[f"generator_cores_{where}"] = use["generator_cores"]
+        if "server_cores" in use:
+            out[f"server_cores_{where}"] = use["server_cores"]
+        # One generator process runs one event loop: near a full core, it may be what limited the maximum.
+        out["generator_saturated"] = use["generator_cores"] >= GENERATOR_SATURATED
     return out
 
 
@@ -55,7 +82,8 @@ def render(report: dict[str, Any]):
     table = Table(
         title=f"load test of {report['url']}/predict (model v{report['model_version']})", title_justify="left"
     )
-    for col in ("phase", "load", "requests", "req/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "errors"):
+    cols = ("phase", "load", "requests", "req/s", "ok/s", "p50 ms", "p90 ms", "p99 ms", "gen cpu", "srv cpu", "errors")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("phase", "load", "errors") else "right")
     rows = [report["single"], *report.get("ramp", []), *report["phases"]]
     for ph in rows:
@@ -77,8 +105,17 @@ def render(report: dict[str, Any]):
             f"{ph['throughput_rps']:.1f}",
             f"{ph['ok_rps']:.1f}",
             *(f"{lat[k]:.1f}" if k in lat else "-" for k in ("p50", "p90", "p99")),
+            *(f"{(ph.get('cpu') or {})[k]:.2f}" if k in (ph.get("cpu") or {}) else "-" for k in _CORES),
             errors,
         )
+    cpus = report["cpus"]
+    where = (
+        f"server on CPU {cpus['server_cpus']}, generator on CPU {cpus['client_cpus']} ({cpus['server']})"
+        if cpus["pinned"]
+        else f"not pinned: {cpus['note']}"
+    )
+    table.caption = f"{where}; cpu columns: cores kept busy"
+    table.caption_justify = "left"
     summary = Table(title="summary", show_header=False, title_justify="left")
     for k, v in report["summary"].items():
         summary.add_row(k, str(v))

@@ -16,6 +16,7 @@ import numpy as np
 
 from visionflow.tools.loadtest.client import KeepAliveClient, LoadTestError, require_loopback
 from visionflow.tools.loadtest.phases import Phase, Target, closed_loop, open_loop, sequential
+from visionflow.tools.loadtest.placement import Placement
 from visionflow.tools.loadtest.report import summary
 from visionflow.tools.loadtest.server import seen_by_server
 
@@ -98,9 +99,11 @@ def run_loadtest(
     token: str | None = None,
     out: Path | None = None,
     progress=None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """Run the load test (see the package docstring) and return the report; also written to `out` as JSON.
-    `token`: the server's bearer token, sent on every request, when it has one."""
+    `token`: the server's bearer token, sent on every request, when it has one. `placement`: where the server and
+    this process run (local.placed_server), already applied; None: nothing pinned, the generator's CPU measured."""
     settings = Settings(
         mode,
         duration_s,
@@ -118,8 +121,9 @@ def run_loadtest(
     )
     settings.check()
     require_loopback(url)
+    placement = placement or Placement.unpinned("not asked: run_loadtest was given no placement")
     report = _event_loop_runner()(
-        _run(url, settings, image=image, token=token, progress=progress or (lambda _msg: None))
+        _run(url, settings, image=image, token=token, progress=progress or (lambda _msg: None), placement=placement)
     )
     if out is not None:
         from visionflow.report import write_json_atomic
@@ -128,7 +132,9 @@ def run_loadtest(
     return report
 
 
-async def _run(url: str, s: Settings, *, image: Path | None, token: str | None, progress) -> dict[str, Any]:
+async def _run(
+    url: str, s: Settings, *, image: Path | None, token: str | None, progress, placement: Placement
+) -> dict[str, Any]:
     import httpx
 
     base = require_loopback(url)
@@ -148,16 +154,26 @@ async def _run(url: str, s: Settings, *, image: Path | None, token: str | None, 
         report = _report_head(base, s, ready, model, image, data)
         progress("warm-up and sequential baseline")
         await sequential(target, 3, max_s=s.timeout_s, name="warmup")
-        single = await sequential(target, s.single_n, max_s=max(10.0, s.duration_s / 4))
+
+        async def measured(phase) -> Phase:  # each phase with the CPU each side used, new server workers pinned
+            placement.refresh()
+            before = placement.cpu_snapshot()
+            ph = await phase
+            ph.cpu = placement.cpu_used(before, ph.elapsed_s)
+            return ph
+
+        single = await measured(sequential(target, s.single_n, max_s=max(10.0, s.duration_s / 4)))
         report["single"] = asdict(single)
-        phases = await _phases(s, target, client, base, report, progress)
+        phases = await _phases(s, target, client, base, report, progress, measured)
         report["phases"] = [asdict(p) for p in phases]
         # The load's idle keep-alive connections go first: a server may count them against a connection limit,
         # and the question is whether a new client is served after the load.
         load.close()
-        health = await client.get(f"{base}/health")
+        health, ready_after = await client.get(f"{base}/health"), await client.get(f"{base}/ready")
         after = await sequential(target, 3, max_s=s.timeout_s, name="after")
-        report["healthy_after"] = health.status_code == 200 and after.ok == after.requests
+        report["after"] = {"health": health.status_code, "ready": ready_after.status_code, "predictions_ok": after.ok}
+        report["healthy_after"] = health.status_code == ready_after.status_code == 200 and after.ok == after.requests
+        report["cpus"] = placement.reported()  # read back after the load: workers started meanwhile included
         report["summary"] = summary(report, single, phases, s.overload_concurrency)
         report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -209,22 +225,21 @@ def _report_head(
     }
 
 
-async def _phases(s: Settings, target: Target, client, base: str, report: dict[str, Any], progress) -> list[Phase]:
+async def _phases(
+    s: Settings, target: Target, client, base: str, report: dict[str, Any], progress, measured
+) -> list[Phase]:
     """The mode's measured phases, the main one first; full mode (the one left: Settings.check refuses any other)
-    also adds its ramp to the report."""
+    also adds its ramp to the report. `measured` wraps each phase's coroutine (CPU use, pinning)."""
     if s.mode == "concurrency":
         progress(f"closed loop at concurrency {s.concurrency} for {s.duration_s:g} s")
-        return [await closed_loop(target, s.concurrency, s.duration_s, s.max_requests, "fixed")]
+        return [await measured(closed_loop(target, s.concurrency, s.duration_s, s.max_requests, "fixed"))]
     if s.mode == "rate":
         if not s.rate:
             raise LoadTestError("--mode rate needs --rate (requests per second)")
         progress(f"constant arrival rate {s.rate:g} req/s for {s.duration_s:g} s")
-        return [
-            await seen_by_server(
-                client, base, open_loop(target, s.rate, s.duration_s, s.max_requests, s.max_in_flight, "fixed")
-            )
-        ]
-    ramp, best = await _ramp(s, target, progress)
+        fixed = open_loop(target, s.rate, s.duration_s, s.max_requests, s.max_in_flight, "fixed")
+        return [await measured(seen_by_server(client, base, fixed))]
+    ramp, best = await _ramp(s, target, progress, measured)
     if best.ok_rps <= 0:
         raise LoadTestError(f"no request succeeded during the ramp: {ramp[0].errors}")
     report["ramp"] = [asdict(p) for p in ramp]
@@ -232,22 +247,24 @@ async def _phases(s: Settings, target: Target, client, base: str, report: dict[s
     report["max_at_concurrency"] = best.concurrency
     target_rate = s.fraction * best.ok_rps
     progress(f"sustained: {target_rate:.1f} req/s ({s.fraction:.0%} of max) for {s.duration_s:g} s")
-    sustained = await seen_by_server(
-        client, base, open_loop(target, target_rate, s.duration_s, s.max_requests, s.max_in_flight, "sustained")
+    sustained = await measured(
+        seen_by_server(
+            client, base, open_loop(target, target_rate, s.duration_s, s.max_requests, s.max_in_flight, "sustained")
+        )
     )
     progress(f"overload: concurrency {s.overload_concurrency} for {s.overload_s:g} s")
-    overload = await closed_loop(target, s.overload_concurrency, s.overload_s, s.max_requests, "overload")
+    overload = await measured(closed_loop(target, s.overload_concurrency, s.overload_s, s.max_requests, "overload"))
     return [sustained, overload]
 
 
-async def _ramp(s: Settings, target: Target, progress) -> tuple[list[Phase], Phase]:
+async def _ramp(s: Settings, target: Target, progress, measured) -> tuple[list[Phase], Phase]:
     """Closed loops at concurrency 1, 2, 4, ... up to ramp_max, until errors or saturation; (every step, the
     best error-free step: the one after which no step gained 5%, or the fastest when the first already failed)."""
     ramp, best, stale = [], None, 0
     levels = sorted({min(2**k, s.ramp_max) for k in range(0, 16) if 2 ** (k - 1) < s.ramp_max})
     for c in levels:
         progress(f"ramp: concurrency {c} for {s.step_s:g} s")
-        ph = await closed_loop(target, c, s.step_s, s.max_requests, f"ramp c={c}")
+        ph = await measured(closed_loop(target, c, s.step_s, s.max_requests, f"ramp c={c}"))
         ramp.append(ph)
         if ph.n_errors:  # past what the server takes without shedding
             break
