@@ -22,10 +22,12 @@ class Batcher:
     `handle` gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it.
     `observe(waits_s, seconds)`, when given, hears of every batch: how long each of its jobs waited for the thread
     and how long the batch took (the /metrics histograms that tell a busy inference thread from a slow model).
+    A `handle` with an `after()` method has it called once each batch's answers are settled (work off the response
+    path: the shadow challenger); `observe_after`, when given, hears what it returns when that is not None.
     """
 
-    def __init__(self, handle, max_jobs: int, observe=None):
-        self.handle, self.max_jobs, self.observe = handle, max_jobs, observe
+    def __init__(self, handle, max_jobs: int, observe=None, observe_after=None):
+        self.handle, self.max_jobs, self.observe, self.observe_after = handle, max_jobs, observe, observe_after
         self._jobs: queues.SimpleQueue = queues.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="infer", daemon=True)
         self._thread.start()
@@ -66,6 +68,18 @@ class Batcher:
                 by_loop.setdefault(loop, []).append((future, outcome))
             for loop, settled in by_loop.items():  # one wake-up of the event loop per batch
                 loop.call_soon_threadsafe(_settle, settled)
+            self._after()
+
+    def _after(self) -> None:
+        after = getattr(self.handle, "after", None)
+        if after is None:
+            return
+        try:
+            stats = after()
+            if stats is not None and self.observe_after is not None:
+                self.observe_after(stats)
+        except Exception:  # work after the answers must not stop the thread every request needs
+            logger.exception("batcher: after() failed")
 
 
 def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:
