@@ -96,18 +96,28 @@ def register(proj: Path, p, onnx_path: Path, *, promote: bool) -> str:
     return version
 
 
-def project(root: Path, challenger) -> tuple[Path, str, str]:
-    """(project, champion version, challenger version): the oracle as champion, `challenger` registered after."""
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """One registry for the module: the oracle as champion, then two constant-cat challengers (one each for the
+    tests that mark one rolled back) and a second oracle; each test points the challenger alias at its own."""
+    root = tmp_path_factory.mktemp("shadow")
     proj = make_project(root / "proj", root, registry={"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"})
     p = load_params(proj / "params.yaml")
-    champion = register(proj, p, oracle(root / "oracle.onnx"), promote=True)
-    return proj, champion, register(proj, p, challenger(root / "challenger.onnx"), promote=False)
+    versions = {"champion": register(proj, p, oracle(root / "oracle.onnx"), promote=True)}
+    for name, build in (("cat", constant_cat), ("cat2", constant_cat), ("oracle2", oracle)):
+        versions[name] = register(proj, p, build(root / f"{name}.onnx"), promote=False)
+    return proj, versions
 
 
-def params(proj: Path, **serve):
-    p = load_params(proj / "params.yaml", [f"serve.{k}={v}" for k, v in serve.items()])
-    use_mlflow(p, proj)  # the registry the app's holders read (tests of other registries may have moved it)
-    return p
+def params(registry, tmp_path: Path, challenger: str, **serve):
+    """The module's params with `serve` overrides and a review queue of the test's own; the registry's challenger
+    alias set to the version named `challenger`."""
+    proj, versions = registry
+    own = {"review_dir": tmp_path / "review", "reviewed_dir": tmp_path / "reviewed"}
+    p = load_params(proj / "params.yaml", [f"serve.{k}={v}" for k, v in {**own, **serve}.items()])
+    use_mlflow(p, proj)  # the registry the app's holders read
+    mlflow.MlflowClient().set_registered_model_alias(p.registry.model_name, "challenger", versions[challenger])
+    return proj, p, versions["champion"], versions[challenger]
 
 
 def grey_png(k: int, seed: int) -> bytes:
@@ -134,11 +144,6 @@ def metric(client, name: str) -> float | None:
     return None if m is None else float(m.group(1))
 
 
-@pytest.fixture(scope="module")
-def bad_challenger(tmp_path_factory):
-    return project(tmp_path_factory.mktemp("shadow"), constant_cat)
-
-
 def test_bad_values_are_one_line_config_errors():
     for bad in ("shadow_fraction=0", "shadow_fraction=1.5", "canary_fraction=1", "canary_fraction=-0.1"):
         with pytest.raises(ConfigError, match=f"serve.{bad.split('=')[0]}"):
@@ -155,9 +160,8 @@ def test_unpaired_bootstrap_bound():
     assert gain == 0 and upper >= 0
 
 
-def test_shadow_answers_from_the_champion_and_queues_disagreements(bad_challenger, caplog):
-    proj, champion, challenger = bad_challenger
-    p = params(proj, shadow="true", shadow_fraction=1.0)
+def test_shadow_answers_from_the_champion_and_queues_disagreements(registry, tmp_path):
+    proj, p, champion, challenger = params(registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0)
     with TestClient(create_app(p, proj, watch=False)) as client:
         answers = [predict(client, k, seed) for seed in range(10) for k in range(3)]
         barrier(client)
@@ -177,9 +181,8 @@ def test_shadow_answers_from_the_champion_and_queues_disagreements(bad_challenge
     assert all(0 < i["challenger_confidence"] < 1 for i in shadowed)
 
 
-def test_canary_share_follows_the_seeded_draw(bad_challenger):
-    proj, champion, challenger = bad_challenger
-    p = params(proj, canary_fraction=0.3)
+def test_canary_share_follows_the_seeded_draw(registry, tmp_path):
+    proj, p, champion, challenger = params(registry, tmp_path, "cat", canary_fraction=0.3)
     with TestClient(create_app(p, proj, watch=False)) as client:
         served = [predict(client, 0, seed)["model_version"] for seed in range(100)]
     rng = random.Random(p.base.seed)  # one draw per request (the shadow is off)
@@ -201,9 +204,16 @@ def wait_for(condition, what: str, timeout_s: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_worse_canary_is_rolled_back_and_stays_back_after_restart(tmp_path, caplog):
-    proj, champion, challenger = project(tmp_path, constant_cat)
-    p = params(proj, canary_fraction=0.5, canary_min_reviewed=15, review_threshold=1.0, reload_interval_s=0.1)
+def test_worse_canary_is_rolled_back_and_stays_back_after_restart(registry, tmp_path, caplog):
+    proj, p, champion, challenger = params(
+        registry,
+        tmp_path,
+        "cat2",
+        canary_fraction=0.5,
+        canary_min_reviewed=15,
+        review_threshold=1.0,
+        reload_interval_s=0.1,
+    )
     client_ = mlflow.MlflowClient()
     with TestClient(create_app(p, proj, watch=False)) as client:
         answers = [(seed % 3, predict(client, seed % 3, seed)) for seed in range(60)]
@@ -218,9 +228,16 @@ def test_worse_canary_is_rolled_back_and_stays_back_after_restart(tmp_path, capl
         assert {predict(client, 1, seed)["model_version"] for seed in range(20)} == {champion}
 
 
-def test_canary_no_worse_is_kept(tmp_path):
-    proj, champion, challenger = project(tmp_path, oracle)
-    p = params(proj, canary_fraction=0.5, canary_min_reviewed=15, review_threshold=1.0, reload_interval_s=0.1)
+def test_canary_no_worse_is_kept(registry, tmp_path):
+    proj, p, champion, challenger = params(
+        registry,
+        tmp_path,
+        "oracle2",
+        canary_fraction=0.5,
+        canary_min_reviewed=15,
+        review_threshold=1.0,
+        reload_interval_s=0.1,
+    )
     with TestClient(create_app(p, proj, watch=False)) as client:
         answers = [(seed % 3, predict(client, seed % 3, seed)) for seed in range(60)]
         n_new = sum(a["model_version"] == challenger for _, a in answers)
