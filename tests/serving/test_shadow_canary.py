@@ -171,8 +171,14 @@ def test_shadow_answers_from_the_champion_and_queues_disagreements(registry, tmp
         assert metric(client, 'visionflow_shadow_images_total{outcome="agree"}') == 10
         assert metric(client, 'visionflow_shadow_images_total{outcome="disagree"}') == 20
         assert metric(client, "visionflow_shadow_agreement") == pytest.approx(1 / 3)
-        items = client.get("/review/queue?limit=100").json()["items"]
-    shadowed = [i for i in items if i["challenger_version"] is not None]
+        assert metric(client, "visionflow_shadow_unqueued_total") == 0
+
+        def shadowed() -> list[dict]:  # (the review-queue writes run in the background)
+            items = client.get("/review/queue?limit=100").json()["items"]
+            return [i for i in items if i["challenger_version"] is not None]
+
+        wait_for(lambda: len(shadowed()) >= 20, "the disagreements' review-queue writes")
+        shadowed = shadowed()
     assert len(shadowed) == 20
     assert {(i["model_version"], i["challenger_version"], i["challenger_predicted"]) for i in shadowed} == {
         (champion, challenger, "cat")

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue as queues
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,28 +80,30 @@ class BatchInference:
     def after(self) -> dict[str, int] | None:
         """The shadow's work for the last call, which the Batcher runs once that call's answers are settled: each
         sampled request's challenger (Job.shadow) runs on the images the champion saw, and every image where the
-        two labels differ goes to the review queue with both predictions. Returns the counts (requests, images
-        agreed, disagreed, requests whose shadow failed), or None when no request was sampled. Touches no
+        two labels differ goes to the review queue with both predictions (in the background). Returns the counts
+        (requests, images agreed, disagreed, disagreements left out of the queue as its write backlog was full,
+        requests whose shadow failed), or None when no request was sampled. Touches no
         parent-only state: it may run in an inference process."""
         deferred, self._deferred = self._deferred, []
         if not deferred:
             return None
-        stats = {"shadow_requests": 0, "agree": 0, "disagree": 0, "failed": 0}
+        stats = {"shadow_requests": 0, "agree": 0, "disagree": 0, "unqueued": 0, "failed": 0}
         for shadow in {id(d[0].shadow): d[0].shadow for d in deferred}.values():
             mine = [d for d in deferred if d[0].shadow is shadow]
             try:
-                agree, disagree = self._shadow_group(shadow, mine)
+                agree, disagree, unqueued = self._shadow_group(shadow, mine)
             except Exception:  # the shadow must never hurt serving: counted, logged, dropped
                 logger.exception("shadow: challenger v%s failed on %d request(s)", shadow.version, len(mine))
                 stats["failed"] += len(mine)
                 continue
             stats["shadow_requests"] += len(mine)
             stats["agree"] += agree
-            stats["disagree"] += disagree
+            stats["disagree"] += disagree + unqueued
+            stats["unqueued"] += unqueued
         return stats
 
-    def _shadow_group(self, shadow: LoadedModel, mine: list) -> tuple[int, int]:
-        """One challenger call for the requests `mine`; (images agreed, disagreed)."""
+    def _shadow_group(self, shadow: LoadedModel, mine: list) -> tuple[int, int, int]:
+        """One challenger call for the requests `mine`; (images agreed, disagreed, disagreed but not queued)."""
         task = self.tasks[shadow.task]
         images = []
         for job, arrays, _, _ in mine:
@@ -107,14 +113,11 @@ class BatchInference:
             # A challenger with another input size decodes the upload again, at its own size.
             images += arrays if same else self.prepare(job._replace(model=shadow))[0]
         outputs = iter(task.infer(shadow, images))
-        agree = disagree = 0
+        counts = {True: 0, False: 0, None: 0}  # agreed, disagreed, disagreed but not queued (backlog full)
         for _, arrays, seen, results in mine:
             for array, champion_output, result in zip(arrays, seen, results):
-                if task.compare(shadow, result, champion_output, array, next(outputs)):
-                    agree += 1
-                else:
-                    disagree += 1
-        return agree, disagree
+                counts[task.compare(shadow, result, champion_output, array, next(outputs))] += 1
+        return counts[True], counts[False], counts[None]
 
     def prepare(self, job: Job) -> Prepared:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
@@ -170,12 +173,44 @@ class BatchInference:
             outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
 
 
+class Background:
+    """A daemon thread that runs the calls handed to it, in order, off the inference thread: a shadow
+    disagreement's review-queue write (a PNG, a file and an fsynced SQLite commit, ~5 ms) would otherwise hold up
+    the next batch. A full backlog refuses the call (submit says False) rather than slow serving. The thread
+    starts on first use, in the process that uses it (an inference process)."""
+
+    def __init__(self, limit: int = 1000):
+        self._calls: queues.Queue = queues.Queue(limit)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, call) -> bool:
+        if self._thread is None or self._pid != os.getpid():  # (a forked copy has no thread)
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="shadow-writes", daemon=True)
+            self._thread.start()
+        try:
+            self._calls.put_nowait(call)
+        except queues.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:  # a full disk or a locked database loses this item, not the thread
+                logger.exception("shadow: a disagreement could not be queued for review")
+
+
 class ClassifyImages:
     """Classification's handler: images at the model's size, one batched model call, a label per image; the
     uncertain ones go to the review queue as PNGs of what the model saw."""
 
     def __init__(self, cfg: ServeParams, queue: ReviewQueue):
         self.cfg, self.queue = cfg, queue
+        self.writes = Background()  # the shadow's review-queue writes
 
     def decode(
         self, data: bytes, card: dict[str, Any], rules: DecodeRules, budget: PixelBudget
@@ -237,8 +272,9 @@ class ClassifyImages:
         array: np.ndarray,
         shadow_output: tuple[np.ndarray, np.ndarray],
     ) -> bool:
-        """Whether the shadow challenger agrees with the champion's answer `result` (its `output`, on `array`); a
-        disagreement goes to the review queue with both predictions (onto the champion's item if it has one)."""
+        """Whether the shadow challenger agrees with the champion's answer `result` (its `output`, on `array`), or
+        None when they disagree and the backlog of review-queue writes is full. A disagreement goes to the review
+        queue with both predictions (onto the champion's item if it has one), written in the background."""
         probs = shadow_output[0]
         k = int(probs.argmax())
         label = shadow.card["classes"][k]
@@ -246,18 +282,23 @@ class ClassifyImages:
             return True
         other = {"version": shadow.version, "predicted": label, "confidence": float(probs[k])}
         if result["review_id"] is not None:
-            self.queue.set_challenger(result["review_id"], **other)
+            write = partial(self.queue.set_challenger, result["review_id"], **other)
         else:
-            self.queue.add(
-                _png(array),
-                model_version=result["model_version"],
-                predicted=result["label"],
-                confidence=result["confidence"],
-                probabilities=result["probabilities"],
-                embedding=output[1],
-                challenger=other,
-            )
-        return False
+            write = partial(self._add_disagreement, array, result, output[1], other)
+        return False if self.writes.submit(write) else None
+
+    def _add_disagreement(
+        self, array: np.ndarray, result: dict[str, Any], embedding: np.ndarray, other: dict[str, Any]
+    ) -> None:
+        self.queue.add(
+            _png(array),
+            model_version=result["model_version"],
+            predicted=result["label"],
+            confidence=result["confidence"],
+            probabilities=result["probabilities"],
+            embedding=embedding,
+            challenger=other,
+        )
 
 
 def _png(arr: np.ndarray) -> bytes:

@@ -65,6 +65,11 @@ class ServingMetrics:
         self.shadow_failures = Counter(
             "visionflow_shadow_failures_total", "requests whose shadow run failed", registry=registry
         )
+        self.shadow_unqueued = Counter(
+            "visionflow_shadow_unqueued_total",
+            "disagreements left out of the review queue (its background writes were backlogged)",
+            registry=registry,
+        )
         self.shadow_agreement = Gauge(
             "visionflow_shadow_agreement", "share of shadowed images where the two labels agreed", registry=registry
         )
@@ -89,6 +94,7 @@ class ServingMetrics:
         """The Batcher's `observe_after`: BatchInference.after()'s counts for one batch."""
         self.shadow_requests.inc(stats["shadow_requests"])
         self.shadow_failures.inc(stats["failed"])
+        self.shadow_unqueued.inc(stats["unqueued"])
         self.shadow_images.labels("agree").inc(stats["agree"])
         self.shadow_images.labels("disagree").inc(stats["disagree"])
         self._agreed += stats["agree"]
