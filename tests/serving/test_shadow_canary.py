@@ -161,7 +161,9 @@ def test_unpaired_bootstrap_bound():
 
 
 def test_shadow_answers_from_the_champion_and_queues_disagreements(registry, tmp_path):
-    proj, p, champion, challenger = params(registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0)
+    proj, p, champion, challenger = params(
+        registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0, reload_interval_s=0.1
+    )
     with TestClient(create_app(p, proj, watch=False)) as client:
         answers = [predict(client, k, seed) for seed in range(10) for k in range(3)]
         barrier(client)
@@ -178,13 +180,19 @@ def test_shadow_answers_from_the_champion_and_queues_disagreements(registry, tmp
             return [i for i in items if i["challenger_version"] is not None]
 
         wait_for(lambda: len(shadowed()) >= 20, "the disagreements' review-queue writes")
-        shadowed = shadowed()
-    assert len(shadowed) == 20
-    assert {(i["model_version"], i["challenger_version"], i["challenger_predicted"]) for i in shadowed} == {
-        (champion, challenger, "cat")
-    }
-    assert {i["predicted"] for i in shadowed} == {"dog", "fox"}  # the champion's (right) answers, both kept
-    assert all(0 < i["challenger_confidence"] < 1 for i in shadowed)
+        items = shadowed()
+        assert len(items) == 20
+        assert {(i["model_version"], i["challenger_version"], i["challenger_predicted"]) for i in items} == {
+            (champion, challenger, "cat")
+        }
+        assert {i["predicted"] for i in items} == {"dog", "fox"}  # the champion's (right) answers, both kept
+        assert all(0 < i["challenger_confidence"] < 1 for i in items)
+        for i in items:  # a person labels them: the champion was right, the challenger wrong
+            assert client.post(f"/review/{i['id']}", json={"label": i["predicted"]}).status_code == 200
+        wait_for(lambda: metric(client, 'visionflow_reviewed_images{role="challenger"}') == 20, "the monitor")
+        assert metric(client, 'visionflow_reviewed_accuracy{role="challenger"}') == 0
+        assert metric(client, 'visionflow_reviewed_images{role="champion"}') == 20
+        assert metric(client, 'visionflow_reviewed_accuracy{role="champion"}') == 1
 
 
 def test_canary_share_follows_the_seeded_draw(registry, tmp_path):
