@@ -5,6 +5,7 @@ answers 'cat' whatever it sees."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import re
 import sqlite3
@@ -29,7 +30,7 @@ LEVELS = (40, 128, 215)  # the grey level of each class's images
 SIZE = 16
 
 
-def linear_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> Path:
+def linear_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, size: int = SIZE) -> Path:
     """A real ONNX classifier with the exported model's interface: embedding = per-channel means and peaks,
     logits = embedding @ weight + bias."""
     import onnx
@@ -47,7 +48,7 @@ def linear_onnx(path: Path, weight: np.ndarray, bias: np.ndarray) -> Path:
     graph = helper.make_graph(
         nodes,
         "linear",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, size, size])],
         [
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", k]),
             helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6]),
@@ -70,8 +71,8 @@ def oracle(path: Path) -> Path:
     return linear_onnx(path, w, -(c**2) / s)
 
 
-def constant_cat(path: Path) -> Path:
-    return linear_onnx(path, np.zeros((6, 3)), np.array([1.0, 0.0, 0.0]))
+def constant_cat(path: Path, size: int = SIZE) -> Path:
+    return linear_onnx(path, np.zeros((6, 3)), np.array([1.0, 0.0, 0.0]), size)
 
 
 def register(proj: Path, p, onnx_path: Path, *, promote: bool) -> str:
@@ -294,3 +295,37 @@ def test_an_old_review_queue_gains_the_challenger_columns(tmp_path):
     items = {i["id"]: i for i in queue.pending()}
     assert items["old1"]["challenger_version"] is None
     assert (items[new]["challenger_version"], items[new]["challenger_predicted"]) == ("2", "cat")
+
+
+def test_after_runs_a_challenger_of_another_input_size_on_the_upload_again(tmp_path):
+    """BatchInference on its own, as an inference process runs it: answers first, the shadow only in after()."""
+    from visionflow.config import Params
+    from visionflow.data.imageio import DecodeRules
+    from visionflow.onnxrt import ort_session
+    from visionflow.serving.champion import LoadedModel
+    from visionflow.serving.inference import BatchInference, ClassifyImages, Job
+    from visionflow.serving.predictions import PredictionLog
+    from visionflow.tools.loadtest.run import multipart_body
+
+    def loaded(version: str, path: Path, size: int) -> LoadedModel:
+        return LoadedModel(version, ort_session(path), {"image_size": size, "channels": 3, "classes": CLASSES}, {})
+
+    champion = loaded("1", oracle(tmp_path / "oracle.onnx"), SIZE)
+    challenger = loaded("2", constant_cat(tmp_path / "cat.onnx", 24), 24)
+    cfg = Params().serve
+    queue = ReviewQueue(tmp_path / "review", tmp_path / "reviewed", budget=None)
+    infer = BatchInference(
+        cfg,
+        DecodeRules.from_params(Params().validation, cfg),
+        {"classification": ClassifyImages(cfg, queue)},
+        PredictionLog(tmp_path / "log.jsonl"),
+    )
+    bodies = [multipart_body(grey_png(k, k)) for k in range(3)]
+    jobs = [Job(champion, body, ctype.encode(), 1, shadow=challenger) for body, ctype in bodies]
+    outcomes = infer(jobs)
+    assert [json.loads(answer)["label"] for _, answer in outcomes] == CLASSES
+    assert queue.count() == 0  # nothing of the shadow's yet: it waits for after()
+    assert infer.after() == {"shadow_requests": 3, "agree": 1, "disagree": 2, "unqueued": 0, "failed": 0}
+    assert infer.after() is None  # once per call
+    wait_for(lambda: queue.count() == 2, "the background writes")
+    assert {(i["predicted"], i["challenger_predicted"]) for i in queue.pending()} == {("dog", "cat"), ("fox", "cat")}
