@@ -278,6 +278,16 @@ class ServeParams(_Section):
     review_dir: Path = Path("data/review")
     reviewed_dir: Path = Path("data/reviewed")
     prediction_log: Path = Path("data/predictions/predictions.jsonl")
+    # Shadow and canary (visionflow.serving.canary; classification only: a detection server leaves them off and
+    # says so in its log). With shadow on, the registry's challenger also runs on shadow_fraction of requests, off
+    # the response path, and each disagreement with the champion goes to the review queue.
+    shadow: bool = False
+    shadow_fraction: float = Field(0.1, gt=0, le=1)
+    # Share of requests the challenger answers instead of the champion (0: off; below 1, so that the champion
+    # keeps traffic to compare with). It is rolled back when, on at least canary_min_reviewed reviewed images per
+    # side, the (1 - registry.bootstrap_alpha) upper bound of its accuracy minus the champion's is below 0.
+    canary_fraction: float = Field(0, ge=0, lt=1)
+    canary_min_reviewed: int = Field(50, ge=1, le=10**7)
 
 
 class ReviewParams(_Section):

@@ -55,6 +55,22 @@ def paired_bootstrap_lower(
     return float(diff.mean()), float(np.quantile(boots, alpha))
 
 
+def unpaired_bootstrap_upper(
+    correct_new: np.ndarray, correct_old: np.ndarray, *, n_boot: int, alpha: float, seed: int
+) -> tuple[float, float]:
+    """Accuracy difference (new - old) measured on different images (a canary's and the champion's traffic) and
+    its one-sided (1 - alpha) bootstrap upper bound: below 0, new is worse with that confidence.
+
+    Each side is resampled on its own; resampling n 0/1 outcomes with replacement is a binomial draw, so this is
+    that bootstrap without materialising n_boot x n indices (as paired_bootstrap_lower does for its pairs)."""
+    rng = np.random.default_rng(seed)
+    new, old = correct_new.astype(bool), correct_old.astype(bool)
+    boots = rng.binomial(len(new), new.mean(), n_boot) / len(new) - rng.binomial(len(old), old.mean(), n_boot) / len(
+        old
+    )
+    return float(new.mean() - old.mean()), float(np.quantile(boots, 1 - alpha))
+
+
 def per_class_recall(correct: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     return np.array([correct[labels == c].mean() if (labels == c).any() else np.nan for c in range(n_classes)])
 

@@ -82,6 +82,11 @@ def register_onnx(
     return version
 
 
+def tag_version(model_name: str, version: str, key: str, value: str) -> None:
+    """One tag on one version (e.g. the canary's verdict, which a restarted server reads)."""
+    _client().set_model_version_tag(model_name, version, key, value)
+
+
 def alias_version(model_name: str, alias: str) -> str | None:
     try:
         return str(_client().get_model_version_by_alias(model_name, alias).version)

@@ -11,6 +11,8 @@ create_app composes the pieces, each in a module of its own:
   image into labelled data under data/reviewed/<class>/, a folder-per-class dataset the retraining flow ingests;
 - audit_view: the review page's label audit view: the label audit's suspected label errors, each accepted or kept
   into the label overrides file that ingest applies;
+- canary: the registry's challenger in the shadow (serve.shadow) or answering a share of requests
+  (serve.canary_fraction), rolled back automatically when reviewed labels show it worse;
 - predictions: every prediction is appended to a JSONL prediction log that the drift check reads;
 - auth, metrics, openapi: the bearer token, /metrics, and the API document.
 """
@@ -30,6 +32,7 @@ from visionflow.paths import ProjectPaths
 from visionflow.serving.audit_view import SuspectFiles, audit_router
 from visionflow.serving.auth import bearer_token, token_dependencies
 from visionflow.serving.batcher import Batcher
+from visionflow.serving.canary import shadow_canary
 from visionflow.serving.champion import ChampionHolder, LoadedModel, load_champion
 from visionflow.serving.http import BodyLimit, header_deadline_protocol
 from visionflow.serving.inference import batch_inference, review_queues
@@ -54,7 +57,10 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     require_token, require_token_page = token_dependencies(bearer_token(cfg.auth_token_env))
     # serve.workers inference processes, each fed by a thread of its own; with none, one thread does the work
     handlers = inference_processes(p, root, log) or [batch_inference(p, root, log)]
-    batcher = Batcher(handlers, max_jobs=cfg.max_concurrency, observe=metrics.observe_batch)
+    batcher = Batcher(
+        handlers, max_jobs=cfg.max_concurrency, observe=metrics.observe_batch, observe_after=metrics.observe_shadow
+    )
+    canary = shadow_canary(p, paths.serving_models, holder, queue, metrics)  # None when both are off
 
     # /docs and /openapi.json come from docs_router (offline assets, behind the token); FastAPI's own are off.
     app = FastAPI(
@@ -67,6 +73,8 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
     )
 
     _lifecycle(app, holder, log, batcher, watch=watch, reload_interval_s=cfg.reload_interval_s)
+    if canary is not None:
+        canary.attach(app, watch=watch, interval_s=cfg.reload_interval_s)
 
     def model() -> LoadedModel:
         return model_or_503(holder)
@@ -92,6 +100,7 @@ def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watc
         max_in_flight=cfg.max_concurrency + cfg.queue_depth,
         max_batch=cfg.max_batch,
         timeout_s=cfg.request_timeout_s,
+        route=canary.route if canary is not None else None,
     )
 
     async def serving_app(scope, receive, send) -> None:

@@ -19,17 +19,19 @@ class Batcher:
 
     Nothing waits for a batch to fill: on an idle server a lone request runs at once; on a busy one the thread
     hand-offs, the ONNX Runtime call and the prediction-log write are shared by everything that queued meanwhile,
-    so the more requests wait, the less each costs. One thread, not a pool: the Python part of inference holds
-    the GIL, and a pool of four threads plus the event loop fought over it (stalls of 30-80 ms under load).
+    so the more requests wait, the less each costs. One thread per handler, not a pool on one: the Python part of
+    inference holds the GIL, and a pool of four threads plus the event loop fought over it (stalls of 30-80 ms).
     A handler gets a list of jobs and returns one outcome per job: a result, or the exception to raise for it;
     one with a `close()` has it called when its thread stops.
     `observe(waits_s, seconds)`, when given, hears of every batch: how long each of its jobs waited for the thread
     and how long the batch took (the /metrics histograms that tell a busy inference thread from a slow model).
+    A `handle` with an `after()` method has it called once each batch's answers are settled (work off the response
+    path: the shadow challenger); `observe_after`, when given, hears what it returns when that is not None.
     """
 
-    def __init__(self, handles, max_jobs: int, observe=None):
+    def __init__(self, handles, max_jobs: int, observe=None, observe_after=None):
         self.handles = handles if isinstance(handles, list) else [handles]
-        self.max_jobs, self.observe = max_jobs, observe
+        self.max_jobs, self.observe, self.observe_after = max_jobs, observe, observe_after
         self._jobs: queues.SimpleQueue = queues.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, args=(h,), name=f"infer-{i}", daemon=True)
@@ -82,6 +84,18 @@ class Batcher:
                 by_loop.setdefault(loop, []).append((future, outcome))
             for loop, settled in by_loop.items():  # one wake-up of the event loop per batch
                 loop.call_soon_threadsafe(_settle, settled)
+            self._after(handle)
+
+    def _after(self, handle) -> None:
+        after = getattr(handle, "after", None)
+        if after is None:
+            return
+        try:
+            stats = after()
+            if stats is not None and self.observe_after is not None:
+                self.observe_after(stats)
+        except Exception:  # work after the answers must not stop the thread every request needs
+            logger.exception("batcher: after() failed")
 
 
 def _settle(settled: list[tuple[asyncio.Future, Any]]) -> None:

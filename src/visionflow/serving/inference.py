@@ -1,13 +1,19 @@
 """What the inference thread does with a batch of predict requests: parse and decode every upload, run each
 model on all their images, queue the uncertain predictions for review, log every one, and encode each answer
-(the event loop only sends them)."""
+(the event loop only sends them). A request sampled for the shadow (Job.shadow) also runs the challenger, but
+only in `after()`, once the batch is answered."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import queue as queues
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,6 +30,8 @@ from visionflow.serving.review import ReviewQueue
 from visionflow.tasks.detection.review import BoxReviewQueue
 from visionflow.tasks.detection.serving import DetectImages
 
+logger = logging.getLogger(__name__)
+
 Prepared = tuple[list[Any], list[dict[str, float]]]  # one request's decoded images and their properties
 
 
@@ -34,6 +42,8 @@ class Job(NamedTuple):
     body: bytes
     content_type: bytes
     max_files: int
+    # The challenger to also run on this request's images, off the response path (serving.canary samples them).
+    shadow: LoadedModel | None = None
 
 
 class BatchInference:
@@ -45,9 +55,12 @@ class BatchInference:
 
     def __init__(self, cfg: ServeParams, rules: DecodeRules, tasks: Mapping[str, Any], log: PredictionLog):
         self.cfg, self.rules, self.tasks, self.log = cfg, rules, tasks, log
+        # The last call's shadow-sampled requests, answered: (job, images, champion outputs, champion results).
+        self._deferred: list[tuple[Job, list[Any], list[Any], list[dict[str, Any]]]] = []
 
     def __call__(self, jobs: list[Job]) -> list[Any]:
         outcomes: list[Any] = [None] * len(jobs)
+        seen: dict[int, list[Any]] = {}  # the champion's outputs for the shadow-sampled requests
         prepared: dict[int, Prepared] = {}
         for i, job in enumerate(jobs):
             try:
@@ -57,9 +70,55 @@ class BatchInference:
         records: list[dict[str, Any]] = []
         for model in {id(jobs[i].model): jobs[i].model for i in prepared}.values():  # one group per model (a swap)
             mine = [i for i in prepared if jobs[i].model is model]
-            self._run_group(model, mine, jobs, prepared, outcomes, records)
+            self._run_group(model, mine, jobs, prepared, outcomes, records, seen)
         # A request that timed out (504) still lands here: the model did see that image, so it is logged.
-        return logged(self.log, records, outcomes)
+        outcomes = logged(self.log, records, outcomes)
+        self._deferred = [
+            (jobs[i], prepared[i][0], seen[i], outcomes[i][0]) for i in seen if isinstance(outcomes[i], tuple)
+        ]
+        return outcomes
+
+    def after(self) -> dict[str, int] | None:
+        """The shadow's work for the last call, which the Batcher runs once that call's answers are settled: each
+        sampled request's challenger (Job.shadow) runs on the images the champion saw, and every image where the
+        two labels differ goes to the review queue with both predictions (in the background). Returns the counts
+        (requests, images agreed, disagreed, disagreements left out of the queue as its write backlog was full,
+        requests whose shadow failed), or None when no request was sampled. Touches no
+        parent-only state: it may run in an inference process."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return None
+        stats = {"shadow_requests": 0, "agree": 0, "disagree": 0, "unqueued": 0, "failed": 0}
+        for shadow in {id(d[0].shadow): d[0].shadow for d in deferred}.values():
+            mine = [d for d in deferred if d[0].shadow is shadow]
+            try:
+                agree, disagree, unqueued = self._shadow_group(shadow, mine)
+            except Exception:  # the shadow must never hurt serving: counted, logged, dropped
+                logger.exception("shadow: challenger v%s failed on %d request(s)", shadow.version, len(mine))
+                stats["failed"] += len(mine)
+                continue
+            stats["shadow_requests"] += len(mine)
+            stats["agree"] += agree
+            stats["disagree"] += disagree + unqueued
+            stats["unqueued"] += unqueued
+        return stats
+
+    def _shadow_group(self, shadow: LoadedModel, mine: list) -> tuple[int, int, int]:
+        """One challenger call for the requests `mine`; (images agreed, disagreed, disagreed but not queued)."""
+        task = self.tasks[shadow.task]
+        images = []
+        for job, arrays, _, _ in mine:
+            same = job.model.task == shadow.task and all(
+                job.model.card.get(k) == shadow.card.get(k) for k in ("image_size", "channels")
+            )
+            # A challenger with another input size decodes the upload again, at its own size.
+            images += arrays if same else self.prepare(job._replace(model=shadow))[0]
+        outputs = iter(task.infer(shadow, images))
+        counts = {True: 0, False: 0, None: 0}  # agreed, disagreed, disagreed but not queued (backlog full)
+        for _, arrays, seen, results in mine:
+            for array, champion_output, result in zip(arrays, seen, results):
+                counts[task.compare(shadow, result, champion_output, array, next(outputs))] += 1
+        return counts[True], counts[False], counts[None]
 
     def prepare(self, job: Job) -> Prepared:
         """Parse one request's form and decode its images (raises HTTPException / RejectedImage for that one)."""
@@ -84,8 +143,10 @@ class BatchInference:
         prepared: dict[int, Prepared],
         outcomes: list[Any],
         records: list[dict[str, Any]],
+        seen: dict[int, list[Any]],
     ) -> None:
-        """One model call for the requests `mine`; fills in their outcomes and adds their log records."""
+        """One model call for the requests `mine`; fills in their outcomes and adds their log records, and keeps
+        the outputs of those sampled for the shadow in `seen`."""
         task = self.tasks[model.task]
         images = [a for i in mine for a in prepared[i][0]]
         try:
@@ -107,6 +168,8 @@ class BatchInference:
                 k += len(prepared[i][1]) - len(results)
                 outcomes[i] = exc
                 continue
+            if jobs[i].shadow is not None:
+                seen[i] = outputs[k - len(results) : k]
             answer = results[0] if jobs[i].max_files == 1 else {"predictions": results}
             outcomes[i] = (results, json.dumps(answer, separators=(",", ":")).encode())
 
@@ -149,12 +212,44 @@ def review_queues(p: Params, root: Path) -> tuple[ReviewQueue, BoxReviewQueue]:
     return queue, BoxReviewQueue(paths.review / "detection", paths.reviewed / "detection")
 
 
+class Background:
+    """A daemon thread that runs the calls handed to it, in order, off the inference thread: a shadow
+    disagreement's review-queue write (a PNG, a file and an fsynced SQLite commit, ~5 ms) would otherwise hold up
+    the next batch. A full backlog refuses the call (submit says False) rather than slow serving. The thread
+    starts on first use, in the process that uses it (an inference process)."""
+
+    def __init__(self, limit: int = 1000):
+        self._calls: queues.Queue = queues.Queue(limit)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, call) -> bool:
+        if self._thread is None or self._pid != os.getpid():  # (a forked copy has no thread)
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="shadow-writes", daemon=True)
+            self._thread.start()
+        try:
+            self._calls.put_nowait(call)
+        except queues.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            call = self._calls.get()
+            try:
+                call()
+            except Exception:  # a full disk or a locked database loses this item, not the thread
+                logger.exception("shadow: a disagreement could not be queued for review")
+
+
 class ClassifyImages:
     """Classification's handler: images at the model's size, one batched model call, a label per image; the
     uncertain ones go to the review queue as PNGs of what the model saw."""
 
     def __init__(self, cfg: ServeParams, queue: ReviewQueue):
         self.cfg, self.queue = cfg, queue
+        self.writes = Background()  # the shadow's review-queue writes
 
     def decode(
         self, data: bytes, card: dict[str, Any], rules: DecodeRules, budget: PixelBudget
@@ -207,6 +302,42 @@ class ClassifyImages:
             "review_id": review_id,
         }
         return result, record
+
+    def compare(
+        self,
+        shadow: LoadedModel,
+        result: dict[str, Any],
+        output: tuple[np.ndarray, np.ndarray],
+        array: np.ndarray,
+        shadow_output: tuple[np.ndarray, np.ndarray],
+    ) -> bool:
+        """Whether the shadow challenger agrees with the champion's answer `result` (its `output`, on `array`), or
+        None when they disagree and the backlog of review-queue writes is full. A disagreement goes to the review
+        queue with both predictions (onto the champion's item if it has one), written in the background."""
+        probs = shadow_output[0]
+        k = int(probs.argmax())
+        label = shadow.card["classes"][k]
+        if label == result["label"]:
+            return True
+        other = {"version": shadow.version, "predicted": label, "confidence": float(probs[k])}
+        if result["review_id"] is not None:
+            write = partial(self.queue.set_challenger, result["review_id"], **other)
+        else:
+            write = partial(self._add_disagreement, array, result, output[1], other)
+        return False if self.writes.submit(write) else None
+
+    def _add_disagreement(
+        self, array: np.ndarray, result: dict[str, Any], embedding: np.ndarray, other: dict[str, Any]
+    ) -> None:
+        self.queue.add(
+            _png(array),
+            model_version=result["model_version"],
+            predicted=result["label"],
+            confidence=result["confidence"],
+            probabilities=result["probabilities"],
+            embedding=embedding,
+            challenger=other,
+        )
 
 
 def _png(arr: np.ndarray) -> bytes:

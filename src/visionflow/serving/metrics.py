@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # The inference thread's side: a queue wait that grows while batches stay small means the thread is the
 # bottleneck (it is busy for the sum of inference_seconds); batches that grow mean load is being shared.
@@ -49,6 +49,64 @@ class ServingMetrics:
             registry=registry,
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
+        self._shadow_metrics(registry)
+
+    def _shadow_metrics(self, registry: CollectorRegistry) -> None:
+        """The shadow challenger's live agreement, and both models' accuracy on reviewed images (serving.canary)."""
+        self.shadow_requests = Counter(
+            "visionflow_shadow_requests_total", "requests the shadow challenger also ran on", registry=registry
+        )
+        self.shadow_images = Counter(
+            "visionflow_shadow_images_total",
+            "shadowed images by outcome: the challenger's label agreed or disagreed with the champion's",
+            ["outcome"],
+            registry=registry,
+        )
+        self.shadow_failures = Counter(
+            "visionflow_shadow_failures_total", "requests whose shadow run failed", registry=registry
+        )
+        self.shadow_unqueued = Counter(
+            "visionflow_shadow_unqueued_total",
+            "disagreements left out of the review queue (its background writes were backlogged)",
+            registry=registry,
+        )
+        self.shadow_agreement = Gauge(
+            "visionflow_shadow_agreement", "share of shadowed images where the two labels agreed", registry=registry
+        )
+        self.reviewed_accuracy = Gauge(
+            "visionflow_reviewed_accuracy",
+            "accuracy on reviewed images (each image a model answered or shadowed) by role",
+            ["role"],
+            registry=registry,
+        )
+        self.reviewed_images = Gauge(
+            "visionflow_reviewed_images",
+            "reviewed images behind visionflow_reviewed_accuracy",
+            ["role"],
+            registry=registry,
+        )
+        self._agreed = self._shadowed = 0  # the agreement gauge's running totals
+        self.canary_rollbacks = Counter(
+            "visionflow_canary_rollbacks_total", "canary challengers rolled back", registry=registry
+        )
+
+    def observe_shadow(self, stats: dict[str, int]) -> None:
+        """The Batcher's `observe_after`: BatchInference.after()'s counts for one batch."""
+        self.shadow_requests.inc(stats["shadow_requests"])
+        self.shadow_failures.inc(stats["failed"])
+        self.shadow_unqueued.inc(stats["unqueued"])
+        self.shadow_images.labels("agree").inc(stats["agree"])
+        self.shadow_images.labels("disagree").inc(stats["disagree"])
+        self._agreed += stats["agree"]
+        self._shadowed += stats["agree"] + stats["disagree"]
+        if self._shadowed:
+            self.shadow_agreement.set(self._agreed / self._shadowed)
+
+    def observe_reviewed(self, role: str, correct: list[bool]) -> None:
+        """The canary monitor's: `role`'s (champion, challenger) correctness on every reviewed image it predicted."""
+        self.reviewed_images.labels(role).set(len(correct))
+        if correct:
+            self.reviewed_accuracy.labels(role).set(sum(correct) / len(correct))
 
     def observe_batch(self, waits_s: list[float], seconds: float) -> None:
         """The Batcher's `observe`: one batch of len(waits_s) requests took `seconds`."""

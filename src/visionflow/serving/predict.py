@@ -41,7 +41,10 @@ class PredictHandler:
         max_in_flight: int,
         max_batch: int,
         timeout_s: float,
+        route: Callable[[LoadedModel], tuple[LoadedModel, LoadedModel | None]] | None = None,
     ):
+        # route(champion) -> (the model that answers, a challenger to shadow it or None): serving.canary's
+        self.route = route
         self.model, self.require_token, self.batcher, self.metrics = model, require_token, batcher, metrics
         self.slots = asyncio.Semaphore(max_in_flight)
         self.timeout_s = timeout_s
@@ -81,11 +84,11 @@ class PredictHandler:
         await self.require_token(request)
         self._shed_if_full()  # before reading the body: shedding load must be cheap
         body = await request.body()  # (BodyLimit, around this app, stops a body over the limit)
-        model = self.model()
+        model, shadow = self.route(self.model()) if self.route is not None else (self.model(), None)
         self._shed_if_full()  # (others may have taken the last slot while this body arrived)
         await self.slots.acquire()
         job = self.batcher.submit(
-            Job(model, body, request.headers.get("content-type", "").encode("latin-1"), max_files)
+            Job(model, body, request.headers.get("content-type", "").encode("latin-1"), max_files, shadow)
         )
         # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
         job.add_done_callback(self._work_ended)

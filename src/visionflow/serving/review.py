@@ -46,6 +46,10 @@ PAGE_FILES = {
 }
 
 
+# A shadow disagreement's challenger prediction (NULL on every other item).
+CHALLENGER_COLUMNS = {"challenger_version": "TEXT", "challenger_predicted": "TEXT", "challenger_confidence": "REAL"}
+
+
 class ReviewQueue:
     """Low-confidence predictions waiting for a person; SQLite keeps it consistent across workers.
 
@@ -76,8 +80,12 @@ class ReviewQueue:
             c.execute("""CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, created REAL, model_version TEXT,
                          predicted TEXT, confidence REAL, probabilities TEXT, image TEXT, status TEXT,
                          label TEXT, reviewed_at REAL, embedding BLOB)""")
-            if "embedding" not in {r["name"] for r in c.execute("PRAGMA table_info(items)")}:
-                c.execute("ALTER TABLE items ADD COLUMN embedding BLOB")  # a queue made before budgets
+            have = {r["name"] for r in c.execute("PRAGMA table_info(items)")}
+            # Added later, so a queue made before them gets them here: the embedding (budgets), and the shadow
+            # challenger's prediction where it disagreed with the champion's (serving.canary).
+            for column, kind in (("embedding", "BLOB"), *CHALLENGER_COLUMNS.items()):
+                if column not in have:
+                    c.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db, timeout=30)
@@ -93,28 +101,45 @@ class ReviewQueue:
         confidence: float,
         probabilities: dict[str, float],
         embedding: np.ndarray | None = None,
+        challenger: dict[str, Any] | None = None,
     ) -> str:
+        """Queue one image; `challenger` (version, predicted, confidence) is a shadow challenger's other answer."""
         item_id = uuid.uuid4().hex
         (self.images / f"{item_id}.png").write_bytes(png)
         emb = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+        row = {
+            "id": item_id,
+            "created": time.time(),
+            "model_version": model_version,
+            "predicted": predicted,
+            "confidence": confidence,
+            "probabilities": json.dumps(probabilities),
+            "image": f"{item_id}.png",
+            "status": "pending",
+            "embedding": emb,
+            **{f"challenger_{k}": v for k, v in (challenger or {}).items()},
+        }
+        with closing(self._conn()) as c, c:
+            c.execute(f"INSERT INTO items ({','.join(row)}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
+        return item_id
+
+    def set_challenger(self, item_id: str, *, version: str, predicted: str, confidence: float) -> None:
+        """Record a shadow challenger's disagreeing answer on an item the champion's answer already queued."""
         with closing(self._conn()) as c, c:
             c.execute(
-                "INSERT INTO items VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    item_id,
-                    time.time(),
-                    model_version,
-                    predicted,
-                    confidence,
-                    json.dumps(probabilities),
-                    f"{item_id}.png",
-                    "pending",
-                    None,
-                    None,
-                    emb,
-                ),
+                "UPDATE items SET challenger_version=?, challenger_predicted=?, challenger_confidence=? WHERE id=?",
+                (version, predicted, confidence, item_id),
             )
-        return item_id
+
+    def reviewed(self) -> list[dict[str, Any]]:
+        """Every reviewed item's predictions and human label: created, model_version, predicted, label and the
+        challenger_* columns (None unless a shadow challenger disagreed)."""
+        with closing(self._conn()) as c:
+            rows = c.execute(
+                f"SELECT created, model_version, predicted, label, {', '.join(CHALLENGER_COLUMNS)} FROM items "
+                "WHERE status='reviewed'"
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     def pending(self, limit: int = 50) -> list[dict[str, Any]]:
         """The first `limit` items a person is offered. Labelled items leave the set, so asking again after

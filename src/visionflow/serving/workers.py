@@ -8,7 +8,8 @@ in-process decode + ONNX Runtime. In their own processes the event loop only mov
 What crosses the pipe: the jobs, with each model named by a ModelRef (version, ONNX file, card; a process keeps its
 own sessions, loaded on first use, so every process follows the registry as the server's champion moves); back
 come the outcomes, a failure already turned into its HTTP answer (`Answered`), and the batch's prediction-log
-records, which the server process alone writes (one writer: no torn lines).
+records, which the server process alone writes (one writer: no torn lines); then what the shadow challenger
+counted, after the answers (BatchInference.after).
 
 A process that dies (killed, out of memory) fails the batch it held with a 503 and is started again; a request
 never waits on a dead process.
@@ -94,6 +95,15 @@ class InferenceProcess:
             died = Answered(503, "an inference process stopped while serving this request; retry", {"Retry-After": "1"})
             return [died] * len(jobs)
         return logged(self.log, records, outcomes)
+
+    def after(self) -> dict[str, int] | None:
+        """What the process's work after the answers (the shadow challenger) counted; the Batcher asks once the
+        answers are settled, and the process would do that work before the next batch anyway."""
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as exc:  # died in the shadow's work: the next batch finds it replaced
+            self._replace(exc)
+            return None
 
     def _replace(self, exc: BaseException) -> None:
         code = self._proc.exitcode if self._proc is not None else None
@@ -200,3 +210,4 @@ def _serve(conn, p: Params, root: str) -> None:
         # Exceptions become their answers here: theirs may not survive pickling (HTTPException's do not).
         answers = [failure_answer(o) if isinstance(o, BaseException) else o for o in outcomes]
         conn.send((answers, records.take()))
+        conn.send(handle.after())  # the shadow's work, once the answers are on their way

@@ -84,6 +84,12 @@ function render() {
   guess.textContent = it.predicted;
   $("guess").replaceChildren(`model v${it.model_version} guessed `, guess,
                              ` (${(100 * it.confidence).toFixed(1)}%)`);
+  if (it.challenger_version) {  // a shadow disagreement: the challenger's other answer, as text
+    const other = document.createElement("strong");
+    other.textContent = it.challenger_predicted;
+    $("guess").append(`; challenger v${it.challenger_version} said `, other,
+                      ` (${(100 * it.challenger_confidence).toFixed(1)}%)`);
+  }
   for (const b of $("buttons").children) b.classList.toggle("guess", b.dataset.label === it.predicted);
   showImage(it.id);
 }
