@@ -262,8 +262,8 @@ class ServeParams(_Section):
     max_concurrency: int = Field(4, ge=1, le=1 << 16)
     queue_depth: int = Field(64, ge=0, le=1 << 20)
     # Inference processes the event loop feeds (visionflow.serving.workers): null is one per core this process may
-    # run on (its CPU affinity, so a server pinned to one core gets one); 0 runs inference in a thread of the
-    # server process instead (one GIL for the event loop and inference: about half the throughput).
+    # run on (its CPU affinity), and none on a single core; 0 runs inference in a thread of the server process
+    # (one GIL for the event loop and inference: on one core the cheaper choice, on more it leaves cores idle).
     workers: int | None = Field(None, ge=0, le=256)
     # Where the model runs: cpu, or cuda (ONNX Runtime's CUDA provider, from onnxruntime-gpu; refused at start
     # where it is missing). On a GPU one or two processes suffice and larger batches pay: raise max_concurrency.
