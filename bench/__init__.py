@@ -9,7 +9,8 @@ See BENCHMARKS.md for what each benchmark measures.
 BENCHMARKS = ("train_step", "input_pipeline", "cache_build", "inference", "orchestration", "drift", "dvc")
 # Run only when named with --only: the shards scaling benchmark takes about 40 minutes at its full sizes; selection
 # and label_audit train models (tens of minutes on 2 cores); attribution builds a champion unless given one.
-OPT_IN = ("shards", "selection", "label_audit", "attribution")
+# inference_large repeats inference's serving comparison with a model whose own time dominates (MobileNetV2 at 128 px).
+OPT_IN = ("shards", "selection", "label_audit", "attribution", "inference_large")
 
 # benchmark name -> module under bench/ (drift and dvc get longer module names so that `bench/` on sys.path
 # could never shadow the real `dvc` package or visionflow's drift module)
@@ -25,4 +26,5 @@ MODULES = {
     "selection": "bench.selection",
     "label_audit": "bench.label_audit",
     "attribution": "bench.attribution",
+    "inference_large": "bench.inference_large",
 }
