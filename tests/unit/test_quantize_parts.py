@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers import REPO, run_cli
 from visionflow.config import load_params
 from visionflow.errors import ConfigError, DataError
 from visionflow.registry.quantize import calibration_sample, make_variant, sanity_reasons
@@ -51,3 +52,16 @@ def test_sanity_names_what_is_wrong():
 def test_int8_without_calibration_images_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="needs calibration images"):
         make_variant("int8", tmp_path / "missing.onnx", tmp_path / "out.onnx", np.empty((0, 8, 8, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["quantize"], "export.quantize is none"),
+        (["--set", "export.quantize=int8", "--set", "base.task=detection", "quantize"], "classifier only"),
+    ],
+)
+def test_quantize_command_refuses_in_one_line_before_touching_the_registry(args, says):
+    proc = run_cli(REPO, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

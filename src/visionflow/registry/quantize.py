@@ -40,7 +40,7 @@ def calibration_sample(images: np.ndarray, labels: np.ndarray, n: int, seed: int
     return np.asarray(images[np.sort(picked)])
 
 
-def _calibration_reader(images: np.ndarray, batch_size: int = 32):
+def calibration_reader(images: np.ndarray, batch_size: int = 32):
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Images(CalibrationDataReader):
@@ -73,7 +73,7 @@ def int8_model(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
         quantize_static(
             str(prepared),
             str(out),
-            _calibration_reader(calibration),
+            calibration_reader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

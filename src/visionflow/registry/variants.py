@@ -91,7 +91,10 @@ def _figures(path: Path, images: Comparison) -> dict[str, Any]:
 
 
 def _gates(p: Params, old: dict, new: dict, images: Comparison, classes: list[str], parent_is_champion: bool):
+    """The variant's gates, (mean accuracy change, its lower bound); records its top-1 agreement with the parent
+    on the clean images in its row."""
     n = len(images.clean)
+    new["row"]["top1_agreement"] = float((old["outputs"][0][:n].argmax(1) == new["outputs"][0][:n].argmax(1)).mean())
     sanity = q.sanity_reasons(old["outputs"], new["outputs"])
     accuracy, (delta, lower) = variant_gates(
         cfg=p.registry,
@@ -124,7 +127,7 @@ def _gates(p: Params, old: dict, new: dict, images: Comparison, classes: list[st
     return gates, delta, lower
 
 
-def _register(p: Params, parent: dict, variant: Path, card: dict, precision: str, agreement: float, row: dict):
+def _register(p: Params, parent: dict, variant: Path, card: dict, precision: str, row: dict):
     """The variant in the registry as `<model>-<precision>`, logged to a run of its own beside the parent's
     training run; returns (model, version, run id)."""
     import mlflow
@@ -155,7 +158,7 @@ def _register(p: Params, parent: dict, variant: Path, card: dict, precision: str
             **lineage,
             **link,
             f"{TAG}mlflow_run_id": run_id,
-            f"{TAG}parity.top1_agreement": f"{agreement:.6f}",
+            f"{TAG}parity.top1_agreement": f"{row['top1_agreement']:.6f}",
             f"{TAG}latency.ort_ms_b1": f"{row['ms_b1']:.3f}",
         },
         metrics={"test_accuracy": row["accuracy_clean"], "robust_accuracy": row["accuracy_corrupted"] or 0.0},
@@ -198,18 +201,15 @@ def quantize_variant(
             paths=paths, cfg=p.evaluate, seed=p.base.seed, eval_batch=None, rules=DecodeRules.from_params(p.validation)
         ).for_card(card, classes)
         if precision == "int8" and calibration is None:
-            calibration = _calibration(p, paths, card, classes)
+            calibration = training_calibration(p, paths, card, classes)
         variant = q.make_variant(precision, fp32, Path(tmp) / precision / "model.onnx", calibration)
         old, new = _figures(fp32, images), _figures(variant, images)
         gates, delta, lower = _gates(p, old, new, images, classes, parent_version == champion)
-        n = len(images.clean)
-        agreement = float((old["outputs"][0][:n].argmax(1) == new["outputs"][0][:n].argmax(1)).mean())
-        new["row"]["top1_agreement"] = agreement
         parent = {"version": parent_version, **version_info(parent_model, parent_version)}
         card = {**card, "precision": precision, "parent": f"{parent_model} v{parent_version}"}
         if precision == "int8":
             card["quantization"] = f"ONNX Runtime static QDQ, per-channel, MinMax on {len(calibration)} images"
-        name, version, run_id = _register(p, parent, variant, card, precision, agreement, new["row"])
+        name, version, run_id = _register(p, parent, variant, card, precision, new["row"])
         with promotion_lock(paths.mlruns, name):
             decision = apply_promotion(name, version, gates)
     rows = [
@@ -233,7 +233,7 @@ def quantize_variant(
     return res
 
 
-def _calibration(p: Params, paths: ProjectPaths, card: dict, classes: list[str]) -> np.ndarray:
+def training_calibration(p: Params, paths: ProjectPaths, card: dict, classes: list[str]) -> np.ndarray:
     from visionflow.data.cache import project_split
 
     train = project_split(paths, "train", classes=classes, image_size=card["image_size"], channels=card["channels"])
