@@ -14,6 +14,7 @@ from tests.helpers import tiny_project, use_mlflow
 from tests.model.test_registry_promotion import full_cycle
 from visionflow import stages
 from visionflow.config import load_params
+from visionflow.registry.lineage import lineage
 from visionflow.registry.store import CHAMPION, alias_version, download_onnx, version_info
 from visionflow.registry.variants import quantize_variant
 
@@ -61,6 +62,7 @@ def test_int8_variant_passes_its_gates_with_lineage_and_report(parent):
     assert tags["visionflow.precision"] == "int8"
     for k in ("data_version", "git_commit", "params_hash"):
         assert tags[f"visionflow.{k}"] == parent_tags[f"visionflow.{k}"]
+    assert lineage(f"{name}@champion").derived_from == f"{p.registry.model_name}/{version} (int8)"
     mv = mlflow.MlflowClient().get_model_version(name, res.version)
     assert "| precision | int8 |" in mv.description
     # the side-by-side report: fp32 and the variant, in reports/ and on the variant's run

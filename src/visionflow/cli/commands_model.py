@@ -195,5 +195,6 @@ def lineage(
             "ONNX sha256": li.onnx_sha256,
             "parity max |diff|": li.parity_max_abs_diff,
             "ORT latency b1 (ms)": li.ort_latency_ms_b1,
+            **({"derived from": li.derived_from} if li.derived_from else {}),
         },
     )
