@@ -177,6 +177,14 @@ class EvaluateParams(_Section):
 class ExportParams(_Section):
     parity_tolerance: float = Field(1e-4, gt=0, le=100)
     parity_images: int = Field(500, ge=1, le=10**7)
+    # A reduced-precision variant of the classifier (registry.quantize), registered as <model_name>-<precision>
+    # and promoted only through its gates against the fp32 parent; none: no variant (classification only).
+    quantize: Literal["none", "int8", "fp16"] = "none"
+    # The accuracy the variant may lose: the bootstrap lower bound of accuracy(variant) - accuracy(fp32) on the
+    # clean and corrupted test images must be at least -quantize_max_drop.
+    quantize_max_drop: float = Field(0.01, ge=0, le=1)
+    # Training images int8 calibration reads (activation ranges); fp16 needs none.
+    calibration_images: int = Field(256, ge=1, le=100_000)
 
 
 class RegistryParams(_Section):
@@ -356,6 +364,12 @@ class Params(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="after")
+    def _quantize_task(self) -> Params:
+        if self.base.task == "detection" and self.export.quantize != "none":
+            raise ValueError("export.quantize is for the classifier only; set it to none with base.task=detection")
+        return self
+
     @property
     def model_name(self) -> str:
         """The registered model this task's stages, server and monitors work on (each task has its own)."""
@@ -387,6 +401,8 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     got = repr(err.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
+    if kind == "value_error" and not loc:  # a rule across sections (Params' own validators): its message says it all
+        return str(err["msg"]).removeprefix("Value error, ")
     if kind == "literal_error" and "expected" in ctx:
         return f"{loc}: got {got}; allowed: {ctx['expected']}"
     if kind in ("int_type", "float_type") and isinstance(err.get("input"), str):

@@ -38,6 +38,7 @@ class ProjectPaths:
     onnx_dir: Path
     export_report: Path
     registry_report: Path
+    quantize_reports: Path  # reports/quantize/<precision>.md and .json: a variant against its fp32 parent
     mlruns: Path  # the local MLflow store (SQLite + artifacts) and the promotion lock
     pipeline_report: Path
     retrain_report: Path  # the retraining flow's pipeline report
@@ -82,6 +83,7 @@ class ProjectPaths:
             onnx_dir=at("models/onnx"),
             export_report=at("reports/export.json"),
             registry_report=at("reports/registry.json"),
+            quantize_reports=at("reports/quantize"),
             mlruns=at(MLRUNS),
             pipeline_report=at("reports/pipeline.json"),
             retrain_report=at("reports/retrain.json"),

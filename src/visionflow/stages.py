@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the model stages import torch, MLflow and ONNX when they ru
     from visionflow.registry.export import ExportResult
     from visionflow.registry.promotion import PromoteResult
     from visionflow.registry.register import RegisterResult
+    from visionflow.registry.variants import VariantResult
     from visionflow.tasks.detection.evaluate import DetEvalResult
     from visionflow.tasks.detection.export import DetExportResult
     from visionflow.training.evaluate import EvalResult
@@ -319,6 +320,17 @@ def promote_stage(p: Params, root: Path, version: str | None = None, eval_batch:
     )
     write_json_atomic(paths.registry_report, asdict(res))
     return res
+
+
+def quantize_stage(p: Params, root: Path, version: str | None = None) -> VariantResult | None:
+    """The export.quantize variant (int8, fp16) of the classifier's `version` (default: its champion), registered
+    as <model_name>-<precision> and made its champion only through its gates against the fp32 parent
+    (reports/quantize/); None when export.quantize is none. Config refuses it for detection."""
+    if p.export.quantize == "none":
+        return None
+    from visionflow.registry.variants import quantize_variant
+
+    return quantize_variant(p, root, version)
 
 
 # The closed loop's steps (flows/monitoring.py), dispatched on the task like the stages above.

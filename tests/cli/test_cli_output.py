@@ -30,6 +30,7 @@ COMMANDS = [
     ["register"],
     ["promote"],
     ["rollback"],
+    ["quantize"],
     ["lineage", "m@champion"],
     ["serve"],
     ["loadtest"],

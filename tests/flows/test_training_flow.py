@@ -39,7 +39,8 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
     )
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(proj)
-    summary = training_flow(params_path=str(proj / "params.yaml"))
+    # with an int8 variant: the flow makes, registers and judges it after the fp32 model's promotion
+    summary = training_flow(params_path=str(proj / "params.yaml"), overrides=["export.quantize=int8"])
     report = json.loads((proj / "reports/pipeline.json").read_text())
     assert report["status"] == "completed"
     assert report["n_images"] == 76 and report["n_quarantined"] == 1
@@ -54,7 +55,10 @@ def test_flow_runs_every_stage_and_reports(tmp_path, harness, monkeypatch):
         "export",
         "register",
         "promote",
+        "quantize",
     }
+    assert report["variant"]["model"] == "visionflow-classifier-int8" and report["variant"]["parent_version"] == "1"
+    assert (proj / "reports/quantize/int8.md").is_file()
     assert 0 <= report["test_accuracy"] <= 1 and 0 <= report["robust_accuracy"] <= 1 and report["mlflow_run_id"]
     assert report["onnx"]["top1_agreement"] == 1.0 and report["onnx"]["ort_ms_b1"] > 0
     assert report["registry"]["version"] == "1" and isinstance(report["registry"]["promoted"], bool)

@@ -34,6 +34,7 @@ for _command in (
     commands_model.export,
     commands_model.register,
     commands_model.promote,
+    commands_model.quantize,
     commands_model.rollback,
     commands_model.lineage,
     commands_serving.serve,

@@ -14,6 +14,7 @@ from visionflow import stages
 from visionflow.cli.commands_data import data_version_or_warn
 from visionflow.cli.options import Invocation
 from visionflow.cli.output import as_mapping, console, log_to_stderr, out, print_json, print_rows
+from visionflow.errors import ConfigError
 
 
 def _picked(result: Any, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -121,6 +122,38 @@ def promote(
         raise typer.Exit(1)
 
 
+def quantize(
+    ctx: typer.Context,
+    version: Annotated[str | None, typer.Option(help="fp32 version to derive from (default: the champion).")] = None,
+) -> None:
+    """Make the export.quantize variant (int8, fp16) of the classifier, register it as <model>-<precision> and
+    judge it against its fp32 parent (report in reports/quantize/).
+
+    Exit code 0: the variant is its model's champion. 1: refused by a gate. 2: error.
+    """
+    run: Invocation = ctx.obj
+    p = run.params()
+    if p.export.quantize == "none":
+        raise ConfigError("export.quantize is none: pass --set export.quantize=int8 (or fp16)")
+    run.setup_mlflow(p)
+    res = as_mapping(stages.quantize_stage(p, run.root, version))
+    if run.as_json:
+        print_json(res)
+    else:
+        print_rows(
+            f"{res['model']} v{res['version']} ({res['precision']} of {res['parent_model']} "
+            f"v{res['parent_version']}): " + ("champion" if res["promoted"] else "REFUSED"),
+            ["gate", "result", "detail"],
+            [
+                [g["name"], Text("pass", "green") if g["passed"] else Text("FAIL", "red"), g["detail"]]
+                for g in res["gates"]
+            ],
+        )
+        out.print(f"report: {res['report']}")
+    if not res["promoted"]:
+        raise typer.Exit(1)
+
+
 def rollback(ctx: typer.Context) -> None:
     """Point `champion` back at the `previous` version (the demoted one becomes `previous`)."""
     from visionflow.registry.store import rollback as do_rollback
@@ -162,5 +195,6 @@ def lineage(
             "ONNX sha256": li.onnx_sha256,
             "parity max |diff|": li.parity_max_abs_diff,
             "ORT latency b1 (ms)": li.ort_latency_ms_b1,
+            **({"derived from": li.derived_from} if li.derived_from else {}),
         },
     )

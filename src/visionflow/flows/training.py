@@ -180,6 +180,15 @@ def promote_model(p: Params, root: Path, version: str, eval_batch: str | None = 
     return res, secs
 
 
+@task
+def quantize_model(p: Params, root: Path, version: str) -> tuple[dict | None, float]:
+    """The export.quantize variant of the registered version against it (nothing when export.quantize is none)."""
+    res, secs = _timed(stages.quantize_stage, p, root, version)
+    if res is not None:
+        (get_run_logger().info if res.promoted else get_run_logger().warning)("%s", res.headline())
+    return (asdict(res) if res is not None else None), secs
+
+
 @task(retries=2, retry_delay_seconds=[2, 5])
 def record_stages(root: Path, names: list[str]) -> float:
     """Record derived outputs in dvc.lock so `dvc status`/`dvc repro` agree with what the flow produced."""
@@ -217,6 +226,7 @@ def training_flow(
     exported, t_export = export_model(p, root)
     registered, t_register = register_model(p, root)
     decision, t_promote = promote_model(p, root, registered.version, eval_batch)
+    variant, t_quantize = quantize_model(p, root, registered.version)
     t_version += record_stages(root, ["validate", "split", "train", "evaluate", "export"])
     seconds = {
         "ingest": t_ingest,
@@ -228,6 +238,7 @@ def training_flow(
         "export": t_export,
         "register": t_register,
         "promote": t_promote,
+        **({"quantize": t_quantize} if variant is not None else {}),
     }
     summary = _summary(
         data_version=data_version,
@@ -242,6 +253,7 @@ def training_flow(
     summary.update(
         status="completed",
         label_audit=label_audit,
+        **({"variant": variant} if variant is not None else {}),
         stage_seconds={k: round(v, 3) for k, v in seconds.items()},
         total_seconds=round(time.perf_counter() - start, 3),
     )

@@ -170,7 +170,7 @@ class ParityResult:
     reasons: list[str]
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -209,10 +209,10 @@ def parity_check(
     net.eval()
     with torch.inference_mode():
         t1, t32 = torch.from_numpy(b1), torch.from_numpy(b32)
-        torch_b1 = _median_ms(lambda: net(t1), repeats)
-        torch_b32 = _median_ms(lambda: net(t32), max(5, repeats // 3))
-    ort_b1 = _median_ms(lambda: session.run(["logits"], {"image": b1}), repeats)
-    ort_b32 = _median_ms(lambda: session.run(["logits"], {"image": b32}), max(5, repeats // 3))
+        torch_b1 = median_ms(lambda: net(t1), repeats)
+        torch_b32 = median_ms(lambda: net(t32), max(5, repeats // 3))
+    ort_b1 = median_ms(lambda: session.run(["logits"], {"image": b1}), repeats)
+    ort_b32 = median_ms(lambda: session.run(["logits"], {"image": b32}), max(5, repeats // 3))
     return ParityResult(
         passed=not reasons,
         n_images=len(images),

@@ -142,9 +142,6 @@ def _champion_gates(
     """The gates against a champion: a gain on every compared image (new/old), and no class's recall on the
     clean split falling by more than the limit."""
     gain, lower = paired_bootstrap_lower(new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha, seed=seed)
-    k = len(classes)
-    drop = per_class_recall(clean_old, labels, k) - per_class_recall(clean_new, labels, k)
-    worst = int(np.nanargmax(drop))
     return [
         Gate(
             "beats_champion",
@@ -154,10 +151,48 @@ def _champion_gates(
             f"{'>' if lower > cfg.min_gain else '<='} margin {cfg.min_gain}",
             lower,
         ),
-        Gate(
-            "no_class_regression",
-            bool(drop[worst] <= cfg.max_class_drop),
-            f"largest per-class recall drop {drop[worst]:+.4f} ({classes[worst]}) vs limit {cfg.max_class_drop}",
-            float(drop[worst]),
-        ),
+        class_regression_gate(cfg, clean_new, clean_old, labels, classes),
     ]
+
+
+def class_regression_gate(
+    cfg: RegistryParams, clean_new: np.ndarray, clean_old: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> Gate:
+    """No class's recall on the clean split falls by more than registry.max_class_drop."""
+    k = len(classes)
+    drop = per_class_recall(clean_old, labels, k) - per_class_recall(clean_new, labels, k)
+    worst = int(np.nanargmax(drop))
+    return Gate(
+        "no_class_regression",
+        bool(drop[worst] <= cfg.max_class_drop),
+        f"largest per-class recall drop {drop[worst]:+.4f} ({classes[worst]}) vs limit {cfg.max_class_drop}",
+        float(drop[worst]),
+    )
+
+
+def variant_gates(
+    *,
+    cfg: RegistryParams,
+    max_drop: float,
+    new: np.ndarray,
+    old: np.ndarray,
+    clean_new: np.ndarray,
+    clean_old: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    seed: int,
+) -> tuple[list[Gate], tuple[float, float]]:
+    """The accuracy gates of a reduced-precision variant against its fp32 parent on the same images (new/old:
+    clean + corrupted correctness): the bootstrap lower bound of the accuracy change may not fall below -max_drop,
+    and no class may regress. Also returns (mean change, lower bound)."""
+    delta, lower = paired_bootstrap_lower(new, old, n_boot=cfg.bootstrap_samples, alpha=cfg.bootstrap_alpha, seed=seed)
+    ok = lower >= -max_drop
+    drop = Gate(
+        "accuracy_drop",
+        ok,
+        f"accuracy change vs fp32 {delta:+.4f} on {len(new)} clean+corrupted images, "
+        f"{1 - cfg.bootstrap_alpha:.0%} lower bound {lower:+.4f} {'>=' if ok else '<'} "
+        f"-{max_drop} (export.quantize_max_drop)",
+        lower,
+    )
+    return [drop, class_regression_gate(cfg, clean_new, clean_old, labels, classes)], (delta, lower)

@@ -28,6 +28,7 @@ class Lineage:
     onnx_sha256: str | None
     parity_max_abs_diff: str | None
     ort_latency_ms_b1: str | None
+    derived_from: str | None = None  # a reduced-precision variant's fp32 parent, "MODEL/VERSION (PRECISION)"
 
 
 def resolve_ref(ref: str) -> tuple[str, str]:
@@ -65,4 +66,9 @@ def lineage(ref: str) -> Lineage:
         onnx_sha256=t.get(f"{TAG}onnx_sha256"),
         parity_max_abs_diff=t.get(f"{TAG}parity.max_abs_diff"),
         ort_latency_ms_b1=t.get(f"{TAG}latency.ort_ms_b1"),
+        derived_from=(
+            f"{t[f'{TAG}parent_model']}/{t.get(f'{TAG}parent_version')} ({t.get(f'{TAG}precision')})"
+            if f"{TAG}parent_model" in t
+            else None
+        ),
     )
