@@ -276,6 +276,9 @@ class ServeParams(_Section):
     # Where the model runs: cpu, or cuda (ONNX Runtime's CUDA provider, from onnxruntime-gpu; refused at start
     # where it is missing). On a GPU one or two processes suffice and larger batches pay: raise max_concurrency.
     device: Literal["cpu", "cuda"] = "cpu"
+    # The precision served: fp32, or the quantized variant export.quantize registers (<model>-int8 / -fp16), whose
+    # champion its own gates against the fp32 parent set.
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
     reload_interval_s: float = Field(10, gt=0, le=86_400)
     # uvicorn's per-request access log line; off, since every prediction is in the prediction log and the
     # request counts and latencies are on /metrics (the line cost about a tenth of the event loop's time).
@@ -368,12 +371,21 @@ class Params(_Section):
     def _quantize_task(self) -> Params:
         if self.base.task == "detection" and self.export.quantize != "none":
             raise ValueError("export.quantize is for the classifier only; set it to none with base.task=detection")
+        if self.base.task == "detection" and self.serve.precision != "fp32":
+            raise ValueError("serve.precision is for the classifier only; set it to fp32 with base.task=detection")
         return self
 
     @property
     def model_name(self) -> str:
         """The registered model this task's stages, server and monitors work on (each task has its own)."""
         return self.detection.model_name if self.base.task == "detection" else self.registry.model_name
+
+    @property
+    def served_model_name(self) -> str:
+        """The registered model the server follows: model_name, or its serve.precision variant (a classifier's)."""
+        if self.serve.precision == "fp32":
+            return self.model_name
+        return f"{self.model_name}-{self.serve.precision}"  # (registry.quantize.variant_name's rule)
 
     @property
     def architecture(self) -> str:

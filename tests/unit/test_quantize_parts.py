@@ -19,6 +19,8 @@ from visionflow.registry.quantize import calibration_sample, make_variant, sanit
         (["export.quantize_max_drop=2"], "export.quantize_max_drop"),
         (["export.calibration_images=0"], "export.calibration_images"),
         (["base.task=detection", "export.quantize=int8"], "export.quantize is for the classifier only"),
+        (["serve.precision=int4"], "serve.precision"),
+        (["base.task=detection", "serve.precision=int8"], "serve.precision is for the classifier only"),
     ],
 )
 def test_bad_quantize_params_are_one_line_config_errors(overrides, says):
@@ -29,6 +31,14 @@ def test_bad_quantize_params_are_one_line_config_errors(overrides, says):
 
 def test_default_makes_no_variant():
     assert load_params("params.yaml").export.quantize == "none"
+
+
+def test_the_server_follows_the_variant_serve_precision_names():
+    p = load_params("params.yaml")
+    assert p.served_model_name == p.registry.model_name
+    assert load_params("params.yaml", ["serve.precision=int8"]).served_model_name == f"{p.registry.model_name}-int8"
+    detector = load_params("params.yaml", ["base.task=detection"])
+    assert detector.served_model_name == detector.detection.model_name
 
 
 def test_calibration_sample_spreads_over_classes():

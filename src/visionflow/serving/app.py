@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 def create_app(p: Params, root: Path, holder: ChampionHolder | None = None, watch: bool = True):
     """The ASGI application; `holder` may be given (tests), otherwise it follows the registry champion."""
     cfg, paths = p.serve, ProjectPaths.of(p, root)
-    holder = holder or ChampionHolder(p.model_name, cache_dir=paths.serving_models, device=cfg.device)
+    holder = holder or ChampionHolder(p.served_model_name, cache_dir=paths.serving_models, device=cfg.device)
     queue, boxes = review_queues(p, root)
     log = PredictionLog(paths.prediction_log)
     metrics = ServingMetrics()

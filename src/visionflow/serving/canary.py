@@ -130,7 +130,7 @@ class CanaryMonitor:
         """Stop the challenger's traffic at once, then record the verdict in the registry."""
         self.challenger.rolled_back.add(version)
         self.metrics.canary_rollbacks.inc()
-        logger.warning("canary: rolled back challenger v%s of %s: %s", version, self.p.model_name, detail)
+        logger.warning("canary: rolled back challenger v%s of %s: %s", version, self.p.served_model_name, detail)
         self._untagged.add(version)
         self._retry_tags()
 
@@ -139,7 +139,7 @@ class CanaryMonitor:
 
         for version in sorted(self._untagged):
             try:
-                tag_version(self.p.model_name, version, CANARY_TAG, ROLLED_BACK)
+                tag_version(self.p.served_model_name, version, CANARY_TAG, ROLLED_BACK)
                 self._untagged.discard(version)
             except Exception as exc:  # noqa: BLE001 - retried at the next check; traffic is already stopped
                 logger.error(
@@ -208,6 +208,9 @@ def shadow_canary(
         return None
     # its own cache folder: the two holders' watch threads never download into the same place
     challenger = Challenger(
-        p, ChampionHolder(p.model_name, alias="challenger", cache_dir=cache_dir / "challenger", device=p.serve.device)
+        p,
+        ChampionHolder(
+            p.served_model_name, alias="challenger", cache_dir=cache_dir / "challenger", device=p.serve.device
+        ),
     )
     return ShadowCanary(challenger, CanaryMonitor(p, queue, champion, challenger, metrics))

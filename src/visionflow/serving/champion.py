@@ -103,7 +103,9 @@ def load_champion(p: Params, root: Path) -> ChampionHolder:
     from visionflow.onnxrt import providers
 
     providers(p.serve.device)  # a GPU asked for and not there is refused here, in one line, not as "no champion"
-    holder = ChampionHolder(p.model_name, cache_dir=ProjectPaths.of(p, root).serving_models, device=p.serve.device)
+    holder = ChampionHolder(
+        p.served_model_name, cache_dir=ProjectPaths.of(p, root).serving_models, device=p.serve.device
+    )
     if not holder.refresh():
         raise VisionflowError(
             f"no champion to serve from {uri}: {holder.last_error}; train and promote a model first (`make pipeline`)"
