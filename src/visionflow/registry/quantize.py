@@ -114,7 +114,7 @@ def make_variant(precision: str, fp32: Path, out: Path, calibration: np.ndarray 
 
 def outputs(path: Path, images: np.ndarray) -> list[np.ndarray]:
     """Logits and embedding of a model on NHWC uint8 images (the pipeline's batch session)."""
-    return ort_outputs(ort_session(path, accelerated=True), images, OUTPUTS)
+    return ort_outputs(ort_session(path, device="auto"), images, OUTPUTS)
 
 
 def sanity_reasons(parent: list[np.ndarray], variant: list[np.ndarray]) -> list[str]:
