@@ -136,6 +136,7 @@ def test_drift_check_reads_the_serving_prediction_log(loop_project):
     from visionflow.config import load_params
     from visionflow.monitoring.simulate import simulate
     from visionflow.serving.app import create_app
+    from visionflow.serving.predictions import decode_embedding
 
     proj, _ = loop_project
     p = load_params(proj / "params.yaml")
@@ -146,13 +147,18 @@ def test_drift_check_reads_the_serving_prediction_log(loop_project):
         for f in batch.images:
             r = client.post("/predict", files={"file": (f.name, f.read_bytes(), "image/png")})
             assert r.status_code == 200, r.text
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert isinstance(last["embedding"], str)  # base64 float32 (serving.predictions.encode_embedding)
+    older = {**last, "embedding": decode_embedding(last["embedding"]).tolist()}  # an older server's list: read
     with log.open("a") as fh:
+        fh.write(json.dumps(older) + "\n")
+        fh.write(json.dumps({**last, "embedding": "not base64!"}) + "\n")  # skipped
         fh.write('{"cut short by a cra')  # a torn last line must not break the check
     res = run_cli(proj, "drift", "--log", "--json", check=False)
     assert res.returncode == 1, res.stdout + res.stderr
     verdict = json.loads(res.stdout)["drift"]
-    assert verdict["n_checked"] == 60 and verdict["source"]["kind"] == "prediction_log"
-    assert verdict["source"]["skipped_malformed_lines"] == 1
+    assert verdict["n_checked"] == 61 and verdict["source"]["kind"] == "prediction_log"
+    assert verdict["source"]["skipped_malformed_lines"] == 2
     assert "blur" in verdict["moved"]
 
 

@@ -24,6 +24,7 @@ from visionflow.data.imageio import PROPERTY_NAMES, DecodeRules, RejectedImage, 
 from visionflow.data.validate import failure_detail
 from visionflow.errors import DataError
 from visionflow.paths import ProjectPaths
+from visionflow.serving.predictions import decode_embedding
 
 
 @dataclass
@@ -167,6 +168,12 @@ def log_features(
             if str(rec.get("model_version")) != str(version):
                 other_versions += 1
                 continue
+            try:
+                if "embedding" in rec:  # (a log of an older server has none: said below)
+                    rec["embedding"] = decode_embedding(rec["embedding"])
+            except (TypeError, ValueError):  # (binascii.Error is a ValueError)
+                malformed += 1  # hand-edited or foreign: skipped like a torn line
+                continue
             rows.append(rec)
     if not rows:
         raise DataError(
@@ -181,7 +188,9 @@ def log_features(
         )
     frame = pd.DataFrame({k: [r[k] for r in rows] for k in (*PROPERTY_NAMES, "confidence")})
     frame["predicted_class"] = [r["label"] for r in rows]
-    emb = np.asarray([r["embedding"] for r in rows], dtype=np.float32)
+    if len({r["embedding"].shape for r in rows}) > 1:
+        raise DataError(f"prediction log {log_path}: v{version}'s records hold embeddings of different sizes")
+    emb = np.stack([r["embedding"] for r in rows])
     return Features(frame, emb, rejected=[]), {
         "kind": "prediction_log",
         "path": str(log_path),

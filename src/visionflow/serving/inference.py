@@ -25,7 +25,7 @@ from visionflow.onnxrt import ort_outputs, softmax
 from visionflow.paths import ProjectPaths
 from visionflow.serving.champion import LoadedModel
 from visionflow.serving.multipart import multipart_files
-from visionflow.serving.predictions import PredictionLog
+from visionflow.serving.predictions import PredictionLog, encode_embedding
 from visionflow.serving.review import ReviewQueue
 from visionflow.tasks.detection.review import BoxReviewQueue
 from visionflow.tasks.detection.serving import DetectImages
@@ -292,7 +292,7 @@ class ClassifyImages:
             "confidence": round(confidence, 6),
             "review_id": review_id,
             **props,
-            "embedding": np.round(embedding.astype(np.float64), 4).tolist(),
+            "embedding": encode_embedding(embedding),
         }
         result = {
             "label": label,

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+
+def encode_embedding(embedding: np.ndarray) -> str:
+    """An embedding as a log line carries it: base64 of its little-endian float32 bytes. As a JSON list of
+    numbers it cost 0.29 ms per 1,280-wide embedding (MobileNetV2's): a tenth of such a model's request."""
+    return base64.b64encode(np.asarray(embedding, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_embedding(value: str | list[float]) -> np.ndarray:
+    """A logged embedding back as float32: base64 (encode_embedding), or the list of numbers older logs hold."""
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
 
 
 class PredictionLog:

@@ -15,6 +15,7 @@ import numpy as np
 
 from visionflow.config import DetectionParams
 from visionflow.data.imageio import DecodeRules, PixelBudget, decode_reduced
+from visionflow.serving.predictions import encode_embedding
 from visionflow.tasks.detection.review import BoxReviewQueue
 
 OUTPUTS = ("boxes", "scores", "labels", "embedding")
@@ -64,7 +65,7 @@ class DetectImages:
             "review_id": review_id,
             **drift_view(boxes, upload.width, upload.height),
             **props,
-            "embedding": np.round(output[3][0].astype(np.float64), 4).tolist(),
+            "embedding": encode_embedding(output[3][0]),
         }
         return {"boxes": boxes, "model_version": model.version, "review_id": review_id}, record
 
