@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Context, Measurement, compare, goal, scratch_project
-from bench.inference_serving import _free_port, _register, _sample_image, _start_server, _stop, closed_loop
+from bench.inference_serving import _register, _sample_image, closed_loop
 from bench.process_state import silenced
 from bench.sample_data import synthetic_classes
+from visionflow.tools.loadtest import cpus
+from visionflow.tools.loadtest.local import free_port, serve_command, start_server, stop_server
 
 
 def _export(ctx: Context, seed: int) -> Path:
@@ -71,8 +73,12 @@ def _server(ctx: Context, name: str, champion: Path, challenger: Path, settings:
             tags={},
             metrics={},
         )  # (register_onnx sets the challenger alias)
-    port = _free_port()
-    proc, _ = _start_server(proj, port, proj / "server.log")
+    port = free_port()
+    # on the server's CPUs of loadtest's split (1 + 1 on 2 cores), the clients on the others, as in `inference`
+    sets = cpus.default_split(cpus.usable_cpus()) if cpus.can_pin() else None
+    proc = start_server(
+        serve_command(proj / "params.yaml", [], port), proj, port, proj / "server.log", sets and sets[0]
+    )
     return proc, port, p
 
 
@@ -91,11 +97,13 @@ def _shadow_counts(port: int) -> dict[str, float]:
     return {k: float(v) for k, v in found if "_created" not in k}
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context, agreeing: bool = False) -> dict[str, Any]:
+    """agreeing: the challenger is the champion's own weights (every image agrees: the shadow's model call alone,
+    no review-queue writes); otherwise another untrained net, which disagrees on nearly every image."""
     from visionflow.tools.loadtest.run import multipart_body
 
     cfg = ctx.params()
-    champion, challenger = _export(ctx, 0), _export(ctx, 1)
+    champion, challenger = _export(ctx, 0), _export(ctx, 0 if agreeing else 1)
     data, image_source = _sample_image(cfg.train.image_size, cfg.train.channels)
     body, ctype = multipart_body(data, "bench.png")
     n = 100 if ctx.quick else 1000
@@ -120,12 +128,15 @@ def run(ctx: Context) -> dict[str, Any]:
             ]
             shadow = _shadow_counts(on_port)
         finally:
-            _stop(off)
+            stop_server(off)
     finally:
-        _stop(on)
+        stop_server(on)
     return {
         "rows": rows,
-        "notes": [f"shadow server's counters at the end: {shadow}"],
+        "notes": [
+            f"shadow server's counters at the end: {shadow}",
+            "server pinned as in `inference` (1 + 1 on 2 cores)",
+        ],
         "config": {"model": cfg.train.model},
     }
 
@@ -134,10 +145,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.shadow_serving", description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--agreeing", action="store_true", help="a challenger that agrees on every image (best case)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-shadow-") as work:
         ctx = Context(quick=args.quick, repeats=args.repeats or (2 if args.quick else 5), workdir=Path(work))
-        print(json.dumps(run(ctx), indent=2, default=str))
+        print(json.dumps(run(ctx, args.agreeing), indent=2, default=str))
 
 
 if __name__ == "__main__":
