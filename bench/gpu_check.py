@@ -12,6 +12,8 @@ down), in order of importance, within an overall deadline:
   compile   the plain loop, torch.compile vs eager, on in-memory batches (goal >= 1.3x)
   evaluate  `visionflow evaluate` on the GPU, and CPU-vs-GPU logits on test images (stated tolerance)
   cache     the cache-build benchmark (a bench entry named *cache* when there is one, else input_pipeline)
+  serve     `visionflow serve` of resnet50 at 224 px on ONNX Runtime's CUDA provider (serve.device: cuda; needs the
+            onnxruntime-gpu wheel) against CPU on the same machine: req/s and p99 at 64 in flight (issue 22)
 
 Without CUDA every step still runs what it can (tiny sizes: --images, --quick) and the GPU-only parts say
 "no CUDA". Results: one JSON (bench/results/gpu-check-<stamp>.json, or --out) and, when $OUT is set, that JSON
@@ -33,9 +35,9 @@ from typing import Any
 
 from bench.common import REPO, write_json
 
-STEPS = ("env", "data", "train", "plain", "compile", "evaluate", "cache")
+STEPS = ("env", "data", "train", "plain", "compile", "evaluate", "cache", "serve")
 # seconds per step on the H200 (the total is capped by --budget); the cache step runs last and takes what is left
-BOXES = {"env": 30, "data": 120, "train": 210, "plain": 60, "compile": 120, "evaluate": 90, "cache": 90}
+BOXES = {"env": 30, "data": 120, "train": 210, "plain": 60, "compile": 120, "evaluate": 90, "cache": 90, "serve": 90}
 GOALS = {"busy_fraction": 0.85, "time_to_first_step_after_cache_s": 20.0, "vs_plain_loop": 0.95, "compile": 1.3}
 
 
@@ -292,6 +294,54 @@ def step_cache(args) -> dict[str, Any]:
         f = json.loads(trained.read_text())["figures"]
         out["train_cache_s"] = f["cache_s"]
         out["train_cache_images_per_s"] = round(args.images / f["cache_s"], 1) if f["cache_s"] > 0 else None
+    return out
+
+
+def step_serve(args) -> dict[str, Any]:
+    """The served model's req/s and p99 on the CUDA provider and on CPU: resnet50 at 224 px on a GPU machine (the
+    28 px default where there is none, so the step still runs), 64 requests in flight, one server at a time."""
+    import asyncio
+
+    import onnxruntime as ort
+
+    from bench.common import scratch_project
+    from bench.inference_serving import _register, closed_loop
+    from bench.sample_data import N_CLASSES
+    from visionflow.registry.export import export_onnx
+    from visionflow.tools.loadtest.local import free_port, serve_command, start_server, stop_server
+    from visionflow.tools.loadtest.run import default_image, multipart_body
+    from visionflow.training.model import build_net
+
+    ctx = _ctx(args)
+    model, size = ("resnet50", 224) if _cuda() else ("test_resnet", 28)
+    onnx_path = export_onnx(
+        build_net(model, N_CLASSES, 3).eval(), image_size=size, channels=3, path=ctx.tmp("serve") / "model.onnx"
+    )
+    body, ctype = multipart_body(default_image(size, 3), "bench.png")
+    seconds = 5.0 if args.quick else 20.0
+    out: dict[str, Any] = {
+        "model": model,
+        "image_size": size,
+        "in_flight": 64,
+        "providers": ort.get_available_providers(),
+    }
+    # CPU: one process per core (serve.workers unset); GPU: two processes feeding it batches of up to 32 requests
+    devices = {"cpu": {}, "cuda": {"serve.device": "cuda", "serve.workers": 2, "serve.max_concurrency": 32}}
+    for device, settings in devices.items():
+        if device == "cuda" and "CUDAExecutionProvider" not in out["providers"]:
+            out[device] = "no CUDA provider (the onnxruntime-gpu wheel is not installed)"
+            continue
+        proj, p = scratch_project(ctx, f"serve-{device}", {"serve.review_threshold": 0.0, **settings})
+        _register(proj, p, onnx_path, size, 3, model)
+        port = free_port()
+        proc = start_server(serve_command(proj / "params.yaml", [], port), proj, port, proj / "server.log")
+        try:
+            url = f"http://127.0.0.1:{port}/predict"
+            asyncio.run(closed_loop(url, body, ctype, 64, 640, 10.0))  # warm-up (CUDA kernels, arenas)
+            res = asyncio.run(closed_loop(url, body, ctype, 64, 10**6, seconds))
+        finally:
+            stop_server(proc)
+        out[device] = {**res, "req_per_s": round(res["ok"] / res["seconds"], 1) if res["seconds"] else 0.0}
     return out
 
 

@@ -87,6 +87,7 @@ async def closed_loop(
         "seconds": phase.elapsed_s,
         "errors": phase.errors,
         "p50_ms": phase.latency_ms.get("p50", 0.0),
+        "p99_ms": phase.latency_ms.get("p99", 0.0),
     }
 
 
