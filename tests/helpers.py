@@ -90,34 +90,46 @@ def prefect_pointed_at(updates: dict):
 
 
 def tiny_onnx_champion(path: Path, classes: list[str], size: int):
-    """(version, session, card) of a tiny real ONNX model with the exported model's interface (uint8 NCHW `image`
-    in, `logits` and `embedding` out): embedding = per-channel means and peaks, logits a fixed projection."""
+    """(version, session, card) of a tiny real ONNX model with the exported model's interface: linear_onnx with a
+    fixed random projection."""
+    from visionflow.onnxrt import ort_session
+
+    w = np.random.default_rng(0).normal(size=(6, len(classes)))
+    linear_onnx(path, w, np.zeros(len(classes)), size)
+    return "1", ort_session(path), {"image_size": size, "channels": 3, "classes": classes, "onnx_sha256": "tiny"}
+
+
+def linear_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, size: int) -> Path:
+    """A tiny real ONNX classifier with the exported model's interface (uint8 NCHW `image` in, `logits` and
+    `embedding` out): embedding = per-channel means and peaks, logits = embedding @ weight + bias."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from visionflow.onnxrt import ort_session
-
-    w = np.random.default_rng(0).normal(size=(6, len(classes))).astype(np.float32)
+    k = len(bias)
     nodes = [
         helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["x"], ["mean"], axes=[2, 3], keepdims=0),
         helper.make_node("ReduceMax", ["x"], ["peak"], axes=[2, 3], keepdims=0),
         helper.make_node("Concat", ["mean", "peak"], ["embedding"], axis=1),
-        helper.make_node("MatMul", ["embedding", "w"], ["logits"]),
+        helper.make_node("MatMul", ["embedding", "w"], ["z"]),
+        helper.make_node("Add", ["z", "b"], ["logits"]),
     ]
     graph = helper.make_graph(
         nodes,
-        "tiny",
+        "linear",
         [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, size, size])],
         [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", len(classes)]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", k]),
             helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6]),
         ],
-        initializer=[numpy_helper.from_array(w, "w")],
+        initializer=[
+            numpy_helper.from_array(np.asarray(weight, dtype=np.float32), "w"),
+            numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "b"),
+        ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    onnx.save(model, str(path))
-    return "1", ort_session(path), {"image_size": size, "channels": 3, "classes": classes, "onnx_sha256": "tiny"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
 
 
 def make_project(root: Path, source: Path, **overrides: dict) -> Path:

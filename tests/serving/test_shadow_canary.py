@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.helpers import CLASSES, REPO, make_project, use_mlflow
+from tests.helpers import CLASSES, REPO, linear_onnx, make_project, use_mlflow
 from visionflow.config import load_params
 from visionflow.errors import ConfigError
 from visionflow.registry.gates import Gate, unpaired_bootstrap_upper
@@ -30,45 +30,12 @@ LEVELS = (40, 128, 215)  # the grey level of each class's images
 SIZE = 16
 
 
-def linear_onnx(path: Path, weight: np.ndarray, bias: np.ndarray, size: int = SIZE) -> Path:
-    """A real ONNX classifier with the exported model's interface: embedding = per-channel means and peaks,
-    logits = embedding @ weight + bias."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    k = len(bias)
-    nodes = [
-        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[2, 3], keepdims=0),
-        helper.make_node("ReduceMax", ["x"], ["peak"], axes=[2, 3], keepdims=0),
-        helper.make_node("Concat", ["mean", "peak"], ["embedding"], axis=1),
-        helper.make_node("MatMul", ["embedding", "w"], ["z"]),
-        helper.make_node("Add", ["z", "b"], ["logits"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "linear",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, size, size])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", k]),
-            helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 6]),
-        ],
-        initializer=[
-            numpy_helper.from_array(weight.astype(np.float32), "w"),
-            numpy_helper.from_array(bias.astype(np.float32), "b"),
-        ],
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
-    return path
-
-
 def oracle(path: Path) -> Path:
     """Logit_k = -(mean - level_k)^2 / s without the term common to all k: right on every test image, ~0.9 sure."""
     c, s = np.array(LEVELS, dtype=np.float64), 2500.0
     w = np.zeros((6, len(c)))
     w[0] = 2 * c / s
-    return linear_onnx(path, w, -(c**2) / s)
+    return linear_onnx(path, w, -(c**2) / s, SIZE)
 
 
 def constant_cat(path: Path, size: int = SIZE) -> Path:
