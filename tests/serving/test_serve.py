@@ -215,7 +215,7 @@ def test_the_batcher_runs_waiting_requests_together_and_keeps_their_outcomes_apa
         return [ValueError(j) if j.startswith("bad") else j.upper() for j in jobs]
 
     async def main():
-        batcher = Batcher(handle, max_jobs=3, observe=lambda waits, seconds: seen.append((waits, seconds)))
+        batcher = Batcher([handle], max_jobs=3, observe=lambda waits, seconds: seen.append((waits, seconds)))
         first = batcher.submit("first")
         while not calls:
             await asyncio.sleep(0.001)

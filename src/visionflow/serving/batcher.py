@@ -29,8 +29,8 @@ class Batcher:
     path: the shadow challenger); `observe_after`, when given, hears what it returns when that is not None.
     """
 
-    def __init__(self, handles, max_jobs: int, observe=None, observe_after=None):
-        self.handles = handles if isinstance(handles, list) else [handles]
+    def __init__(self, handles: list, max_jobs: int, observe=None, observe_after=None):
+        self.handles = handles
         self.max_jobs, self.observe, self.observe_after = max_jobs, observe, observe_after
         self._jobs: queues.SimpleQueue = queues.SimpleQueue()
         self._threads = [
