@@ -19,10 +19,17 @@ def encode_embedding(embedding: np.ndarray) -> str:
 
 
 def decode_embedding(value: str | list[float]) -> np.ndarray:
-    """A logged embedding back as float32: base64 (encode_embedding), or the list of numbers older logs hold."""
+    """A logged embedding back as float32: base64 (encode_embedding), or the list of numbers older logs hold.
+    ValueError for anything else (a number, null, an empty or nested list, bytes that are not whole floats)."""
     if isinstance(value, str):
-        return np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
-    return np.asarray(value, dtype=np.float32)
+        emb = np.frombuffer(base64.b64decode(value, validate=True), dtype="<f4").astype(np.float32)
+    elif isinstance(value, list):
+        emb = np.asarray(value, dtype=np.float32)
+    else:
+        raise ValueError(f"an embedding is base64 text or a list of numbers, not {type(value).__name__}")
+    if emb.ndim != 1 or not len(emb):
+        raise ValueError(f"an embedding is a non-empty vector, not shape {emb.shape}")
+    return emb
 
 
 class PredictionLog:
