@@ -294,6 +294,12 @@ class ServeParams(_Section):
     # the response path, and each disagreement with the champion goes to the review queue.
     shadow: bool = False
     shadow_fraction: float = Field(0.1, gt=0, le=1)
+    # New review-queue items the shadow's disagreements may add per second (over the whole server, a token bucket
+    # holding ten seconds' worth); the rest are counted (visionflow_shadow_unqueued_total) but not stored. Each
+    # costs a PNG, a file and an SQLite commit (~5 ms of the server's CPU), and a person labels review.budget a
+    # day: a challenger that disagrees on every image would otherwise spend a third of a busy core on writes
+    # nobody reads, and fill the disk. Agreement on /metrics counts every shadowed image either way.
+    shadow_review_per_s: float = Field(2.0, gt=0, le=100_000)
     # Share of requests the challenger answers instead of the champion (0: off; below 1, so that the champion
     # keeps traffic to compare with). It is rolled back when, on at least canary_min_reviewed reviewed images per
     # side, the (1 - registry.bootstrap_alpha) upper bound of its accuracy minus the champion's is below 0.

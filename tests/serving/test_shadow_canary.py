@@ -112,8 +112,52 @@ def metric(client, name: str) -> float | None:
     return None if m is None else float(m.group(1))
 
 
+def test_shadow_review_writes_are_rate_bounded_and_the_rest_counted(registry, tmp_path):
+    """A challenger that disagrees on every image adds at most serve.shadow_review_per_s new review items a second
+    (ten seconds' worth at once); the others are counted as unqueued, and agreement still counts them all."""
+    # One inference thread (workers 0): with n processes each holds 1/n of the bucket, and which process gets
+    # which request is the scheduler's choice.
+    proj, p, _, _ = params(
+        registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0, shadow_review_per_s=0.2, workers=0
+    )
+    with TestClient(create_app(p, proj, watch=False)) as client:
+        for seed in range(6):
+            for k in (1, 2):  # the oracle says dog or fox, the challenger cat: 12 disagreements within a second
+                predict(client, k, seed)
+        barrier(client)
+        assert metric(client, 'visionflow_shadow_images_total{outcome="disagree"}') == 12
+        assert metric(client, "visionflow_shadow_agreement") == 0
+        assert metric(client, "visionflow_shadow_unqueued_total") == 10  # a bucket of 0.2/s x 10 s: 2 written
+        wait_for(lambda: len(client.get("/review/queue?limit=100").json()["items"]) == 2, "the two writes")
+        time.sleep(0.3)  # no more come
+        assert len(client.get("/review/queue?limit=100").json()["items"]) == 2
+
+
+def test_rate_limit_is_a_token_bucket():
+    from visionflow.serving.inference import RateLimit
+
+    now = [0.0]
+    bucket = RateLimit(2.0, burst_s=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(7)] == [True] * 6 + [False]  # 2/s x 3 s at once
+    now[0] += 0.4  # 0.8 of a token
+    assert not bucket.take()
+    now[0] += 0.1  # 1.0
+    assert bucket.take() and not bucket.take()
+    now[0] += 100  # refills to the burst, not beyond
+    assert sum(bucket.take() for _ in range(10)) == 6
+    slow = RateLimit(0.01, burst_s=10, clock=lambda: now[0])  # under one token a burst: still one at a time
+    assert slow.take() and not slow.take()
+
+
 def test_bad_values_are_one_line_config_errors():
-    for bad in ("shadow_fraction=0", "shadow_fraction=1.5", "canary_fraction=1", "canary_fraction=-0.1"):
+    for bad in (
+        "shadow_fraction=0",
+        "shadow_fraction=1.5",
+        "canary_fraction=1",
+        "canary_fraction=-0.1",
+        "shadow_review_per_s=0",
+        "shadow_review_per_s=-1",
+    ):
         with pytest.raises(ConfigError, match=f"serve.{bad.split('=')[0]}"):
             load_params(REPO / "params.yaml", [f"serve.{bad}"])
     with pytest.raises(ConfigError, match="serve.canary_min_reviewed"):
@@ -130,7 +174,7 @@ def test_unpaired_bootstrap_bound():
 
 def test_shadow_answers_from_the_champion_and_queues_disagreements(registry, tmp_path):
     proj, p, champion, challenger = params(
-        registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0, reload_interval_s=0.1
+        registry, tmp_path, "cat", shadow="true", shadow_fraction=1.0, reload_interval_s=0.1, shadow_review_per_s=100
     )
     with TestClient(create_app(p, proj, watch=False)) as client:
         answers = [predict(client, k, seed) for seed in range(10) for k in range(3)]

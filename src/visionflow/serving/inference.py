@@ -184,16 +184,18 @@ def logged(log, records: list[dict[str, Any]], outcomes: list[Any]) -> list[Any]
     return outcomes
 
 
-def batch_inference(p: Params, root: Path, log) -> BatchInference:
+def batch_inference(p: Params, root: Path, log, share: float = 1.0) -> BatchInference:
     """The handler the server runs on each batch, for the server's own inference thread or an inference process
-    (which builds its own: the review queues are SQLite and files, shared safely between processes)."""
+    (which builds its own: the review queues are SQLite and files, shared safely between processes). `share` is
+    this handler's part of the server's limits (one of n inference processes: 1/n)."""
     cfg = p.serve
     queue, boxes = review_queues(p, root)
+    shadow_writes = RateLimit(cfg.shadow_review_per_s * share, burst_s=10)
     return BatchInference(
         cfg,
         DecodeRules.from_params(p.validation, cfg),
         # the handler for each model card's task: BatchInference picks it by the task of the model it runs
-        {"classification": ClassifyImages(cfg, queue), "detection": DetectImages(p.detection, boxes)},
+        {"classification": ClassifyImages(cfg, queue, shadow_writes), "detection": DetectImages(p.detection, boxes)},
         log,
     )
 
@@ -243,12 +245,31 @@ class Background:
                 logger.exception("shadow: a disagreement could not be queued for review")
 
 
+class RateLimit:
+    """A token bucket: `take()` allows `per_s` calls a second on average and `per_s * burst_s` (at least one) at
+    once, and says False to the rest."""
+
+    def __init__(self, per_s: float, burst_s: float, clock=time.monotonic):
+        self.per_s, self.burst, self.clock = per_s, max(1.0, per_s * burst_s), clock
+        self.tokens, self.last = self.burst, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.per_s)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class ClassifyImages:
     """Classification's handler: images at the model's size, one batched model call, a label per image; the
-    uncertain ones go to the review queue as PNGs of what the model saw."""
+    uncertain ones go to the review queue as PNGs of what the model saw. `shadow_writes` bounds the new review
+    items the shadow's disagreements add (serve.shadow_review_per_s); None: no bound."""
 
-    def __init__(self, cfg: ServeParams, queue: ReviewQueue):
-        self.cfg, self.queue = cfg, queue
+    def __init__(self, cfg: ServeParams, queue: ReviewQueue, shadow_writes: RateLimit | None = None):
+        self.cfg, self.queue, self.shadow_writes = cfg, queue, shadow_writes
         self.writes = Background()  # the shadow's review-queue writes
 
     def decode(
@@ -312,8 +333,10 @@ class ClassifyImages:
         shadow_output: tuple[np.ndarray, np.ndarray],
     ) -> bool:
         """Whether the shadow challenger agrees with the champion's answer `result` (its `output`, on `array`), or
-        None when they disagree and the backlog of review-queue writes is full. A disagreement goes to the review
-        queue with both predictions (onto the champion's item if it has one), written in the background."""
+        None when they disagree and the disagreement is not queued (over serve.shadow_review_per_s, or the backlog
+        of review-queue writes is full). A disagreement goes to the review queue with both predictions, written in
+        the background: onto the champion's item if it has one (not rate-bounded: the champion's own write is
+        the costly one, and the canary is judged on exactly these items), or as a new item."""
         probs = shadow_output[0]
         k = int(probs.argmax())
         label = shadow.card["classes"][k]
@@ -322,8 +345,10 @@ class ClassifyImages:
         other = {"version": shadow.version, "predicted": label, "confidence": float(probs[k])}
         if result["review_id"] is not None:
             write = partial(self.queue.set_challenger, result["review_id"], **other)
-        else:
+        elif self.shadow_writes is None or self.shadow_writes.take():
             write = partial(self._add_disagreement, array, result, output[1], other)
+        else:
+            return None
         return False if self.writes.submit(write) else None
 
     def _add_disagreement(

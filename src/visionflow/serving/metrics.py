@@ -67,7 +67,7 @@ class ServingMetrics:
         )
         self.shadow_unqueued = Counter(
             "visionflow_shadow_unqueued_total",
-            "disagreements left out of the review queue (its background writes were backlogged)",
+            "disagreements not queued for review (over serve.shadow_review_per_s, or its writes backlogged)",
             registry=registry,
         )
         self.shadow_agreement = Gauge(

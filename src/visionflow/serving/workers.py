@@ -56,8 +56,9 @@ class InferenceProcess:
     """The server's side of one inference process: a Batcher handler that sends a batch and waits for its outcomes.
     Only its Batcher thread calls it, so one batch is in flight per process."""
 
-    def __init__(self, p: Params, root: Path, log: PredictionLog, index: int):
+    def __init__(self, p: Params, root: Path, log: PredictionLog, index: int, share: float = 1.0):
         self.p, self.root, self.log, self.name = p, Path(root), log, f"visionflow-infer-{index}"
+        self.share = share  # its part of the server's limits (batch_inference)
         self._ctx = multiprocessing.get_context("spawn")  # not fork: the server has threads (uvicorn, the watch)
         self._proc: Any = None
         self._conn: Any = None
@@ -70,7 +71,9 @@ class InferenceProcess:
     def start(self) -> None:
         """Start the process (it gets ready on its own: `wait_ready` waits for it)."""
         ours, theirs = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_serve, args=(theirs, self.p, str(self.root)), name=self.name, daemon=True)
+        proc = self._ctx.Process(
+            target=_serve, args=(theirs, self.p, str(self.root), self.share), name=self.name, daemon=True
+        )
         proc.start()
         theirs.close()
         self._proc, self._conn, self._ready = proc, ours, False
@@ -134,7 +137,7 @@ def inference_processes(p: Params, root: Path, log: PredictionLog) -> list[Infer
     n = p.serve.workers
     if n is None:
         n = usable_cores() if usable_cores() > 1 else 0
-    return [InferenceProcess(p, root, log, i) for i in range(n)]
+    return [InferenceProcess(p, root, log, i, share=1 / n) for i in range(n)]
 
 
 def _portable(job: Job) -> Job:
@@ -186,12 +189,12 @@ class _Records:
         return taken
 
 
-def _serve(conn, p: Params, root: str) -> None:
+def _serve(conn, p: Params, root: str, share: float) -> None:
     """An inference process: batches in, outcomes and log records out, until the server closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
     try:
         records = _Records()
-        handle = batch_inference(p, Path(root), records)
+        handle = batch_inference(p, Path(root), records, share)
         models = _Models(p.serve.device)
     except Exception as exc:  # noqa: BLE001 - told to the server, which says why it cannot start us
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
