@@ -29,10 +29,10 @@ class BodyLimit:
             nonlocal seen, deadline, complete
             if complete:  # after the body: waiting for a disconnect has no deadline
                 return await receive()
-            loop = asyncio.get_running_loop()
-            deadline = deadline or loop.time() + self.timeout_s
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            deadline = deadline or asyncio.get_running_loop().time() + self.timeout_s
+            try:  # (a timeout scope, not wait_for: wait_for wraps every receive in a task of its own)
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 raise Refused(408, b"request body not received in time") from None
             if message["type"] == "http.request":

@@ -93,7 +93,8 @@ class PredictHandler:
         # The slot is freed when the work really ends: a timed-out request cannot leave work piling up.
         job.add_done_callback(self._work_ended)
         try:
-            return await asyncio.wait_for(asyncio.shield(job), timeout=self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # the shield: a timeout cancels the wait, not the work
+                return await asyncio.shield(job)
         except TimeoutError:
             job.add_done_callback(_late_failure)  # the work goes on; if it fails, nobody else will say so
             raise

@@ -4,6 +4,7 @@ bounded by a duration and a request count, and what each measured."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -151,28 +152,47 @@ async def closed_loop(target: Target, concurrency: int, duration_s: float, max_r
 async def open_loop(
     target: Target, rate: float, duration_s: float, max_requests: int, max_in_flight: int, name: str
 ) -> Phase:
-    """Constant arrival rate: request i starts at i/rate seconds whatever happened to the earlier ones."""
+    """Constant arrival rate: request i starts at i/rate seconds whatever happened to the earlier ones.
+
+    The arrivals are paced by a thread of their own, not by the event loop's timers: those wake on whole
+    milliseconds (asyncio's and uvloop's alike), so at 1,300 req/s a third of the requests went out back to back,
+    in pairs, every 1.1 ms, and the phase measured bursts, not a constant rate. A thread's timed wait keeps
+    each start within ~0.1 ms of its instant, for a few percent of a core."""
     if rate <= 0:
         raise LoadTestError(f"the arrival rate must be positive, not {rate}")
     rec = _Recorder()
     n = max(1, min(max_requests, int(rate * duration_s)))
     in_flight: set[asyncio.Task] = set()
-    late = dropped = 0
-    start = time.perf_counter()
-    for i in range(n):
-        delay = start + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.05:
-            late += 1
+    counts = {"late": 0, "dropped": 0}
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter() + 0.005  # (the pacer thread starting)
+
+    def arrive(due: float) -> None:  # on the event loop
+        if time.perf_counter() - due > 0.05:
+            counts["late"] += 1
         if len(in_flight) >= max_in_flight:
-            dropped += 1
-            continue
+            counts["dropped"] += 1
+            return
         task = asyncio.create_task(target.hit(rec))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
+
+    stop = threading.Event()  # the phase was cancelled (Ctrl-C): the pacer stops too
+
+    def pace() -> None:  # on the pacer thread
+        for i in range(n):
+            due = start + i / rate
+            if stop.wait(max(due - time.perf_counter(), 0)):
+                return
+            loop.call_soon_threadsafe(arrive, due)
+
+    try:
+        await asyncio.to_thread(pace)  # (its result is posted after the last arrival: every task exists by now)
+    finally:
+        stop.set()
     if in_flight:
         await asyncio.gather(*in_flight)
+    late, dropped = counts["late"], counts["dropped"]
     return rec.phase(
         name,
         "rate",
