@@ -3,10 +3,12 @@ stdout is a pipe, --json everywhere, and no stray progress bars."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,28 @@ def test_python_dash_m_runs_the_cli(project):
 
 
 # --- piped output, through the real command with stdout a pipe ---------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux's pipe sizes")
+@pytest.mark.parametrize("args", [["--help"], ["loadtest", "--help"]])  # (a command's help: printed in invoke)
+def test_a_reader_that_stops_early_is_not_an_error(project, args):
+    """`visionflow ... | head -1`: the reader leaves while the command still writes. The pipe holds 4 KiB (its
+    smallest) and the help is larger, so the command is still writing when the reader has taken 80 bytes and
+    closed its end: the next write fails (EPIPE), and the command exits as click does on a broken pipe (1) with
+    nothing on stderr, not as an unexpected error (2)."""
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visionflow.cli", *args], cwd=project, stdout=write, stderr=subprocess.PIPE, text=True
+    )
+    os.close(write)
+    try:
+        assert os.read(read, 80)  # the start of the output (a blocking read: the command has begun writing)
+        time.sleep(0.5)  # (as head does: it goes after its line; meanwhile the command fills the pipe and waits)
+    finally:
+        os.close(read)  # the reader is gone; the command still has more than the pipe holds to write
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and stderr == "", stderr
 
 
 @pytest.fixture(scope="module")

@@ -51,8 +51,10 @@ class VisionflowGroup(TyperGroup):
             return super().invoke(ctx)
         except UsageError as exc:
             raise typer.Exit(_usage(exc)) from None
-        except (typer.Exit, typer.Abort, ClickException):
-            raise  # exit codes, Ctrl-D, other click errors: standalone mode
+        except (typer.Exit, typer.Abort, ClickException, BrokenPipeError):
+            # exit codes, Ctrl-D, other click errors, and output piped into a reader that stopped (`| head`):
+            # standalone mode (click exits quietly on a broken pipe)
+            raise
         except VisionflowError as exc:  # bad params, missing data, failed validation: the message says what to do
             error_line(str(exc))
             raise typer.Exit(2) from None
