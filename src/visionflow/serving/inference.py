@@ -190,12 +190,11 @@ def batch_inference(p: Params, root: Path, log, share: float = 1.0) -> BatchInfe
     this handler's part of the server's limits (one of n inference processes: 1/n)."""
     cfg = p.serve
     queue, boxes = review_queues(p, root)
-    shadow_writes = RateLimit(cfg.shadow_review_per_s * share, burst_s=10)
     return BatchInference(
         cfg,
         DecodeRules.from_params(p.validation, cfg),
         # the handler for each model card's task: BatchInference picks it by the task of the model it runs
-        {"classification": ClassifyImages(cfg, queue, shadow_writes), "detection": DetectImages(p.detection, boxes)},
+        {"classification": ClassifyImages(cfg, queue, share), "detection": DetectImages(p.detection, boxes)},
         log,
     )
 
@@ -265,12 +264,14 @@ class RateLimit:
 
 class ClassifyImages:
     """Classification's handler: images at the model's size, one batched model call, a label per image; the
-    uncertain ones go to the review queue as PNGs of what the model saw. `shadow_writes` bounds the new review
-    items the shadow's disagreements add (serve.shadow_review_per_s); None: no bound."""
+    uncertain ones go to the review queue as PNGs of what the model saw. `share`: this handler's part of
+    serve.shadow_review_per_s (batch_inference's)."""
 
-    def __init__(self, cfg: ServeParams, queue: ReviewQueue, shadow_writes: RateLimit | None = None):
-        self.cfg, self.queue, self.shadow_writes = cfg, queue, shadow_writes
+    def __init__(self, cfg: ServeParams, queue: ReviewQueue, share: float = 1.0):
+        self.cfg, self.queue = cfg, queue
         self.writes = Background()  # the shadow's review-queue writes
+        # the new review items the shadow's disagreements may add: a bucket of ten seconds' worth
+        self.shadow_writes = RateLimit(cfg.shadow_review_per_s * share, burst_s=10)
 
     def decode(
         self, data: bytes, card: dict[str, Any], rules: DecodeRules, budget: PixelBudget
@@ -345,7 +346,7 @@ class ClassifyImages:
         other = {"version": shadow.version, "predicted": label, "confidence": float(probs[k])}
         if result["review_id"] is not None:
             write = partial(self.queue.set_challenger, result["review_id"], **other)
-        elif self.shadow_writes is None or self.shadow_writes.take():
+        elif self.shadow_writes.take():
             write = partial(self._add_disagreement, array, result, output[1], other)
         else:
             return None
