@@ -90,7 +90,7 @@ def run(ctx: Context) -> dict[str, Any]:
     )
     ctx.log(f"[inference] {cfg.model} at {cfg.image_size} px exported to ONNX; torch threads {torch.get_num_threads()}")
     rows = onnx_vs_torch(ctx, net, onnx_path, cfg.image_size, cfg.channels)
-    rows.append(serving(ctx, onnx_path, cfg.image_size, cfg.channels, cfg.model))
+    rows += serving(ctx, onnx_path, cfg.image_size, cfg.channels, cfg.model)
     return {
         "rows": rows,
         "notes": [],

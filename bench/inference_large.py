@@ -27,9 +27,8 @@ def run(ctx: Context) -> dict[str, Any]:
         net, image_size=IMAGE_SIZE, channels=CHANNELS, path=ctx.tmp("inference_large/export") / "model.onnx"
     )
     ctx.log(f"[inference_large] {MODEL} at {IMAGE_SIZE} px exported to ONNX")
-    row = serving(ctx, onnx_path, IMAGE_SIZE, CHANNELS, MODEL)
     return {
-        "rows": [row],
+        "rows": serving(ctx, onnx_path, IMAGE_SIZE, CHANNELS, MODEL),
         "notes": [],
         "config": {"model": MODEL, "image_size": IMAGE_SIZE, "channels": CHANNELS, "device": "cpu"},
     }

@@ -237,7 +237,9 @@ def _placement(proc_pid: int, sets) -> tuple[Placement, tuple[int, ...] | None, 
     )
 
 
-def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> dict[str, Any]:
+def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model_name: str) -> list[dict[str, Any]]:
+    """The serving row (visionflow serve against the in-process baseline, issue 22's goal), then the lean server's
+    two reference rows (_lean_rows)."""
     from visionflow.data.imageio import DecodeRules
     from visionflow.onnxrt import ort_session
     from visionflow.tools.loadtest.run import multipart_body
@@ -296,4 +298,63 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     finally:
         stop_server(proc)
     _add_cpu_figures(row, errors, ready_s)
-    return row
+    lean = _lean_rows(ctx, proj, served, image_size, channels, body, ctype, sets, local_rate, n_requests, max_s)
+    return [row, *lean]
+
+
+def _lean_rows(
+    ctx: Context,
+    proj: Path,
+    model: Path,
+    image_size: int,
+    channels: int,
+    body: bytes,
+    ctype: str,
+    sets,
+    local_rate,
+    n_requests: int,
+    max_s: float,
+) -> list[dict[str, Any]]:
+    """What the serving row's ratio is made of: bench.lean_server, the leanest server, placed as visionflow serve
+    was and driven the same way. Its echo mode is HTTP alone (uvicorn with visionflow's protocol); its inline mode
+    does the in-process baseline's work on the event loop, request by request, with nothing around it. The inline
+    row against the same baseline says how far below 1.0 any server doing that work behind HTTP on this machine
+    falls; visionflow serve's own row is judged against it."""
+    import sys
+
+    rows = []
+    for mode, variant, label in (
+        ("echo", "HTTP alone (bare uvicorn app, fixed answer) vs in-process", "bare app echoing a fixed answer"),
+        ("inline", "leanest server (the baseline's work inline) vs in-process", "bare app doing the baseline's work"),
+    ):
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.lean_server", "--port", str(port), "--mode", mode, "--model", str(model)]
+        cmd += ["--size", str(image_size), "--channels", str(channels), "--params", str(proj / "params.yaml")]
+        ctx.log(f"[inference] starting bench.lean_server --mode {mode} on 127.0.0.1:{port}")
+        proc = start_server(cmd, REPO, port, proj / f"lean-{mode}.log", sets and sets[0])
+        placement, _, where = _placement(proc.pid, sets)
+        errors: dict[str, int] = {}
+        url = f"http://127.0.0.1:{port}/predict"
+        # As many in flight as the serving row's (its own server has no slots to stay within).
+        rate = partial(_server_rate, url, body, ctype, 16, n_requests, max_s, placement, errors)
+        try:
+            row = compare(
+                ctx,
+                variant,
+                rate,
+                local_rate,
+                unit="predictions/s per core",
+                a_label=f"bench.lean_server --mode {mode}: {label} (16 in flight), per server core",
+                b_label="in-process decode + ONNX Runtime on one core, one image per call",
+                higher_is_better=True,
+                ratio_definition="(A requests/s / server cores) / (B predictions/s on one core)",
+                notes=[where, "a reference for the serving row, not a goal"],
+            )
+        finally:
+            stop_server(proc)
+        server_ms = row["extra"]["a_server_cpu_ms_per_request"]["median"]
+        row["notes"].append(f"server CPU per request {server_ms:.3f} ms")
+        if errors:
+            row["notes"].append(f"non-200 answers during the timed runs: {errors}")
+        rows.append(row)
+    return rows
