@@ -298,30 +298,26 @@ def serving(ctx: Context, onnx_path: Path, image_size: int, channels: int, model
     finally:
         stop_server(proc)
     _add_cpu_figures(row, errors, ready_s)
-    lean = _lean_rows(ctx, proj, served, image_size, channels, body, ctype, sets, local_rate, n_requests, max_s)
-    return [row, *lean]
+    # The lean server is one process with one thread: on one server core (the baseline's), with the serving row's
+    # load per server core.
+    lean_sets = (sets[0][:1], sets[1]) if sets else None
+    load = (body, ctype, max(1, concurrency // n_server), n_requests, max_s)
+    return [row, *_lean_rows(ctx, proj, served, (image_size, channels), load, lean_sets, local_rate)]
 
 
 def _lean_rows(
-    ctx: Context,
-    proj: Path,
-    model: Path,
-    image_size: int,
-    channels: int,
-    body: bytes,
-    ctype: str,
-    sets,
-    local_rate,
-    n_requests: int,
-    max_s: float,
+    ctx: Context, proj: Path, model: Path, shape: tuple[int, int], load: tuple, sets, local_rate
 ) -> list[dict[str, Any]]:
-    """What the serving row's ratio is made of: bench.lean_server, the leanest server, placed as visionflow serve
-    was and driven the same way. Its echo mode is HTTP alone (uvicorn with visionflow's protocol); its inline mode
-    does the in-process baseline's work on the event loop, request by request, with nothing around it. The inline
-    row against the same baseline says how far below 1.0 any server doing that work behind HTTP on this machine
-    falls; visionflow serve's own row is judged against it."""
+    """What the serving row's ratio is made of: bench.lean_server, the leanest server (one process, one thread),
+    on the baseline's core with the serving row's load per server core. Its echo mode is HTTP alone (uvicorn with
+    visionflow's protocol); its inline mode does the in-process baseline's work on the event loop, request by
+    request, with nothing around it. The inline row against the same baseline says how far below 1.0 any server
+    doing that work behind HTTP on this machine falls; visionflow serve's own row is judged against it. `shape`:
+    the model's (image size, channels); `load`: (body, content type, requests in flight, requests and seconds per
+    timed run)."""
     import sys
 
+    (image_size, channels), (body, ctype, in_flight, n_requests, max_s) = shape, load
     rows = []
     for mode, variant, label in (
         ("echo", "HTTP alone (bare uvicorn app, fixed answer) vs in-process", "bare app echoing a fixed answer"),
@@ -335,8 +331,7 @@ def _lean_rows(
         placement, _, where = _placement(proc.pid, sets)
         errors: dict[str, int] = {}
         url = f"http://127.0.0.1:{port}/predict"
-        # As many in flight as the serving row's (its own server has no slots to stay within).
-        rate = partial(_server_rate, url, body, ctype, 16, n_requests, max_s, placement, errors)
+        rate = partial(_server_rate, url, body, ctype, in_flight, n_requests, max_s, placement, errors)
         try:
             row = compare(
                 ctx,
@@ -344,7 +339,7 @@ def _lean_rows(
                 rate,
                 local_rate,
                 unit="predictions/s per core",
-                a_label=f"bench.lean_server --mode {mode}: {label} (16 in flight), per server core",
+                a_label=f"bench.lean_server --mode {mode}: {label} ({in_flight} in flight), one core",
                 b_label="in-process decode + ONNX Runtime on one core, one image per call",
                 higher_is_better=True,
                 ratio_definition="(A requests/s / server cores) / (B predictions/s on one core)",
