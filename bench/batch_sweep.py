@@ -33,7 +33,10 @@ def _loadtest(project: Path, value: int, out: Path, extra: list[str], image: Pat
     proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise SystemExit(f"batch_sweep: loadtest with max_concurrency={value} exited {proc.returncode}: {tail[0]}")
+        print(
+            f"batch_sweep: loadtest with max_concurrency={value} exited {proc.returncode}: {tail[0]}", file=sys.stderr
+        )
+        raise SystemExit(2)
     return json.loads(out.read_text())
 
 
@@ -118,7 +121,11 @@ def plot(rows: list[dict], rate: float | None, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.batch_sweep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.batch_sweep",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--project", type=Path, required=True, help="a project folder whose registry has a champion")
     ap.add_argument("--values", default="1,2,4,8,16", help="serve.max_concurrency values, comma-separated")
     ap.add_argument("--rate", type=float, help="also measure every value at this fixed arrival rate (req/s)")

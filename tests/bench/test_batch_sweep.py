@@ -86,3 +86,14 @@ def test_bad_values_are_refused_in_one_line(tmp_path, args, says):
 def test_a_folder_without_params_is_refused(tmp_path):
     proc = _sweep("--project", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "no params.yaml there" in proc.stderr
+
+
+def test_a_project_without_a_champion_is_refused_in_one_line_with_loadtests_reason(tmp_path):
+    from tests.helpers import make_folder_dataset, make_project
+
+    proj = make_project(tmp_path / "proj", make_folder_dataset(tmp_path / "images", classes=("a", "b"), per_class=2))
+    proc = _sweep("--project", str(proj), "--values", "2", "--out-dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batch_sweep: loadtest with max_concurrency=2 exited 2: ")
+    assert "`visionflow serve` exited with 2" in lines[0] and "mc-2.server.log" in lines[0]  # where to look
