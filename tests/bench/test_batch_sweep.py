@@ -4,6 +4,7 @@ and plot, and the arguments it refuses."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,12 +15,16 @@ from tests.helpers import REPO, champion_project
 
 
 def _sweep(*args: str) -> subprocess.CompletedProcess:
+    # Without the MLFLOW_TRACKING_URI an earlier test's mlflow.set_tracking_uri left in this process's environment:
+    # the sweep's servers must find the registry their own project names.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", "bench.batch_sweep", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
 
 
