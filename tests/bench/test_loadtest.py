@@ -50,6 +50,36 @@ def test_bad_settings_are_refused_before_any_request():
         run_loadtest("http://127.0.0.1:9", duration_s=1)
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--mode", "rate", "--rate", "-5"], "--rate must be a positive number"),
+        (["--mode", "rate", "--rate", "0"], "--rate must be a positive number"),
+        (["--mode", "rate", "--rate", "nan"], "--rate must be a positive number"),
+        (["--mode", "rate", "--rate", "inf"], "--rate must be a positive number"),
+        (["--mode", "rate"], "--mode rate needs --rate"),
+        (["--duration", "0"], "--duration must be a positive number of seconds"),
+        (["--duration", "-1"], "--duration must be a positive number of seconds"),
+        (["--duration", "nan"], "--duration must be a positive number of seconds"),
+        (["--step", "inf"], "--step must be a positive number of seconds"),
+        (["--overload-s", "0"], "--overload-s must be a positive number of seconds"),
+        (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+        (["--mode", "flood"], "unknown mode 'flood'"),
+        (["--image", "no-such.png"], "--image no-such.png does not exist"),
+        (["--image", "."], "--image . is a folder"),
+        (["--out", "params.yaml/report.json"], "part of"),
+    ],
+)
+def test_cli_refuses_bad_options_before_starting_a_server(tmp_path, args, says):
+    """Each bad option is one line and exit 2, and no server was started for it (--start-server asked for one)."""
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = run_cli(tmp_path, "loadtest", "--start-server", *args, check=False)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "starting `visionflow serve`" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("*.server.log"))
+
+
 def test_percentiles_in_milliseconds():
     p = percentiles([i / 1000 for i in range(1, 101)])  # 1..100 ms
     assert p["p50"] == pytest.approx(50.5) and p["p99"] == pytest.approx(99.01) and p["max"] == 100

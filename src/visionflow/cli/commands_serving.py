@@ -94,11 +94,25 @@ def loadtest(
     """
     from visionflow.tools.loadtest import render, run_loadtest
     from visionflow.tools.loadtest.local import placed_server
+    from visionflow.tools.loadtest.run import preflight
 
     run: Invocation = ctx.obj
     p = run.params()
     slots = p.serve.max_concurrency + p.serve.queue_depth
     report_path = out_file or run.paths(p).loadtest_report
+    settings = {
+        "mode": mode,
+        "duration_s": duration,
+        "concurrency": concurrency,
+        "rate": rate,
+        "fraction": fraction,
+        "step_s": step,
+        "ramp_max": slots,
+        "overload_concurrency": overload_concurrency or 3 * slots,
+        "overload_s": overload_s,
+        "max_requests": max_requests,
+    }
+    preflight(image, report_path, **settings)  # a bad option is refused before a server is started
     with placed_server(
         url or (None if start_server else f"http://{p.serve.host}:{p.serve.port}"),
         start=(run.params_path.resolve(), run.overrides) if start_server else None,
@@ -110,16 +124,7 @@ def loadtest(
     ) as (base, placement):
         report = run_loadtest(
             base,
-            mode=mode,
-            duration_s=duration,
-            concurrency=concurrency,
-            rate=rate,
-            fraction=fraction,
-            step_s=step,
-            ramp_max=slots,
-            overload_concurrency=overload_concurrency or 3 * slots,
-            overload_s=overload_s,
-            max_requests=max_requests,
+            **settings,
             image=image,
             token=os.environ.get(p.serve.auth_token_env) if p.serve.auth_token_env else None,
             out=report_path,

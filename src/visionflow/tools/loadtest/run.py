@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import os
 import ssl
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,28 +27,32 @@ MODES = ("full", "concurrency", "rate")
 
 @dataclass(frozen=True)
 class Settings:
-    """run_loadtest's settings (see its module docstring for the phases they shape)."""
+    """run_loadtest's settings (see the package docstring for the phases they shape)."""
 
-    mode: str
-    duration_s: float
-    concurrency: int
-    rate: float | None
-    fraction: float
-    step_s: float
-    ramp_max: int
-    overload_concurrency: int
-    overload_s: float
-    single_n: int
-    max_requests: int
-    max_in_flight: int
-    timeout_s: float
+    mode: str = "full"
+    duration_s: float = 60
+    concurrency: int = 4
+    rate: float | None = None
+    fraction: float = 0.7
+    step_s: float = 5
+    ramp_max: int = 20
+    overload_concurrency: int = 60
+    overload_s: float = 10
+    single_n: int = 50
+    max_requests: int = 100_000
+    max_in_flight: int = 64
+    timeout_s: float = 30
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise LoadTestError(f"unknown mode {self.mode!r}; one of {', '.join(MODES)}")
         for name, value in (("duration", self.duration_s), ("step", self.step_s), ("overload-s", self.overload_s)):
-            if value <= 0:
-                raise LoadTestError(f"--{name} must be positive")
+            if not (math.isfinite(value) and value > 0):  # (nan and inf too: a phase must end)
+                raise LoadTestError(f"--{name} must be a positive number of seconds, not {value:g}")
+        if self.mode == "rate" and self.rate is None:
+            raise LoadTestError("--mode rate needs --rate (requests per second)")
+        if self.rate is not None and not (math.isfinite(self.rate) and self.rate > 0):
+            raise LoadTestError(f"--rate must be a positive number of requests per second, not {self.rate:g}")
         if not 0 < self.fraction <= 1:
             raise LoadTestError("--fraction must be in (0, 1]")
         if (
@@ -79,51 +85,49 @@ class Settings:
         }
 
 
+def preflight(image: Path | None = None, out: Path | None = None, **settings: Any) -> Settings:
+    """The settings (Settings' fields), the image to send and the report's path checked before anything starts:
+    a bad option is refused in one line before a server is started or a request sent. LoadTestError otherwise."""
+    s = Settings(**settings)
+    s.check()
+    if image is not None:
+        image = Path(image)
+        if not image.is_file():
+            what = "is a folder" if image.is_dir() else "does not exist"
+            raise LoadTestError(f"--image {image} {what}: give an image file (or leave it out for a generated one)")
+        if not os.access(image, os.R_OK):
+            raise LoadTestError(f"--image {image} cannot be read (permissions)")
+    if out is not None:  # (its folder also takes the started server's log)
+        folder = Path(out).absolute().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()  # a real write: root passes os.access where writes fail
+        except (FileExistsError, NotADirectoryError):
+            raise LoadTestError(f"cannot write the report to {out}: part of {folder} is a file, not a folder") from None
+        except OSError as exc:
+            raise LoadTestError(f"cannot write the report to {out}: {exc.strerror or exc}") from None
+    return s
+
+
 def run_loadtest(
     url: str,
     *,
-    mode: str = "full",
-    duration_s: float = 60,
-    concurrency: int = 4,
-    rate: float | None = None,
-    fraction: float = 0.7,
-    step_s: float = 5,
-    ramp_max: int = 20,
-    overload_concurrency: int = 60,
-    overload_s: float = 10,
-    single_n: int = 50,
-    max_requests: int = 100_000,
-    max_in_flight: int = 64,
     image: Path | None = None,
-    timeout_s: float = 30,
     token: str | None = None,
     out: Path | None = None,
     progress=None,
     placement: Placement | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Run the load test (see the package docstring) and return the report; also written to `out` as JSON.
-    `token`: the server's bearer token, sent on every request, when it has one. `placement`: where the server and
-    this process run (local.placed_server), already applied; None: nothing pinned, the generator's CPU measured."""
-    settings = Settings(
-        mode,
-        duration_s,
-        concurrency,
-        rate,
-        fraction,
-        step_s,
-        ramp_max,
-        overload_concurrency,
-        overload_s,
-        single_n,
-        max_requests,
-        max_in_flight,
-        timeout_s,
-    )
-    settings.check()
+    `settings`: Settings' fields (mode, duration_s, rate, ...; its defaults otherwise). `token`: the server's
+    bearer token, sent on every request, when it has one. `placement`: where the server and this process run
+    (local.placed_server), already applied; None: nothing pinned, the generator's CPU measured."""
+    checked = preflight(image, out, **settings)
     require_loopback(url)
     placement = placement or Placement.unpinned("not asked: run_loadtest was given no placement")
     report = _event_loop_runner()(
-        _run(url, settings, image=image, token=token, progress=progress or (lambda _msg: None), placement=placement)
+        _run(url, checked, image=image, token=token, progress=progress or (lambda _msg: None), placement=placement)
     )
     if out is not None:
         from visionflow.report import write_json_atomic
@@ -233,9 +237,7 @@ async def _phases(
     if s.mode == "concurrency":
         progress(f"closed loop at concurrency {s.concurrency} for {s.duration_s:g} s")
         return [await measured(closed_loop(target, s.concurrency, s.duration_s, s.max_requests, "fixed"))]
-    if s.mode == "rate":
-        if not s.rate:
-            raise LoadTestError("--mode rate needs --rate (requests per second)")
+    if s.mode == "rate":  # (Settings.check: a positive rate is given)
         progress(f"constant arrival rate {s.rate:g} req/s for {s.duration_s:g} s")
         fixed = open_loop(target, s.rate, s.duration_s, s.max_requests, s.max_in_flight, "fixed")
         return [await measured(seen_by_server(client, base, fixed))]
