@@ -18,16 +18,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from visionflow.tools.loadtest.local import visionflow_command
+
 GOAL_X = 4.0  # issue 22: p99 <= 4x the single-request latency at 70% of the maximum
 
 
-def _visionflow() -> list[str]:
-    exe = Path(sys.executable).with_name("visionflow")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "visionflow.cli"]
-
-
 def _loadtest(project: Path, value: int, out: Path, extra: list[str], image: Path | None) -> dict[str, Any]:
-    cmd = [*_visionflow(), "--set", f"serve.max_concurrency={value}", "loadtest", "--start-server", "--out", str(out)]
+    cmd = [
+        *visionflow_command(),
+        "--set",
+        f"serve.max_concurrency={value}",
+        "loadtest",
+        "--start-server",
+        "--out",
+        str(out),
+    ]
     cmd += [*extra, *(["--image", str(image)] if image else [])]
     print(f"$ {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
@@ -46,9 +51,9 @@ def sweep(
     """One full load test per value (and one at `rate`, when given); `phases`: loadtest's --duration, --step and
     --overload-s."""
     duration = ["--duration", str(phases["duration"])]
+    steps = ["--step", str(phases["step"]), "--overload-s", str(phases["overload_s"])]
     rows = []
     for v in values:
-        steps = ["--step", str(phases["step"]), "--overload-s", str(phases["overload_s"])]
         full = _loadtest(project, v, out_dir / f"mc-{v}.json", [*duration, *steps], image)["summary"]
         row = {
             "max_concurrency": v,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -315,8 +316,6 @@ def _lean_rows(
     doing that work behind HTTP on this machine falls; visionflow serve's own row is judged against it. `shape`:
     the model's (image size, channels); `load`: (body, content type, requests in flight, requests and seconds per
     timed run)."""
-    import sys
-
     (image_size, channels), (body, ctype, in_flight, n_requests, max_s) = shape, load
     rows = []
     for mode, variant, label in (

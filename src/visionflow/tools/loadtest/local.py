@@ -26,12 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def visionflow_command() -> list[str]:
+    """This Python's `visionflow`: its console script beside the interpreter, else `python -m visionflow.cli`."""
+    exe = Path(sys.executable).with_name("visionflow")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "visionflow.cli"]
+
+
 def serve_command(params: Path, overrides: list[str], port: int) -> list[str]:
     """`visionflow --params ... [--set ...] serve` on 127.0.0.1:port, with this Python's visionflow."""
-    exe = Path(sys.executable).with_name("visionflow")
-    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "visionflow.cli"]
     sets = [arg for o in overrides for arg in ("--set", o)]
-    return [*head, "--params", str(params), *sets, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return [*visionflow_command(), "--params", str(params), *sets, "serve", "--host", "127.0.0.1", "--port", str(port)]
 
 
 def start_server(
