@@ -149,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.project / "params.yaml").is_file():
         ap.error(f"{args.project}: no params.yaml there (--project is a visionflow project folder)")
     out_dir = (args.out_dir or args.project / "reports" / "batch-sweep").resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only or pseudo file system
+        ap.error(f"cannot make the report folder {out_dir}: {exc.strerror or exc}")
     image = args.image.resolve() if args.image else None
     phases = {"duration": args.duration, "step": args.step, "overload_s": args.overload_s}
     rows = sweep(args.project, values, out_dir, args.rate, phases, image)

@@ -88,6 +88,14 @@ def test_bad_values_are_refused_in_one_line(tmp_path, args, says):
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("where", ["a-file", "a-file/below"])
+def test_a_report_folder_that_cannot_be_made_is_refused_in_one_line(tmp_path, where):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "a-file").write_text("in the way\n")
+    proc = _sweep("--project", str(tmp_path), "--out-dir", str(tmp_path / where))
+    assert proc.returncode == 2 and "cannot make the report folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_folder_without_params_is_refused(tmp_path):
     proc = _sweep("--project", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "no params.yaml there" in proc.stderr
